@@ -1,0 +1,28 @@
+"""x402-tee-proxy: a pay-per-call x402 gateway in front of confidential (TEE) model hosts."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from .settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app. Each resource module checks its own dependency at start (Redis, RPC chain id,
+    token domain) and raises ``SettingsError`` naming the variable to fix."""
+    from . import catalog, chain, errors, gate, ledger, ops, routes, settlement, upstream
+
+    app = Flask(__name__)
+    settings = settings or Settings.from_env()
+    app.config["X402_SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    errors.init_app(app)
+    catalog.init_app(app)
+    ledger.init_app(app)
+    chain.init_app(app)
+    settlement.init_app(app)
+    upstream.init_app(app)
+    gate.init_app(app)
+    routes.init_app(app)
+    ops.init_app(app)
+    return app

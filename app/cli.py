@@ -1,0 +1,205 @@
+"""``x402-proxy``: serve · devnet · migrate · pay."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+USDC_UNIT = 10**6
+DEMO_BODY: dict[str, Any] = {
+    "model": "hermes-3-8b-tee",
+    "messages": [{"role": "user", "content": "Say hello from inside the enclave."}],
+    "max_tokens": 64,
+}
+
+
+def usdc(amount: int) -> str:
+    return f"{Decimal(amount) / USDC_UNIT:.6f} USDC"
+
+
+def parse_usdc(text: str) -> int:
+    """'0.10' → 100000 atomic units (exact decimal, no float)."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not an amount: {text!r}") from None
+    atomic = value * USDC_UNIT
+    if value < 0 or atomic != atomic.to_integral_value():
+        raise argparse.ArgumentTypeError("amount must be non-negative with at most 6 decimals")
+    return int(atomic)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .devnet import PROJECT_ROOT
+
+    os.chdir(PROJECT_ROOT)
+    os.execvp("gunicorn", ["gunicorn", "-c", str(PROJECT_ROOT / "gunicorn.conf.py"), "wsgi:app"])
+    return 0  # not reached
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    import redis
+
+    from .migrate import migrate
+    from .settings import SettingsError, redis_url_from_env
+
+    try:
+        client = redis.Redis.from_url(redis_url_from_env())
+        done = migrate(client, dry_run=args.dry_run)
+    except (SettingsError, redis.RedisError) as exc:
+        print(f"x402-proxy migrate: {exc}", file=sys.stderr)
+        return 1
+    verb = "would apply" if args.dry_run else "applied"
+    print(f"{verb}: {', '.join(f'{m.number:04d}_{m.name}' for m in done) or 'nothing (keyspace is current)'}")
+    return 0
+
+
+def cmd_pay(args: argparse.Namespace) -> int:
+    from .wallet import PaymentRefused, pay
+
+    key = args.key or (Path(args.key_file).read_text().strip() if args.key_file else "")
+    if not key:
+        print("x402-proxy pay: give --key or --key-file", file=sys.stderr)
+        return 2
+    try:
+        body = json.loads(args.json) if args.json else DEMO_BODY
+        result = pay(args.url, bytes.fromhex(key.removeprefix("0x")), body, args.max_amount)
+    except (ValueError, PaymentRefused) as exc:
+        print(f"x402-proxy pay: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(result.body.decode("utf-8", "replace") + "\n")
+    if result.settlement:
+        print(
+            f"paid {usdc(result.amount)} · tx {result.settlement.get('transaction')} · "
+            f"status {result.status}",
+            file=sys.stderr,
+        )
+    return 0 if result.status < 400 else 1
+
+
+def quiet_request_handler() -> type:
+    from werkzeug.serving import WSGIRequestHandler
+
+    class QuietRequestHandler(WSGIRequestHandler):
+        """No access log: it would print client addresses."""
+
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            return
+
+    return QuietRequestHandler
+
+
+def cmd_devnet(args: argparse.Namespace) -> int:
+    from werkzeug.serving import make_server
+
+    from . import create_app
+    from .devnet import DevChain, DevnetError, Wallets, prepare_chain, start_anvil, start_redis
+    from .settings import Settings, SettingsError
+    from .standin_model import StandinModel
+    from .wallet import pay
+
+    services: list[Any] = []
+    try:
+        anvil = start_anvil()
+        services.append(anvil)
+        wallets = Wallets.fresh()
+        chain = DevChain(anvil.url)
+        prepare_chain(chain, wallets, 100 * USDC_UNIT)
+        redis_service = start_redis()
+        overrides = {
+            "X402_PAY_TO": wallets.pay_to,
+            "X402_RPC_URLS": anvil.url,
+            "X402_RELAYER_KEY": wallets.relayer_key,
+            "REDIS_URL": redis_service.url if redis_service else "redis://in-process",
+            "X402_NETWORK": "eip155:8453",
+        }
+        settings = Settings.from_env(overrides=overrides)
+        if redis_service:
+            services.append(redis_service)
+        else:
+            import fakeredis
+
+            print(
+                "WARNING: redis-server not found; using an in-process fake Redis (one process only, "
+                "nothing persists). Install redis-server for a real set-up.",
+                file=sys.stderr,
+            )
+            settings = settings.with_overrides(redis_client=fakeredis.FakeRedis())
+        if not settings.upstream_api_key:
+            standin = StandinModel().start()
+            services.append(standin)
+            settings = settings.with_overrides(upstream_url=standin.url)
+        app = create_app(settings)
+        server = make_server(
+            "127.0.0.1", args.port, app, threaded=True, request_handler=quiet_request_handler()
+        )
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        services.append(server)
+    except (DevnetError, SettingsError, OSError) as exc:
+        print(f"x402-proxy devnet: {exc}", file=sys.stderr)
+        _stop(services)
+        return 1
+
+    url = f"http://127.0.0.1:{args.port}/v1/chat/completions"
+    print(f"devnet up: chain {anvil.url} (id 8453, USDC at {chain.token}) · proxy {url}")
+    print(f"demo payer {wallets.payer} holds {usdc(chain.balance(wallets.payer))}; payee {wallets.pay_to}")
+    print(f"demo payer key (devnet only): {wallets.payer_key}")
+    print(f"try: x402-proxy pay {url} --key {wallets.payer_key}")
+    try:
+        if args.demo:
+            before = chain.balance(wallets.pay_to)
+            result = pay(url, bytes.fromhex(wallets.payer_key[2:]), DEMO_BODY, parse_usdc("0.10"))
+            answer = json.loads(result.body)
+            print(f"paid call → HTTP {result.status}: {answer['choices'][0]['message']['content']!r}")
+            print(f"settlement: {result.settlement}")
+            after = chain.balance(wallets.pay_to)
+            print(f"payee balance {usdc(before)} → {usdc(after)} (price {usdc(result.amount)})")
+            return 0 if result.status == 200 else 1
+        print("serving; Ctrl-C to stop")
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _stop(services)
+    return 0
+
+
+def _stop(services: list[Any]) -> None:
+    for service in reversed(services):
+        (getattr(service, "shutdown", None) or service.stop)()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="x402-proxy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the proxy under gunicorn (configuration from X402_* variables)")
+    devnet = sub.add_parser("devnet", help="anvil + Redis + stand-in model + proxy on this machine")
+    devnet.add_argument("--port", type=int, default=8402)
+    devnet.add_argument("--demo", action="store_true", help="make one paid call, print it and stop")
+    migrate = sub.add_parser("migrate", help="apply pending Redis keyspace migrations (REDIS_URL)")
+    migrate.add_argument("--dry-run", action="store_true")
+    pay = sub.add_parser("pay", help="call a paid URL, paying its 402 from a key")
+    pay.add_argument("url")
+    pay.add_argument("--key", help="payer private key (hex)")
+    pay.add_argument("--key-file")
+    pay.add_argument("--json", help="request body (default: a short chat request)")
+    pay.add_argument("--max-amount", type=parse_usdc, default=parse_usdc("0.10"), help="USDC, default 0.10")
+    return parser
+
+
+COMMANDS = {"serve": cmd_serve, "devnet": cmd_devnet, "migrate": cmd_migrate, "pay": cmd_pay}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

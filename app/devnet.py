@@ -1,0 +1,212 @@
+"""The whole loop on one machine: anvil as Base (chain id 8453, our EIP-3009 token at the USDC
+address), Redis, a stand-in model and the proxy. Used by ``x402-proxy devnet`` and by the tests'
+fixtures, so the demo and the tests run the very same set-up.
+
+Keys are made fresh for every run (nothing secret is baked in); the relayer gets gas with
+``anvil_setBalance`` and the demo payer gets test USDC from the token's open ``mint``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eth_abi import encode
+from eth_account import Account
+
+from .chain import RpcClient, eth_call, selector
+from .settings import NETWORKS
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TOKEN_ARTIFACT = PROJECT_ROOT / "contracts" / "EIP3009Token.json"
+BASE_USDC = NETWORKS["eip155:8453"].usdc
+ANVIL_CANDIDATES = (
+    PROJECT_ROOT / "node_modules" / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil",
+    PROJECT_ROOT / "node_modules" / "@foundry-rs" / "anvil-linux-arm64" / "bin" / "anvil",
+    PROJECT_ROOT / "node_modules" / ".bin" / "anvil",
+)
+SEL_MINT = selector("mint(address,uint256)")
+
+
+class DevnetError(RuntimeError):
+    """A devnet part could not be found or started."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_anvil() -> str:
+    """anvil from the project's npm install (``npm ci``), else from PATH."""
+    for candidate in ANVIL_CANDIDATES:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("anvil")
+    if found:
+        return found
+    raise DevnetError("anvil not found: run `npm ci` in the project root (installs @foundry-rs/anvil)")
+
+
+def _wait_until(ready: Any, what: str, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DevnetError(f"{what} exited at start (code {process.returncode})")
+        try:
+            if ready():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    process.kill()
+    raise DevnetError(f"{what} did not come up within {timeout:.0f} s")
+
+
+@dataclass
+class Service:
+    """A child process on a loopback port."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    workdir: str = ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_anvil(port: int | None = None, chain_id: int = 8453) -> Service:
+    port = port or free_port()
+    process = subprocess.Popen(
+        [find_anvil(), "--host", "127.0.0.1", "--port", str(port), "--chain-id", str(chain_id), "--silent"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    rpc = RpcClient((url,), timeout=2)
+    _wait_until(lambda: rpc.call("eth_chainId", []), "anvil", process)
+    return Service(url, process)
+
+
+def start_redis(port: int | None = None) -> Service | None:
+    """A throw-away ``redis-server`` without persistence, or None when it is not installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    port = port or free_port()
+    workdir = tempfile.mkdtemp(prefix="x402-redis-")
+    process = subprocess.Popen(
+        [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import redis
+
+    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+    _wait_until(client.ping, "redis-server", process)
+    client.close()
+    return Service(f"redis://127.0.0.1:{port}/0", process, workdir)
+
+
+def token_runtime_code() -> str:
+    artifact = json.loads(TOKEN_ARTIFACT.read_text())
+    return str(artifact["deployedBytecode"])
+
+
+@dataclass
+class DevChain:
+    """Helpers over an anvil RPC: place the token, fund accounts, mint test USDC."""
+
+    url: str
+    token: str = BASE_USDC
+    rpc: RpcClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rpc = RpcClient((self.url,))
+
+    def place_token(self) -> None:
+        self.rpc.call("anvil_setCode", [self.token, token_runtime_code()])
+
+    def set_eth(self, address: str, wei: int) -> None:
+        self.rpc.call("anvil_setBalance", [address, hex(wei)])
+
+    def transact(self, to: str, data: bytes) -> dict[str, Any]:
+        """Send from anvil's first unlocked account and wait for the receipt (automine)."""
+        sender = self.rpc.call("eth_accounts", [])[0]
+        tx_hash = self.rpc.call(
+            "eth_sendTransaction", [{"from": sender, "to": to, "data": "0x" + data.hex()}]
+        )
+        receipt: dict[str, Any] = self.rpc.call("eth_getTransactionReceipt", [tx_hash])
+        return receipt
+
+    def token_call(self, signature: str, types: list[str], args: list[Any]) -> dict[str, Any]:
+        return self.transact(self.token, selector(signature) + encode(types, args))
+
+    def mint(self, to: str, amount: int) -> None:
+        self.token_call("mint(address,uint256)", ["address", "uint256"], [to, amount])
+
+    def balance(self, address: str) -> int:
+        (answer,) = self.rpc.batch(
+            [eth_call(self.token, selector("balanceOf(address)") + encode(["address"], [address]))]
+        )
+        return int(answer, 16)
+
+
+@dataclass
+class Wallets:
+    """Fresh keys for one run: the relayer (pays gas), the payee and a demo payer (holds USDC)."""
+
+    relayer_key: str
+    payer_key: str
+    pay_to: str
+
+    @classmethod
+    def fresh(cls) -> Wallets:
+        return cls(
+            relayer_key="0x" + os.urandom(32).hex(),
+            payer_key="0x" + os.urandom(32).hex(),
+            pay_to=str(Account.create().address),
+        )
+
+    @property
+    def relayer(self) -> str:
+        return str(Account.from_key(self.relayer_key).address)
+
+    @property
+    def payer(self) -> str:
+        return str(Account.from_key(self.payer_key).address)
+
+
+def prepare_chain(chain: DevChain, wallets: Wallets, payer_usdc: int) -> None:
+    chain.place_token()
+    chain.set_eth(wallets.relayer, 10**20)
+    chain.mint(wallets.payer, payer_usdc)

@@ -1,0 +1,263 @@
+"""The payment gate: quote → decode → check offline → claim → check on chain → settle.
+
+``charge`` returns ``Paid`` only for a payment that is confirmed on chain (or a redeemable one that
+was), and otherwise raises ``PaymentRequired`` (402, the challenge with a reason) or ``ApiError``
+(503 and friends). After the upstream call the route reports the result with ``served`` or
+``redeemable``, so a settled payment is never forgotten.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from flask import Flask, Response, current_app, jsonify
+
+from .catalog import Catalog, Quote
+from .chain import ASSET_PAUSED, Chain, ChainUnavailable, transfer_logged
+from .errors import ApiError
+from .ledger import Ledger, payment_key
+from .settings import Settings
+from .settlement import FAILED, NOT_SENT, PENDING, SETTLED, LocalSettler
+from .x402.challenge import Resource, build_challenge
+from .x402.checks import check_authorization, match_requirement
+from .x402.verdict import NONCE_USED, PAYMENT_REQUIRED, SETTLEMENT_PENDING, Verdict, reject
+from .x402.wire import (
+    RESPONSE_HEADERS,
+    V1_HEADER,
+    V2_HEADER,
+    PaymentPayload,
+    Requirement,
+    SettleResponse,
+    parse_payment_header,
+)
+
+log = logging.getLogger("x402.gate")
+
+RETRY_AFTER_PENDING = "5"
+
+
+class PaymentRequired(Exception):
+    """Answer 402 with the challenge; ``reason`` is the stable code, ``settle_response`` set when a
+    settlement was attempted (so the client sees the failed transaction)."""
+
+    def __init__(self, verdict: Verdict, settle_response: tuple[str, str] | None = None) -> None:
+        super().__init__(verdict.reason)
+        self.verdict = verdict
+        self.settle_response = settle_response
+
+
+@dataclass(frozen=True)
+class Paid:
+    """A confirmed payment for one call: what to forward and what to tell the client."""
+
+    quote: Quote
+    key: str
+    payer: str
+    tx_hash: str
+    response_header: tuple[str, str]  # (header name, base64 SettleResponse)
+    redeemed: bool = False
+
+
+class Gate:
+    def __init__(
+        self, settings: Settings, catalog: Catalog, ledger: Ledger, chain: Chain, settler: LocalSettler
+    ):
+        self.settings = settings
+        self.catalog = catalog
+        self.ledger = ledger
+        self.chain = chain
+        self.settler = settler
+
+    def requirement(self, quote: Quote) -> Requirement:
+        s = self.settings
+        return Requirement(
+            network=s.network.caip2,
+            amount=quote.amount,
+            asset=s.asset,
+            pay_to=s.pay_to,
+            max_timeout_seconds=s.max_timeout_seconds,
+            asset_name=s.asset_name,
+            asset_version=s.asset_version,
+        )
+
+    def challenge(
+        self, quote: Quote, resource_url: str, reason: str, extra_headers: Mapping[str, str] = ()
+    ) -> Response:
+        """The 402: v1 body + v2 ``PAYMENT-REQUIRED`` header for this body's price."""
+        description = f"{quote.model.name} call ({'TEE' if quote.model.tee else 'non-TEE'})"
+        built = build_challenge(self.requirement(quote), Resource(resource_url, description), reason)
+        response = jsonify(built.body)
+        response.status_code = 402
+        response.headers.update(built.headers())
+        response.headers.update(dict(extra_headers))
+        return response
+
+    def settle_header(
+        self, version: int, success: bool, tx_hash: str, payer: str, reason: str = ""
+    ) -> tuple[str, str]:
+        network = self.settings.network.caip2 if version == 2 else self.settings.network.v1_name
+        return RESPONSE_HEADERS[version], SettleResponse(success, tx_hash, network, payer, reason).to_header()
+
+    def charge(self, quote: Quote, headers: Mapping[str, str]) -> Paid:
+        """Take payment for one quoted call, or raise ``PaymentRequired`` / ``ApiError``."""
+        header, version = _payment_header(headers)
+        if header is None:
+            raise PaymentRequired(reject(PAYMENT_REQUIRED, "send PAYMENT-SIGNATURE (v2) or X-PAYMENT (v1)"))
+        parsed = parse_payment_header(header, version)
+        if isinstance(parsed, Verdict):
+            raise PaymentRequired(parsed)
+        requirement = self.requirement(quote)
+        verdict = match_requirement(parsed, requirement)
+        if not verdict:
+            raise PaymentRequired(verdict)
+        offline = check_authorization(parsed, requirement, int(time.time()))
+        if not offline.verdict:
+            raise PaymentRequired(offline.verdict)
+
+        auth = parsed.authorization
+        key = payment_key(requirement.chain_id, requirement.asset, auth.from_, auth.nonce)
+        try:
+            claim = self.ledger.claim(
+                key, auth.valid_before, auth.from_, auth.value, quote.model.name, requirement.network
+            )
+        except Exception as exc:
+            raise ApiError(
+                503, "ledger_unavailable", "payment ledger unavailable; nothing was charged"
+            ) from exc
+        if claim.outcome == "redeem":
+            return Paid(
+                quote,
+                key,
+                auth.from_,
+                claim.tx,
+                self.settle_header(version, True, claim.tx, auth.from_),
+                True,
+            )
+        if claim.outcome == "taken":
+            return self._already_claimed(quote, parsed, key, claim.state, claim.tx, version)
+        return self._verify_and_settle(quote, parsed, offline.signature, offline.ecdsa_signer, key, version)
+
+    def _verify_and_settle(
+        self,
+        quote: Quote,
+        payment: PaymentPayload,
+        signature: bytes,
+        ecdsa_signer: bool,
+        key: str,
+        version: int,
+    ) -> Paid:
+        auth = payment.authorization
+        sent = False
+
+        def record_signed(tx_hash: str) -> None:
+            nonlocal sent
+            if not self.ledger.transition(key, ("claimed",), "settling", tx=tx_hash):
+                raise ApiError(503, "ledger_conflict", "the payment changed state during settlement")
+            sent = True
+
+        try:
+            preflight = self.chain.preflight(auth, signature, ecdsa_signer, self.settler.address)
+            if not preflight.verdict:
+                self.ledger.transition(key, ("claimed",), "released")
+                if preflight.verdict.reason == ASSET_PAUSED:
+                    raise ApiError(503, ASSET_PAUSED, preflight.verdict.detail)
+                raise PaymentRequired(preflight.verdict)
+            settlement = self.settler.settle(auth, preflight, record_signed)
+        except (PaymentRequired, ApiError):
+            raise
+        except ChainUnavailable as exc:
+            self._forget_or_keep(key, sent)
+            raise ApiError(503, "rpc_unavailable", "no RPC endpoint answers; nothing was charged") from exc
+        except Exception as exc:
+            self._forget_or_keep(key, sent)
+            log.error("settlement error: %s", type(exc).__name__)
+            raise ApiError(503, "unexpected_settle_error", "settlement failed unexpectedly") from exc
+
+        tx, payer = settlement.tx_hash, auth.from_
+        if settlement.outcome == SETTLED:
+            self.ledger.transition(key, ("settling",), "settled")
+            return Paid(quote, key, payer, tx, self.settle_header(version, True, tx, payer))
+        if settlement.outcome == FAILED:
+            self.ledger.transition(key, ("settling",), "failed")
+            raise PaymentRequired(
+                reject(settlement.reason, "the settlement reverted; nothing was charged"),
+                self.settle_header(version, False, tx, payer, settlement.reason),
+            )
+        if settlement.outcome == NOT_SENT:
+            self.ledger.transition(key, ("settling",), "released", tx="")
+            raise ApiError(503, "unexpected_settle_error", settlement.reason)
+        assert settlement.outcome == PENDING
+        self.ledger.transition(key, ("settling",), "pending")
+        raise self._pending_error(version, tx, payer)
+
+    def _forget_or_keep(self, key: str, sent: bool) -> None:
+        """Before a transaction was signed, the claim can go; after, it must stay (pending)."""
+        try:
+            if sent:
+                self.ledger.transition(key, ("settling",), "pending")
+            else:
+                self.ledger.transition(key, ("claimed",), "released")
+        except Exception:
+            log.error("could not record the payment state after a settlement error")
+
+    def _already_claimed(
+        self, quote: Quote, payment: PaymentPayload, key: str, state: str, tx: str, version: int
+    ) -> Paid:
+        """Someone holds this authorization. A pending one may have landed since: look once."""
+        payer = payment.authorization.from_
+        if state == "pending" and tx:
+            try:
+                receipt = self.chain.receipt(tx)
+            except ChainUnavailable:
+                receipt = None
+            if receipt is not None and transfer_logged(receipt, self.chain.asset, payment.authorization):
+                if self.ledger.transition(key, ("pending",), "settled"):
+                    return Paid(quote, key, payer, tx, self.settle_header(version, True, tx, payer))
+            elif receipt is not None:
+                self.ledger.transition(key, ("pending",), "failed")
+            else:
+                raise self._pending_error(version, tx, payer)
+        raise PaymentRequired(reject(NONCE_USED, f"this authorization was already presented ({state})"))
+
+    def _pending_error(self, version: int, tx: str, payer: str) -> ApiError:
+        name, value = self.settle_header(version, False, tx, payer, SETTLEMENT_PENDING)
+        return ApiError(
+            503,
+            SETTLEMENT_PENDING,
+            "the settlement was sent but is not confirmed yet; retry the same payment header later",
+            {name: value, "Retry-After": RETRY_AFTER_PENDING, "Access-Control-Expose-Headers": name},
+        )
+
+    def served(self, paid: Paid) -> None:
+        self.ledger.transition(paid.key, ("settled",), "served")
+
+    def redeemable(self, paid: Paid) -> None:
+        """The upstream failed after settlement: the same header, retried, is served without a new charge."""
+        self.ledger.transition(paid.key, ("settled",), "redeemable")
+
+
+def _payment_header(headers: Mapping[str, str]) -> tuple[str | None, int]:
+    value = headers.get(V2_HEADER)
+    if value is not None:
+        return value, 2
+    return headers.get(V1_HEADER), 1
+
+
+def init_app(app: Flask) -> None:
+    from .catalog import get_catalog
+    from .chain import get_chain
+    from .ledger import get_ledger
+    from .settlement import get_settler
+
+    with app.app_context():
+        app.extensions["x402.gate"] = Gate(
+            app.config["X402_SETTINGS"], get_catalog(), get_ledger(), get_chain(), get_settler()
+        )
+
+
+def get_gate() -> Gate:
+    gate: Gate = current_app.extensions["x402.gate"]
+    return gate

@@ -1,0 +1,58 @@
+"""Applies ``migrations/NNNN_name.py`` in order and records the keyspace version in Redis.
+
+Each migration's ``up(redis)`` must be idempotent; the version is written after it succeeds, so an
+interrupted run simply resumes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import redis
+
+from .ledger import KEYSPACE_KEY, keyspace_version
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.py$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    number: int
+    name: str
+    path: Path
+
+    def load(self) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(f"x402_migration_{self.number:04d}", self.path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    found = [
+        Migration(int(m.group(1)), m.group(2), path)
+        for path in directory.iterdir()
+        if (m := NAME_RE.match(path.name))
+    ]
+    return sorted(found, key=lambda m: m.number)
+
+
+def pending(client: redis.Redis, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    current = keyspace_version(client) or 0
+    return [m for m in discover(directory) if m.number > current]
+
+
+def migrate(client: redis.Redis, dry_run: bool = False, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """Apply what is pending (or only list it with ``dry_run``); returns the migrations concerned."""
+    todo = pending(client, directory)
+    if not dry_run:
+        for migration in todo:
+            migration.load().up(client)
+            client.set(KEYSPACE_KEY, migration.number)
+    return todo

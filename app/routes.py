@@ -1,0 +1,117 @@
+"""HTTP routes: the paid OpenAI-compatible endpoints and the free model list.
+
+A paid view runs the gate first; only a ``Paid`` result reaches the upstream. Settlement happens
+before the upstream call, and an upstream failure leaves the payment *redeemable*: the client gets an
+error with ``PAYMENT-RESPONSE`` and can retry the same header without a new charge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+
+from .catalog import QuoteError, get_catalog
+from .errors import ApiError, json_error
+from .gate import Gate, Paid, PaymentRequired, get_gate
+from .upstream import UpstreamAnswer, UpstreamFailed, get_upstream
+from .x402.challenge import EXPOSED_HEADERS
+from .x402.codec import MalformedInput, strict_json_loads
+
+bp = Blueprint("routes", __name__)
+BODY_JSON_DEPTH = 64
+
+
+def _resource_url() -> str:
+    public = current_app.config["X402_SETTINGS"].public_url
+    return (public or request.host_url.rstrip("/")) + request.path
+
+
+def _request_body() -> object:
+    try:
+        return strict_json_loads(request.get_data(cache=False), max_depth=BODY_JSON_DEPTH)
+    except MalformedInput as exc:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+
+
+def _paid_headers(paid: Paid, answer: UpstreamAnswer) -> dict[str, str]:
+    name, value = paid.response_header
+    headers = dict(answer.headers)
+    headers.update(
+        {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Cache-Control": "no-store"}
+    )
+    return headers
+
+
+def _relay_stream(gate: Gate, paid: Paid, answer: UpstreamAnswer) -> Iterator[bytes]:
+    """Pass chunks through as they come; the payment is served once the stream ends cleanly."""
+    try:
+        yield from answer.chunks()
+    except UpstreamFailed:
+        gate.redeemable(paid)
+        return
+    except GeneratorExit:
+        gate.served(paid)  # the buyer hung up: what was asked for was being delivered
+        raise
+    gate.served(paid)
+
+
+def _paid_call(route: str) -> Response:
+    gate = get_gate()
+    try:
+        quote = get_catalog().quote(route, _request_body())
+    except QuoteError as exc:
+        raise ApiError(exc.status, exc.code, str(exc)) from None
+    try:
+        paid = gate.charge(quote, request.headers)
+    except PaymentRequired as refusal:
+        extra = dict([refusal.settle_response]) if refusal.settle_response else {}
+        return gate.challenge(quote, _resource_url(), refusal.verdict.reason, extra)
+
+    try:
+        answer = get_upstream().forward(route, quote.body, quote.model.upstream_url)
+    except UpstreamFailed:
+        gate.redeemable(paid)
+        name, value = paid.response_header
+        return json_error(
+            502,
+            "upstream_unavailable",
+            "the model host failed after your payment settled; retry the same payment header to be served",
+            {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS},
+        )
+    headers = _paid_headers(paid, answer)
+    if quote.body.get("stream") is True:
+        headers["X-Accel-Buffering"] = "no"
+        return Response(_relay_stream(gate, paid, answer), status=answer.status, headers=headers)
+    try:
+        content = answer.read()
+    except UpstreamFailed:
+        gate.redeemable(paid)
+        return json_error(
+            502, "upstream_unavailable", "the model host cut its answer short; retry the same header"
+        )
+    gate.served(paid)
+    return Response(content, status=answer.status, headers=headers)
+
+
+@bp.post("/v1/chat/completions")
+def chat_completions() -> Response:
+    return _paid_call("chat")
+
+
+@bp.post("/v1/completions")
+def completions() -> Response:
+    return _paid_call("completions")
+
+
+@bp.get("/v1/models")
+def models() -> Response:
+    settings = current_app.config["X402_SETTINGS"]
+    entries = [m.public() for m in get_catalog().models.values() if m.tee or not settings.tee_only]
+    for entry in entries:
+        entry["pricing"].update(asset=settings.asset, network=settings.network.caip2)
+    return jsonify({"object": "list", "data": entries})
+
+
+def init_app(app: Flask) -> None:
+    app.register_blueprint(bp)

@@ -1,0 +1,192 @@
+"""One frozen, validated settings object built from ``X402_*`` environment variables.
+
+Nothing else in the app reads the environment: every module receives a ``Settings``. A bad value
+raises ``SettingsError`` naming the variable, so the process can refuse to start with one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from eth_account import Account
+from eth_utils import to_checksum_address
+
+ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
+KEY_RE = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
+
+
+@dataclass(frozen=True)
+class Network:
+    """A supported chain: its CAIP-2 id, v1 name, chain id and its USDC with the EIP-712 domain."""
+
+    caip2: str
+    v1_name: str
+    chain_id: int
+    usdc: str
+    usdc_name: str
+    usdc_version: str
+
+
+NETWORKS: dict[str, Network] = {
+    "eip155:8453": Network(
+        "eip155:8453", "base", 8453, "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913", "USD Coin", "2"
+    ),
+    "eip155:84532": Network(
+        "eip155:84532", "base-sepolia", 84532, "0x036CbD53842c5426634e7929541eC2318f3dCF7e", "USDC", "2"
+    ),
+}
+
+DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or malformed; ``variable`` names what to fix."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the proxy is configured with. Addresses are checksummed, amounts integers."""
+
+    pay_to: str
+    relayer_key: str = field(repr=False)
+    redis_url: str
+    network: Network = NETWORKS["eip155:8453"]
+    rpc_urls: tuple[str, ...] = ("https://mainnet.base.org",)
+    asset: str = NETWORKS["eip155:8453"].usdc
+    asset_name: str = NETWORKS["eip155:8453"].usdc_name
+    asset_version: str = NETWORKS["eip155:8453"].usdc_version
+    upstream_url: str = "https://api.libertai.io"
+    upstream_api_key: str = field(default="", repr=False)
+    upstream_timeout: float = 120.0
+    catalog_path: Path = DEFAULT_CATALOG
+    public_url: str = ""
+    receipt_timeout: float = 30.0
+    max_timeout_seconds: int = 120
+    max_body_bytes: int = 1_000_000
+    tee_only: bool = True
+    # Tests and the devnet pass their own Redis client (fakeredis or a prepared pool).
+    redis_client: object | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def relayer_address(self) -> str:
+        return str(Account.from_key(self.relayer_key).address)
+
+    def with_overrides(self, **changes: object) -> Settings:
+        """A copy with some fields changed (tests and the devnet use it)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Read and validate the environment (``overrides`` win over it); raise ``SettingsError``
+        on the first bad variable."""
+        env = {**(os.environ if env is None else env), **(overrides or {})}
+
+        def get(name: str, default: str = "") -> str:
+            return env.get(name, default).strip()
+
+        network_id = get("X402_NETWORK", "eip155:8453")
+        if network_id not in NETWORKS:
+            raise SettingsError("X402_NETWORK", f"must be one of {', '.join(NETWORKS)}")
+        network = NETWORKS[network_id]
+
+        pay_to = _address("X402_PAY_TO", get("X402_PAY_TO"), required=True)
+        asset = _address("X402_ASSET", get("X402_ASSET"), required=False) or network.usdc
+        relayer_key = get("X402_RELAYER_KEY")
+        key_file = get("X402_RELAYER_KEY_FILE")
+        if key_file and not relayer_key:
+            try:
+                relayer_key = Path(key_file).read_text().strip()
+            except OSError as exc:
+                raise SettingsError(
+                    "X402_RELAYER_KEY_FILE", f"cannot read {key_file}: {exc.strerror}"
+                ) from None
+        if not KEY_RE.match(relayer_key):
+            raise SettingsError(
+                "X402_RELAYER_KEY", "required: 32-byte hex private key of the settling account"
+            )
+        redis_url = get("REDIS_URL")
+        if not redis_url:
+            raise SettingsError("REDIS_URL", "required, e.g. redis://127.0.0.1:6379/0")
+        rpc_urls = tuple(
+            u.strip() for u in get("X402_RPC_URLS", "https://mainnet.base.org").split(",") if u.strip()
+        )
+        if not rpc_urls or not all(u.startswith(("http://", "https://")) for u in rpc_urls):
+            raise SettingsError("X402_RPC_URLS", "comma-separated http(s) URLs")
+        upstream_url = get("X402_UPSTREAM_URL", "https://api.libertai.io").rstrip("/")
+        if not upstream_url.startswith(("http://", "https://")):
+            raise SettingsError("X402_UPSTREAM_URL", "must be an http(s) URL")
+        public_url = get("X402_PUBLIC_URL").rstrip("/")
+        if public_url and not public_url.startswith(("http://", "https://")):
+            raise SettingsError("X402_PUBLIC_URL", "must be an absolute http(s) URL")
+        catalog = get("X402_CATALOG")
+        catalog_path = Path(catalog) if catalog else DEFAULT_CATALOG
+        if not catalog_path.is_file():
+            raise SettingsError("X402_CATALOG", f"no such file: {catalog_path}")
+        return cls(
+            pay_to=pay_to,
+            relayer_key=relayer_key if relayer_key.startswith("0x") else "0x" + relayer_key,
+            redis_url=redis_url,
+            network=network,
+            rpc_urls=rpc_urls,
+            asset=asset,
+            asset_name=get("X402_ASSET_NAME", network.usdc_name),
+            asset_version=get("X402_ASSET_VERSION", network.usdc_version),
+            upstream_url=upstream_url,
+            upstream_api_key=get("X402_UPSTREAM_API_KEY"),
+            upstream_timeout=_number("X402_UPSTREAM_TIMEOUT", get("X402_UPSTREAM_TIMEOUT", "120")),
+            catalog_path=catalog_path,
+            public_url=public_url,
+            receipt_timeout=_number("X402_RECEIPT_TIMEOUT", get("X402_RECEIPT_TIMEOUT", "30")),
+            max_timeout_seconds=int(
+                _number("X402_MAX_TIMEOUT_SECONDS", get("X402_MAX_TIMEOUT_SECONDS", "120"))
+            ),
+            max_body_bytes=int(_number("X402_MAX_BODY_BYTES", get("X402_MAX_BODY_BYTES", "1000000"))),
+            tee_only=_flag("X402_TEE_ONLY", get("X402_TEE_ONLY", "1")),
+        )
+
+
+def redis_url_from_env(env: Mapping[str, str] | None = None) -> str:
+    """``REDIS_URL`` alone, for commands that need only Redis (``x402-proxy migrate``)."""
+    url = (os.environ if env is None else env).get("REDIS_URL", "").strip()
+    if not url:
+        raise SettingsError("REDIS_URL", "required, e.g. redis://127.0.0.1:6379/0")
+    return url
+
+
+def _address(variable: str, value: str, *, required: bool) -> str:
+    if not value:
+        if required:
+            raise SettingsError(variable, "required: a 0x-prefixed 20-byte address")
+        return ""
+    if not ADDRESS_RE.match(value):
+        raise SettingsError(variable, f"not an address: {value!r}")
+    return str(to_checksum_address(value))
+
+
+def _number(variable: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise SettingsError(variable, f"not a number: {value!r}") from None
+    if not number > 0:
+        raise SettingsError(variable, "must be positive")
+    return number
+
+
+def _flag(variable: str, value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(variable, "must be 1 or 0")

@@ -1,0 +1,449 @@
+"""A stand-in OpenAI-compatible model host, as the upstream for the devnet demo and for tests.
+
+It answers ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models`` with deterministic
+answers, and can be told (through a mutable ``Behaviour``) to be slow, to fail with an HTTP
+status, to reset the connection, or to cut a stream short. It is built on ``http.server``
+rather than werkzeug so that it controls the socket byte for byte: one chunk per SSE event, a
+connection that dies mid-stream, a reset with no response at all.
+
+Prompts are never logged nor echoed: answers only say how many messages and which ``max_tokens``
+they saw. The bodies are kept in memory (``received``) so tests can check what the proxy
+forwarded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType, TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+ERROR_BODY: dict[str, Any] = {"error": {"message": "stand-in failure", "type": "server_error"}}
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+MODELS_PATH = "/v1/models"
+
+
+@dataclass
+class Behaviour:
+    """How the next requests are answered; tests change it between calls to simulate a bad host."""
+
+    status: int = 200  # HTTP status to answer with (e.g. 500 for a failing host)
+    delay: float = 0.0  # seconds before the response starts
+    chunk_delay: float = 0.0  # seconds between SSE chunks
+    chunks: int = 5  # number of content chunks in a stream
+    cut_after: int | None = None  # for streams: drop the connection after this many chunks (no [DONE])
+    reset: bool = False  # close the connection without any response
+
+
+@dataclass
+class Received:
+    """One request as it reached the host, so tests can assert what the proxy forwarded."""
+
+    path: str  # raw request target, query string included
+    headers: dict[str, str]
+    body: dict[str, Any]  # the JSON object sent, or {} when there was none / it was not an object
+
+
+class _BadRequest(Exception):
+    """The request body is not a usable OpenAI request; answered with a 400."""
+
+
+class _Server(ThreadingHTTPServer):
+    """Threaded server that knows its owner and its open connections (so stop() can drop them)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], owner: StandinModel) -> None:
+        self.owner = owner
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay silent: the default prints a traceback to stderr for every client that hangs up."""
+
+    def drop_connections(self) -> None:
+        """Close keep-alive connections so a stopped server really stops answering."""
+        with self.connections_lock:
+            conns = list(self.connections)
+            self.connections.clear()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Routes one connection's requests; behaviour is snapshotted per request."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "standin-model/1"
+    sys_version = ""
+    timeout = 120  # idle keep-alive connections should not pin threads forever
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.connections_lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.connections_lock:
+            self.server.connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Never log: request lines and errors could carry user data."""
+
+    # --- HTTP methods -------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    # --- routing ------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        owner = self.server.owner
+        raw = self._read_body()
+        body = _parse_object(raw)
+        owner._record(Received(path=self.path, headers=dict(self.headers.items()), body=body))
+        route = (self.command, urlsplit(self.path).path.rstrip("/"))
+        known = {("POST", CHAT_PATH), ("POST", COMPLETIONS_PATH), ("GET", MODELS_PATH)}
+        if route not in known:
+            self._send_json(404, {"error": {"message": "not found", "type": "not_found_error"}})
+            return
+
+        behaviour = dataclasses.replace(owner.behaviour)  # later edits by a test don't bleed in
+        if behaviour.delay > 0:
+            time.sleep(behaviour.delay)
+        if behaviour.reset:
+            self._reset()
+            return
+        if behaviour.status != 200:
+            self._send_json(behaviour.status, ERROR_BODY)
+            return
+
+        if route == ("GET", MODELS_PATH):
+            self._send_json(200, {"object": "list", "data": [{"id": owner.model, "object": "model"}]})
+            return
+        chat = route[1] == CHAT_PATH
+        if raw and not body:
+            self._bad_request("body must be a JSON object")
+            return
+        try:
+            answer = owner._answer(body, chat=chat)
+        except _BadRequest as exc:
+            self._bad_request(str(exc))
+            return
+        if body.get("stream") is True:
+            self._stream(owner, body, behaviour, chat=chat)
+        else:
+            self._send_json(200, answer)
+
+    # --- request body -------------------------------------------------------------------------
+
+    def _read_body(self) -> bytes:
+        """Read a Content-Length or chunked body, so keep-alive connections stay in sync."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts: list[bytes] = []
+            while True:
+                size_line = self.rfile.readline(65537)
+                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline(65537)
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    # --- responses ----------------------------------------------------------------------------
+
+    def _send_json(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(data)
+
+    def _bad_request(self, message: str) -> None:
+        self._send_json(400, {"error": {"message": message, "type": "invalid_request_error"}})
+
+    def _reset(self) -> None:
+        """Abort with a TCP RST and no bytes at all, like a host that crashed mid-request."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+
+    def _write_chunk(self, data: bytes) -> bool:
+        """Send one HTTP chunk in a single write (wfile is unbuffered); False if the client left."""
+        try:
+            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+        except OSError:
+            self.close_connection = True
+            return False
+        return True
+
+    def _stream(self, owner: StandinModel, body: dict[str, Any], behaviour: Behaviour, *, chat: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        count = max(0, behaviour.chunks)
+        cut = behaviour.cut_after
+        for sent, event in enumerate(owner._stream_events(body, count, chat=chat)):
+            if cut is not None and sent >= cut:
+                break
+            if sent and behaviour.chunk_delay > 0:
+                time.sleep(behaviour.chunk_delay)
+            if not self._write_chunk(b"data: %s\n\n" % json.dumps(event).encode()):
+                return
+        if cut is not None:
+            # Hang up with the chunked body unfinished: the client must see an incomplete read.
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if self._write_chunk(b"data: [DONE]\n\n"):
+            self._write_chunk(b"")  # zero-length chunk = the chunked terminator "0\r\n\r\n"
+
+
+def _parse_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or {} for anything else (empty, invalid, a list...)."""
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _words(value: Any) -> int:
+    """Rough, deterministic token count of a prompt, without ever keeping the text."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, list):
+        return sum(_words(v) for v in value)
+    if isinstance(value, dict):
+        return _words(value.get("content")) + _words(value.get("text"))
+    return 0
+
+
+class StandinModel:
+    """Threaded HTTP server on 127.0.0.1 (port 0 = free port)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, model: str = "hermes-3-8b-tee") -> None:
+        self.model = model
+        self.behaviour = Behaviour()
+        self.received: list[Received] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._server = _Server((host, port), self)  # binds now, so url is known before start()
+        bound_host, bound_port = self._server.server_address[:2]
+        self.host: str = str(bound_host)
+        self.port: int = int(bound_port)
+        self.url = f"http://{self.host}:{self.port}"
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> StandinModel:
+        """Serve in a daemon thread; calling it again while running is a no-op."""
+        if self._stopped:
+            raise RuntimeError("StandinModel was stopped; create a new one")
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"standin-model-{self.port}",
+                daemon=True,
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, drop open connections and free the port; safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._thread is not None:
+            self._server.shutdown()  # only valid once serve_forever runs, else it would block
+            self._thread.join(timeout=5)
+        self._server.drop_connections()
+        self._server.server_close()
+
+    def wait(self) -> None:
+        """Block until stop() is called (from a signal handler or another thread)."""
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(0.5)
+
+    def __enter__(self) -> StandinModel:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- answers (called from handler threads) ------------------------------------------------
+
+    def _record(self, item: Received) -> None:
+        with self._lock:
+            self.received.append(item)
+
+    def _next_id(self, prefix: str) -> str:
+        with self._lock:
+            return f"{prefix}-standin-{next(self._ids)}"
+
+    def _requested_model(self, body: dict[str, Any]) -> str:
+        value = body.get("model")
+        return value if isinstance(value, str) and value else self.model
+
+    def _answer(self, body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
+        """The non-streamed answer; also validates the request for the streamed one."""
+        max_tokens = body.get("max_tokens")
+        limit = "none" if max_tokens is None else str(max_tokens)
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list):
+                raise _BadRequest("'messages' must be a list")
+            text = f"stand-in answer: {len(messages)} messages, max_tokens={limit}"
+            prompt_tokens = _words(messages)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str | list):
+                raise _BadRequest("'prompt' must be a string or a list")
+            prompts = len(prompt) if isinstance(prompt, list) else 1
+            text = f"stand-in answer: {prompts} prompts, max_tokens={limit}"
+            prompt_tokens = _words(prompt)
+        prompt_tokens = max(1, prompt_tokens)
+        completion_tokens = len(text.split())
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+            choice["logprobs"] = None
+        return {
+            "id": self._next_id("chatcmpl" if chat else "cmpl"),
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self._requested_model(body),
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    def _stream_events(self, body: dict[str, Any], count: int, *, chat: bool) -> list[dict[str, Any]]:
+        """``count`` content chunks ("tok0 ", "tok1 ", ...), plus a usage chunk if asked for."""
+        ident = self._next_id("chatcmpl" if chat else "cmpl")
+        created = int(time.time())
+        model = self._requested_model(body)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        events: list[dict[str, Any]] = []
+        for i in range(count):
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "stop" if i == count - 1 else None}
+            if chat:
+                delta: dict[str, Any] = {"content": f"tok{i} "}
+                if i == 0:
+                    delta = {"role": "assistant", **delta}
+                choice["delta"] = delta
+            else:
+                choice["text"] = f"tok{i} "
+                choice["logprobs"] = None
+            events.append(
+                {"id": ident, "object": obj, "created": created, "model": model, "choices": [choice]}
+            )
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            prompt_tokens = max(1, _words(body.get("messages") if chat else body.get("prompt")))
+            events.append(
+                {
+                    "id": ident,
+                    "object": obj,
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": count,
+                        "total_tokens": prompt_tokens + count,
+                    },
+                }
+            )
+        return events
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the stand-in in the foreground (``python -m app.standin_model --port 8500``)."""
+    parser = argparse.ArgumentParser(
+        description="Stand-in OpenAI-compatible model host (never logs prompts)."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8500, help="0 picks a free port")
+    parser.add_argument("--model", default="hermes-3-8b-tee")
+    parser.add_argument("--status", type=int, default=200, help="answer every model call with this status")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each response")
+    parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between stream chunks")
+    parser.add_argument("--chunks", type=int, default=5, help="content chunks per stream")
+    args = parser.parse_args(argv)
+
+    server = StandinModel(host=args.host, port=args.port, model=args.model)
+    server.behaviour = Behaviour(
+        status=args.status, delay=args.delay, chunk_delay=args.chunk_delay, chunks=args.chunks
+    )
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=server.stop, daemon=True).start()  # shutdown() can't run in this thread
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    server.start()
+    print(f"stand-in model {args.model} listening on {server.url}", flush=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The 402 answer: one response that serves both x402 generations.
+
+v2 clients read the ``PAYMENT-REQUIRED`` header; v1 clients read the JSON body. Both carry the same
+requirement, so whichever a client reads, it signs the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .codec import encode_header
+from .wire import Requirement
+
+EXPOSED_HEADERS = "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE"
+
+
+@dataclass(frozen=True)
+class Resource:
+    url: str
+    description: str
+    mime_type: str = "application/json"
+
+
+@dataclass(frozen=True)
+class Challenge:
+    body: dict[str, Any]  # the v1 PaymentRequired body
+    header: str  # the v2 PAYMENT-REQUIRED header value
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "PAYMENT-REQUIRED": self.header,
+            "Cache-Control": "no-store",
+            "Access-Control-Expose-Headers": EXPOSED_HEADERS,
+        }
+
+
+def build_challenge(requirement: Requirement, resource: Resource, error: str) -> Challenge:
+    """Build the v1 body and the v2 header for one requirement. ``error`` is a reason code."""
+    v2 = {
+        "x402Version": 2,
+        "error": error,
+        "resource": {
+            "url": resource.url,
+            "description": resource.description,
+            "mimeType": resource.mime_type,
+        },
+        "accepts": [requirement.to_v2()],
+    }
+    v1 = {
+        "x402Version": 1,
+        "error": error,
+        "accepts": [requirement.to_v1(resource.url, resource.description, resource.mime_type)],
+    }
+    return Challenge(body=v1, header=encode_header(v2))

@@ -1,0 +1,237 @@
+"""Wire objects of x402 v1 and v2 (exact scheme, EVM): requirements, payment payloads, settle responses.
+
+Parsing is strict (PROTOCOL.md and ARCHITECTURE.md guarantee 7): amounts and times are decimal
+strings matching ``^[0-9]{1,78}$`` below 2**256, addresses and nonces match exact regexes, the
+signature is hex, and unknown keys are refused. A parse returns either a typed object or a
+``Verdict`` with reason ``invalid_payload``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .codec import MalformedInput, decode_header, encode_header
+from .verdict import INVALID_PAYLOAD, INVALID_VERSION, Verdict, reject
+
+UINT_RE = re.compile(r"^[0-9]{1,78}$")
+ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
+NONCE_RE = re.compile(r"^0x[0-9a-fA-F]{64}$")
+SIGNATURE_RE = re.compile(r"^0x(?:[0-9a-fA-F]{2}){65,1024}$")
+UINT256_LIMIT = 2**256
+
+V1_NETWORK_NAMES = {"eip155:8453": "base", "eip155:84532": "base-sepolia"}
+V2_HEADER = "PAYMENT-SIGNATURE"
+V1_HEADER = "X-PAYMENT"
+RESPONSE_HEADERS = {2: "PAYMENT-RESPONSE", 1: "X-PAYMENT-RESPONSE"}
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """What one call costs: our own side of the match, never taken from the client."""
+
+    network: str  # CAIP-2, e.g. "eip155:8453"
+    amount: int
+    asset: str  # checksummed
+    pay_to: str  # checksummed
+    max_timeout_seconds: int
+    asset_name: str
+    asset_version: str
+    scheme: str = "exact"
+
+    @property
+    def chain_id(self) -> int:
+        return int(self.network.split(":", 1)[1])
+
+    @property
+    def v1_network(self) -> str:
+        return V1_NETWORK_NAMES.get(self.network, self.network)
+
+    def to_v2(self) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme,
+            "network": self.network,
+            "amount": str(self.amount),
+            "asset": self.asset,
+            "payTo": self.pay_to,
+            "maxTimeoutSeconds": self.max_timeout_seconds,
+            "extra": {"name": self.asset_name, "version": self.asset_version},
+        }
+
+    def to_v1(self, resource_url: str, description: str, mime_type: str) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme,
+            "network": self.v1_network,
+            "maxAmountRequired": str(self.amount),
+            "resource": resource_url,
+            "description": description,
+            "mimeType": mime_type,
+            "payTo": self.pay_to,
+            "maxTimeoutSeconds": self.max_timeout_seconds,
+            "asset": self.asset,
+            "extra": {"name": self.asset_name, "version": self.asset_version},
+        }
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """An EIP-3009 TransferWithAuthorization, values as integers, addresses lower-case."""
+
+    from_: str
+    to: str
+    value: int
+    valid_after: int
+    valid_before: int
+    nonce: bytes
+
+    def to_wire(self) -> dict[str, str]:
+        return {
+            "from": self.from_,
+            "to": self.to,
+            "value": str(self.value),
+            "validAfter": str(self.valid_after),
+            "validBefore": str(self.valid_before),
+            "nonce": "0x" + self.nonce.hex(),
+        }
+
+
+@dataclass(frozen=True)
+class PaymentPayload:
+    """A decoded ``PAYMENT-SIGNATURE`` (v2) or ``X-PAYMENT`` (v1) header."""
+
+    version: int
+    scheme: str
+    network: str  # as sent: CAIP-2 for v2, a v1 name for v1
+    authorization: Authorization
+    signature: bytes
+    accepted: dict[str, Any] | None = None  # v2 only: the requirement the client says it pays
+    resource: dict[str, Any] | None = None
+    extensions: dict[str, Any] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        payload = {"signature": "0x" + self.signature.hex(), "authorization": self.authorization.to_wire()}
+        if self.version == 1:
+            return {"x402Version": 1, "scheme": self.scheme, "network": self.network, "payload": payload}
+        wire: dict[str, Any] = {"x402Version": 2}
+        if self.resource is not None:
+            wire["resource"] = self.resource
+        wire["accepted"] = self.accepted
+        wire["payload"] = payload
+        if self.extensions is not None:
+            wire["extensions"] = self.extensions
+        return wire
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _field(obj: dict[str, Any], key: str, kind: type) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, kind):
+        raise _Invalid(f"{key} must be a {kind.__name__}")
+    return value
+
+
+def _uint(obj: dict[str, Any], key: str) -> int:
+    text = _field(obj, key, str)
+    if not UINT_RE.match(text) or int(text) >= UINT256_LIMIT:
+        raise _Invalid(f"{key} must be a decimal uint256 string")
+    return int(text)
+
+
+def _matching(obj: dict[str, Any], key: str, pattern: re.Pattern[str]) -> str:
+    text = _field(obj, key, str)
+    if not pattern.match(text):
+        raise _Invalid(f"{key} is malformed")
+    return text
+
+
+def _keys(obj: Any, required: set[str], optional: frozenset[str] = frozenset()) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise _Invalid("expected a JSON object")
+    missing = required - obj.keys()
+    extra = obj.keys() - required - optional
+    if missing or extra:
+        raise _Invalid(f"missing {sorted(missing)}" if missing else f"unknown keys {sorted(extra)}")
+    return obj
+
+
+def _authorization(obj: Any) -> Authorization:
+    auth = _keys(obj, {"from", "to", "value", "validAfter", "validBefore", "nonce"})
+    return Authorization(
+        from_=_matching(auth, "from", ADDRESS_RE).lower(),
+        to=_matching(auth, "to", ADDRESS_RE).lower(),
+        value=_uint(auth, "value"),
+        valid_after=_uint(auth, "validAfter"),
+        valid_before=_uint(auth, "validBefore"),
+        nonce=bytes.fromhex(_matching(auth, "nonce", NONCE_RE)[2:]),
+    )
+
+
+def payment_from_wire(wire: Any, header_version: int) -> PaymentPayload:
+    """Build a PaymentPayload from decoded JSON; raises ``_Invalid`` on any deviation."""
+    version = wire.get("x402Version") if isinstance(wire, dict) else None
+    if version != header_version or isinstance(version, bool):
+        raise _Invalid(f"x402Version must be {header_version} in this header")
+    if version == 2:
+        top = _keys(wire, {"x402Version", "accepted", "payload"}, frozenset({"resource", "extensions"}))
+        accepted = _field(top, "accepted", dict)
+        scheme, network = _field(accepted, "scheme", str), _field(accepted, "network", str)
+        resource = top.get("resource")
+        extensions = top.get("extensions")
+        if resource is not None and not isinstance(resource, dict):
+            raise _Invalid("resource must be an object")
+        if extensions is not None and not isinstance(extensions, dict):
+            raise _Invalid("extensions must be an object")
+    else:
+        top = _keys(wire, {"x402Version", "scheme", "network", "payload"})
+        scheme, network = _field(top, "scheme", str), _field(top, "network", str)
+        accepted = resource = extensions = None
+    body = _keys(top["payload"], {"signature", "authorization"})
+    return PaymentPayload(
+        version=version,
+        scheme=scheme,
+        network=network,
+        authorization=_authorization(body["authorization"]),
+        signature=bytes.fromhex(_matching(body, "signature", SIGNATURE_RE)[2:]),
+        accepted=accepted,
+        resource=resource,
+        extensions=extensions,
+    )
+
+
+def parse_payment_header(text: str, header_version: int) -> PaymentPayload | Verdict:
+    """Decode a payment header of the given version; a ``Verdict`` says why it was refused."""
+    try:
+        wire = decode_header(text)
+    except MalformedInput as exc:
+        return reject(INVALID_PAYLOAD, str(exc))
+    try:
+        return payment_from_wire(wire, header_version)
+    except _Invalid as exc:
+        reason = INVALID_VERSION if "x402Version" in str(exc) else INVALID_PAYLOAD
+        return reject(reason, str(exc))
+
+
+@dataclass(frozen=True)
+class SettleResponse:
+    """The content of ``PAYMENT-RESPONSE`` / ``X-PAYMENT-RESPONSE``."""
+
+    success: bool
+    transaction: str
+    network: str
+    payer: str
+    error_reason: str = ""
+
+    def to_header(self) -> str:
+        wire: dict[str, Any] = {
+            "success": self.success,
+            "transaction": self.transaction,
+            "network": self.network,
+            "payer": self.payer,
+        }
+        if self.error_reason:
+            wire["errorReason"] = self.error_reason
+        return encode_header(wire)

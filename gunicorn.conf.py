@@ -1,0 +1,18 @@
+"""gunicorn settings for x402-tee-proxy.
+
+Threaded workers: a streamed answer holds a thread for its whole length, so each worker runs
+several. All payment state is in Redis, so any number of workers and hosts can share the load.
+"""
+
+import multiprocessing
+import os
+
+bind = os.environ.get("X402_BIND", "0.0.0.0:8402")
+workers = int(os.environ.get("X402_WORKERS", str(max(2, multiprocessing.cpu_count()))))
+worker_class = "gthread"
+threads = int(os.environ.get("X402_THREADS", "8"))
+timeout = 180  # longer than the slowest settlement plus model call
+graceful_timeout = 30
+keepalive = 5
+accesslog = None  # the request line may carry nothing secret, but keep logs to the app's own
+errorlog = "-"
