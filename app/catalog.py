@@ -146,8 +146,13 @@ def price(model: Model, body: dict[str, Any], input_field: str) -> tuple[int, in
 class Catalog:
     """The loaded catalog, one per app."""
 
-    def __init__(self, models: dict[str, Model]) -> None:
+    def __init__(self, models: dict[str, Model], tee_only: bool = True) -> None:
         self.models = models
+        self.tee_only = tee_only
+
+    def listed(self) -> list[Model]:
+        """The models on sale: only TEE ones when ``X402_TEE_ONLY`` is on."""
+        return [m for m in self.models.values() if m.tee or not self.tee_only]
 
     def quote(self, route: str, body: Any) -> Quote:
         """Price a request body for a route ("chat" or "completions"); raise ``QuoteError`` if it can't be."""
@@ -160,6 +165,10 @@ class Catalog:
         model = self.models.get(name)
         if model is None:
             raise QuoteError("model_not_found", f"no model named {name!r}; see GET /v1/models", 404)
+        if self.tee_only and not model.tee:
+            raise QuoteError(
+                "model_not_tee", f"{name} does not run in a TEE and this proxy sells TEE models only", 403
+            )
         if input_field not in body:
             raise QuoteError("invalid_request", f"{input_field} is required")
         amount, max_tokens = price(model, body, input_field)
@@ -171,7 +180,8 @@ class Catalog:
 
 
 def init_app(app: Flask) -> None:
-    app.extensions["x402.catalog"] = Catalog(load_catalog(app.config["X402_SETTINGS"].catalog_path))
+    settings = app.config["X402_SETTINGS"]
+    app.extensions["x402.catalog"] = Catalog(load_catalog(settings.catalog_path), settings.tee_only)
 
 
 def get_catalog() -> Catalog:

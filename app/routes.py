@@ -107,7 +107,7 @@ def completions() -> Response:
 @bp.get("/v1/models")
 def models() -> Response:
     settings = current_app.config["X402_SETTINGS"]
-    entries = [m.public() for m in get_catalog().models.values() if m.tee or not settings.tee_only]
+    entries = [m.public() for m in get_catalog().listed()]
     for entry in entries:
         entry["pricing"].update(asset=settings.asset, network=settings.network.caip2)
     return jsonify({"object": "list", "data": entries})

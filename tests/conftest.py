@@ -1,0 +1,95 @@
+"""Shared fixtures: real anvil (chain id 8453, our token at the Base USDC address), a real
+redis-server, the stand-in model, and the proxy served over loopback.
+
+The chain and Redis are started once per session; each test gets a fresh payee, payer and a
+flushed Redis, so balances and ledger states are its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from app import create_app
+from app.devnet import DevChain, Service, Wallets, prepare_chain, start_anvil, start_redis
+from app.settings import Settings
+from app.standin_model import Behaviour, StandinModel
+from tests.support import OPERATOR_KEY, USDC, Proxy, serve
+
+
+@pytest.fixture(scope="session")
+def anvil() -> Iterator[Service]:
+    service = start_anvil()
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_service() -> Iterator[Service]:
+    service = start_redis()
+    if service is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server); integration tests need it")
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def chain(anvil: Service) -> DevChain:
+    dev = DevChain(anvil.url)
+    dev.place_token()
+    return dev
+
+
+@pytest.fixture
+def redis_client(redis_service: Service) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_service.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def standin_server() -> Iterator[StandinModel]:
+    with StandinModel() as server:
+        yield server
+
+
+@pytest.fixture
+def standin(standin_server: StandinModel) -> StandinModel:
+    standin_server.behaviour = Behaviour()
+    standin_server.received.clear()
+    return standin_server
+
+
+@pytest.fixture
+def wallets(chain: DevChain) -> Wallets:
+    fresh = Wallets.fresh()
+    prepare_chain(chain, fresh, 10 * USDC)
+    return fresh
+
+
+@pytest.fixture
+def settings(
+    anvil: Service, redis_service: Service, redis_client: redis.Redis, wallets: Wallets, standin: StandinModel
+) -> Settings:
+    return Settings.from_env(
+        env={},
+        overrides={
+            "X402_PAY_TO": wallets.pay_to,
+            "X402_RPC_URLS": anvil.url,
+            "X402_RELAYER_KEY": wallets.relayer_key,
+            "REDIS_URL": redis_service.url,
+            "X402_UPSTREAM_URL": standin.url,
+            "X402_UPSTREAM_API_KEY": OPERATOR_KEY,
+            "X402_RECEIPT_TIMEOUT": "10",
+        },
+    )
+
+
+@pytest.fixture
+def proxy(settings: Settings, wallets: Wallets, chain: DevChain) -> Iterator[Proxy]:
+    server = serve(create_app(settings))
+    yield Proxy(f"http://127.0.0.1:{server.server_port}", settings, wallets, chain, server)
+    server.shutdown()
