@@ -93,6 +93,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "standin-model/1"
     sys_version = ""
     timeout = 120  # idle keep-alive connections should not pin threads forever
+    disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stalls
     server: _Server
 
     def setup(self) -> None:
