@@ -84,7 +84,12 @@ def load_catalog(path: Path) -> dict[str, Model]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise CatalogError(f"{path}: {exc}") from None
     models: dict[str, Model] = {}
-    for name, entry in data.get("models", {}).items():
+    entries = data.get("models", {})
+    if not isinstance(entries, dict):
+        raise CatalogError(f"{path}: `models` must be a table of [models.NAME] entries")
+    for name, entry in entries.items():
+        if not isinstance(entry, dict):
+            raise CatalogError(f"{path}: models.{name} must be a table")
         pricing = entry.get("pricing")
         if pricing not in ("per_token", "per_call"):
             raise CatalogError(f"model {name!r}: pricing must be per_token or per_call")

@@ -33,7 +33,6 @@ ANVIL_CANDIDATES = (
     PROJECT_ROOT / "node_modules" / "@foundry-rs" / "anvil-linux-arm64" / "bin" / "anvil",
     PROJECT_ROOT / "node_modules" / ".bin" / "anvil",
 )
-SEL_MINT = selector("mint(address,uint256)")
 
 
 class DevnetError(RuntimeError):

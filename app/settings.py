@@ -12,11 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from eth_account import Account
 from eth_utils import to_checksum_address
 
-ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
-KEY_RE = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
+ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
+KEY_RE = re.compile(r"(0x)?[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -76,10 +75,6 @@ class Settings:
     # Tests and the devnet pass their own Redis client (fakeredis or a prepared pool).
     redis_client: object | None = field(default=None, repr=False, compare=False)
 
-    @property
-    def relayer_address(self) -> str:
-        return str(Account.from_key(self.relayer_key).address)
-
     def with_overrides(self, **changes: object) -> Settings:
         """A copy with some fields changed (tests and the devnet use it)."""
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -111,7 +106,7 @@ class Settings:
                 raise SettingsError(
                     "X402_RELAYER_KEY_FILE", f"cannot read {key_file}: {exc.strerror}"
                 ) from None
-        if not KEY_RE.match(relayer_key):
+        if not KEY_RE.fullmatch(relayer_key):
             raise SettingsError(
                 "X402_RELAYER_KEY", "required: 32-byte hex private key of the settling account"
             )
@@ -169,7 +164,7 @@ def _address(variable: str, value: str, *, required: bool) -> str:
         if required:
             raise SettingsError(variable, "required: a 0x-prefixed 20-byte address")
         return ""
-    if not ADDRESS_RE.match(value):
+    if not ADDRESS_RE.fullmatch(value):
         raise SettingsError(variable, f"not an address: {value!r}")
     return str(to_checksum_address(value))
 
@@ -179,9 +174,15 @@ def _number(variable: str, value: str) -> float:
         number = float(value)
     except ValueError:
         raise SettingsError(variable, f"not a number: {value!r}") from None
-    if not number > 0:
-        raise SettingsError(variable, "must be positive")
+    if not 0 < number < float("inf"):
+        raise SettingsError(variable, "must be a positive finite number")
     return number
+
+
+def _integer(variable: str, value: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,12}", value) or int(value) == 0:
+        raise SettingsError(variable, f"must be a positive whole number, not {value!r}")
+    return int(value)
 
 
 def _flag(variable: str, value: str) -> bool:

@@ -78,7 +78,7 @@ def check_authorization(payment: PaymentPayload, requirement: Requirement, now: 
         return OfflineCheck(reject(VALUE_MISMATCH, f"value must be exactly {requirement.amount}"))
     if auth.valid_before < now + MIN_VALIDITY_MARGIN:
         return OfflineCheck(reject(VALID_BEFORE, "authorization expires too soon or has expired"))
-    if auth.valid_after > now or auth.valid_after >= auth.valid_before:
+    if auth.valid_after > now:
         return OfflineCheck(reject(VALID_AFTER, "authorization is not valid yet"))
     signature = normalise_signature(payment.signature)
     if len(signature) == 65:

@@ -10,11 +10,14 @@ import base64
 import binascii
 import json
 import re
+from itertools import accumulate
 from typing import Any
 
 MAX_HEADER_BYTES = 8192
 MAX_JSON_DEPTH = 16
-_B64_RE = re.compile(rb"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")
+_B64_RE = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+_JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS_RE = re.compile(r"[\[\]{}]")
 
 
 class MalformedInput(ValueError):
@@ -34,16 +37,30 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def _depth(value: Any, limit: int) -> None:
-    stack = [(value, 1)]
+def _check_nesting(text: str, limit: int) -> None:
+    """Refuse deep nesting *before* parsing: the C parser can overflow the C stack on deep input
+    (eth-keyfile's py_ecc raises the recursion limit to 100000 at import), killing the process."""
+    brackets = _BRACKETS_RE.findall(_JSON_STRING_RE.sub("", text))
+    if brackets and max(accumulate(1 if b in "[{" else -1 for b in brackets)) > limit:
+        raise MalformedInput(f"JSON nested deeper than {limit}")
+
+
+def _check_strings(value: Any) -> None:
+    """Every string and key must be valid Unicode (no lone surrogates from ``\\ud800`` escapes),
+    so whatever we decode can be re-encoded."""
+    stack = [value]
     while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            raise MalformedInput(f"JSON nested deeper than {limit}")
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise MalformedInput("JSON string with a lone surrogate") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
         elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
+            stack.extend(item)
 
 
 def strict_json_loads(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
@@ -53,13 +70,12 @@ def strict_json_loads(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any
             data = data.decode("utf-8")
         except UnicodeDecodeError:
             raise MalformedInput("not UTF-8") from None
+    _check_nesting(data, max_depth)
     try:
         value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except RecursionError:
-        raise MalformedInput("JSON nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise MalformedInput(f"not JSON: {exc.msg}") from None
-    _depth(value, max_depth)
+    _check_strings(value)
     return value
 
 
@@ -76,7 +92,7 @@ def b64decode_strict(text: str, max_bytes: int = MAX_HEADER_BYTES) -> bytes:
         raw = text.encode("ascii")
     except UnicodeEncodeError:
         raise MalformedInput("header is not ASCII") from None
-    if not raw or not _B64_RE.match(raw):
+    if not raw or not _B64_RE.fullmatch(raw):
         raise MalformedInput("not padded standard base64")
     try:
         decoded = base64.b64decode(raw, validate=True)

@@ -15,10 +15,11 @@ from typing import Any
 from .codec import MalformedInput, decode_header, encode_header
 from .verdict import INVALID_PAYLOAD, INVALID_VERSION, Verdict, reject
 
-UINT_RE = re.compile(r"^[0-9]{1,78}$")
-ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
-NONCE_RE = re.compile(r"^0x[0-9a-fA-F]{64}$")
-SIGNATURE_RE = re.compile(r"^0x(?:[0-9a-fA-F]{2}){65,1024}$")
+# Always used with fullmatch: "$" would also match before a trailing newline.
+UINT_RE = re.compile(r"[0-9]{1,78}")
+ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
+NONCE_RE = re.compile(r"0x[0-9a-fA-F]{64}")
+SIGNATURE_RE = re.compile(r"0x(?:[0-9a-fA-F]{2}){65,1024}")
 UINT256_LIMIT = 2**256
 
 V1_NETWORK_NAMES = {"eip155:8453": "base", "eip155:84532": "base-sepolia"}
@@ -136,14 +137,14 @@ def _field(obj: dict[str, Any], key: str, kind: type) -> Any:
 
 def _uint(obj: dict[str, Any], key: str) -> int:
     text = _field(obj, key, str)
-    if not UINT_RE.match(text) or int(text) >= UINT256_LIMIT:
+    if not UINT_RE.fullmatch(text) or int(text) >= UINT256_LIMIT:
         raise _Invalid(f"{key} must be a decimal uint256 string")
     return int(text)
 
 
 def _matching(obj: dict[str, Any], key: str, pattern: re.Pattern[str]) -> str:
     text = _field(obj, key, str)
-    if not pattern.match(text):
+    if not pattern.fullmatch(text):
         raise _Invalid(f"{key} is malformed")
     return text
 
@@ -173,7 +174,7 @@ def _authorization(obj: Any) -> Authorization:
 def payment_from_wire(wire: Any, header_version: int) -> PaymentPayload:
     """Build a PaymentPayload from decoded JSON; raises ``_Invalid`` on any deviation."""
     version = wire.get("x402Version") if isinstance(wire, dict) else None
-    if version != header_version or isinstance(version, bool):
+    if type(version) is not int or version != header_version:
         raise _Invalid(f"x402Version must be {header_version} in this header")
     if version == 2:
         top = _keys(wire, {"x402Version", "accepted", "payload"}, frozenset({"resource", "extensions"}))

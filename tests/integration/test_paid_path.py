@@ -309,6 +309,8 @@ def test_oversized_and_malformed_bodies_are_4xx_json(proxy: Proxy, standin) -> N
     assert big.status_code == 413 and big.json()["error"]["code"]
     dup = requests.post(proxy.url + "/v1/chat/completions", data=b'{"model":"a","model":"b"}', timeout=10)
     assert dup.status_code == 400 and dup.json()["error"]["code"] == "invalid_json"
+    deep = requests.post(proxy.url + "/v1/chat/completions", data=b"[" * 100_000, timeout=10)
+    assert deep.status_code == 400 and deep.json()["error"]["code"] == "invalid_json"  # not a crashed worker
     junk = proxy.post(headers={"PAYMENT-SIGNATURE": "not base64!"})
     assert junk.status_code == 402 and junk.json()["error"] == "invalid_payload"
     assert standin.received == []

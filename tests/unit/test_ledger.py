@@ -1,0 +1,370 @@
+"""Payment states in Redis (Lua scripts run by fakeredis + lupa), relayer nonces, keyspace and migrations."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import fakeredis
+import pytest
+
+from app import ledger as ledger_module
+from app import migrate as migrate_module
+from app.ledger import (
+    KEYSPACE_KEY,
+    KEYSPACE_VERSION,
+    LEDGER_STREAM,
+    RETENTION_SECONDS,
+    TERMINAL_EVENTS,
+    Claim,
+    Ledger,
+    check_keyspace,
+    keyspace_version,
+    payment_key,
+    relayer_nonce_key,
+)
+from app.settings import SettingsError
+
+PAYER = "0x" + "ab" * 20
+ASSET = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
+RELAYER = "0x" + "CD" * 20
+NONCE = bytes(range(32))
+KEY = payment_key(8453, ASSET, PAYER, NONCE)
+PROMPT = "the launch codes are 0000"
+
+
+@pytest.fixture
+def client() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+
+
+@pytest.fixture
+def ledger(client: fakeredis.FakeRedis) -> Ledger:
+    return Ledger(client)
+
+
+def claim(ledger: Ledger, key: str = KEY, valid_before: int | None = None) -> Claim:
+    valid_before = int(time.time()) + 120 if valid_before is None else valid_before
+    return ledger.claim(key, valid_before, PAYER, 10_000, "hermes-3-8b-tee", "eip155:8453")
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+def test_payment_key_is_normalised_and_hash_tagged() -> None:
+    upper = payment_key(8453, ASSET.upper().replace("0X", "0x"), PAYER.upper().replace("0X", "0x"), NONCE)
+    assert upper == KEY
+    assert f"x402:{{auth:8453:{ASSET.lower()}:{PAYER}:0x{NONCE.hex()}}}" == KEY
+    assert payment_key(84532, ASSET, PAYER, NONCE) != KEY
+    assert payment_key(8453, ASSET, PAYER, bytes(32)) != KEY
+    assert relayer_nonce_key(8453, RELAYER) == relayer_nonce_key(8453, RELAYER.lower())
+    assert relayer_nonce_key(8453, RELAYER) != relayer_nonce_key(84532, RELAYER)
+
+
+# -- claims and transitions ------------------------------------------------------------------------
+
+
+def test_claim_is_granted_once(ledger: Ledger) -> None:
+    assert claim(ledger) == Claim("claimed", "claimed", "")
+    assert claim(ledger) == Claim("taken", "claimed", "")
+    record = ledger.get(KEY)
+    assert record["state"] == "claimed"
+    assert (record["payer"], record["amount"], record["model"], record["network"]) == (
+        PAYER,
+        "10000",
+        "hermes-3-8b-tee",
+        "eip155:8453",
+    )
+    assert record["tx"] == ""
+    assert int(record["created"]) == int(record["updated"]) > 0
+
+
+def test_claims_of_distinct_payments_are_independent(ledger: Ledger) -> None:
+    other = payment_key(8453, ASSET, PAYER, bytes(32))
+    assert claim(ledger).outcome == "claimed"
+    assert claim(ledger, other).outcome == "claimed"
+
+
+def test_taken_reports_state_and_tx(ledger: Ledger) -> None:
+    claim(ledger)
+    assert ledger.transition(KEY, ("claimed",), "settling", tx="0xfeed")
+    assert claim(ledger) == Claim("taken", "settling", "0xfeed")
+    assert ledger.transition(KEY, ("settling",), "pending")
+    assert claim(ledger) == Claim("taken", "pending", "0xfeed")
+
+
+def test_released_payment_can_be_claimed_again(ledger: Ledger) -> None:
+    claim(ledger)
+    assert ledger.transition(KEY, ("claimed",), "released")
+    assert ledger.get(KEY)["state"] == "released"
+    assert claim(ledger) == Claim("claimed", "claimed", "")
+    assert claim(ledger).outcome == "taken"
+
+
+def test_transition_only_from_allowed_states(ledger: Ledger) -> None:
+    claim(ledger)
+    assert not ledger.transition(KEY, ("settled",), "served")
+    assert not ledger.transition(KEY, ("settling", "pending"), "settled", tx="0x1")
+    record = ledger.get(KEY)
+    assert record["state"] == "claimed"
+    assert record["tx"] == ""  # fields are not written on a refused transition
+    assert ledger.transition(KEY, ("settling", "claimed"), "settling")
+    assert ledger.get(KEY)["state"] == "settling"
+
+
+def test_transition_does_not_match_state_substrings(ledger: Ledger) -> None:
+    claim(ledger)
+    assert not ledger.transition(KEY, ("claim", "laimed"), "settling")
+    assert not ledger.transition(KEY, ("unclaimed",), "settling")
+    assert ledger.get(KEY)["state"] == "claimed"
+
+
+def test_transition_of_unknown_payment_creates_nothing(ledger: Ledger, client: fakeredis.FakeRedis) -> None:
+    assert not ledger.transition(KEY, ("claimed",), "settling")
+    assert not client.exists(KEY)
+    assert ledger.events() == []
+
+
+def test_transition_writes_fields(ledger: Ledger) -> None:
+    claim(ledger)
+    assert ledger.transition(KEY, ("claimed",), "settling", tx="0x" + "aa" * 32, reason="x")
+    record = ledger.get(KEY)
+    assert (record["state"], record["tx"], record["reason"]) == ("settling", "0x" + "aa" * 32, "x")
+
+
+LEDGER_FIELDS = {"event", "key", "payer", "amount", "model", "network", "tx"}
+
+
+def test_terminal_transitions_append_to_the_ledger(ledger: Ledger) -> None:
+    assert frozenset({"settled", "served", "redeemable", "failed"}) == TERMINAL_EVENTS
+    claim(ledger)
+    assert ledger.transition(KEY, ("claimed",), "settling", tx="0xabc")
+    assert ledger.events() == []  # settling is not terminal
+    assert ledger.transition(KEY, ("settling",), "settled")
+    assert ledger.transition(KEY, ("settled",), "redeemable")
+    events = ledger.events()
+    assert [e["event"] for e in events] == ["redeemable", "settled"]  # newest first
+    for entry in events:
+        assert set(entry) == LEDGER_FIELDS
+        assert entry == {
+            "event": entry["event"],
+            "key": KEY,
+            "payer": PAYER,
+            "amount": "10000",
+            "model": "hermes-3-8b-tee",
+            "network": "eip155:8453",
+            "tx": "0xabc",
+        }
+
+
+@pytest.mark.parametrize("state", ["released", "settling", "pending"])
+def test_non_terminal_transitions_do_not_append(ledger: Ledger, state: str) -> None:
+    claim(ledger)
+    assert ledger.transition(KEY, ("claimed",), state)
+    assert ledger.events() == []
+
+
+def test_failed_and_served_are_recorded(ledger: Ledger, client: fakeredis.FakeRedis) -> None:
+    other = payment_key(8453, ASSET, PAYER, bytes(32))
+    claim(ledger)
+    claim(ledger, other)
+    assert ledger.transition(KEY, ("claimed",), "failed", reason="transaction_failed")
+    assert ledger.transition(other, ("claimed",), "settled", tx="0x1")
+    assert ledger.transition(other, ("settled",), "served")
+    assert [e["event"] for e in ledger.events()] == ["served", "settled", "failed"]
+    assert client.xlen(LEDGER_STREAM) == 3
+
+
+def test_nothing_stored_holds_the_prompt(ledger: Ledger, client: fakeredis.FakeRedis) -> None:
+    """The ledger API takes no prompt; nothing written anywhere in Redis carries request content."""
+    claim(ledger)
+    ledger.transition(KEY, ("claimed",), "settled", tx="0x1")
+    ledger.transition(KEY, ("settled",), "served")
+    assert set(ledger.get(KEY)) <= {
+        "state",
+        "payer",
+        "amount",
+        "model",
+        "network",
+        "tx",
+        "created",
+        "updated",
+    }
+    dump = b"".join(
+        b"".join(k + v for k, v in client.hgetall(key).items()) if client.type(key) == b"hash" else key
+        for key in client.keys("*")
+    )
+    stream = b"".join(k + v for _id, fields in client.xrange(LEDGER_STREAM) for k, v in fields.items())
+    assert PROMPT.encode() not in dump + stream
+    assert b"messages" not in dump + stream
+
+
+def test_redeemable_payment_is_redeemed_once(ledger: Ledger) -> None:
+    claim(ledger)
+    ledger.transition(KEY, ("claimed",), "settling", tx="0xabc")
+    ledger.transition(KEY, ("settling",), "settled")
+    ledger.transition(KEY, ("settled",), "redeemable")
+    assert claim(ledger) == Claim("redeem", "settled", "0xabc")
+    assert ledger.get(KEY)["state"] == "settled"
+    assert claim(ledger) == Claim("taken", "settled", "0xabc")
+    # the retry is served: redeemable again only if it fails again
+    assert ledger.transition(KEY, ("settled",), "served")
+    assert claim(ledger) == Claim("taken", "served", "0xabc")
+
+
+def test_claim_ttl_covers_validity_and_retention(ledger: Ledger, client: fakeredis.FakeRedis) -> None:
+    now = int(time.time())
+    claim(ledger, valid_before=now + 3600)
+    ttl = client.ttl(KEY)
+    assert 3600 + RETENTION_SECONDS - 5 <= ttl <= 3600 + RETENTION_SECONDS
+    assert ttl >= 3600  # at least validBefore - now
+
+
+def test_claim_ttl_for_expired_authorization_is_retention(
+    ledger: Ledger, client: fakeredis.FakeRedis
+) -> None:
+    claim(ledger, valid_before=0)
+    assert RETENTION_SECONDS - 5 <= client.ttl(KEY) <= RETENTION_SECONDS
+
+
+def test_taken_claim_does_not_reset_ttl(ledger: Ledger, client: fakeredis.FakeRedis) -> None:
+    claim(ledger, valid_before=int(time.time()) + 100)
+    client.expire(KEY, 50)
+    claim(ledger, valid_before=int(time.time()) + 10_000)
+    assert client.ttl(KEY) <= 50
+
+
+# -- relayer nonces ----------------------------------------------------------------------------------
+
+
+def test_relayer_nonces_are_consecutive_and_distinct(ledger: Ledger) -> None:
+    handed = [ledger.reserve_relayer_nonce(8453, RELAYER, 5) for _ in range(5)]
+    assert handed == [5, 6, 7, 8, 9]
+
+
+def test_relayer_nonce_jumps_to_a_higher_chain_nonce(ledger: Ledger) -> None:
+    assert ledger.reserve_relayer_nonce(8453, RELAYER, 0) == 0
+    assert ledger.reserve_relayer_nonce(8453, RELAYER, 0) == 1
+    assert ledger.reserve_relayer_nonce(8453, RELAYER, 40) == 40
+    assert ledger.reserve_relayer_nonce(8453, RELAYER, 3) == 41  # a lagging node never rewinds it
+
+
+def test_relayer_nonces_are_per_chain_and_relayer(ledger: Ledger) -> None:
+    assert ledger.reserve_relayer_nonce(8453, RELAYER, 7) == 7
+    assert ledger.reserve_relayer_nonce(84532, RELAYER, 0) == 0
+    assert ledger.reserve_relayer_nonce(8453, "0x" + "ef" * 20, 2) == 2
+    assert ledger.reserve_relayer_nonce(8453, RELAYER.lower(), 0) == 8
+
+
+def test_resync_restarts_from_the_chain(ledger: Ledger) -> None:
+    for _ in range(3):
+        ledger.reserve_relayer_nonce(8453, RELAYER, 10)
+    ledger.resync_relayer_nonce(8453, RELAYER, 11)
+    assert ledger.reserve_relayer_nonce(8453, RELAYER, 0) == 11
+
+
+# -- keyspace version ----------------------------------------------------------------------------------
+
+
+def test_check_keyspace_stamps_an_empty_keyspace(client: fakeredis.FakeRedis) -> None:
+    assert keyspace_version(client) is None
+    check_keyspace(client)
+    assert keyspace_version(client) == KEYSPACE_VERSION
+    check_keyspace(client)  # and accepts it afterwards
+
+
+def test_check_keyspace_ignores_foreign_keys(client: fakeredis.FakeRedis) -> None:
+    client.set("someone-else:key", 1)
+    check_keyspace(client)
+    assert keyspace_version(client) == KEYSPACE_VERSION
+
+
+def test_check_keyspace_refuses_unversioned_payment_keys(client: fakeredis.FakeRedis, ledger: Ledger) -> None:
+    claim(ledger)
+    with pytest.raises(SettingsError) as info:
+        check_keyspace(client)
+    assert info.value.variable == "REDIS_URL"
+    assert "x402-proxy migrate" in str(info.value)
+    assert keyspace_version(client) is None  # not stamped over old data
+
+
+def test_check_keyspace_refuses_an_older_version(client: fakeredis.FakeRedis) -> None:
+    client.set(KEYSPACE_KEY, KEYSPACE_VERSION - 1)
+    with pytest.raises(SettingsError, match="x402-proxy migrate"):
+        check_keyspace(client)
+
+
+def test_check_keyspace_refuses_a_newer_version(client: fakeredis.FakeRedis) -> None:
+    client.set(KEYSPACE_KEY, KEYSPACE_VERSION + 1)
+    with pytest.raises(SettingsError, match="newer") as info:
+        check_keyspace(client)
+    assert info.value.variable == "REDIS_URL"
+    assert keyspace_version(client) == KEYSPACE_VERSION + 1
+
+
+# -- migrations ----------------------------------------------------------------------------------------
+
+
+def test_discover_finds_the_initial_migration() -> None:
+    found = migrate_module.discover()
+    assert found[0].number == 1
+    assert found[0].name == "initial"
+    assert found[0].path.name == "0001_initial.py"
+    assert [m.number for m in found] == sorted({m.number for m in found})
+
+
+def test_latest_migration_is_the_keyspace_version() -> None:
+    assert max(m.number for m in migrate_module.discover()) == ledger_module.KEYSPACE_VERSION
+
+
+def test_every_migration_has_up() -> None:
+    for migration in migrate_module.discover():
+        assert callable(migration.load().up)
+
+
+def test_migrate_old_keyspace(client: fakeredis.FakeRedis, ledger: Ledger) -> None:
+    claim(ledger)
+    before = ledger.get(KEY)
+    applied = migrate_module.migrate(client)
+    assert [m.number for m in applied] == [1]
+    assert keyspace_version(client) == KEYSPACE_VERSION
+    assert ledger.get(KEY) == before  # 0001 rewrites nothing
+    check_keyspace(client)  # the proxy now starts
+
+
+def test_migrate_dry_run_changes_nothing(client: fakeredis.FakeRedis, ledger: Ledger) -> None:
+    claim(ledger)
+    listed = migrate_module.migrate(client, dry_run=True)
+    assert [m.number for m in listed] == [1]
+    assert keyspace_version(client) is None
+    with pytest.raises(SettingsError):
+        check_keyspace(client)
+
+
+def test_second_migrate_applies_nothing(client: fakeredis.FakeRedis) -> None:
+    assert [m.number for m in migrate_module.migrate(client)] == [1]
+    assert migrate_module.migrate(client) == []
+    assert migrate_module.pending(client) == []
+    assert keyspace_version(client) == KEYSPACE_VERSION
+
+
+def test_migrate_on_current_keyspace_is_a_no_op(client: fakeredis.FakeRedis) -> None:
+    check_keyspace(client)
+    assert migrate_module.migrate(client) == []
+
+
+def test_interrupted_migration_resumes(client: fakeredis.FakeRedis, tmp_path: Path) -> None:
+    (tmp_path / "0001_first.py").write_text("def up(client):\n    client.set('m1', 1)\n")
+    (tmp_path / "0002_breaks.py").write_text("def up(client):\n    raise RuntimeError('boom')\n")
+    (tmp_path / "0003_later.py").write_text("def up(client):\n    client.set('m3', 1)\n")
+    (tmp_path / "notes.txt").write_text("ignored")
+    (tmp_path / "4_bad_name.py").write_text("ignored")
+    assert [m.number for m in migrate_module.discover(tmp_path)] == [1, 2, 3]
+    with pytest.raises(RuntimeError, match="boom"):
+        migrate_module.migrate(client, directory=tmp_path)
+    assert keyspace_version(client) == 1  # recorded after 0001 only
+    assert client.get("m3") is None
+    (tmp_path / "0002_breaks.py").write_text("def up(client):\n    client.set('m2', 1)\n")
+    assert [m.number for m in migrate_module.migrate(client, directory=tmp_path)] == [2, 3]
+    assert keyspace_version(client) == 3
+    assert client.get("m2") == b"1" and client.get("m3") == b"1"
