@@ -38,7 +38,7 @@ def _paid_headers(paid: Paid, answer: UpstreamAnswer) -> dict[str, str]:
     name, value = paid.response_header
     headers = dict(answer.headers)
     headers.update(
-        {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Cache-Control": "no-store"}
+        {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Cache-Control": "no-store, private"}
     )
     return headers
 
