@@ -11,6 +11,10 @@ bind = os.environ.get("X402_BIND", "0.0.0.0:8402")
 workers = int(os.environ.get("X402_WORKERS", str(max(2, multiprocessing.cpu_count()))))
 worker_class = "gthread"
 threads = int(os.environ.get("X402_THREADS", "8"))
+# Build the app once in the master: start-up checks (RPC chain id, token domain, Redis, keyspace)
+# then fail before any worker forks, with our one-line reason and no respawn loop. Everything
+# that holds connections (RPC and upstream sessions, the settlement pool) is created per process.
+preload_app = True
 timeout = 180  # longer than the slowest settlement plus model call
 graceful_timeout = 30
 keepalive = 5

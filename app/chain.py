@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,10 @@ from .x402.wire import Authorization
 
 ASSET_PAUSED = "asset_paused"
 TRANSFER_TOPIC = keccak(b"Transfer(address,address,uint256)")
+AUTHORIZATION_USED_TOPIC = keccak(b"AuthorizationUsed(address,bytes32)")
+# How far back to look for someone else's use of an authorization: authorizations live minutes,
+# and RPC providers refuse very wide log ranges.
+LOG_LOOKBACK_BLOCKS = 5_000
 
 
 def selector(signature: str) -> bytes:
@@ -63,11 +68,28 @@ class RpcError:
 
 
 class RpcClient:
-    """JSON-RPC over HTTP with batching and in-order failover. Fork-safe: one session per process."""
+    """JSON-RPC over HTTP with batching and in-order failover. Fork-safe: one session per process.
 
-    def __init__(self, urls: tuple[str, ...], timeout: float = 10.0) -> None:
+    With ``chain_id`` set, every batch also carries ``eth_chainId`` and ``eth_blockNumber`` (same
+    round trip): an endpoint on another chain, or lagging more than ``lag_tolerance`` blocks behind
+    the highest block seen, is benched for a while like one that does not answer.
+    """
+
+    BENCH_SECONDS = 5.0
+
+    def __init__(
+        self,
+        urls: tuple[str, ...],
+        timeout: float = 10.0,
+        chain_id: int | None = None,
+        lag_tolerance: int = 5,
+    ) -> None:
         self.urls = urls
         self.timeout = timeout
+        self.chain_id = chain_id
+        self.lag_tolerance = lag_tolerance
+        self.highest_block = 0
+        self._benched: dict[str, float] = {}
         self._ids = itertools.count(1)
         self._local = threading.local()
 
@@ -75,26 +97,54 @@ class RpcClient:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None or getattr(self._local, "pid", None) != os.getpid():
             session = requests.Session()
+            session.trust_env = False
             self._local.session, self._local.pid = session, os.getpid()
         return session
 
+    def _in_order(self) -> list[str]:
+        """Configured order, benched endpoints last (still tried when nothing else answers)."""
+        now = time.monotonic()
+        return sorted(self.urls, key=lambda url: self._benched.get(url, 0.0) > now)
+
+    def _bench(self, url: str) -> None:
+        self._benched[url] = time.monotonic() + self.BENCH_SECONDS
+
+    def _checked(self, url: str, answers: list[Any]) -> list[Any] | None:
+        """Strip the guard answers; None when the endpoint is on the wrong chain or lagging."""
+        if self.chain_id is None:
+            return answers
+        chain_id, block = answers[0], answers[1]
+        if isinstance(chain_id, RpcError) or isinstance(block, RpcError) or _uint(chain_id) != self.chain_id:
+            return None
+        if _uint(block) + self.lag_tolerance < self.highest_block:
+            return None
+        self.highest_block = max(self.highest_block, _uint(block))
+        return answers[2:]
+
     def batch(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
         """Run calls in one HTTP request; each answer is its result or an ``RpcError``."""
-        ids = [next(self._ids) for _ in calls]
+        guard = [("eth_chainId", []), ("eth_blockNumber", [])] if self.chain_id is not None else []
+        ids = [next(self._ids) for _ in guard + calls]
         body = [
             {"jsonrpc": "2.0", "id": i, "method": m, "params": p}
-            for i, (m, p) in zip(ids, calls, strict=True)
+            for i, (m, p) in zip(ids, guard + calls, strict=True)
         ]
         last_error = "no RPC URL configured"
-        for url in self.urls:
+        for url in self._in_order():
             try:
                 response = self._session().post(url, json=body, timeout=self.timeout)
                 response.raise_for_status()
-                answers = response.json()
-                by_id = {a["id"]: a for a in answers}
-                return [_result(by_id[i]) for i in ids]
-            except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
-                last_error = f"{url}: {type(exc).__name__}"
+                by_id = {a["id"]: a for a in response.json()}
+                answers = self._checked(url, [_result(by_id[i]) for i in ids])
+            except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as exc:
+                last_error, answers = f"{url}: {type(exc).__name__}", None
+            else:
+                if answers is None:
+                    last_error = f"{url}: wrong chain or lagging"
+            if answers is not None:
+                self._benched.pop(url, None)
+                return answers
+            self._bench(url)
         raise ChainUnavailable(last_error)
 
     def call(self, method: str, params: list[Any]) -> Any:
@@ -172,7 +222,7 @@ class Chain:
     def __init__(self, settings: Settings, rpc: RpcClient | None = None) -> None:
         self.settings = settings
         self.asset = settings.asset
-        self.rpc = rpc or RpcClient(settings.rpc_urls)
+        self.rpc = rpc or RpcClient(settings.rpc_urls, chain_id=settings.network.chain_id)
 
     def preflight(self, auth: Authorization, signature: bytes, ecdsa_signer: bool, relayer: str) -> Preflight:
         """Verify the payment against chain state (PROTOCOL.md §4 steps 8–10) in one round trip."""
@@ -223,6 +273,26 @@ class Chain:
             gas_price=_uint(gas_price),
             priority_fee=0 if isinstance(priority, RpcError) else _uint(priority),
         )
+
+    def find_settlement(self, auth: Authorization) -> str | None:
+        """The hash of a transaction (anyone's) that used this authorization *and* moved exactly
+        its value from ``from`` to ``to``, or None. This is how a payment preempted by another
+        submitter (or our own earlier send) is recognised as paid."""
+        start = max(0, self.rpc.highest_block - LOG_LOOKBACK_BLOCKS)
+        topics = [
+            "0x" + AUTHORIZATION_USED_TOPIC.hex(),
+            "0x" + bytes(12).hex() + auth.from_[2:],
+            "0x" + auth.nonce.hex(),
+        ]
+        logs = self.rpc.call(
+            "eth_getLogs", [{"address": self.asset, "topics": topics, "fromBlock": hex(start)}]
+        )
+        for log in logs or []:
+            tx_hash = str(log.get("transactionHash", ""))
+            receipt = self.receipt(tx_hash)
+            if receipt is not None and transfer_logged(receipt, self.asset, auth):
+                return tx_hash
+        return None
 
     def send_raw_transaction(self, raw: bytes) -> Any:
         """The node's answer: the tx hash, or an ``RpcError`` it returned."""

@@ -9,14 +9,17 @@ was), and otherwise raises ``PaymentRequired`` (402, the challenge with a reason
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from flask import Flask, Response, current_app, jsonify
 
 from .catalog import Catalog, Quote
-from .chain import ASSET_PAUSED, Chain, ChainUnavailable, transfer_logged
+from .chain import ASSET_PAUSED, Chain, ChainUnavailable, Preflight, RpcFailure, transfer_logged
 from .errors import ApiError
 from .ledger import Ledger, payment_key
 from .settings import Settings
@@ -28,6 +31,7 @@ from .x402.wire import (
     RESPONSE_HEADERS,
     V1_HEADER,
     V2_HEADER,
+    Authorization,
     PaymentPayload,
     Requirement,
     SettleResponse,
@@ -37,6 +41,7 @@ from .x402.wire import (
 log = logging.getLogger("x402.gate")
 
 RETRY_AFTER_PENDING = "5"
+SETTLEMENT_THREADS = 32
 
 
 class PaymentRequired(Exception):
@@ -61,15 +66,41 @@ class Paid:
     redeemed: bool = False
 
 
+class Ticket:
+    """A verified, claimed payment whose settlement is under way or done. ``result()`` gives the
+    ``Paid`` once the receipt is confirmed, or raises ``PaymentRequired`` / ``ApiError``."""
+
+    def __init__(self, future: Future[Paid] | None = None, paid: Paid | None = None) -> None:
+        self._future = future
+        self._paid = paid
+
+    def result(self) -> Paid:
+        if self._paid is None:
+            assert self._future is not None
+            self._paid = self._future.result()
+        return self._paid
+
+
 class Gate:
     def __init__(
         self, settings: Settings, catalog: Catalog, ledger: Ledger, chain: Chain, settler: LocalSettler
-    ):
+    ) -> None:
         self.settings = settings
         self.catalog = catalog
         self.ledger = ledger
         self.chain = chain
         self.settler = settler
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+        self._pool_lock = threading.Lock()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """One settlement pool per process (gunicorn may fork workers after the app is built)."""
+        with self._pool_lock:
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool = ThreadPoolExecutor(SETTLEMENT_THREADS, thread_name_prefix="x402-settle")
+                self._pool_pid = os.getpid()
+            return self._pool
 
     def requirement(self, quote: Quote) -> Requirement:
         s = self.settings
@@ -102,7 +133,12 @@ class Gate:
         return RESPONSE_HEADERS[version], SettleResponse(success, tx_hash, network, payer, reason).to_header()
 
     def charge(self, quote: Quote, headers: Mapping[str, str]) -> Paid:
-        """Take payment for one quoted call, or raise ``PaymentRequired`` / ``ApiError``."""
+        """Take payment for one quoted call and wait for it to settle."""
+        return self.begin(quote, headers).result()
+
+    def begin(self, quote: Quote, headers: Mapping[str, str]) -> Ticket:
+        """Verify and claim the payment for one quoted call, then start settling it in the
+        background; raise ``PaymentRequired`` / ``ApiError`` when it is refused up front."""
         header, version = _payment_header(headers)
         if header is None:
             raise PaymentRequired(reject(PAYMENT_REQUIRED, "send PAYMENT-SIGNATURE (v2) or X-PAYMENT (v1)"))
@@ -128,28 +164,42 @@ class Gate:
                 503, "ledger_unavailable", "payment ledger unavailable; nothing was charged"
             ) from exc
         if claim.outcome == "redeem":
-            return Paid(
-                quote,
-                key,
-                auth.from_,
-                claim.tx,
-                self.settle_header(version, True, claim.tx, auth.from_),
-                True,
-            )
+            header = self.settle_header(version, True, claim.tx, auth.from_)
+            return Ticket(paid=Paid(quote, key, auth.from_, claim.tx, header, True))
         if claim.outcome == "taken":
-            return self._already_claimed(quote, parsed, key, claim.state, claim.tx, version)
-        return self._verify_and_settle(quote, parsed, offline.signature, offline.ecdsa_signer, key, version)
+            return Ticket(paid=self._already_claimed(quote, parsed, key, claim.state, claim.tx, version))
+        preflight = self._preflight(auth, offline.signature, offline.ecdsa_signer, key)
+        if preflight is None:  # already used on chain, and it paid us: settled under our claim
+            tx = self.ledger.get(key).get("tx", "")
+            return Ticket(
+                paid=Paid(quote, key, auth.from_, tx, self.settle_header(version, True, tx, auth.from_))
+            )
+        return Ticket(self._executor().submit(self._settle, quote, auth, preflight, key, version))
 
-    def _verify_and_settle(
-        self,
-        quote: Quote,
-        payment: PaymentPayload,
-        signature: bytes,
-        ecdsa_signer: bool,
-        key: str,
-        version: int,
+    def _preflight(
+        self, auth: Authorization, signature: bytes, ecdsa_signer: bool, key: str
+    ) -> Preflight | None:
+        """Chain checks under our claim. Returns None when the authorization was already submitted by
+        someone else and moved the money to us (the claim is then marked settled with their tx)."""
+        try:
+            preflight = self.chain.preflight(auth, signature, ecdsa_signer, self.settler.address)
+            used_by = self.chain.find_settlement(auth) if preflight.verdict.reason == NONCE_USED else None
+        except (ChainUnavailable, RpcFailure) as exc:
+            self._forget_or_keep(key, sent=False)
+            raise ApiError(503, "rpc_unavailable", "no RPC endpoint answers; nothing was charged") from exc
+        if used_by is not None and self.ledger.transition(key, ("claimed",), "settled", tx=used_by):
+            return None
+        if not preflight.verdict:
+            self.ledger.transition(key, ("claimed",), "released")
+            if preflight.verdict.reason == ASSET_PAUSED:
+                raise ApiError(503, ASSET_PAUSED, preflight.verdict.detail)
+            raise PaymentRequired(preflight.verdict)
+        return preflight
+
+    def _settle(
+        self, quote: Quote, auth: Authorization, preflight: Preflight, key: str, version: int
     ) -> Paid:
-        auth = payment.authorization
+        """Send and confirm the settlement (runs in the settlement pool, beside the model call)."""
         sent = False
 
         def record_signed(tx_hash: str) -> None:
@@ -159,14 +209,8 @@ class Gate:
             sent = True
 
         try:
-            preflight = self.chain.preflight(auth, signature, ecdsa_signer, self.settler.address)
-            if not preflight.verdict:
-                self.ledger.transition(key, ("claimed",), "released")
-                if preflight.verdict.reason == ASSET_PAUSED:
-                    raise ApiError(503, ASSET_PAUSED, preflight.verdict.detail)
-                raise PaymentRequired(preflight.verdict)
             settlement = self.settler.settle(auth, preflight, record_signed)
-        except (PaymentRequired, ApiError):
+        except ApiError:
             raise
         except ChainUnavailable as exc:
             self._forget_or_keep(key, sent)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
-from .catalog import QuoteError, get_catalog
+from .catalog import Quote, QuoteError, get_catalog
 from .errors import ApiError, json_error
 from .gate import Gate, Paid, PaymentRequired, get_gate
 from .upstream import UpstreamAnswer, UpstreamFailed, get_upstream
@@ -63,35 +63,51 @@ def _paid_call(route: str) -> Response:
     except QuoteError as exc:
         raise ApiError(exc.status, exc.code, str(exc)) from None
     try:
-        paid = gate.charge(quote, request.headers)
+        return _serve(gate, route, quote)
     except PaymentRequired as refusal:
         extra = dict([refusal.settle_response]) if refusal.settle_response else {}
         return gate.challenge(quote, _resource_url(), refusal.verdict.reason, extra)
 
+
+def _serve(gate: Gate, route: str, quote: Quote) -> Response:
+    """Settlement and the model call run side by side (unless ``X402_SETTLE_FIRST``); the answer is
+    released only once the payment is confirmed. A settlement that fails discards the answer."""
+    ticket = gate.begin(quote, request.headers)
+    if gate.settings.settle_first:
+        ticket.result()
+    streaming = quote.body.get("stream") is True
     try:
         answer = get_upstream().forward(route, quote.body, quote.model.upstream_url)
+        streaming = streaming and answer.status < 400  # an error answer is read whole, like JSON
+        content = b"" if streaming else answer.read()
     except UpstreamFailed:
+        paid = ticket.result()  # a failed settlement raises here: 402, nothing charged, nothing served
         gate.redeemable(paid)
-        name, value = paid.response_header
-        return json_error(
-            502,
-            "upstream_unavailable",
-            "the model host failed after your payment settled; retry the same payment header to be served",
-            {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS},
-        )
+        return _upstream_failed(paid)
+    try:
+        paid = ticket.result()
+    except BaseException:
+        answer.close()
+        raise
     headers = _paid_headers(paid, answer)
-    if quote.body.get("stream") is True:
+    if streaming:
         headers["X-Accel-Buffering"] = "no"
         return Response(_relay_stream(gate, paid, answer), status=answer.status, headers=headers)
-    try:
-        content = answer.read()
-    except UpstreamFailed:
-        gate.redeemable(paid)
-        return json_error(
-            502, "upstream_unavailable", "the model host cut its answer short; retry the same header"
-        )
-    gate.served(paid)
+    if answer.status < 400:
+        gate.served(paid)
+    else:
+        gate.redeemable(paid)  # the host refused the call: the payment can still buy one
     return Response(content, status=answer.status, headers=headers)
+
+
+def _upstream_failed(paid: Paid) -> Response:
+    name, value = paid.response_header
+    return json_error(
+        502,
+        "upstream_unavailable",
+        "the model host failed after your payment settled; retry the same payment header to be served",
+        {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Retry-After": "1"},
+    )
 
 
 @bp.post("/v1/chat/completions")

@@ -72,6 +72,7 @@ class Settings:
     max_timeout_seconds: int = 120
     max_body_bytes: int = 1_000_000
     tee_only: bool = True
+    settle_first: bool = False
     # Tests and the devnet pass their own Redis client (fakeredis or a prepared pool).
     redis_client: object | None = field(default=None, repr=False, compare=False)
 
@@ -148,6 +149,7 @@ class Settings:
             ),
             max_body_bytes=int(_number("X402_MAX_BODY_BYTES", get("X402_MAX_BODY_BYTES", "1000000"))),
             tee_only=_flag("X402_TEE_ONLY", get("X402_TEE_ONLY", "1")),
+            settle_first=_flag("X402_SETTLE_FIRST", get("X402_SETTLE_FIRST", "0")),
         )
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from eth_account import Account
 from flask import Flask, current_app
 
-from .chain import Chain, ChainUnavailable, Preflight, RpcError, transfer_logged
+from .chain import Chain, ChainUnavailable, Preflight, RpcError, RpcFailure, transfer_logged
 from .ledger import Ledger
 from .settings import Settings
 from .x402.verdict import SETTLEMENT_PENDING, TRANSACTION_FAILED
@@ -92,11 +92,22 @@ class LocalSettler:
             if receipt is not None:
                 if transfer_logged(receipt, self.chain.asset, auth):
                     return Settlement(SETTLED, tx_hash)
-                return Settlement(FAILED, tx_hash, TRANSACTION_FAILED)
+                return self._preempted_or_failed(auth, tx_hash)
             if time.monotonic() >= deadline:
                 return Settlement(PENDING, tx_hash, SETTLEMENT_PENDING)
             time.sleep(pause)
             pause = min(pause * 2, 0.25)
+
+    def _preempted_or_failed(self, auth: Authorization, tx_hash: str) -> Settlement:
+        """Our transaction did not move the money. If someone else's did (they submitted the same
+        authorization first), the payment is settled all the same, by their transaction."""
+        try:
+            other = self.chain.find_settlement(auth)
+        except (ChainUnavailable, RpcFailure):
+            return Settlement(PENDING, tx_hash, SETTLEMENT_PENDING)  # decided later from chain state
+        if other is not None:
+            return Settlement(SETTLED, other)
+        return Settlement(FAILED, tx_hash, TRANSACTION_FAILED)
 
     def _resync_nonce(self) -> None:
         try:

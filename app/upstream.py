@@ -45,6 +45,10 @@ class UpstreamAnswer:
     def read(self) -> bytes:
         return b"".join(self.chunks())
 
+    def close(self) -> None:
+        """Drop the answer unread (its payment did not settle)."""
+        self.response.close()
+
 
 class Upstream:
     def __init__(self, settings: Settings) -> None:

@@ -254,11 +254,51 @@ def test_payer_without_funds_is_refused_and_may_pay_once_funded(proxy: Proxy, st
     assert len(standin.received) == 1
 
 
-def test_authorization_already_used_on_chain_is_refused(proxy: Proxy, standin) -> None:
+def test_payment_submitted_first_by_someone_else_is_served_once(proxy: Proxy, standin) -> None:
+    """Preemption: anyone can submit a signed authorization. If it paid us, we serve it, once."""
     from app.chain import transfer_calldata
 
     payment = proxy.payment(proxy.requirement())
     proxy.chain.transact(proxy.chain.token, transfer_calldata(payment.authorization, payment.signature, True))
+    balances = proxy.balances()
+    response = proxy.pay(payment)
+    assert response.status_code == 200, response.text
+    assert settle_response(response)["success"] is True
+    assert proxy.balances() == balances  # the money moved once, by the other submitter's transaction
+    assert proxy.pay(payment).status_code == 402
+    assert len(standin.received) == 1
+
+
+def test_canceled_authorization_is_refused(proxy: Proxy, standin) -> None:
+    from eth_account import Account
+
+    from app.devnet import BASE_USDC
+
+    payment = proxy.payment(proxy.requirement())
+    nonce = payment.authorization.nonce
+    typed = {
+        "types": {
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"},
+                {"name": "verifyingContract", "type": "address"},
+            ],
+            "CancelAuthorization": [
+                {"name": "authorizer", "type": "address"},
+                {"name": "nonce", "type": "bytes32"},
+            ],
+        },
+        "primaryType": "CancelAuthorization",
+        "domain": {"name": "USD Coin", "version": "2", "chainId": 8453, "verifyingContract": BASE_USDC},
+        "message": {"authorizer": proxy.wallets.payer, "nonce": nonce},
+    }
+    signed = Account.sign_typed_data(proxy.wallets.payer_key, full_message=typed)
+    proxy.chain.token_call(
+        "cancelAuthorization(address,bytes32,uint8,bytes32,bytes32)",
+        ["address", "bytes32", "uint8", "bytes32", "bytes32"],
+        [proxy.wallets.payer, nonce, signed.v, signed.r.to_bytes(32, "big"), signed.s.to_bytes(32, "big")],
+    )
     balances = proxy.balances()
     response = proxy.pay(payment)
     assert response.status_code == 402
