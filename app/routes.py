@@ -43,13 +43,26 @@ def _paid_headers(paid: Paid, answer: UpstreamAnswer) -> dict[str, str]:
     return headers
 
 
+class StreamCut(RuntimeError):
+    """Raised after the error event so the server breaks the transfer: the client must see it."""
+
+
+STREAM_CUT_EVENT = (
+    b'data: {"error": {"code": "upstream_cut", "message": "the model host cut the stream; '
+    b'retry the same payment header to be served again"}}\n\n'
+)
+
+
 def _relay_stream(gate: Gate, paid: Paid, answer: UpstreamAnswer) -> Iterator[bytes]:
-    """Pass chunks through as they come; the payment is served once the stream ends cleanly."""
+    """Pass chunks through as they come; the payment is served once the stream ends cleanly.
+    A stream the host cuts leaves the payment redeemable, and the client sees both an error event
+    and a broken transfer (no clean end that could pass for a complete answer)."""
     try:
         yield from answer.chunks()
     except UpstreamFailed:
         gate.redeemable(paid)
-        return
+        yield STREAM_CUT_EVENT
+        raise StreamCut("upstream stream cut") from None
     except GeneratorExit:
         gate.served(paid)  # the buyer hung up: what was asked for was being delivered
         raise
