@@ -132,10 +132,6 @@ class Gate:
         network = self.settings.network.caip2 if version == 2 else self.settings.network.v1_name
         return RESPONSE_HEADERS[version], SettleResponse(success, tx_hash, network, payer, reason).to_header()
 
-    def charge(self, quote: Quote, headers: Mapping[str, str]) -> Paid:
-        """Take payment for one quoted call and wait for it to settle."""
-        return self.begin(quote, headers).result()
-
     def begin(self, quote: Quote, headers: Mapping[str, str]) -> Ticket:
         """Verify and claim the payment for one quoted call, then start settling it in the
         background; raise ``PaymentRequired`` / ``ApiError`` when it is refused up front."""

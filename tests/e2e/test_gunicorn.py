@@ -15,7 +15,8 @@ import requests
 
 from app.devnet import DevChain, Service, Wallets, free_port
 from app.standin_model import StandinModel
-from tests.support import Proxy
+from app.x402.codec import encode_header
+from tests.support import CHAT_BODY, Proxy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -48,6 +49,18 @@ def start_gunicorn(env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+def wait_until_up(process: subprocess.Popen[str], url: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:  # the socket is bound before the workers have booted
+            time.sleep(0.1)
+    process.kill()
+    pytest.fail("gunicorn did not come up: " + process.communicate()[1][-2000:])
+
+
 @pytest.fixture
 def gunicorn_proxy(
     anvil: Service,
@@ -61,16 +74,7 @@ def gunicorn_proxy(
     port = free_port()
     process = start_gunicorn(gunicorn_env(anvil, redis_service, wallets, standin.url, port))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/healthz", timeout=1).status_code == 200:
-                break
-        except requests.RequestException:  # the socket is bound before the workers have booted
-            time.sleep(0.1)
-    else:
-        process.kill()
-        pytest.fail("gunicorn did not come up: " + process.communicate()[1][-2000:])
+    wait_until_up(process, url)
     yield Proxy(url, settings, wallets, chain)
     process.terminate()
     process.wait(timeout=20)
@@ -91,6 +95,39 @@ def test_workers_share_one_ledger_each_payment_serves_once(
     assert proxy.balances() == (payer_before - 4 * amount, payee_before + 4 * amount)
     assert len(standin.received) == 4
     assert requests.get(proxy.url + "/readyz", timeout=5).json()["ready"] is True
+
+
+def test_one_header_raced_across_two_gunicorn_instances_is_served_once(
+    gunicorn_proxy: Proxy, anvil: Service, redis_service: Service, wallets: Wallets, standin: StandinModel
+) -> None:
+    """Two gunicorn instances (2 workers each) on one Redis: 16 copies of one payment, one call."""
+    second_port = free_port()
+    second = start_gunicorn(gunicorn_env(anvil, redis_service, wallets, standin.url, second_port))
+    try:
+        second_url = f"http://127.0.0.1:{second_port}"
+        wait_until_up(second, second_url)
+        proxy = gunicorn_proxy
+        payment = proxy.payment(proxy.requirement())
+        header = {"PAYMENT-SIGNATURE": encode_header(payment.to_wire())}
+        payer_before, _ = proxy.balances()
+        urls = [proxy.url, second_url] * 8
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(
+                pool.map(
+                    lambda url: (
+                        requests.post(
+                            url + "/v1/chat/completions", json=CHAT_BODY, headers=header, timeout=60
+                        ).status_code
+                    ),
+                    urls,
+                )
+            )
+        assert sorted(statuses) == [200] + [402] * 15
+        assert len(standin.received) == 1
+        assert proxy.balances()[0] == payer_before - payment.authorization.value  # one Transfer
+    finally:
+        second.terminate()
+        second.wait(timeout=20)
 
 
 def test_misconfigured_gunicorn_exits_with_one_clear_line(
