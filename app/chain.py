@@ -299,8 +299,12 @@ class Chain:
         return self.rpc.batch([("eth_sendRawTransaction", ["0x" + raw.hex()])])[0]
 
     def receipt(self, tx_hash: str) -> dict[str, Any] | None:
-        answer = self.rpc.batch([("eth_getTransactionReceipt", [tx_hash])])[0]
-        return answer if isinstance(answer, dict) else None
+        return self.receipts([tx_hash])[0]
+
+    def receipts(self, tx_hashes: list[str]) -> list[dict[str, Any] | None]:
+        """Receipts of several transactions in one round trip (None where there is none yet)."""
+        answers = self.rpc.batch([("eth_getTransactionReceipt", [h]) for h in tx_hashes])
+        return [a if isinstance(a, dict) else None for a in answers]
 
     def pending_nonce(self, address: str) -> int:
         return _uint(self.rpc.call("eth_getTransactionCount", [address, "pending"]))

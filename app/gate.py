@@ -199,8 +199,10 @@ class Gate:
         sent = False
 
         def record_signed(tx_hash: str) -> None:
+            """Before each broadcast: the first moves the claim to settling, a fee-bumped
+            replacement updates the hash the payment is known by."""
             nonlocal sent
-            if not self.ledger.transition(key, ("claimed",), "settling", tx=tx_hash):
+            if not self.ledger.transition(key, ("claimed", "settling"), "settling", tx=tx_hash):
                 raise ApiError(503, "ledger_conflict", "the payment changed state during settlement")
             sent = True
 
@@ -249,13 +251,20 @@ class Gate:
         """Someone holds this authorization. A pending one may have landed since: look once."""
         payer = payment.authorization.from_
         if state == "pending" and tx:
+            auth = payment.authorization
             try:
                 receipt = self.chain.receipt(tx)
-            except ChainUnavailable:
-                receipt = None
-            if receipt is not None and transfer_logged(receipt, self.chain.asset, payment.authorization):
-                if self.ledger.transition(key, ("pending",), "settled"):
-                    return Paid(quote, key, payer, tx, self.settle_header(version, True, tx, payer))
+                if receipt is not None and transfer_logged(receipt, self.chain.asset, auth):
+                    settled_by: str | None = tx
+                else:  # an earlier version of our transaction, or someone else's, may have paid
+                    settled_by = self.chain.find_settlement(auth)
+            except (ChainUnavailable, RpcFailure):
+                raise self._pending_error(version, tx, payer) from None
+            if settled_by is not None:
+                if self.ledger.transition(key, ("pending",), "settled", tx=settled_by):
+                    return Paid(
+                        quote, key, payer, settled_by, self.settle_header(version, True, settled_by, payer)
+                    )
             elif receipt is not None:
                 self.ledger.transition(key, ("pending",), "failed")
             else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from eth_account import Account
 from flask import Flask, current_app
@@ -27,6 +28,16 @@ MIN_PRIORITY_FEE = 1_000_000  # 0.001 gwei: Base's usual tip floor
 ALREADY_SENT = ("already known", "known transaction", "already imported")
 
 SETTLED, FAILED, PENDING, NOT_SENT = "settled", "failed", "pending", "not_sent"
+MAX_FEE_BUMPS = 3
+
+
+def bumped_fees(transaction: dict[str, Any]) -> dict[str, Any]:
+    """The same transaction with both EIP-1559 fees raised by 12.5% (+1 wei): the least a node
+    accepts as a replacement for a transaction with the same nonce."""
+    replacement = dict(transaction)
+    for field in ("maxPriorityFeePerGas", "maxFeePerGas"):
+        replacement[field] = transaction[field] * 9 // 8 + 1
+    return replacement
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,8 @@ class LocalSettler:
     def settle(
         self, auth: Authorization, preflight: Preflight, on_signed: Callable[[str], None]
     ) -> Settlement:
+        """Send the settlement and wait for it. ``on_signed`` records each transaction hash before
+        it is broadcast (the first, and any fee-bumped replacement of it)."""
         chain_id = self.settings.network.chain_id
         nonce = self.ledger.reserve_relayer_nonce(chain_id, self.address, preflight.relayer_nonce)
         priority = max(preflight.priority_fee, MIN_PRIORITY_FEE)
@@ -66,35 +79,61 @@ class LocalSettler:
             "maxPriorityFeePerGas": priority,
             "maxFeePerGas": preflight.gas_price * 2 + priority,
         }
+        sent = self._sign_and_send(transaction, on_signed)
+        if isinstance(sent, Settlement):
+            return sent
+        return self.wait(auth, transaction, [sent], on_signed)
+
+    def _sign_and_send(
+        self, transaction: dict[str, Any], on_signed: Callable[[str], None]
+    ) -> str | Settlement:
+        """The tx hash once the node has it (or may have it); a ``Settlement`` when it refused it."""
         signed = self.account.sign_transaction(transaction)
         tx_hash = "0x" + bytes(signed.hash).hex()
         on_signed(tx_hash)
         try:
             answer = self.chain.send_raw_transaction(bytes(signed.raw_transaction))
         except ChainUnavailable:
-            # We cannot know whether the node took it: pending, resolved later from chain state.
-            return Settlement(PENDING, tx_hash, SETTLEMENT_PENDING)
+            return tx_hash  # the node may have it: keep waiting, resolved from chain state at worst
         if isinstance(answer, RpcError) and not any(s in answer.message.lower() for s in ALREADY_SENT):
             self._resync_nonce()
             return Settlement(NOT_SENT, tx_hash, f"the node refused the settlement: {answer.message[:120]}")
-        return self.wait(auth, tx_hash)
+        return tx_hash
 
-    def wait(self, auth: Authorization, tx_hash: str) -> Settlement:
-        """Poll for the receipt until ``X402_RECEIPT_TIMEOUT``: short sleeps first (anvil and Base
-        flashblocks answer within milliseconds), then backing off to 250 ms."""
-        deadline = time.monotonic() + self.settings.receipt_timeout
+    def wait(
+        self,
+        auth: Authorization,
+        transaction: dict[str, Any],
+        hashes: list[str],
+        on_signed: Callable[[str], None],
+    ) -> Settlement:
+        """Poll the receipts of every version of the transaction until ``X402_RECEIPT_TIMEOUT``:
+        short sleeps first (anvil and Base flashblocks answer within milliseconds), backing off to
+        250 ms. Past ``X402_FEE_BUMP_AFTER`` without a receipt, replace the transaction (same
+        account nonce, so only one can ever be mined) with both EIP-1559 fees raised by 12.5%."""
+        start = time.monotonic()
+        deadline = start + self.settings.receipt_timeout
+        bump_at = start + self.settings.fee_bump_after
         pause = 0.002
         while True:
             try:
-                receipt = self.chain.receipt(tx_hash)
+                receipts = self.chain.receipts(hashes)
             except ChainUnavailable:
-                receipt = None
-            if receipt is not None:
-                if transfer_logged(receipt, self.chain.asset, auth):
-                    return Settlement(SETTLED, tx_hash)
-                return self._preempted_or_failed(auth, tx_hash)
-            if time.monotonic() >= deadline:
-                return Settlement(PENDING, tx_hash, SETTLEMENT_PENDING)
+                receipts = []
+            for tx_hash, receipt in zip(hashes, receipts, strict=False):
+                if receipt is not None:
+                    if transfer_logged(receipt, self.chain.asset, auth):
+                        return Settlement(SETTLED, tx_hash)
+                    return self._preempted_or_failed(auth, tx_hash)
+            now = time.monotonic()
+            if now >= deadline:
+                return Settlement(PENDING, hashes[-1], SETTLEMENT_PENDING)
+            if now >= bump_at and len(hashes) <= MAX_FEE_BUMPS:
+                transaction = bumped_fees(transaction)
+                replacement = self._sign_and_send(transaction, on_signed)
+                if isinstance(replacement, str):
+                    hashes.append(replacement)
+                bump_at = now + self.settings.fee_bump_after
             time.sleep(pause)
             pause = min(pause * 2, 0.25)
 

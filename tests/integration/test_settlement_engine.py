@@ -234,3 +234,32 @@ def test_all_rpc_endpoints_down_is_503_and_never_free(
     assert response.status_code == 503 and response.json()["error"]["code"] == "rpc_unavailable"
     assert standin.received == []
     assert proxy.pay(payment).status_code == 200  # the claim was released: the same header pays later
+
+
+def test_stuck_settlement_is_fee_bumped_and_only_one_version_is_mined(
+    proxy: Proxy, standin: StandinModel, faulty: FaultyRpc
+) -> None:
+    for bumping in proxy_with(proxy, rpc_urls=(faulty.url,), receipt_timeout=2.0, fee_bump_after=0.5):
+        payment = bumping.payment(bumping.requirement())
+        sent_before = relayer_tx_count(bumping)
+        payer_before, _ = bumping.balances()
+        bumping.chain.rpc.call("evm_setAutomine", [False])
+        try:
+            pending = bumping.pay(payment)
+            assert pending.status_code == 503
+            replacement = settle_response(pending)["transaction"]
+            assert faulty.calls.count("eth_sendRawTransaction") >= 2
+            sends = bumping.chain.rpc.call("eth_getTransactionByHash", [replacement])
+            assert int(sends["nonce"], 16) == sent_before  # the same account nonce: a replacement
+            pooled = bumping.chain.rpc.call("txpool_content", [])["pending"]
+            (queued,) = [
+                txs for sender, txs in pooled.items() if sender.lower() == bumping.wallets.relayer.lower()
+            ]
+            assert len(queued) == 1  # one transaction per nonce in the pool: the bumped one replaced it
+        finally:
+            bumping.chain.rpc.call("evm_setAutomine", [True])
+            bumping.chain.rpc.call("evm_mine", [])
+        served = bumping.pay(payment)
+        assert served.status_code == 200, served.text
+        assert relayer_tx_count(bumping) == sent_before + 1
+        assert bumping.balances()[0] == payer_before - payment.authorization.value
