@@ -23,7 +23,7 @@ from .chain import ASSET_PAUSED, Chain, ChainUnavailable, Preflight, RpcFailure,
 from .errors import ApiError
 from .ledger import Ledger, payment_key
 from .settings import Settings
-from .settlement import FAILED, NOT_SENT, PENDING, SETTLED, LocalSettler
+from .settlement import FAILED, NOT_SENT, PENDING, SETTLED, Settler
 from .x402.challenge import Resource, build_challenge
 from .x402.checks import check_authorization, match_requirement
 from .x402.verdict import NONCE_USED, PAYMENT_REQUIRED, SETTLEMENT_PENDING, Verdict, reject
@@ -83,7 +83,7 @@ class Ticket:
 
 class Gate:
     def __init__(
-        self, settings: Settings, catalog: Catalog, ledger: Ledger, chain: Chain, settler: LocalSettler
+        self, settings: Settings, catalog: Catalog, ledger: Ledger, chain: Chain, settler: Settler
     ) -> None:
         self.settings = settings
         self.catalog = catalog
@@ -170,7 +170,9 @@ class Gate:
             return Ticket(
                 paid=Paid(quote, key, auth.from_, tx, self.settle_header(version, True, tx, auth.from_))
             )
-        return Ticket(self._executor().submit(self._settle, quote, auth, preflight, key, version))
+        return Ticket(
+            self._executor().submit(self._settle, quote, parsed, requirement, preflight, key, version)
+        )
 
     def _preflight(
         self, auth: Authorization, signature: bytes, ecdsa_signer: bool, key: str
@@ -193,9 +195,16 @@ class Gate:
         return preflight
 
     def _settle(
-        self, quote: Quote, auth: Authorization, preflight: Preflight, key: str, version: int
+        self,
+        quote: Quote,
+        payment: PaymentPayload,
+        requirement: Requirement,
+        preflight: Preflight,
+        key: str,
+        version: int,
     ) -> Paid:
         """Send and confirm the settlement (runs in the settlement pool, beside the model call)."""
+        auth = payment.authorization
         sent = False
 
         def record_signed(tx_hash: str) -> None:
@@ -207,7 +216,7 @@ class Gate:
             sent = True
 
         try:
-            settlement = self.settler.settle(auth, preflight, record_signed)
+            settlement = self.settler.settle(payment, requirement, preflight, record_signed)
         except ApiError:
             raise
         except ChainUnavailable as exc:

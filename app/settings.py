@@ -73,6 +73,7 @@ class Settings:
     max_timeout_seconds: int = 120
     max_body_bytes: int = 1_000_000
     tee_only: bool = True
+    facilitator_url: str = ""
     settle_first: bool = False
     # Tests and the devnet pass their own Redis client (fakeredis or a prepared pool).
     redis_client: object | None = field(default=None, repr=False, compare=False)
@@ -108,6 +109,11 @@ class Settings:
                 raise SettingsError(
                     "X402_RELAYER_KEY_FILE", f"cannot read {key_file}: {exc.strerror}"
                 ) from None
+        facilitator_url = get("X402_FACILITATOR_URL").rstrip("/")
+        if facilitator_url and not facilitator_url.startswith(("http://", "https://")):
+            raise SettingsError("X402_FACILITATOR_URL", "must be an http(s) URL")
+        if facilitator_url and not relayer_key:
+            relayer_key = "0x" + "00" * 31 + "01"  # never used: the facilitator submits settlements
         if not KEY_RE.fullmatch(relayer_key):
             raise SettingsError(
                 "X402_RELAYER_KEY", "required: 32-byte hex private key of the settling account"
@@ -146,11 +152,10 @@ class Settings:
             public_url=public_url,
             receipt_timeout=_number("X402_RECEIPT_TIMEOUT", get("X402_RECEIPT_TIMEOUT", "30")),
             fee_bump_after=_number("X402_FEE_BUMP_AFTER", get("X402_FEE_BUMP_AFTER", "10")),
-            max_timeout_seconds=int(
-                _number("X402_MAX_TIMEOUT_SECONDS", get("X402_MAX_TIMEOUT_SECONDS", "120"))
-            ),
-            max_body_bytes=int(_number("X402_MAX_BODY_BYTES", get("X402_MAX_BODY_BYTES", "1000000"))),
+            max_timeout_seconds=_integer("X402_MAX_TIMEOUT_SECONDS", get("X402_MAX_TIMEOUT_SECONDS", "120")),
+            max_body_bytes=_integer("X402_MAX_BODY_BYTES", get("X402_MAX_BODY_BYTES", "1000000")),
             tee_only=_flag("X402_TEE_ONLY", get("X402_TEE_ONLY", "1")),
+            facilitator_url=facilitator_url,
             settle_first=_flag("X402_SETTLE_FIRST", get("X402_SETTLE_FIRST", "0")),
         )
 

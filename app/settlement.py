@@ -11,16 +11,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import requests
 from eth_account import Account
 from flask import Flask, current_app
 
 from .chain import Chain, ChainUnavailable, Preflight, RpcError, RpcFailure, transfer_logged
 from .ledger import Ledger
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .x402.verdict import SETTLEMENT_PENDING, TRANSACTION_FAILED
-from .x402.wire import Authorization
+from .x402.wire import Authorization, PaymentPayload, Requirement
 
 GAS_HEADROOM_NUMERATOR, GAS_HEADROOM_DENOMINATOR = 5, 4  # 25% over the estimate
 MIN_PRIORITY_FEE = 1_000_000  # 0.001 gwei: Base's usual tip floor
@@ -50,6 +51,21 @@ class Settlement:
     reason: str = ""
 
 
+class Settler(Protocol):
+    """Submits a verified payment and confirms it on chain; ``address`` is the account the
+    pre-settlement simulation runs from."""
+
+    address: str
+
+    def settle(
+        self,
+        payment: PaymentPayload,
+        requirement: Requirement,
+        preflight: Preflight,
+        on_signed: Callable[[str], None],
+    ) -> Settlement: ...
+
+
 class LocalSettler:
     """Settles with our own relayer key (``X402_RELAYER_KEY``)."""
 
@@ -61,10 +77,15 @@ class LocalSettler:
         self.address = str(self.account.address)
 
     def settle(
-        self, auth: Authorization, preflight: Preflight, on_signed: Callable[[str], None]
+        self,
+        payment: PaymentPayload,
+        requirement: Requirement,
+        preflight: Preflight,
+        on_signed: Callable[[str], None],
     ) -> Settlement:
         """Send the settlement and wait for it. ``on_signed`` records each transaction hash before
         it is broadcast (the first, and any fee-bumped replacement of it)."""
+        auth = payment.authorization
         chain_id = self.settings.network.chain_id
         nonce = self.ledger.reserve_relayer_nonce(chain_id, self.address, preflight.relayer_nonce)
         priority = max(preflight.priority_fee, MIN_PRIORITY_FEE)
@@ -156,14 +177,105 @@ class LocalSettler:
         self.ledger.resync_relayer_nonce(self.settings.network.chain_id, self.address, pending)
 
 
+class FacilitatorSettler:
+    """Settles through an x402 facilitator (``X402_FACILITATOR_URL``): ``POST /settle`` with *our*
+    requirement, never the client's. Its answer is a claim, not a payment: the transaction it names
+    must show the token's ``Transfer(from, payTo, value)`` on chain before anything is served."""
+
+    def __init__(self, settings: Settings, chain: Chain, session: requests.Session | None = None) -> None:
+        self.settings = settings
+        self.chain = chain
+        self.url = settings.facilitator_url
+        self.address = settings.pay_to  # simulations run from the payee; the facilitator pays the gas
+        self.session = session or requests.Session()
+
+    def supported(self) -> list[dict[str, Any]]:
+        response = self.session.get(self.url + "/supported", timeout=10)
+        response.raise_for_status()
+        kinds = response.json().get("kinds", [])
+        return [k for k in kinds if isinstance(k, dict)]
+
+    def settle(
+        self,
+        payment: PaymentPayload,
+        requirement: Requirement,
+        preflight: Preflight,
+        on_signed: Callable[[str], None],
+    ) -> Settlement:
+        auth = payment.authorization
+        on_signed("")  # settling from here on: the facilitator may broadcast at any moment
+        if payment.version == 2:
+            ours: dict[str, Any] = requirement.to_v2()
+        else:
+            ours = requirement.to_v1(str(requirement.pay_to), "", "application/json")
+        body = {
+            "x402Version": payment.version,
+            "paymentPayload": payment.to_wire(),
+            "paymentRequirements": ours,
+        }
+        try:
+            response = self.session.post(
+                self.url + "/settle", json=body, timeout=self.settings.receipt_timeout
+            )
+            answer = response.json()
+        except (requests.RequestException, ValueError):
+            # It may have broadcast: pending, resolved from the token's logs on retry.
+            return Settlement(PENDING, "", SETTLEMENT_PENDING)
+        tx_hash = answer.get("transaction") if isinstance(answer, dict) else None
+        if not isinstance(tx_hash, str) or not tx_hash:
+            reason = answer.get("errorReason") if isinstance(answer, dict) else None
+            return Settlement(FAILED, "", str(reason or TRANSACTION_FAILED))
+        on_signed(tx_hash)
+        return self._confirm(auth, tx_hash)
+
+    def _confirm(self, auth: Authorization, tx_hash: str) -> Settlement:
+        """Believe the chain, not the facilitator: wait for the named transaction's receipt."""
+        deadline = time.monotonic() + self.settings.receipt_timeout
+        pause = 0.002
+        while True:
+            try:
+                receipt = self.chain.receipt(tx_hash)
+            except ChainUnavailable:
+                receipt = None
+            if receipt is not None:
+                if transfer_logged(receipt, self.chain.asset, auth):
+                    return Settlement(SETTLED, tx_hash)
+                return Settlement(FAILED, tx_hash, TRANSACTION_FAILED)
+            if time.monotonic() >= deadline:
+                return Settlement(PENDING, tx_hash, SETTLEMENT_PENDING)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
+
+
+def check_facilitator(settler: FacilitatorSettler, settings: Settings) -> None:
+    """At start: the facilitator must answer and support exact payments on our network."""
+    try:
+        kinds = settler.supported()
+    except (requests.RequestException, ValueError) as exc:
+        raise SettingsError(
+            "X402_FACILITATOR_URL", f"{settler.url}/supported does not answer: {exc}"
+        ) from None
+    if not any(k.get("scheme") == "exact" and k.get("network") == settings.network.caip2 for k in kinds):
+        raise SettingsError(
+            "X402_FACILITATOR_URL", f"the facilitator does not settle exact on {settings.network.caip2}"
+        )
+
+
 def init_app(app: Flask) -> None:
     from .chain import get_chain
     from .ledger import get_ledger
 
+    settings: Settings = app.config["X402_SETTINGS"]
     with app.app_context():
-        app.extensions["x402.settler"] = LocalSettler(app.config["X402_SETTINGS"], get_chain(), get_ledger())
+        settler: Settler
+        if settings.facilitator_url:
+            settler = FacilitatorSettler(settings, get_chain())
+            check_facilitator(settler, settings)
+        else:
+            settler = LocalSettler(settings, get_chain(), get_ledger())
+        app.extensions["x402.settler"] = settler
 
 
-def get_settler() -> LocalSettler:
-    settler: LocalSettler = current_app.extensions["x402.settler"]
+def get_settler() -> Settler:
+    settler: Settler = current_app.extensions["x402.settler"]
     return settler

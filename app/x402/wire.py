@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from eth_utils import to_checksum_address
+
 from .codec import MalformedInput, decode_header, encode_header
 from .verdict import INVALID_PAYLOAD, INVALID_VERSION, Verdict, reject
 
@@ -87,9 +89,10 @@ class Authorization:
     nonce: bytes
 
     def to_wire(self) -> dict[str, str]:
+        """Addresses in EIP-55 checksum form, as wallets send them (and some facilitators require)."""
         return {
-            "from": self.from_,
-            "to": self.to,
+            "from": to_checksum_address(self.from_),
+            "to": to_checksum_address(self.to),
             "value": str(self.value),
             "validAfter": str(self.valid_after),
             "validBefore": str(self.valid_before),

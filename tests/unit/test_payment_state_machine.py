@@ -76,7 +76,8 @@ class ModelSettler:
         self.broadcasts: Counter[bytes] = Counter()
         self.sent: dict[str, Authorization] = {}
 
-    def settle(self, auth: Authorization, preflight: Preflight, on_signed: Any) -> Settlement:
+    def settle(self, payment: Any, requirement: Any, preflight: Preflight, on_signed: Any) -> Settlement:
+        auth = payment.authorization
         tx_hash = "0x" + os.urandom(32).hex()
         on_signed(tx_hash)
         self.broadcasts[auth.nonce] += 1
