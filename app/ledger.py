@@ -57,15 +57,23 @@ for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 'ok'
 """
 
-# KEYS[1] relayer nonce counter. ARGV[1]: the chain's pending nonce for the relayer.
+# KEYS[1] relayer nonce counter, KEYS[2] time of the last reservation (same hash slot).
+# ARGV: the chain's pending nonce for the relayer (mempool included), now, gap_after seconds.
 # Hands out max(counter, chain) and moves the counter past it, so no two workers share a nonce.
+# A counter ahead of the chain's pending nonce long after the last reservation means nonces were
+# reserved but never reached the node (a crash between reserving and sending): every later
+# transaction would wait behind that gap, so the counter restarts from the chain.
 _RESERVE_NONCE = """
 local chain = tonumber(ARGV[1])
+local now = tonumber(ARGV[2])
 local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
-if current < chain then current = chain end
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+if current < chain or (current > chain and now - last > tonumber(ARGV[3])) then current = chain end
 redis.call('SET', KEYS[1], current + 1)
+redis.call('SET', KEYS[2], now)
 return current
 """
+NONCE_GAP_AFTER = 30  # seconds: far longer than reserving-to-sending takes
 
 
 @dataclass(frozen=True)
@@ -115,8 +123,13 @@ class Ledger:
     def get(self, key: str) -> dict[str, str]:
         return {_text(k): _text(v) for k, v in self.redis.hgetall(key).items()}
 
-    def reserve_relayer_nonce(self, chain_id: int, relayer: str, chain_pending: int) -> int:
-        return int(self._reserve_nonce(keys=[relayer_nonce_key(chain_id, relayer)], args=[chain_pending]))
+    def reserve_relayer_nonce(
+        self, chain_id: int, relayer: str, chain_pending: int, now: float | None = None
+    ) -> int:
+        """The account nonce for the next settlement transaction of this relayer."""
+        key = relayer_nonce_key(chain_id, relayer)
+        args = [chain_pending, int(time.time() if now is None else now), NONCE_GAP_AFTER]
+        return int(self._reserve_nonce(keys=[key, key + ":reserved_at"], args=args))
 
     def resync_relayer_nonce(self, chain_id: int, relayer: str, chain_pending: int) -> None:
         """After a send the node refused, restart the counter from the chain's view."""

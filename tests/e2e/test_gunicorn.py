@@ -130,6 +130,31 @@ def test_one_header_raced_across_two_gunicorn_instances_is_served_once(
         second.wait(timeout=20)
 
 
+def test_fifty_payments_at_once_use_contiguous_relayer_nonces(
+    gunicorn_proxy: Proxy, standin: StandinModel
+) -> None:
+    """Two workers settle 50 payments at once with one relayer account: no nonce clash, no gap."""
+    proxy = gunicorn_proxy
+    proxy.chain.mint(proxy.wallets.payer, 10**8)
+    requirement = proxy.requirement()
+    payments = [proxy.payment(requirement) for _ in range(50)]
+    payer_before, payee_before = proxy.balances()
+    sent_before = relayer_tx_count(proxy)
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda p: proxy.pay(p).status_code, payments))
+    assert statuses == [200] * 50
+    amount = int(requirement["amount"])
+    assert proxy.balances() == (payer_before - 50 * amount, payee_before + 50 * amount)
+    assert relayer_tx_count(proxy) == sent_before + 50  # 50 sends, no gap, no lost nonce
+    pending = int(proxy.chain.rpc.call("eth_getTransactionCount", [proxy.wallets.relayer, "pending"]), 16)
+    assert pending == sent_before + 50  # nothing stuck behind a gap
+    assert len(standin.received) == 50
+
+
+def relayer_tx_count(proxy: Proxy) -> int:
+    return int(proxy.chain.rpc.call("eth_getTransactionCount", [proxy.wallets.relayer, "latest"]), 16)
+
+
 def test_misconfigured_gunicorn_exits_with_one_clear_line(
     anvil: Service, redis_service: Service, wallets: Wallets
 ) -> None:

@@ -368,3 +368,16 @@ def test_interrupted_migration_resumes(client: fakeredis.FakeRedis, tmp_path: Pa
     assert [m.number for m in migrate_module.migrate(client, directory=tmp_path)] == [2, 3]
     assert keyspace_version(client) == 3
     assert client.get("m2") == b"1" and client.get("m3") == b"1"
+
+
+def test_nonces_reserved_but_never_sent_are_reused_once_the_gap_is_old(client: fakeredis.FakeRedis) -> None:
+    """A worker that crashed between reserving nonce 5 and sending it leaves a gap: the chain's
+    pending nonce stays 5 while the counter is at 6. Within the gap window the counter is trusted
+    (another worker may be about to send); past it, the counter restarts from the chain."""
+    ledger = Ledger(client)
+    start = 1_000_000.0
+    assert ledger.reserve_relayer_nonce(8453, RELAYER, 5, now=start) == 5  # reserved, never sent
+    assert ledger.reserve_relayer_nonce(8453, RELAYER, 5, now=start + 1) == 6  # in flight: trusted
+    gap_seen = start + 1 + ledger_module.NONCE_GAP_AFTER + 1
+    assert ledger.reserve_relayer_nonce(8453, RELAYER, 5, now=gap_seen) == 5  # healed from the chain
+    assert ledger.reserve_relayer_nonce(8453, RELAYER, 5, now=gap_seen + 1) == 6
