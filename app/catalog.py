@@ -159,12 +159,8 @@ class Catalog:
         """The models on sale: only TEE ones when ``X402_TEE_ONLY`` is on."""
         return [m for m in self.models.values() if m.tee or not self.tee_only]
 
-    def quote(self, route: str, body: Any) -> Quote:
-        """Price a request body for a route ("chat" or "completions"); raise ``QuoteError`` if it can't be."""
-        input_field = ROUTE_INPUT_FIELDS[route]
-        if not isinstance(body, dict):
-            raise QuoteError("invalid_request", "the body must be a JSON object")
-        name = body.get("model")
+    def model(self, name: Any) -> Model:
+        """The model on sale under ``name`` (404 unknown, 403 not a TEE model under TEE-only)."""
         if not isinstance(name, str) or not name:
             raise QuoteError("invalid_request", "model is required")
         model = self.models.get(name)
@@ -174,6 +170,19 @@ class Catalog:
             raise QuoteError(
                 "model_not_tee", f"{name} does not run in a TEE and this proxy sells TEE models only", 403
             )
+        return model
+
+    def quote_ping(self, name: str) -> Quote:
+        """The paid liveness probe of a model costs its floor price."""
+        model = self.model(name)
+        return Quote(model=model, amount=model.floor, body={})
+
+    def quote(self, route: str, body: Any) -> Quote:
+        """Price a request body for a route ("chat" or "completions"); raise ``QuoteError`` if it can't be."""
+        input_field = ROUTE_INPUT_FIELDS[route]
+        if not isinstance(body, dict):
+            raise QuoteError("invalid_request", "the body must be a JSON object")
+        model = self.model(body.get("model"))
         if input_field not in body:
             raise QuoteError("invalid_request", f"{input_field} is required")
         amount, max_tokens = price(model, body, input_field)

@@ -159,13 +159,20 @@ class DevChain:
         self.rpc.call("anvil_setBalance", [address, hex(wei)])
 
     def transact(self, to: str, data: bytes) -> dict[str, Any]:
-        """Send from anvil's first unlocked account and wait for the receipt (automine)."""
+        """Send from anvil's first unlocked account and wait for the receipt (automine is quick,
+        but not always done by the time ``eth_sendTransaction`` answers)."""
         sender = self.rpc.call("eth_accounts", [])[0]
         tx_hash = self.rpc.call(
             "eth_sendTransaction", [{"from": sender, "to": to, "data": "0x" + data.hex()}]
         )
-        receipt: dict[str, Any] = self.rpc.call("eth_getTransactionReceipt", [tx_hash])
-        return receipt
+        deadline = time.monotonic() + 10
+        while True:
+            receipt: dict[str, Any] | None = self.rpc.call("eth_getTransactionReceipt", [tx_hash])
+            if receipt is not None or time.monotonic() > deadline:
+                if receipt is None:
+                    raise DevnetError(f"no receipt for {tx_hash}: is anvil mining?")
+                return receipt
+            time.sleep(0.01)
 
     def token_call(self, signature: str, types: list[str], args: list[Any]) -> dict[str, Any]:
         return self.transact(self.token, selector(signature) + encode(types, args))

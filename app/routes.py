@@ -7,7 +7,8 @@ error with ``PAYMENT-RESPONSE`` and can retry the same header without a new char
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
@@ -69,28 +70,45 @@ def _relay_stream(gate: Gate, paid: Paid, answer: UpstreamAnswer) -> Iterator[by
     gate.served(paid)
 
 
-def _paid_call(route: str) -> Response:
-    gate = get_gate()
+UpstreamCall = Callable[[], UpstreamAnswer]
+Render = Callable[[bytes, int], bytes]
+
+
+def _quote(make: Callable[[], Quote]) -> Quote:
     try:
-        quote = get_catalog().quote(route, _request_body())
+        return make()
     except QuoteError as exc:
         raise ApiError(exc.status, exc.code, str(exc)) from None
+
+
+def _paid(quote: Quote, call: UpstreamCall, streaming: bool, render: Render | None = None) -> Response:
+    """Charge for ``quote`` and answer with what ``call`` gets from the model host."""
+    gate = get_gate()
     try:
-        return _serve(gate, route, quote)
+        return _serve(gate, quote, call, streaming, render)
     except PaymentRequired as refusal:
         extra = dict([refusal.settle_response]) if refusal.settle_response else {}
         return gate.challenge(quote, _resource_url(), refusal.verdict.reason, extra)
 
 
-def _serve(gate: Gate, route: str, quote: Quote) -> Response:
+def _paid_call(route: str) -> Response:
+    quote = _quote(lambda: get_catalog().quote(route, _request_body()))
+    upstream = get_upstream()
+    return _paid(
+        quote,
+        lambda: upstream.forward(route, quote.body, quote.model.upstream_url),
+        quote.body.get("stream") is True,
+    )
+
+
+def _serve(gate: Gate, quote: Quote, call: UpstreamCall, streaming: bool, render: Render | None) -> Response:
     """Settlement and the model call run side by side (unless ``X402_SETTLE_FIRST``); the answer is
     released only once the payment is confirmed. A settlement that fails discards the answer."""
     ticket = gate.begin(quote, request.headers)
     if gate.settings.settle_first:
         ticket.result()
-    streaming = quote.body.get("stream") is True
     try:
-        answer = get_upstream().forward(route, quote.body, quote.model.upstream_url)
+        answer = call()
         streaming = streaming and answer.status < 400  # an error answer is read whole, like JSON
         content = b"" if streaming else answer.read()
     except UpstreamFailed:
@@ -110,6 +128,8 @@ def _serve(gate: Gate, route: str, quote: Quote) -> Response:
         gate.served(paid)
     else:
         gate.redeemable(paid)  # the host refused the call: the payment can still buy one
+    if render is not None:
+        content, headers["Content-Type"] = render(content, answer.status), "application/json"
     return Response(content, status=answer.status, headers=headers)
 
 
@@ -131,6 +151,24 @@ def chat_completions() -> Response:
 @bp.post("/v1/completions")
 def completions() -> Response:
     return _paid_call("completions")
+
+
+@bp.get("/v1/models/<name>/ping")
+def ping(name: str) -> Response:
+    """A paid liveness probe of one model's host, at the model's floor price: agents can check
+    that a TEE model is up before sending it real work (and x402 tools get a GET-able resource)."""
+    quote = _quote(lambda: get_catalog().quote_ping(name))
+    upstream = get_upstream()
+
+    def render(content: bytes, status: int) -> bytes:
+        try:
+            listed = [m.get("id") for m in json.loads(content).get("data", [])]
+        except (ValueError, AttributeError):
+            listed = []
+        ping = {"model": name, "tee": quote.model.tee, "upstream_status": status, "listed": name in listed}
+        return json.dumps(ping).encode()
+
+    return _paid(quote, lambda: upstream.probe(quote.model.upstream_url), False, render)
 
 
 @bp.get("/v1/models")

@@ -65,12 +65,19 @@ class Upstream:
 
     def forward(self, route: str, body: dict[str, object], base_url: str = "") -> UpstreamAnswer:
         """POST the priced body to the model host; raise ``UpstreamFailed`` on connection errors and 5xx."""
-        url = (base_url or self.settings.upstream_url) + ROUTE_PATHS[route]
-        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        return self._request("POST", (base_url or self.settings.upstream_url) + ROUTE_PATHS[route], body)
+
+    def probe(self, base_url: str = "") -> UpstreamAnswer:
+        """GET the model host's model list (the paid ping)."""
+        return self._request("GET", (base_url or self.settings.upstream_url) + "/v1/models", None)
+
+    def _request(self, method: str, url: str, body: dict[str, object] | None) -> UpstreamAnswer:
+        headers = {"Accept": "application/json, text/event-stream"}
         if self.settings.upstream_api_key:
             headers["Authorization"] = f"Bearer {self.settings.upstream_api_key}"
         try:
-            response = self._session().post(
+            response = self._session().request(
+                method,
                 url,
                 json=body,
                 headers=headers,

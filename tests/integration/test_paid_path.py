@@ -378,3 +378,27 @@ def test_non_tee_model_is_refused_before_any_402(settings, tmp_path, standin) ->
     finally:
         server.shutdown()
     assert standin.received == []
+
+
+def test_paid_ping_is_a_get_resource_at_the_floor_price(proxy: Proxy, standin) -> None:
+    url = "/v1/models/hermes-3-8b-tee/ping"
+    unpaid = requests.get(proxy.url + url, timeout=10)
+    assert unpaid.status_code == 402
+    (requirement,) = decode_header(unpaid.headers["PAYMENT-REQUIRED"])["accepts"]
+    floor = load_catalog(DEFAULT_CATALOG)["hermes-3-8b-tee"].floor
+    assert requirement["amount"] == str(floor)
+    head = requests.head(proxy.url + url, timeout=10)
+    assert head.status_code == 402 and standin.received == []  # HEAD is charged like GET
+    payment = proxy.payment(requirement)
+    payer_before, _ = proxy.balances()
+    from app.x402.codec import encode_header
+
+    paid = requests.get(
+        proxy.url + url, headers={"PAYMENT-SIGNATURE": encode_header(payment.to_wire())}, timeout=10
+    )
+    assert paid.status_code == 200, paid.text
+    assert paid.json() == {"model": "hermes-3-8b-tee", "tee": True, "upstream_status": 200, "listed": True}
+    assert settle_response(paid)["success"] is True
+    assert proxy.balances()[0] == payer_before - floor
+    assert [r.path for r in standin.received] == ["/v1/models"]
+    assert requests.get(proxy.url + "/v1/models/no-such-model/ping", timeout=10).status_code == 404

@@ -143,13 +143,15 @@ def npm_v1_client() -> Path:
     lock = NPM_V1_DIR / "package-lock.json"
     installed = NPM_V1_DIR / "node_modules" / ".package-lock.json"
     if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
-        subprocess.run(
+        done = subprocess.run(
             ["npm", "ci", "--no-audit", "--no-fund"],
             cwd=NPM_V1_DIR,
-            check=True,
             capture_output=True,
+            text=True,
             timeout=NPM_V1_INSTALL_TIMEOUT,
         )
+        if done.returncode != 0:
+            pytest.fail(f"npm ci in {NPM_V1_DIR} failed ({done.returncode}): {done.stderr[-2000:]}")
     return NPM_V1_DIR
 
 

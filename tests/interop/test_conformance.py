@@ -21,7 +21,7 @@ Our paid routes are POST-only, so the tool cannot reach them. Here:
    it grades the v1 body too, the way the legacy v1 client validates it, and holds the header to 8 KB);
 2. the tool's own grading function (``x402conf.harness.check_402``) applied to the POST answer, so a
    change in the tool's rules shows up here;
-3. ``x402conf resource`` itself against a paid GET route, which does not exist yet (xfail).
+3. ``x402conf resource`` itself against the paid GET route (``/v1/models/<model>/ping``).
 """
 
 from __future__ import annotations
@@ -262,7 +262,6 @@ def test_the_tools_own_grading_passes_on_the_post_402(proxy: Proxy, path: str, b
     assert [(c["check"], c["detail"]) for c in graded if not c["pass"]] == []
 
 
-@pytest.mark.xfail(strict=False, reason="needs the paid GET route")
 def test_x402conf_resource_passes_on_the_paid_get_route(proxy: Proxy) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "x402conf", "resource", proxy.url + PAID_GET_ROUTE, "--fail-on-error"],
