@@ -21,12 +21,19 @@ from flask import Flask, Response, current_app, jsonify
 from .catalog import Catalog, Quote
 from .chain import ASSET_PAUSED, Chain, ChainUnavailable, Preflight, RpcFailure, transfer_logged
 from .errors import ApiError
-from .ledger import Ledger, payment_key
+from .ledger import Claim, Ledger, payment_key
 from .settings import Settings
 from .settlement import FAILED, NOT_SENT, PENDING, SETTLED, Settler
 from .x402.challenge import Resource, build_challenge
 from .x402.checks import check_authorization, match_requirement
-from .x402.verdict import NONCE_USED, PAYMENT_REQUIRED, SETTLEMENT_PENDING, Verdict, reject
+from .x402.verdict import (
+    NONCE_USED,
+    PAYMENT_REQUIRED,
+    SETTLEMENT_PENDING,
+    TRANSACTION_FAILED,
+    Verdict,
+    reject,
+)
 from .x402.wire import (
     RESPONSE_HEADERS,
     V1_HEADER,
@@ -93,6 +100,8 @@ class Gate:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
+        # the longest a request can legitimately keep a payment "settling" (receipt + model call)
+        self._settling_limit = settings.receipt_timeout + settings.upstream_timeout + 30
 
     def _executor(self) -> ThreadPoolExecutor:
         """One settlement pool per process (gunicorn may fork workers after the app is built)."""
@@ -163,7 +172,7 @@ class Gate:
             header = self.settle_header(version, True, claim.tx, auth.from_)
             return Ticket(paid=Paid(quote, key, auth.from_, claim.tx, header, True))
         if claim.outcome == "taken":
-            return Ticket(paid=self._already_claimed(quote, parsed, key, claim.state, claim.tx, version))
+            return Ticket(paid=self._already_claimed(quote, parsed, key, claim, version))
         preflight = self._preflight(auth, offline.signature, offline.ecdsa_signer, key)
         if preflight is None:  # already used on chain, and it paid us: settled under our claim
             tx = self.ledger.get(key).get("tx", "")
@@ -207,16 +216,20 @@ class Gate:
         auth = payment.authorization
         sent = False
 
-        def record_signed(tx_hash: str) -> None:
-            """Before each broadcast: the first moves the claim to settling, a fee-bumped
-            replacement updates the hash the payment is known by."""
+        def start(relayer_nonce_of: tuple[int, str, int] | None) -> int:
+            """Right before anything is submitted: claimed → settling (+ the relayer nonce)."""
             nonlocal sent
-            if not self.ledger.transition(key, ("claimed", "settling"), "settling", tx=tx_hash):
+            nonce = self.ledger.start_settlement(key, relayer_nonce_of)
+            if nonce is None:
                 raise ApiError(503, "ledger_conflict", "the payment changed state during settlement")
             sent = True
+            return nonce
+
+        def replaced(tx_hash: str) -> None:
+            self.ledger.transition(key, ("settling",), "settling", tx=tx_hash)
 
         try:
-            settlement = self.settler.settle(payment, requirement, preflight, record_signed)
+            settlement = self.settler.settle(payment, requirement, preflight, start, replaced)
         except ApiError:
             raise
         except ChainUnavailable as exc:
@@ -229,10 +242,11 @@ class Gate:
 
         tx, payer = settlement.tx_hash, auth.from_
         if settlement.outcome == SETTLED:
-            self.ledger.transition(key, ("settling",), "settled")
+            # recorded with what happens next (served, redeemable, or settled before a stream), in
+            # the same round trip; until then the payment is "settling" and resolved from chain
             return Paid(quote, key, payer, tx, self.settle_header(version, True, tx, payer))
         if settlement.outcome == FAILED:
-            self.ledger.transition(key, ("settling",), "failed")
+            self.ledger.transition(key, ("settling",), "failed", tx=tx)
             raise PaymentRequired(
                 reject(settlement.reason, "the settlement reverted; nothing was charged"),
                 self.settle_header(version, False, tx, payer, settlement.reason),
@@ -241,7 +255,7 @@ class Gate:
             self.ledger.transition(key, ("settling",), "released", tx="")
             raise ApiError(503, "unexpected_settle_error", settlement.reason)
         assert settlement.outcome == PENDING
-        self.ledger.transition(key, ("settling",), "pending")
+        self.ledger.transition(key, ("settling",), "pending", tx=tx)
         raise self._pending_error(version, tx, payer)
 
     def _forget_or_keep(self, key: str, sent: bool) -> None:
@@ -255,30 +269,33 @@ class Gate:
             log.error("could not record the payment state after a settlement error")
 
     def _already_claimed(
-        self, quote: Quote, payment: PaymentPayload, key: str, state: str, tx: str, version: int
+        self, quote: Quote, payment: PaymentPayload, key: str, claim: Claim, version: int
     ) -> Paid:
-        """Someone holds this authorization. A pending one may have landed since: look once."""
-        payer = payment.authorization.from_
-        if state == "pending" and tx:
-            auth = payment.authorization
-            try:
-                receipt = self.chain.receipt(tx)
-                if receipt is not None and transfer_logged(receipt, self.chain.asset, auth):
-                    settled_by: str | None = tx
-                else:  # an earlier version of our transaction, or someone else's, may have paid
-                    settled_by = self.chain.find_settlement(auth)
-            except (ChainUnavailable, RpcFailure):
-                raise self._pending_error(version, tx, payer) from None
-            if settled_by is not None:
-                if self.ledger.transition(key, ("pending",), "settled", tx=settled_by):
-                    return Paid(
-                        quote, key, payer, settled_by, self.settle_header(version, True, settled_by, payer)
-                    )
-            elif receipt is not None:
-                self.ledger.transition(key, ("pending",), "failed")
-            else:
-                raise self._pending_error(version, tx, payer)
-        raise PaymentRequired(reject(NONCE_USED, f"this authorization was already presented ({state})"))
+        """Someone holds this authorization. One whose outcome is open — pending, or settling for
+        longer than any request can take (its worker died) — is resolved from the chain once."""
+        payer, auth, tx = payment.authorization.from_, payment.authorization, claim.tx
+        abandoned = claim.state == "settling" and time.time() - claim.updated > self._settling_limit
+        if claim.state != "pending" and not abandoned:
+            raise PaymentRequired(
+                reject(NONCE_USED, f"this authorization was already presented ({claim.state})")
+            )
+        try:
+            receipt = self.chain.receipt(tx) if tx else None
+            if receipt is not None and transfer_logged(receipt, self.chain.asset, auth):
+                settled_by: str | None = tx
+            else:  # an earlier version of our transaction, or someone else's, may have paid
+                settled_by = self.chain.find_settlement(auth)
+        except (ChainUnavailable, RpcFailure):
+            raise self._pending_error(version, tx, payer) from None
+        if settled_by is not None:
+            if self.ledger.transition(key, (claim.state,), "settled", tx=settled_by):
+                return Paid(
+                    quote, key, payer, settled_by, self.settle_header(version, True, settled_by, payer)
+                )
+        elif receipt is not None:
+            self.ledger.transition(key, (claim.state,), "failed")
+            raise PaymentRequired(reject(TRANSACTION_FAILED, "the settlement reverted; nothing was charged"))
+        raise self._pending_error(version, tx, payer)
 
     def _pending_error(self, version: int, tx: str, payer: str) -> ApiError:
         name, value = self.settle_header(version, False, tx, payer, SETTLEMENT_PENDING)
@@ -289,12 +306,31 @@ class Gate:
             {name: value, "Retry-After": RETRY_AFTER_PENDING, "Access-Control-Expose-Headers": name},
         )
 
+    def _record(self, paid: Paid, to_state: str) -> None:
+        """Record what became of a settled payment (with its tx hash and ledger events, one round
+        trip). Content is released only after this succeeds: if Redis is down the client gets 503
+        with ``PAYMENT-RESPONSE`` and the retried header is resolved from the chain later."""
+        try:
+            self.ledger.transition(paid.key, ("settling", "settled"), to_state, tx=paid.tx_hash)
+        except Exception as exc:
+            name, value = paid.response_header
+            raise ApiError(
+                503,
+                "ledger_unavailable",
+                "your payment settled but could not be recorded; retry the same payment header shortly",
+                {name: value, "Retry-After": RETRY_AFTER_PENDING, "Access-Control-Expose-Headers": name},
+            ) from exc
+
+    def settled(self, paid: Paid) -> None:
+        """Before a stream starts: the payment is confirmed, the answer is on its way."""
+        self._record(paid, "settled")
+
     def served(self, paid: Paid) -> None:
-        self.ledger.transition(paid.key, ("settled",), "served")
+        self._record(paid, "served")
 
     def redeemable(self, paid: Paid) -> None:
         """The upstream failed after settlement: the same header, retried, is served without a new charge."""
-        self.ledger.transition(paid.key, ("settled",), "redeemable")
+        self._record(paid, "redeemable")
 
 
 def _payment_header(headers: Mapping[str, str]) -> tuple[str | None, int]:

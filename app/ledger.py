@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from string import Template
 from typing import Any
 
 import redis
@@ -35,44 +36,82 @@ _CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'redeemable' then
   redis.call('HSET', KEYS[1], 'state', 'settled', 'updated', ARGV[2])
-  return {'redeem', 'settled', redis.call('HGET', KEYS[1], 'tx') or ''}
+  return {'redeem', 'settled', redis.call('HGET', KEYS[1], 'tx') or '', ARGV[2]}
 end
 if state and state ~= 'released' then
-  return {'taken', state, redis.call('HGET', KEYS[1], 'tx') or ''}
+  local seen = redis.call('HMGET', KEYS[1], 'tx', 'updated')
+  return {'taken', state, seen[1] or '', seen[2] or '0'}
 end
 redis.call('HSET', KEYS[1], 'state', 'claimed', 'payer', ARGV[3], 'amount', ARGV[4], 'model', ARGV[5],
            'network', ARGV[6], 'tx', '', 'created', ARGV[2], 'updated', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-return {'claimed', 'claimed', ''}
+return {'claimed', 'claimed', '', ARGV[2]}
 """
 
-# KEYS[1] payment hash. ARGV: allowed from-states (space separated), to-state, now, field, value, ...
+# KEYS[1] payment hash, KEYS[2] (single-node Redis only) the ledger stream.
+# ARGV: allowed from-states (space separated), to-state, now, stream maxlen, field, value, ...
+# Moves the payment and derives its ledger events: "settled" when the money is confirmed (also when
+# a settling payment goes straight to served/redeemable), and each of served/redeemable/failed.
+# With KEYS[2] the events are appended here, in the same round trip; on Redis Cluster the stream
+# lives in another slot, so they are returned for the caller to append.
 _TRANSITION = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state or not string.find(' ' .. ARGV[1] .. ' ', ' ' .. state .. ' ', 1, true) then
-  return state or ''
+  return {'refused', {}, {}}
 end
-redis.call('HSET', KEYS[1], 'state', ARGV[2], 'updated', ARGV[3])
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return 'ok'
+local to = ARGV[2]
+redis.call('HSET', KEYS[1], 'state', to, 'updated', ARGV[3])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local events = {}
+if (to == 'served' or to == 'redeemable') and state ~= 'settled' then table.insert(events, 'settled') end
+if to == 'settled' or to == 'served' or to == 'redeemable' or to == 'failed' then table.insert(events, to) end
+local r = redis.call('HMGET', KEYS[1], 'payer', 'amount', 'model', 'network', 'tx')
+for i = 1, 5 do r[i] = r[i] or '' end
+if #KEYS > 1 then
+  for _, event in ipairs(events) do
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', event, 'key', KEYS[1],
+               'payer', r[1], 'amount', r[2], 'model', r[3], 'network', r[4], 'tx', r[5])
+  end
+  return {'ok', {}, r}
+end
+return {'ok', events, r}
 """
 
-# KEYS[1] relayer nonce counter, KEYS[2] time of the last reservation (same hash slot).
-# ARGV: the chain's pending nonce for the relayer (mempool included), now, gap_after seconds.
-# Hands out max(counter, chain) and moves the counter past it, so no two workers share a nonce.
-# A counter ahead of the chain's pending nonce long after the last reservation means nonces were
-# reserved but never reached the node (a crash between reserving and sending): every later
-# transaction would wait behind that gap, so the counter restarts from the chain.
-_RESERVE_NONCE = """
-local chain = tonumber(ARGV[1])
-local now = tonumber(ARGV[2])
-local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
-local last = tonumber(redis.call('GET', KEYS[2]) or '0')
-if current < chain or (current > chain and now - last > tonumber(ARGV[3])) then current = chain end
-redis.call('SET', KEYS[1], current + 1)
-redis.call('SET', KEYS[2], now)
-return current
+# Reserve the relayer account nonce for the next settlement: hand out max(counter, chain) and move
+# the counter past it, so no two workers share a nonce. A counter ahead of the chain's pending nonce
+# long after the last reservation means nonces were reserved but never reached the node (a crash
+# between reserving and sending): every later transaction would wait behind that gap, so the
+# counter restarts from the chain. (A Lua fragment: $nonce and $at are the counter keys, $chain,
+# $now and $gap the argument positions.)
+_RESERVE_FRAGMENT = Template("""
+local chain = tonumber(ARGV[$chain])
+local now = tonumber(ARGV[$now])
+local current = tonumber(redis.call('GET', $nonce) or '-1')
+local last = tonumber(redis.call('GET', $at) or '0')
+if current < chain or (current > chain and now - last > tonumber(ARGV[$gap])) then current = chain end
+redis.call('SET', $nonce, current + 1)
+redis.call('SET', $at, now)
+""")
+
+# KEYS[1] counter, KEYS[2] time of the last reservation. ARGV: chain pending nonce, now, gap_after.
+_RESERVE_NONCE = (
+    _RESERVE_FRAGMENT.substitute(nonce="KEYS[1]", at="KEYS[2]", chain=1, now=2, gap=3) + "return current\n"
+)
+
+# KEYS[1] payment hash; KEYS[2], KEYS[3] the relayer's counter keys (single-node Redis and a local
+# relayer only). ARGV: now, chain pending nonce, gap_after. Moves claimed → settling and, in the
+# same round trip, reserves the relayer nonce. Returns the nonce, -1 (no nonce asked), -2 (the
+# payment was not claimed).
+_START = (
+    """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'claimed' then return -2 end
+redis.call('HSET', KEYS[1], 'state', 'settling', 'updated', ARGV[1])
+if #KEYS < 3 then return -1 end
 """
+    + _RESERVE_FRAGMENT.substitute(nonce="KEYS[2]", at="KEYS[3]", chain=2, now=1, gap=3)
+    + "redis.call('HSET', KEYS[1], 'relayer_nonce', current)\nreturn current\n"
+)
 NONCE_GAP_AFTER = 30  # seconds: far longer than reserving-to-sending takes
 
 
@@ -81,6 +120,7 @@ class Claim:
     outcome: str  # "claimed", "redeem" or "taken"
     state: str
     tx: str
+    updated: float = 0.0  # when the payment last changed state (unix time)
 
 
 def payment_key(chain_id: int, asset: str, payer: str, nonce: bytes) -> str:
@@ -92,33 +132,54 @@ class Ledger:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self.single_node = not _cluster_enabled(client)
         self._claim = client.register_script(_CLAIM)
         self._transition = client.register_script(_TRANSITION)
         self._reserve_nonce = client.register_script(_RESERVE_NONCE)
+        self._start = client.register_script(_START)
 
     def claim(self, key: str, valid_before: int, payer: str, amount: int, model: str, network: str) -> Claim:
         """Take the payment for this request, atomically across every worker and host."""
         now = int(time.time())
         ttl = max(valid_before - now, 0) + RETENTION_SECONDS
-        outcome, state, tx = self._claim(keys=[key], args=[ttl, now, payer, amount, model, network])
-        return Claim(_text(outcome), _text(state), _text(tx))
+        outcome, state, tx, updated = self._claim(keys=[key], args=[ttl, now, payer, amount, model, network])
+        return Claim(_text(outcome), _text(state), _text(tx), float(_text(updated) or 0))
 
     def transition(self, key: str, allowed: tuple[str, ...], to_state: str, **fields: str) -> bool:
-        """Move the payment from one of ``allowed`` to ``to_state``; False if it was elsewhere."""
-        args: list[Any] = [" ".join(allowed), to_state, int(time.time())]
+        """Move the payment from one of ``allowed`` to ``to_state`` and append its ledger events,
+        in one round trip on a single Redis; False if the payment was elsewhere."""
+        args: list[Any] = [" ".join(allowed), to_state, int(time.time()), LEDGER_MAXLEN]
         for name, value in fields.items():
             args += [name, value]
-        moved = _text(self._transition(keys=[key], args=args)) == "ok"
-        if moved and to_state in TERMINAL_EVENTS:
-            self.append_event(key, to_state)
-        return moved
+        keys = [key, LEDGER_STREAM] if self.single_node else [key]
+        outcome, events, record = self._transition(keys=keys, args=args)
+        if _text(outcome) != "ok":
+            return False
+        values = dict(zip(("payer", "amount", "model", "network", "tx"), map(_text, record), strict=True))
+        for event in events:  # Redis Cluster: the stream is in another slot
+            entry = {"event": _text(event), "key": key, **values}
+            self.redis.xadd(LEDGER_STREAM, entry, maxlen=LEDGER_MAXLEN, approximate=True)
+        return True
 
-    def append_event(self, key: str, event: str) -> None:
-        """Add a settled/served/redeemable/failed record to the ledger stream (for reconciliation)."""
-        record = {_text(k): _text(v) for k, v in self.redis.hgetall(key).items()}
-        entry = {"event": event, "key": key}
-        entry.update({k: record.get(k, "") for k in ("payer", "amount", "model", "network", "tx")})
-        self.redis.xadd(LEDGER_STREAM, entry, maxlen=LEDGER_MAXLEN, approximate=True)
+    def start_settlement(self, key: str, relayer_nonce_of: tuple[int, str, int] | None) -> int | None:
+        """Move claimed → settling; with ``(chain_id, relayer, chain_pending_nonce)`` also reserve
+        the relayer's next account nonce (same round trip on a single Redis). Returns the nonce, or
+        -1 when none was asked; None when the payment was not in ``claimed``."""
+        now = int(time.time())
+        if relayer_nonce_of is not None and self.single_node:
+            chain_id, relayer, chain_pending = relayer_nonce_of
+            counter = relayer_nonce_key(chain_id, relayer)
+            nonce = int(
+                self._start(
+                    keys=[key, counter, counter + ":reserved_at"], args=[now, chain_pending, NONCE_GAP_AFTER]
+                )
+            )
+            return None if nonce == -2 else nonce
+        if int(self._start(keys=[key], args=[now, 0, NONCE_GAP_AFTER])) == -2:
+            return None
+        if relayer_nonce_of is None:
+            return -1
+        return self.reserve_relayer_nonce(*relayer_nonce_of)
 
     def get(self, key: str) -> dict[str, str]:
         return {_text(k): _text(v) for k, v in self.redis.hgetall(key).items()}
@@ -148,6 +209,13 @@ def relayer_nonce_key(chain_id: int, relayer: str) -> str:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _cluster_enabled(client: redis.Redis) -> bool:
+    try:
+        return bool(client.info("cluster").get("cluster_enabled"))
+    except redis.RedisError:
+        return False
 
 
 def keyspace_version(client: redis.Redis) -> int | None:

@@ -8,6 +8,7 @@ error with ``PAYMENT-RESPONSE`` and can retry the same header without a new char
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
@@ -20,6 +21,7 @@ from .x402.challenge import EXPOSED_HEADERS
 from .x402.codec import MalformedInput, strict_json_loads
 
 bp = Blueprint("routes", __name__)
+log = logging.getLogger("x402.routes")
 BODY_JSON_DEPTH = 64
 
 
@@ -61,13 +63,22 @@ def _relay_stream(gate: Gate, paid: Paid, answer: UpstreamAnswer) -> Iterator[by
     try:
         yield from answer.chunks()
     except UpstreamFailed:
-        gate.redeemable(paid)
+        _record_after_stream(gate.redeemable, paid)
         yield STREAM_CUT_EVENT
         raise StreamCut("upstream stream cut") from None
     except GeneratorExit:
-        gate.served(paid)  # the buyer hung up: what was asked for was being delivered
+        _record_after_stream(gate.served, paid)  # the buyer hung up: what was asked for was being delivered
         raise
-    gate.served(paid)
+    _record_after_stream(gate.served, paid)
+
+
+def _record_after_stream(record: Callable[[Paid], None], paid: Paid) -> None:
+    """Once bytes have gone out nothing can be taken back; a ledger that fails now leaves the
+    payment "settled", which refuses the header (never a second stream)."""
+    try:
+        record(paid)
+    except ApiError:
+        log.error("could not record the end of a paid stream")
 
 
 UpstreamCall = Callable[[], UpstreamAnswer]
@@ -122,6 +133,11 @@ def _serve(gate: Gate, quote: Quote, call: UpstreamCall, streaming: bool, render
         raise
     headers = _paid_headers(paid, answer)
     if streaming:
+        try:
+            gate.settled(paid)
+        except ApiError:
+            answer.close()
+            raise
         headers["X-Accel-Buffering"] = "no"
         return Response(_relay_stream(gate, paid, answer), status=answer.status, headers=headers)
     if answer.status < 400:

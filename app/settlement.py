@@ -1,8 +1,9 @@
 """Settlement: submit the payer's authorization from our relayer account and confirm it on chain.
 
 A payment is settled only when our receipt has status 1 **and** the token's ``Transfer(from, payTo,
-value)`` log. The transaction hash is recorded (``on_signed``) before the transaction is broadcast,
-so a crash or a late receipt leaves a *pending* payment with its hash, never a second broadcast.
+value)`` log. The payment is marked *settling* (and the relayer nonce reserved, in the same Redis
+round trip) before anything is broadcast, so a crash or a late receipt leaves a payment that is
+resolved from chain state (its receipt, or the token's logs), never broadcast a second time.
 Relayer account nonces come from a Redis counter shared by every worker and host.
 """
 
@@ -51,6 +52,13 @@ class Settlement:
     reason: str = ""
 
 
+# Moves the claimed payment to "settling" right before anything is submitted; given
+# (chain_id, relayer, chain_pending_nonce) it also reserves and returns the relayer's account nonce.
+StartSettling = Callable[[tuple[int, str, int] | None], int]
+# Records the hash of a fee-bumped replacement before it is broadcast.
+RecordReplacement = Callable[[str], None]
+
+
 class Settler(Protocol):
     """Submits a verified payment and confirms it on chain; ``address`` is the account the
     pre-settlement simulation runs from."""
@@ -62,7 +70,8 @@ class Settler(Protocol):
         payment: PaymentPayload,
         requirement: Requirement,
         preflight: Preflight,
-        on_signed: Callable[[str], None],
+        start: StartSettling,
+        on_replaced: RecordReplacement,
     ) -> Settlement: ...
 
 
@@ -81,13 +90,13 @@ class LocalSettler:
         payment: PaymentPayload,
         requirement: Requirement,
         preflight: Preflight,
-        on_signed: Callable[[str], None],
+        start: StartSettling,
+        on_replaced: RecordReplacement,
     ) -> Settlement:
-        """Send the settlement and wait for it. ``on_signed`` records each transaction hash before
-        it is broadcast (the first, and any fee-bumped replacement of it)."""
+        """Send the settlement and wait for it, replacing it with higher fees if it is stuck."""
         auth = payment.authorization
         chain_id = self.settings.network.chain_id
-        nonce = self.ledger.reserve_relayer_nonce(chain_id, self.address, preflight.relayer_nonce)
+        nonce = start((chain_id, self.address, preflight.relayer_nonce))
         priority = max(preflight.priority_fee, MIN_PRIORITY_FEE)
         transaction = {
             "type": 2,
@@ -100,18 +109,19 @@ class LocalSettler:
             "maxPriorityFeePerGas": priority,
             "maxFeePerGas": preflight.gas_price * 2 + priority,
         }
-        sent = self._sign_and_send(transaction, on_signed)
+        sent = self._sign_and_send(transaction, None)
         if isinstance(sent, Settlement):
             return sent
-        return self.wait(auth, transaction, [sent], on_signed)
+        return self.wait(auth, transaction, [sent], on_replaced)
 
     def _sign_and_send(
-        self, transaction: dict[str, Any], on_signed: Callable[[str], None]
+        self, transaction: dict[str, Any], before_send: RecordReplacement | None
     ) -> str | Settlement:
         """The tx hash once the node has it (or may have it); a ``Settlement`` when it refused it."""
         signed = self.account.sign_transaction(transaction)
         tx_hash = "0x" + bytes(signed.hash).hex()
-        on_signed(tx_hash)
+        if before_send is not None:
+            before_send(tx_hash)
         try:
             answer = self.chain.send_raw_transaction(bytes(signed.raw_transaction))
         except ChainUnavailable:
@@ -126,7 +136,7 @@ class LocalSettler:
         auth: Authorization,
         transaction: dict[str, Any],
         hashes: list[str],
-        on_signed: Callable[[str], None],
+        on_replaced: RecordReplacement,
     ) -> Settlement:
         """Poll the receipts of every version of the transaction until ``X402_RECEIPT_TIMEOUT``:
         short sleeps first (anvil and Base flashblocks answer within milliseconds), backing off to
@@ -151,7 +161,7 @@ class LocalSettler:
                 return Settlement(PENDING, hashes[-1], SETTLEMENT_PENDING)
             if now >= bump_at and len(hashes) <= MAX_FEE_BUMPS:
                 transaction = bumped_fees(transaction)
-                replacement = self._sign_and_send(transaction, on_signed)
+                replacement = self._sign_and_send(transaction, on_replaced)
                 if isinstance(replacement, str):
                     hashes.append(replacement)
                 bump_at = now + self.settings.fee_bump_after
@@ -200,10 +210,11 @@ class FacilitatorSettler:
         payment: PaymentPayload,
         requirement: Requirement,
         preflight: Preflight,
-        on_signed: Callable[[str], None],
+        start: StartSettling,
+        on_replaced: RecordReplacement,
     ) -> Settlement:
         auth = payment.authorization
-        on_signed("")  # settling from here on: the facilitator may broadcast at any moment
+        start(None)  # settling from here on: the facilitator may broadcast at any moment
         if payment.version == 2:
             ours: dict[str, Any] = requirement.to_v2()
         else:
@@ -225,7 +236,6 @@ class FacilitatorSettler:
         if not isinstance(tx_hash, str) or not tx_hash:
             reason = answer.get("errorReason") if isinstance(answer, dict) else None
             return Settlement(FAILED, "", str(reason or TRANSACTION_FAILED))
-        on_signed(tx_hash)
         return self._confirm(auth, tx_hash)
 
     def _confirm(self, auth: Authorization, tx_hash: str) -> Settlement:

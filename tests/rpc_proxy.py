@@ -26,6 +26,7 @@ class FaultyRpc:
         self.stale_block: int | None = None
         self.down = False
         self.calls: list[str] = []
+        self.requests: list[list[str]] = []  # the methods of each HTTP request (one round trip)
         self._lock = threading.Lock()
         owner = self
 
@@ -59,6 +60,7 @@ class FaultyRpc:
         methods = [c.get("method", "") for c in calls]
         with self._lock:
             self.calls.extend(methods)
+            self.requests.append(methods)
         for method in methods:
             time.sleep(self.delays.get(method, 0.0))
             if method == "eth_sendRawTransaction" and self.before_send is not None:

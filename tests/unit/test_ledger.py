@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -44,8 +45,12 @@ def ledger(client: fakeredis.FakeRedis) -> Ledger:
 
 
 def claim(ledger: Ledger, key: str = KEY, valid_before: int | None = None) -> Claim:
+    """Claim, check that the claim reports when the payment last changed, and drop that time so
+    the tests can compare the rest exactly."""
     valid_before = int(time.time()) + 120 if valid_before is None else valid_before
-    return ledger.claim(key, valid_before, PAYER, 10_000, "hermes-3-8b-tee", "eip155:8453")
+    result = ledger.claim(key, valid_before, PAYER, 10_000, "hermes-3-8b-tee", "eip155:8453")
+    assert abs(result.updated - time.time()) < 60
+    return dataclasses.replace(result, updated=0.0)
 
 
 # -- keys ----------------------------------------------------------------------------------------

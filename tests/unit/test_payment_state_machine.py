@@ -76,10 +76,12 @@ class ModelSettler:
         self.broadcasts: Counter[bytes] = Counter()
         self.sent: dict[str, Authorization] = {}
 
-    def settle(self, payment: Any, requirement: Any, preflight: Preflight, on_signed: Any) -> Settlement:
+    def settle(
+        self, payment: Any, requirement: Any, preflight: Preflight, start: Any, replaced: Any
+    ) -> Settlement:
         auth = payment.authorization
+        start((8453, self.address, 0))
         tx_hash = "0x" + os.urandom(32).hex()
-        on_signed(tx_hash)
         self.broadcasts[auth.nonce] += 1
         self.sent[tx_hash] = auth
         if self.next_outcome == SETTLED:
@@ -127,7 +129,10 @@ class GateMachine(RuleBasedStateMachine):
         try:
             ticket = self.gate.begin(self.quote, headers)
             paid = ticket.result()
-        except (PaymentRequired, ApiError):
+        except PaymentRequired:
+            return
+        except ApiError as refusal:
+            assert refusal.code == "settlement_pending", refusal.code  # nothing unexpected
             return
         if upstream_ok:
             self.deliveries[payment.authorization.nonce] += 1

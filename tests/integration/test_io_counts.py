@@ -1,0 +1,66 @@
+"""Round trips per paid call, counted (not timed): every call pays for each one of them.
+
+Before settlement: one JSON-RPC round trip (the batched preflight). Redis: three for a JSON answer
+— claim, start settling (with the relayer nonce), and the final state with its ledger events."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from app import create_app
+from app.devnet import Service
+from app.standin_model import StandinModel
+from tests.rpc_proxy import FaultyRpc
+from tests.support import Proxy, serve
+
+pytestmark = pytest.mark.integration
+
+
+class CountingRedis(redis.Redis):
+    """A Redis client that counts round trips (each command or script call is one)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.round_trips = 0
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.round_trips += 1
+        return super().execute_command(*args, **options)
+
+
+@pytest.fixture
+def counted(proxy: Proxy, anvil: Service) -> Iterator[tuple[Proxy, FaultyRpc, CountingRedis]]:
+    rpc = FaultyRpc(anvil.url)
+    client = CountingRedis.from_url(proxy.settings.redis_url)
+    settings = proxy.settings.with_overrides(rpc_urls=(rpc.url,), redis_client=client)
+    server = serve(create_app(settings))
+    yield (
+        Proxy(f"http://127.0.0.1:{server.server_port}", settings, proxy.wallets, proxy.chain, server),
+        rpc,
+        client,
+    )
+    server.shutdown()
+    rpc.stop()
+
+
+def test_a_paid_call_costs_one_rpc_round_trip_before_settlement_and_three_redis_round_trips(
+    counted: tuple[Proxy, FaultyRpc, CountingRedis], standin: StandinModel
+) -> None:
+    proxy, rpc, client = counted
+    requirement = proxy.requirement()
+    proxy.pay(proxy.payment(requirement))  # warm up: Lua scripts loaded, connections open
+    rpc.requests.clear()
+    client.round_trips = 0
+
+    response = proxy.pay(proxy.payment(requirement))
+
+    assert response.status_code == 200
+    assert client.round_trips == 3
+    sends = [i for i, methods in enumerate(rpc.requests) if "eth_sendRawTransaction" in methods]
+    assert sends == [1]  # the only round trip before the send is the batched preflight
+    assert {"eth_getCode", "eth_estimateGas", "eth_getTransactionCount"} <= set(rpc.requests[0])
+    assert all(methods[-1] == "eth_getTransactionReceipt" for methods in rpc.requests[2:])
