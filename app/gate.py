@@ -48,6 +48,7 @@ from .x402.wire import (
 log = logging.getLogger("x402.gate")
 
 RETRY_AFTER_PENDING = "5"
+PAYMENT_IN_PROGRESS = "payment_in_progress"
 SETTLEMENT_THREADS = 32
 
 
@@ -166,7 +167,10 @@ class Gate:
             )
         except Exception as exc:
             raise ApiError(
-                503, "ledger_unavailable", "payment ledger unavailable; nothing was charged"
+                503,
+                "ledger_unavailable",
+                "payment ledger unavailable; nothing was charged",
+                {"Retry-After": RETRY_AFTER_PENDING},
             ) from exc
         if claim.outcome == "redeem":
             header = self.settle_header(version, True, claim.tx, auth.from_)
@@ -193,7 +197,9 @@ class Gate:
             used_by = self.chain.find_settlement(auth) if preflight.verdict.reason == NONCE_USED else None
         except (ChainUnavailable, RpcFailure) as exc:
             self._forget_or_keep(key, sent=False)
-            raise ApiError(503, "rpc_unavailable", "no RPC endpoint answers; nothing was charged") from exc
+            raise ApiError(
+                503, "rpc_unavailable", "no RPC endpoint answers; nothing was charged", {"Retry-After": "5"}
+            ) from exc
         if used_by is not None and self.ledger.transition(key, ("claimed",), "settled", tx=used_by):
             return None
         if not preflight.verdict:
@@ -234,7 +240,9 @@ class Gate:
             raise
         except ChainUnavailable as exc:
             self._forget_or_keep(key, sent)
-            raise ApiError(503, "rpc_unavailable", "no RPC endpoint answers; nothing was charged") from exc
+            raise ApiError(
+                503, "rpc_unavailable", "no RPC endpoint answers; nothing was charged", {"Retry-After": "5"}
+            ) from exc
         except Exception as exc:
             self._forget_or_keep(key, sent)
             log.error("settlement error: %s", type(exc).__name__)
@@ -275,6 +283,13 @@ class Gate:
         longer than any request can take (its worker died) — is resolved from the chain once."""
         payer, auth, tx = payment.authorization.from_, payment.authorization, claim.tx
         abandoned = claim.state == "settling" and time.time() - claim.updated > self._settling_limit
+        if claim.state in ("claimed", "settling") and not abandoned:
+            raise ApiError(
+                503,
+                PAYMENT_IN_PROGRESS,
+                "this payment is being settled by another request; retry the same header shortly",
+                {"Retry-After": RETRY_AFTER_PENDING},
+            )
         if claim.state != "pending" and not abandoned:
             raise PaymentRequired(
                 reject(NONCE_USED, f"this authorization was already presented ({claim.state})")

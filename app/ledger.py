@@ -27,9 +27,12 @@ KEYSPACE_KEY = "x402:{meta}:keyspace"
 LEDGER_STREAM = "x402:{ledger}"
 LEDGER_MAXLEN = 1_000_000
 RETENTION_SECONDS = 7 * 24 * 3600
+CLAIM_TIMEOUT = 30  # seconds a payment may stay "claimed" (verification takes milliseconds)
 TERMINAL_EVENTS = frozenset({"settled", "served", "redeemable", "failed"})
 
-# KEYS[1] payment hash. ARGV: ttl, now, payer, amount, model, network.
+# KEYS[1] payment hash. ARGV: ttl, now, payer, amount, model, network, claim timeout.
+# A claim still "claimed" after the timeout was abandoned before anything was sent (its request
+# died with Redis or the worker): it is taken over, like a released one.
 # Returns {outcome, state, tx}: outcome "claimed" (new claim), "redeem" (a redeemable payment taken
 # back for this retry, now "settled"), or "taken" (someone holds it; state says where it is).
 _CLAIM = """
@@ -38,8 +41,9 @@ if state == 'redeemable' then
   redis.call('HSET', KEYS[1], 'state', 'settled', 'updated', ARGV[2])
   return {'redeem', 'settled', redis.call('HGET', KEYS[1], 'tx') or '', ARGV[2]}
 end
-if state and state ~= 'released' then
-  local seen = redis.call('HMGET', KEYS[1], 'tx', 'updated')
+local seen = redis.call('HMGET', KEYS[1], 'tx', 'updated')
+local abandoned = state == 'claimed' and tonumber(ARGV[2]) - tonumber(seen[2] or '0') > tonumber(ARGV[7])
+if state and state ~= 'released' and not abandoned then
   return {'taken', state, seen[1] or '', seen[2] or '0'}
 end
 redis.call('HSET', KEYS[1], 'state', 'claimed', 'payer', ARGV[3], 'amount', ARGV[4], 'model', ARGV[5],
@@ -142,7 +146,9 @@ class Ledger:
         """Take the payment for this request, atomically across every worker and host."""
         now = int(time.time())
         ttl = max(valid_before - now, 0) + RETENTION_SECONDS
-        outcome, state, tx, updated = self._claim(keys=[key], args=[ttl, now, payer, amount, model, network])
+        outcome, state, tx, updated = self._claim(
+            keys=[key], args=[ttl, now, payer, amount, model, network, CLAIM_TIMEOUT]
+        )
         return Claim(_text(outcome), _text(state), _text(tx), float(_text(updated) or 0))
 
     def transition(self, key: str, allowed: tuple[str, ...], to_state: str, **fields: str) -> bool:

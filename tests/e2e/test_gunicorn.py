@@ -90,7 +90,7 @@ def test_workers_share_one_ledger_each_payment_serves_once(
     attempts = [p for p in payments for _ in range(3)]  # three copies of every payment, racing
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(lambda p: proxy.pay(p).status_code, attempts))
-    assert sorted(statuses) == [200] * 4 + [402] * 8
+    assert statuses.count(200) == 4 and set(statuses) <= {200, 402, 503}  # 503: still in progress
     amount = int(requirement["amount"])
     assert proxy.balances() == (payer_before - 4 * amount, payee_before + 4 * amount)
     assert len(standin.received) == 4
@@ -122,7 +122,7 @@ def test_one_header_raced_across_two_gunicorn_instances_is_served_once(
                     urls,
                 )
             )
-        assert sorted(statuses) == [200] + [402] * 15
+        assert statuses.count(200) == 1 and set(statuses) <= {200, 402, 503}  # 503: in progress
         assert len(standin.received) == 1
         assert proxy.balances()[0] == payer_before - payment.authorization.value  # one Transfer
     finally:

@@ -149,7 +149,7 @@ def test_concurrent_copies_of_one_payment_serve_once(proxy: Proxy, standin) -> N
     payer_before, _ = proxy.balances()
     with ThreadPoolExecutor(8) as pool:
         statuses = sorted(r.status_code for r in pool.map(lambda _: proxy.pay(payment), range(8)))
-    assert statuses == [200] + [402] * 7
+    assert statuses.count(200) == 1 and set(statuses) <= {200, 402, 503}  # 503: still in progress
     assert len(standin.received) == 1
     assert proxy.balances()[0] == payer_before - int(payment.authorization.value)
 

@@ -132,7 +132,7 @@ class GateMachine(RuleBasedStateMachine):
         except PaymentRequired:
             return
         except ApiError as refusal:
-            assert refusal.code == "settlement_pending", refusal.code  # nothing unexpected
+            assert refusal.code in {"settlement_pending", "payment_in_progress"}, refusal.code
             return
         if upstream_ok:
             self.deliveries[payment.authorization.nonce] += 1
