@@ -4,8 +4,10 @@ Threaded workers: a streamed answer holds a thread for its whole length, so each
 several. All payment state is in Redis, so any number of workers and hosts can share the load.
 """
 
+import glob
 import multiprocessing
 import os
+import tempfile
 
 bind = os.environ.get("X402_BIND", "0.0.0.0:8402")
 workers = int(os.environ.get("X402_WORKERS", str(max(2, multiprocessing.cpu_count()))))
@@ -24,3 +26,36 @@ graceful_timeout = 30
 keepalive = 5
 accesslog = None  # the request line may carry nothing secret, but keep logs to the app's own
 errorlog = "-"
+
+# The app's own loggers ("x402.*": one JSON line per request, and errors) go to stdout.
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "line": {"format": "%(message)s"},
+        "server": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"},
+    },
+    "handlers": {
+        "stdout": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "formatter": "line"},
+        "stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "server"},
+    },
+    "root": {"level": "INFO", "handlers": ["stderr"]},
+    "loggers": {
+        "x402": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
+        "gunicorn.error": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+    },
+}
+
+# Metrics summed over all workers: prometheus-client's multiprocess mode needs a directory shared by
+# the workers, set before the app (and prometheus_client) is imported, emptied at start.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="x402-metrics-")
+for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+    os.remove(stale)
+
+
+def child_exit(server: object, worker: object) -> None:
+    """A worker is gone: fold its metrics into the totals."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]

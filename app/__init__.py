@@ -10,13 +10,28 @@ from .settings import Settings
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app. Each resource module checks its own dependency at start (Redis, RPC chain id,
     token domain) and raises ``SettingsError`` naming the variable to fix."""
-    from . import catalog, chain, edge, errors, gate, ledger, ops, routes, settlement, upstream
+    from . import (
+        accesslog,
+        catalog,
+        chain,
+        edge,
+        errors,
+        gate,
+        ledger,
+        metrics,
+        ops,
+        routes,
+        settlement,
+        upstream,
+    )
 
     app = Flask(__name__)
     settings = settings or Settings.from_env()
     app.config["X402_SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     edge.init_app(app)
+    metrics.init_app(app)
+    accesslog.init_app(app)
     errors.init_app(app)
     catalog.init_app(app)
     ledger.init_app(app)

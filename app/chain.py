@@ -49,6 +49,7 @@ SEL_BALANCE_OF = selector("balanceOf(address)")
 SEL_AUTHORIZATION_STATE = selector("authorizationState(address,bytes32)")
 SEL_PAUSED = selector("paused()")
 SEL_NAME = selector("name()")
+SEL_IS_BLACKLISTED = selector("isBlacklisted(address)")
 SEL_VERSION = selector("version()")
 SEL_TWA_VRS = selector(
     "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
@@ -311,6 +312,33 @@ class Chain:
 
     def chain_id(self, url: str) -> int:
         return _uint(RpcClient((url,), timeout=5).call("eth_chainId", []))
+
+    def endpoint_health(self, url: str) -> dict[str, Any]:
+        """One RPC endpoint, asked directly: its chain id and how old its latest block is."""
+        chain_id, block = RpcClient((url,), timeout=3).batch(
+            [("eth_chainId", []), ("eth_getBlockByNumber", ["latest", False])]
+        )
+        if isinstance(chain_id, RpcError) or not isinstance(block, dict):
+            return {"ok": False, "error": "no answer"}
+        age = time.time() - _uint(block.get("timestamp"))
+        right_chain = _uint(chain_id) == self.settings.network.chain_id
+        return {
+            "ok": right_chain,
+            "chain_id": _uint(chain_id),
+            "block": _uint(block.get("number")),
+            "block_age_s": round(age, 1),
+        }
+
+    def asset_status(self, pay_to: str, relayer: str) -> tuple[bool, bool, int]:
+        """(token paused, payTo blacklisted, relayer ETH balance in wei) in one round trip."""
+        paused, blacklisted, balance = self.rpc.batch(
+            [
+                eth_call(self.asset, SEL_PAUSED),
+                eth_call(self.asset, SEL_IS_BLACKLISTED + encode(["address"], [pay_to])),
+                ("eth_getBalance", [relayer, "latest"]),
+            ]
+        )
+        return _word_uint(paused) == 1, _word_uint(blacklisted) == 1, _uint(balance)
 
     def token_domain(self) -> tuple[str, str]:
         name, version = self.rpc.batch([eth_call(self.asset, SEL_NAME), eth_call(self.asset, SEL_VERSION)])

@@ -11,6 +11,9 @@ import logging
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
+from .accesslog import note
+from .metrics import payment_outcome
+
 log = logging.getLogger("x402.errors")
 
 
@@ -41,6 +44,9 @@ def _http_code(exc: HTTPException) -> str:
 def init_app(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
+        note(outcome="error", reason=exc.code)
+        if exc.status == 503:
+            payment_outcome("unavailable", exc.code)
         return json_error(exc.status, exc.code, exc.message, exc.headers)
 
     @app.errorhandler(HTTPException)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from flask import Flask, Response, current_app, jsonify
 
+from . import metrics
+from .accesslog import note
 from .catalog import Catalog, Quote
 from .chain import ASSET_PAUSED, Chain, ChainUnavailable, Preflight, RpcFailure, transfer_logged
 from .errors import ApiError
@@ -130,6 +132,7 @@ class Gate:
         """The 402: v1 body + v2 ``PAYMENT-REQUIRED`` header for this body's price."""
         description = f"{quote.model.name} call ({'TEE' if quote.model.tee else 'non-TEE'})"
         built = build_challenge(self.requirement(quote), Resource(resource_url, description), reason)
+        metrics.CHALLENGES.labels(reason).inc()
         response = jsonify(built.body)
         response.status_code = 402
         response.headers.update(built.headers())
@@ -160,6 +163,7 @@ class Gate:
             raise PaymentRequired(offline.verdict)
 
         auth = parsed.authorization
+        note(model=quote.model.name, amount=quote.amount, payer=auth.from_, x402_version=version)
         key = payment_key(requirement.chain_id, requirement.asset, auth.from_, auth.nonce)
         try:
             claim = self.ledger.claim(
@@ -179,6 +183,7 @@ class Gate:
             return Ticket(paid=self._already_claimed(quote, parsed, key, claim, version))
         preflight = self._preflight(auth, offline.signature, offline.ecdsa_signer, key)
         if preflight is None:  # already used on chain, and it paid us: settled under our claim
+            self._confirmed(quote)
             tx = self.ledger.get(key).get("tx", "")
             return Ticket(
                 paid=Paid(quote, key, auth.from_, tx, self.settle_header(version, True, tx, auth.from_))
@@ -234,6 +239,7 @@ class Gate:
         def replaced(tx_hash: str) -> None:
             self.ledger.transition(key, ("settling",), "settling", tx=tx_hash)
 
+        started = time.perf_counter()
         try:
             settlement = self.settler.settle(payment, requirement, preflight, start, replaced)
         except ApiError:
@@ -252,6 +258,8 @@ class Gate:
         if settlement.outcome == SETTLED:
             # recorded with what happens next (served, redeemable, or settled before a stream), in
             # the same round trip; until then the payment is "settling" and resolved from chain
+            metrics.SETTLEMENT_SECONDS.observe(time.perf_counter() - started)
+            self._confirmed(quote)
             return Paid(quote, key, payer, tx, self.settle_header(version, True, tx, payer))
         if settlement.outcome == FAILED:
             self.ledger.transition(key, ("settling",), "failed", tx=tx)
@@ -304,6 +312,7 @@ class Gate:
             raise self._pending_error(version, tx, payer) from None
         if settled_by is not None:
             if self.ledger.transition(key, (claim.state,), "settled", tx=settled_by):
+                self._confirmed(quote)
                 return Paid(
                     quote, key, payer, settled_by, self.settle_header(version, True, settled_by, payer)
                 )
@@ -321,6 +330,11 @@ class Gate:
             {name: value, "Retry-After": RETRY_AFTER_PENDING, "Access-Control-Expose-Headers": name},
         )
 
+    @staticmethod
+    def _confirmed(quote: Quote) -> None:
+        """The chain shows this payment: count it as revenue (once per payment)."""
+        metrics.REVENUE.labels(quote.model.name).inc(quote.amount)
+
     def _record(self, paid: Paid, to_state: str) -> None:
         """Record what became of a settled payment (with its tx hash and ledger events, one round
         trip). Content is released only after this succeeds: if Redis is down the client gets 503
@@ -335,6 +349,8 @@ class Gate:
                 "your payment settled but could not be recorded; retry the same payment header shortly",
                 {name: value, "Retry-After": RETRY_AFTER_PENDING, "Access-Control-Expose-Headers": name},
             ) from exc
+        metrics.payment_outcome(to_state)
+        note(outcome=to_state, tx=paid.tx_hash)
 
     def settled(self, paid: Paid) -> None:
         """Before a stream starts: the payment is confirmed, the answer is on its way."""

@@ -12,6 +12,7 @@ see exactly one winner. States (ARCHITECTURE.md):
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from string import Template
@@ -186,6 +187,22 @@ class Ledger:
         if relayer_nonce_of is None:
             return -1
         return self.reserve_relayer_nonce(*relayer_nonce_of)
+
+    def count_open(self, limit: int = 20_000) -> dict[str, int]:
+        """How many payments are pending or redeemable (scans at most ``limit`` payment keys, their
+        states read a thousand per round trip)."""
+        counts = {"pending": 0, "redeemable": 0, "scanned": 0}
+        keys = list(itertools.islice(self.redis.scan_iter(match="x402:{auth:*", count=1000), limit))
+        for start in range(0, len(keys), 1000):
+            pipeline = self.redis.pipeline(transaction=False)
+            for key in keys[start : start + 1000]:
+                pipeline.hget(key, "state")
+            for state in pipeline.execute():
+                name = _text(state or b"")
+                if name in ("pending", "redeemable"):
+                    counts[name] += 1
+        counts["scanned"] = len(keys)
+        return counts
 
     def get(self, key: str) -> dict[str, str]:
         return {_text(k): _text(v) for k, v in self.redis.hgetall(key).items()}

@@ -1,13 +1,89 @@
-"""Operator endpoints: ``/healthz`` (the process answers) and ``/readyz`` (its dependencies do)."""
+"""Operator endpoints: ``/healthz`` (the process answers), ``/readyz`` (every dependency does, one
+JSON entry per check) and ``/metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, Response, jsonify
+import threading
+import time
+from typing import Any
 
+from flask import Blueprint, Flask, Response, current_app, jsonify
+
+from . import metrics
 from .chain import get_chain
-from .ledger import get_ledger
+from .ledger import KEYSPACE_VERSION, get_ledger, keyspace_version
+from .settings import Settings
+from .settlement import get_settler
+from .upstream import UpstreamFailed, get_upstream
 
 bp = Blueprint("ops", __name__)
+MAX_BLOCK_AGE_SECONDS = 120
+UPSTREAM_CHECK_TTL = 30.0
+_upstream_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+_upstream_lock = threading.Lock()
+
+
+def _check(run: Any) -> dict[str, Any]:
+    """Run one readiness check; any exception is a failed check, named by its type only."""
+    try:
+        result: dict[str, Any] = run()
+    except Exception as exc:
+        return {"ok": False, "error": type(exc).__name__}
+    return result
+
+
+def _redis() -> dict[str, Any]:
+    client = get_ledger().redis
+    client.ping()
+    version = keyspace_version(client)
+    return {"ok": version == KEYSPACE_VERSION, "keyspace": version, "expected": KEYSPACE_VERSION}
+
+
+def _rpc(url: str) -> dict[str, Any]:
+    health = get_chain().endpoint_health(url)
+    if health.get("ok") and health["block_age_s"] > MAX_BLOCK_AGE_SECONDS:
+        health["ok"], health["error"] = False, "stale block"
+    return health
+
+
+def _asset(settings: Settings) -> dict[str, Any]:
+    paused, blacklisted, balance = get_chain().asset_status(settings.pay_to, get_settler().address)
+    result: dict[str, Any] = {
+        "ok": not paused and not blacklisted,
+        "paused": paused,
+        "pay_to_blacklisted": blacklisted,
+    }
+    if not settings.facilitator_url:
+        metrics.RELAYER_BALANCE.set(balance)
+        result["relayer_balance_wei"] = balance
+        result["relayer_ok"] = balance >= settings.relayer_min_wei
+        result["ok"] = result["ok"] and result["relayer_ok"]
+    return result
+
+
+def _upstream(settings: Settings) -> dict[str, Any]:
+    """The model host answers; cached so probes do not hammer it."""
+    now = time.monotonic()
+    with _upstream_lock:
+        cached = _upstream_cache.get(settings.upstream_url)
+        if cached and now - cached[0] < UPSTREAM_CHECK_TTL:
+            return cached[1]
+    try:
+        answer = get_upstream().probe()
+        answer.close()
+        result: dict[str, Any] = {"ok": True, "status": answer.status}
+    except UpstreamFailed as exc:
+        result = {"ok": False, "error": str(exc)}
+    with _upstream_lock:
+        _upstream_cache[settings.upstream_url] = (now, result)
+    return result
+
+
+def _open_payments() -> dict[str, Any]:
+    counts = get_ledger().count_open()
+    for state, count in counts.items():
+        metrics.OPEN_PAYMENTS.labels(state).set(count)
+    return {"ok": True, **counts}
 
 
 @bp.get("/healthz")
@@ -17,23 +93,23 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    checks: dict[str, dict[str, object]] = {}
-    try:
-        get_ledger().redis.ping()
-        checks["redis"] = {"ok": True}
-    except Exception as exc:
-        checks["redis"] = {"ok": False, "error": type(exc).__name__}
-    chain = get_chain()
-    try:
-        chain_id = int(chain.rpc.call("eth_chainId", []), 16)
-        expected = chain.settings.network.chain_id
-        checks["rpc"] = {"ok": chain_id == expected, "chain_id": chain_id}
-    except Exception as exc:
-        checks["rpc"] = {"ok": False, "error": type(exc).__name__}
-    ready = all(c["ok"] for c in checks.values())
+    settings: Settings = current_app.config["X402_SETTINGS"]
+    checks = {"redis": _check(_redis)}
+    for index, url in enumerate(settings.rpc_urls):
+        checks[f"rpc_{index}"] = _check(lambda url=url: _rpc(url))
+    checks["asset"] = _check(lambda: _asset(settings))
+    checks["upstream"] = _check(lambda: _upstream(settings))
+    checks["open_payments"] = _check(_open_payments)
+    rpc_ok = any(c["ok"] for name, c in checks.items() if name.startswith("rpc_"))
+    ready = rpc_ok and all(c["ok"] for name, c in checks.items() if not name.startswith("rpc_"))
     response = jsonify({"ready": ready, "checks": checks})
     response.status_code = 200 if ready else 503
     return response
+
+
+@bp.get("/metrics")
+def metrics_endpoint() -> Response:
+    return metrics.exposition(current_app.config["X402_SETTINGS"].metrics_dir)
 
 
 def init_app(app: Flask) -> None:

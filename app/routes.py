@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
+from .accesslog import note
 from .catalog import Quote, QuoteError, get_catalog
 from .errors import ApiError, json_error
 from .gate import Gate, Paid, PaymentRequired, get_gate
+from .metrics import STREAM_FIRST_BYTE_SECONDS, UPSTREAM_SECONDS, payment_outcome
 from .upstream import UpstreamAnswer, UpstreamFailed, get_upstream
 from .x402.challenge import EXPOSED_HEADERS
 from .x402.codec import MalformedInput, strict_json_loads
+from .x402.verdict import PAYMENT_REQUIRED
 
 bp = Blueprint("routes", __name__)
 log = logging.getLogger("x402.routes")
@@ -56,12 +60,17 @@ STREAM_CUT_EVENT = (
 )
 
 
-def _relay_stream(gate: Gate, paid: Paid, answer: UpstreamAnswer) -> Iterator[bytes]:
+def _relay_stream(gate: Gate, paid: Paid, answer: UpstreamAnswer, started: float) -> Iterator[bytes]:
     """Pass chunks through as they come; the payment is served once the stream ends cleanly.
     A stream the host cuts leaves the payment redeemable, and the client sees both an error event
     and a broken transfer (no clean end that could pass for a complete answer)."""
+    first = True
     try:
-        yield from answer.chunks()
+        for chunk in answer.chunks():
+            if first:
+                STREAM_FIRST_BYTE_SECONDS.observe(time.perf_counter() - started)
+                first = False
+            yield chunk
     except UpstreamFailed:
         _record_after_stream(gate.redeemable, paid)
         yield STREAM_CUT_EVENT
@@ -98,8 +107,12 @@ def _paid(quote: Quote, call: UpstreamCall, streaming: bool, render: Render | No
     try:
         return _serve(gate, quote, call, streaming, render)
     except PaymentRequired as refusal:
+        reason = refusal.verdict.reason
+        if reason != PAYMENT_REQUIRED:
+            payment_outcome("refused", reason)
+            note(outcome="refused", reason=reason)
         extra = dict([refusal.settle_response]) if refusal.settle_response else {}
-        return gate.challenge(quote, _resource_url(), refusal.verdict.reason, extra)
+        return gate.challenge(quote, _resource_url(), reason, extra)
 
 
 def _paid_call(route: str) -> Response:
@@ -118,8 +131,11 @@ def _serve(gate: Gate, quote: Quote, call: UpstreamCall, streaming: bool, render
     ticket = gate.begin(quote, request.headers)
     if gate.settings.settle_first:
         ticket.result()
+    upstream_started = time.perf_counter()
     try:
         answer = call()
+        UPSTREAM_SECONDS.observe(time.perf_counter() - upstream_started)
+        note(upstream_ms=round((time.perf_counter() - upstream_started) * 1000, 1))
         streaming = streaming and answer.status < 400  # an error answer is read whole, like JSON
         content = b"" if streaming else answer.read()
     except UpstreamFailed:
@@ -139,7 +155,8 @@ def _serve(gate: Gate, quote: Quote, call: UpstreamCall, streaming: bool, render
             answer.close()
             raise
         headers["X-Accel-Buffering"] = "no"
-        return Response(_relay_stream(gate, paid, answer), status=answer.status, headers=headers)
+        relay = _relay_stream(gate, paid, answer, g.x402_started)
+        return Response(relay, status=answer.status, headers=headers)
     if answer.status < 400:
         gate.served(paid)
     else:

@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from eth_utils import to_checksum_address
@@ -74,6 +75,9 @@ class Settings:
     max_body_bytes: int = 1_000_000
     tee_only: bool = True
     facilitator_url: str = ""
+    relayer_min_wei: int = 10**15  # 0.001 ETH
+    log_client_ip: bool = False
+    metrics_dir: str = ""  # PROMETHEUS_MULTIPROC_DIR: metrics summed over gunicorn workers
     settle_first: bool = False
     # Tests and the devnet pass their own Redis client (fakeredis or a prepared pool).
     redis_client: object | None = field(default=None, repr=False, compare=False)
@@ -156,6 +160,9 @@ class Settings:
             max_body_bytes=_integer("X402_MAX_BODY_BYTES", get("X402_MAX_BODY_BYTES", "1000000")),
             tee_only=_flag("X402_TEE_ONLY", get("X402_TEE_ONLY", "1")),
             facilitator_url=facilitator_url,
+            relayer_min_wei=_eth_to_wei("X402_RELAYER_MIN_ETH", get("X402_RELAYER_MIN_ETH", "0.001")),
+            log_client_ip=_flag("X402_LOG_CLIENT_IP", get("X402_LOG_CLIENT_IP", "0")),
+            metrics_dir=get("PROMETHEUS_MULTIPROC_DIR"),
             settle_first=_flag("X402_SETTLE_FIRST", get("X402_SETTLE_FIRST", "0")),
         )
 
@@ -186,6 +193,16 @@ def _number(variable: str, value: str) -> float:
     if not 0 < number < float("inf"):
         raise SettingsError(variable, "must be a positive finite number")
     return number
+
+
+def _eth_to_wei(variable: str, value: str) -> int:
+    try:
+        wei = Decimal(value) * 10**18
+    except InvalidOperation:
+        raise SettingsError(variable, f"not an amount of ETH: {value!r}") from None
+    if not wei.is_finite() or wei < 0:
+        raise SettingsError(variable, "must be a non-negative amount of ETH")
+    return int(wei)
 
 
 def _integer(variable: str, value: str) -> int:
