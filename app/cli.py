@@ -1,4 +1,4 @@
-"""``x402-proxy``: serve · devnet · migrate · pay."""
+"""``x402-proxy``: serve · devnet · migrate · pay · reconcile · revenue."""
 
 from __future__ import annotations
 
@@ -57,6 +57,44 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return 1
     verb = "would apply" if args.dry_run else "applied"
     print(f"{verb}: {', '.join(f'{m.number:04d}_{m.name}' for m in done) or 'nothing (keyspace is current)'}")
+    return 0
+
+
+def _books_parts() -> tuple[Any, Any, Any]:
+    """Settings, ledger and chain for the offline commands (no HTTP server)."""
+    from .chain import Chain
+    from .ledger import Ledger, connect
+    from .settings import Settings
+
+    settings = Settings.from_env()
+    return settings, Ledger(connect(settings)), Chain(settings)
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from .books import parse_duration, reconcile, render_findings
+    from .settings import SettingsError
+
+    try:
+        settings, ledger, chain = _books_parts()
+        findings = reconcile(ledger, chain, settings, parse_duration(args.since))
+    except (SettingsError, ValueError) as exc:
+        print(f"x402-proxy reconcile: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render_findings(findings))
+    return 1 if any(f.problem for f in findings) else 0
+
+
+def cmd_revenue(args: argparse.Namespace) -> int:
+    from .books import parse_duration, render_revenue, revenue
+    from .settings import SettingsError
+
+    try:
+        _, ledger, _ = _books_parts()
+        totals = revenue(ledger, parse_duration(args.since), args.by)
+    except (SettingsError, ValueError) as exc:
+        print(f"x402-proxy revenue: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render_revenue(totals, args.by, args.csv))
     return 0
 
 
@@ -184,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     devnet.add_argument("--demo", action="store_true", help="make one paid call, print it and stop")
     migrate = sub.add_parser("migrate", help="apply pending Redis keyspace migrations (REDIS_URL)")
     migrate.add_argument("--dry-run", action="store_true")
+    reconcile = sub.add_parser(
+        "reconcile", help="check recent payments against the chain; resolve pending ones"
+    )
+    reconcile.add_argument("--since", default="24h", help="window, e.g. 30m, 24h, 7d (default 24h)")
+    revenue = sub.add_parser("revenue", help="settled revenue from the ledger")
+    revenue.add_argument("--by", choices=("model", "day", "payer"), default="model")
+    revenue.add_argument("--since", default="30d")
+    revenue.add_argument("--csv", action="store_true")
     pay = sub.add_parser("pay", help="call a paid URL, paying its 402 from a key")
     pay.add_argument("url")
     pay.add_argument("--key", help="payer private key (hex)")
@@ -193,7 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"serve": cmd_serve, "devnet": cmd_devnet, "migrate": cmd_migrate, "pay": cmd_pay}
+COMMANDS = {
+    "serve": cmd_serve,
+    "devnet": cmd_devnet,
+    "migrate": cmd_migrate,
+    "pay": cmd_pay,
+    "reconcile": cmd_reconcile,
+    "revenue": cmd_revenue,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -150,7 +150,7 @@ class Ledger:
         outcome, state, tx, updated = self._claim(
             keys=[key], args=[ttl, now, payer, amount, model, network, CLAIM_TIMEOUT]
         )
-        return Claim(_text(outcome), _text(state), _text(tx), float(_text(updated) or 0))
+        return Claim(text_of(outcome), text_of(state), text_of(tx), float(text_of(updated) or 0))
 
     def transition(self, key: str, allowed: tuple[str, ...], to_state: str, **fields: str) -> bool:
         """Move the payment from one of ``allowed`` to ``to_state`` and append its ledger events,
@@ -160,11 +160,11 @@ class Ledger:
             args += [name, value]
         keys = [key, LEDGER_STREAM] if self.single_node else [key]
         outcome, events, record = self._transition(keys=keys, args=args)
-        if _text(outcome) != "ok":
+        if text_of(outcome) != "ok":
             return False
-        values = dict(zip(("payer", "amount", "model", "network", "tx"), map(_text, record), strict=True))
+        values = dict(zip(("payer", "amount", "model", "network", "tx"), map(text_of, record), strict=True))
         for event in events:  # Redis Cluster: the stream is in another slot
-            entry = {"event": _text(event), "key": key, **values}
+            entry = {"event": text_of(event), "key": key, **values}
             self.redis.xadd(LEDGER_STREAM, entry, maxlen=LEDGER_MAXLEN, approximate=True)
         return True
 
@@ -198,14 +198,14 @@ class Ledger:
             for key in keys[start : start + 1000]:
                 pipeline.hget(key, "state")
             for state in pipeline.execute():
-                name = _text(state or b"")
+                name = text_of(state or b"")
                 if name in ("pending", "redeemable"):
                     counts[name] += 1
         counts["scanned"] = len(keys)
         return counts
 
     def get(self, key: str) -> dict[str, str]:
-        return {_text(k): _text(v) for k, v in self.redis.hgetall(key).items()}
+        return {text_of(k): text_of(v) for k, v in self.redis.hgetall(key).items()}
 
     def reserve_relayer_nonce(
         self, chain_id: int, relayer: str, chain_pending: int, now: float | None = None
@@ -221,7 +221,7 @@ class Ledger:
 
     def events(self, count: int = 100) -> list[dict[str, str]]:
         return [
-            {_text(k): _text(v) for k, v in fields.items()}
+            {text_of(k): text_of(v) for k, v in fields.items()}
             for _id, fields in self.redis.xrevrange(LEDGER_STREAM, count=count)
         ]
 
@@ -230,7 +230,7 @@ def relayer_nonce_key(chain_id: int, relayer: str) -> str:
     return f"x402:{{relayer:{chain_id}:{relayer.lower()}}}:nonce"
 
 
-def _text(value: Any) -> str:
+def text_of(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

@@ -1,0 +1,148 @@
+"""The books: reconcile the ledger against the chain, and report revenue from the ledger stream.
+
+Redis is the fast lock, the chain is the record of truth. ``reconcile`` walks the payments that
+changed within a window and checks each one that claims money moved — settled, served,
+redeemable — against its transaction's receipt (status, and the token's ``Transfer`` of exactly
+the recorded amount from the payer to our payee); it resolves pending payments from chain state.
+It only reads the chain and only moves ``pending`` (or abandoned ``settling``) payments, through
+the same atomic transitions the proxy uses, so it is safe to run while the proxy serves.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from decimal import Decimal
+
+from .chain import Chain, ChainUnavailable, RpcFailure, transfer_logged
+from .ledger import LEDGER_STREAM, Ledger, text_of
+from .settings import Settings
+from .x402.wire import Authorization
+
+MONEY_MOVED = ("settled", "served", "redeemable")
+DURATION_RE = re.compile(r"([0-9]+)([smhd])")
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+KEY_RE = re.compile(r"^x402:\{auth:([0-9]+):(0x[0-9a-f]{40}):(0x[0-9a-f]{40}):0x([0-9a-f]{64})\}$")
+
+
+def parse_duration(text: str) -> int:
+    """'90s', '30m', '24h', '7d' → seconds."""
+    match = DURATION_RE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30m, 24h, 7d)")
+    return int(match.group(1)) * UNIT_SECONDS[match.group(2)]
+
+
+@dataclass(frozen=True)
+class Finding:
+    key: str
+    state: str
+    tx: str
+    problem: str  # "" when the payment checks out
+    resolved: str = ""  # the new state when reconcile resolved a pending payment
+
+
+def _authorization(key: str, record: dict[str, str], pay_to: str) -> Authorization | None:
+    match = KEY_RE.match(key)
+    if not match or not record.get("amount", "").isdigit():
+        return None
+    return Authorization(
+        from_=match.group(3),
+        to=pay_to.lower(),
+        value=int(record["amount"]),
+        valid_after=0,
+        valid_before=0,
+        nonce=bytes.fromhex(match.group(4)),
+    )
+
+
+def reconcile(ledger: Ledger, chain: Chain, settings: Settings, since_seconds: int) -> list[Finding]:
+    """Check every recent payment that claims money moved; resolve pending ones."""
+    cutoff = time.time() - since_seconds
+    findings = []
+    for raw_key in ledger.redis.scan_iter(match="x402:{auth:*", count=1000):
+        key = text_of(raw_key)
+        record = ledger.get(key)
+        state, tx = record.get("state", ""), record.get("tx", "")
+        if float(record.get("updated") or 0) < cutoff or state not in (*MONEY_MOVED, "pending"):
+            continue
+        auth = _authorization(key, record, settings.pay_to)
+        if auth is None:
+            findings.append(Finding(key, state, tx, "malformed payment record"))
+            continue
+        try:
+            receipt = chain.receipt(tx) if tx else None
+            confirmed = receipt is not None and transfer_logged(receipt, chain.asset, auth)
+            settled_by = tx if confirmed else chain.find_settlement(auth)
+        except (ChainUnavailable, RpcFailure) as exc:
+            findings.append(Finding(key, state, tx, f"chain unavailable: {type(exc).__name__}"))
+            continue
+        if state == "pending":
+            if settled_by is not None and ledger.transition(key, ("pending",), "settled", tx=settled_by):
+                findings.append(Finding(key, state, settled_by, "", resolved="settled"))
+            elif receipt is not None and ledger.transition(key, ("pending",), "failed"):
+                findings.append(Finding(key, state, tx, "", resolved="failed"))
+            continue
+        if settled_by is None:
+            problem = (
+                "no transaction recorded"
+                if not tx
+                else "no matching Transfer on chain for the recorded amount"
+            )
+            findings.append(Finding(key, state, tx, problem))
+        elif settled_by != tx:
+            findings.append(Finding(key, state, tx, f"money moved by {settled_by}, not the recorded tx"))
+    return findings
+
+
+def render_findings(findings: list[Finding]) -> str:
+    rows = [f for f in findings if f.problem or f.resolved]
+    if not rows:
+        return "reconcile: every checked payment matches the chain\n"
+    out = io.StringIO()
+    out.write(f"{'state':<11} {'result':<10} {'tx':<68} payment / problem\n")
+    for f in rows:
+        result = f"→ {f.resolved}" if f.resolved else "MISMATCH"
+        out.write(f"{f.state:<11} {result:<10} {f.tx or '-':<68} {f.key}\n")
+        if f.problem:
+            out.write(f"{'':<11} {'':<10} {'':<68} {f.problem}\n")
+    return out.getvalue()
+
+
+def revenue(ledger: Ledger, since_seconds: int, by: str) -> dict[str, int]:
+    """Settled amounts (atomic units) grouped by model, day (UTC) or payer, from the ledger stream."""
+    start = f"{int((time.time() - since_seconds) * 1000)}-0"
+    totals: dict[str, int] = defaultdict(int)
+    for entry_id, fields in ledger.redis.xrange(LEDGER_STREAM, min=start, max="+"):
+        entry = {text_of(k): text_of(v) for k, v in fields.items()}
+        if entry.get("event") != "settled" or not entry.get("amount", "").isdigit():
+            continue
+        if by == "day":
+            group = time.strftime("%Y-%m-%d", time.gmtime(int(text_of(entry_id).split("-")[0]) / 1000))
+        else:
+            group = entry.get(by, "")
+        totals[group] += int(entry["amount"])
+    return dict(sorted(totals.items()))
+
+
+def dollars(atomic: int, decimals: int = 6) -> str:
+    return f"${Decimal(atomic) / 10**decimals:,.{decimals}f}"
+
+
+def render_revenue(totals: dict[str, int], by: str, as_csv: bool) -> str:
+    out = io.StringIO()
+    if as_csv:
+        writer = csv.writer(out)
+        writer.writerow([by, "atomic_units", "usdc"])
+        for group, amount in totals.items():
+            writer.writerow([group, amount, f"{Decimal(amount) / 10**6:.6f}"])
+        return out.getvalue()
+    width = max([len(by), *(len(g) for g in totals)])
+    for group, amount in totals.items():
+        out.write(f"{group:<{width}}  {dollars(amount):>16}\n")
+    out.write(f"{'total':<{width}}  {dollars(sum(totals.values())):>16}\n")
+    return out.getvalue()
