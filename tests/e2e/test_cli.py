@@ -74,3 +74,20 @@ def test_pay_refuses_to_pay_above_max_amount(proxy: Proxy, capsys: pytest.Captur
     assert code == 1
     assert "above the limit of 1000" in capsys.readouterr().err
     assert proxy.balances() == balances
+
+
+def test_migrate_command_dry_run_then_apply(
+    redis_client, redis_service, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.ledger import KEYSPACE_KEY, KEYSPACE_VERSION
+
+    redis_client.hset("x402:{auth:8453:0xa:0xb:0xc}", "state", "served")  # written before versioning
+    monkeypatch.setenv("REDIS_URL", redis_service.url)
+    assert main(["migrate", "--dry-run"]) == 0
+    assert "would apply: 0001_initial" in capsys.readouterr().out
+    assert redis_client.get(KEYSPACE_KEY) is None
+    assert main(["migrate"]) == 0
+    assert "applied: 0001_initial" in capsys.readouterr().out
+    assert int(redis_client.get(KEYSPACE_KEY)) == KEYSPACE_VERSION
+    assert main(["migrate"]) == 0
+    assert "nothing (keyspace is current)" in capsys.readouterr().out
