@@ -17,6 +17,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         edge,
         errors,
         gate,
+        landing,
         ledger,
         metrics,
         ops,
@@ -40,5 +41,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     upstream.init_app(app)
     gate.init_app(app)
     routes.init_app(app)
+    landing.init_app(app)
     ops.init_app(app)
     return app

@@ -1,4 +1,4 @@
-"""``x402-proxy``: serve · devnet · migrate · pay · reconcile · revenue."""
+"""``x402-proxy``: serve · devnet · migrate · pay · reconcile · revenue · catalog import."""
 
 from __future__ import annotations
 
@@ -98,6 +98,45 @@ def cmd_revenue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify_receipt(args: argparse.Namespace) -> int:
+    """Check a receipt offline against the saved request and response bodies."""
+    import requests
+
+    from .receipts import STREAM_RECEIPT_PREFIX, Receipt, verify_receipt
+
+    request_body = Path(args.request).read_bytes()
+    response_body = Path(args.response).read_bytes()
+    receipt_text = args.receipt
+    tail = response_body.rfind(STREAM_RECEIPT_PREFIX)
+    if tail != -1 and (tail == 0 or response_body[tail - 1 : tail] == b"\n"):  # a saved stream
+        receipt_text = receipt_text or response_body[tail + len(STREAM_RECEIPT_PREFIX) :].strip().decode()
+        response_body = response_body[:tail]
+    if receipt_text and len(receipt_text) < 256 and Path(receipt_text).is_file():  # a file holding it
+        receipt_text = Path(receipt_text).read_text().strip()
+    address = args.address
+    if not address and args.proxy:
+        address = requests.get(args.proxy.rstrip("/") + "/.well-known/x402", timeout=10).json()[
+            "receiptAddress"
+        ]
+    if not receipt_text or not address:
+        print("x402-proxy verify-receipt: need a receipt and --address or --proxy", file=sys.stderr)
+        return 2
+    try:
+        receipt = Receipt.from_header(receipt_text)
+    except ValueError as exc:
+        print(f"x402-proxy verify-receipt: {exc}", file=sys.stderr)
+        return 2
+    verdict = verify_receipt(receipt, request_body, response_body, address)
+    if not verdict:
+        print(f"INVALID ({verdict.reason}): {verdict.detail}")
+        return 1
+    print(
+        f"valid: {usdc(receipt.amount)} from {receipt.payer} for {receipt.model}, tx {receipt.tx}, "
+        f"signed by {address} at {receipt.time}"
+    )
+    return 0
+
+
 def cmd_pay(args: argparse.Namespace) -> int:
     from .wallet import PaymentRefused, pay
 
@@ -119,6 +158,30 @@ def cmd_pay(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0 if result.status < 400 else 1
+
+
+def cmd_catalog_import(args: argparse.Namespace) -> int:
+    """Malformed input exits 2 and writes nothing; the file is checked to load before it lands."""
+    from .catalog import CatalogError
+    from .catalog_import import CatalogImportError, import_file, parse_margin, render_toml, write_catalog
+
+    try:
+        margin = parse_margin(args.margin)
+        models = import_file(Path(args.file), margin, args.floor)
+    except CatalogImportError as exc:
+        print(f"x402-proxy catalog import: {exc}", file=sys.stderr)
+        return 2
+    text = render_toml(models, Path(args.file).name, margin)
+    if not args.output:
+        sys.stdout.write(text)
+        return 0
+    try:
+        write_catalog(Path(args.output), text, models)
+    except (OSError, CatalogError) as exc:
+        print(f"x402-proxy catalog import: {args.output}: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(models)} models to {args.output}", file=sys.stderr)
+    return 0
 
 
 def quiet_request_handler() -> type:
@@ -230,12 +293,33 @@ def build_parser() -> argparse.ArgumentParser:
     revenue.add_argument("--by", choices=("model", "day", "payer"), default="model")
     revenue.add_argument("--since", default="30d")
     revenue.add_argument("--csv", action="store_true")
+    verify = sub.add_parser("verify-receipt", help="check an X-Receipt against saved request/response bodies")
+    verify.add_argument("--request", required=True, help="file with the exact request body sent")
+    verify.add_argument("--response", required=True, help="file with the response body (or the whole stream)")
+    verify.add_argument(
+        "--receipt", help="the X-Receipt value or a file holding it (streams carry their own)"
+    )
+    verify.add_argument("--address", help="the proxy's receipt address")
+    verify.add_argument(
+        "--proxy", help="the proxy's base URL, to read the receipt address from /.well-known/x402"
+    )
     pay = sub.add_parser("pay", help="call a paid URL, paying its 402 from a key")
     pay.add_argument("url")
     pay.add_argument("--key", help="payer private key (hex)")
     pay.add_argument("--key-file")
     pay.add_argument("--json", help="request body (default: a short chat request)")
     pay.add_argument("--max-amount", type=parse_usdc, default=parse_usdc("0.10"), help="USDC, default 0.10")
+    catalog = sub.add_parser("catalog", help="manage the model catalog")
+    catalog_sub = catalog.add_subparsers(dest="catalog_command", required=True)
+    catalog_import = catalog_sub.add_parser(
+        "import", help="LibertAI's pricing aggregate (saved JSON) → a TOML catalog"
+    )
+    catalog_import.add_argument("file", help="the saved aggregate (JSON)")
+    catalog_import.add_argument("--margin", default="0", help="percent on the host's prices (default 0)")
+    catalog_import.add_argument(
+        "--floor", type=parse_usdc, default=parse_usdc("0.001"), help="minimum per call, USDC (default 0.001)"
+    )
+    catalog_import.add_argument("--output", help="catalog file to write (default: standard output)")
     return parser
 
 
@@ -246,6 +330,8 @@ COMMANDS = {
     "pay": cmd_pay,
     "reconcile": cmd_reconcile,
     "revenue": cmd_revenue,
+    "catalog": cmd_catalog_import,  # `import` is the group's only subcommand so far
+    "verify-receipt": cmd_verify_receipt,
 }
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from flask import Flask, Response, current_app, jsonify
 
@@ -127,11 +128,18 @@ class Gate:
         )
 
     def challenge(
-        self, quote: Quote, resource_url: str, reason: str, extra_headers: Mapping[str, str] = ()
+        self,
+        quote: Quote,
+        resource_url: str,
+        reason: str,
+        extra_headers: Mapping[str, str] = (),
+        extensions: dict[str, Any] | None = None,
     ) -> Response:
         """The 402: v1 body + v2 ``PAYMENT-REQUIRED`` header for this body's price."""
         description = f"{quote.model.name} call ({'TEE' if quote.model.tee else 'non-TEE'})"
-        built = build_challenge(self.requirement(quote), Resource(resource_url, description), reason)
+        built = build_challenge(
+            self.requirement(quote), Resource(resource_url, description), reason, extensions
+        )
         metrics.CHALLENGES.labels(reason).inc()
         response = jsonify(built.body)
         response.status_code = 402

@@ -7,21 +7,27 @@ error with ``PAYMENT-RESPONSE`` and can retry the same header without a new char
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
 
+from eth_account import Account
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
 from .accesslog import note
-from .catalog import Quote, QuoteError, get_catalog
+from .catalog import ROUTE_INPUT_FIELDS, Quote, QuoteError, get_catalog
 from .errors import ApiError, json_error
 from .gate import Gate, Paid, PaymentRequired, get_gate
 from .metrics import STREAM_FIRST_BYTE_SECONDS, UPSTREAM_SECONDS, payment_outcome
+from .receipts import RECEIPT_HEADER, STREAM_RECEIPT_PREFIX, Receipt, sha256_hex
 from .upstream import UpstreamAnswer, UpstreamFailed, get_upstream
 from .x402.challenge import EXPOSED_HEADERS
 from .x402.codec import MalformedInput, strict_json_loads
+from .x402.discovery import bazaar_extension
 from .x402.verdict import PAYMENT_REQUIRED
 
 bp = Blueprint("routes", __name__)
@@ -35,10 +41,26 @@ def _resource_url() -> str:
 
 
 def _request_body() -> object:
+    raw = request.get_data(cache=False)
+    g.x402_request_sha256 = sha256_hex(raw)  # what a receipt binds the payment to
     try:
-        return strict_json_loads(request.get_data(cache=False), max_depth=BODY_JSON_DEPTH)
+        return strict_json_loads(raw, max_depth=BODY_JSON_DEPTH)
     except MalformedInput as exc:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+
+
+def _unsigned_receipt(paid: Paid) -> Receipt:
+    settings = current_app.config["X402_SETTINGS"]
+    return Receipt(
+        tx=paid.tx_hash,
+        payer=paid.payer,
+        amount=paid.quote.amount,
+        model=paid.quote.model.name,
+        network=settings.network.caip2,
+        request_sha256=getattr(g, "x402_request_sha256", sha256_hex(b"")),
+        response_sha256="",
+        time=int(time.time()),
+    )
 
 
 def _paid_headers(paid: Paid, answer: UpstreamAnswer) -> dict[str, str]:
@@ -60,16 +82,21 @@ STREAM_CUT_EVENT = (
 )
 
 
-def _relay_stream(gate: Gate, paid: Paid, answer: UpstreamAnswer, started: float) -> Iterator[bytes]:
-    """Pass chunks through as they come; the payment is served once the stream ends cleanly.
+def _relay_stream(
+    gate: Gate, paid: Paid, answer: UpstreamAnswer, started: float, receipt: tuple[Receipt, str] | None
+) -> Iterator[bytes]:
+    """Pass chunks through as they come; the payment is served once the stream ends cleanly, and
+    the last line is an SSE comment with the signed receipt over everything that was sent.
     A stream the host cuts leaves the payment redeemable, and the client sees both an error event
     and a broken transfer (no clean end that could pass for a complete answer)."""
     first = True
+    digest = hashlib.sha256()
     try:
         for chunk in answer.chunks():
             if first:
                 STREAM_FIRST_BYTE_SECONDS.observe(time.perf_counter() - started)
                 first = False
+            digest.update(chunk)
             yield chunk
     except UpstreamFailed:
         _record_after_stream(gate.redeemable, paid)
@@ -79,6 +106,10 @@ def _relay_stream(gate: Gate, paid: Paid, answer: UpstreamAnswer, started: float
         _record_after_stream(gate.served, paid)  # the buyer hung up: what was asked for was being delivered
         raise
     _record_after_stream(gate.served, paid)
+    if receipt is not None:
+        unsigned, key = receipt
+        final = replace(unsigned, response_sha256=digest.hexdigest()).signed(key)
+        yield STREAM_RECEIPT_PREFIX + final.to_header().encode() + b"\n\n"
 
 
 def _record_after_stream(record: Callable[[Paid], None], paid: Paid) -> None:
@@ -101,7 +132,35 @@ def _quote(make: Callable[[], Quote]) -> Quote:
         raise ApiError(exc.status, exc.code, str(exc)) from None
 
 
-def _paid(quote: Quote, call: UpstreamCall, streaming: bool, render: Render | None = None) -> Response:
+def _discovery(route: str, model: str) -> dict[str, Any]:
+    """The bazaar discovery extension for one paid route, with an example for this model."""
+    if route == "ping":
+        return bazaar_extension(
+            "GET", None, None, {"model": model, "tee": True, "upstream_status": 200, "listed": True}
+        )
+    field = ROUTE_INPUT_FIELDS[route]
+    example: dict[str, Any] = {"model": model, "max_tokens": 64}
+    example[field] = [{"role": "user", "content": "Hello"}] if field == "messages" else "Hello"
+    schema = {
+        "type": "object",
+        "properties": {
+            "model": {"type": "string"},
+            field: {"type": "array" if field == "messages" else "string"},
+            "max_tokens": {"type": "integer", "minimum": 1},
+            "stream": {"type": "boolean"},
+        },
+        "required": ["model", field],
+    }
+    output = {
+        "object": "chat.completion" if route == "chat" else "text_completion",
+        "choices": [{"index": 0}],
+    }
+    return bazaar_extension("POST", example, schema, output)
+
+
+def _paid(
+    quote: Quote, call: UpstreamCall, streaming: bool, route: str, render: Render | None = None
+) -> Response:
     """Charge for ``quote`` and answer with what ``call`` gets from the model host."""
     gate = get_gate()
     try:
@@ -112,7 +171,7 @@ def _paid(quote: Quote, call: UpstreamCall, streaming: bool, render: Render | No
             payment_outcome("refused", reason)
             note(outcome="refused", reason=reason)
         extra = dict([refusal.settle_response]) if refusal.settle_response else {}
-        return gate.challenge(quote, _resource_url(), reason, extra)
+        return gate.challenge(quote, _resource_url(), reason, extra, _discovery(route, quote.model.name))
 
 
 def _paid_call(route: str) -> Response:
@@ -122,6 +181,7 @@ def _paid_call(route: str) -> Response:
         quote,
         lambda: upstream.forward(route, quote.body, quote.model.upstream_url),
         quote.body.get("stream") is True,
+        route,
     )
 
 
@@ -155,7 +215,11 @@ def _serve(gate: Gate, quote: Quote, call: UpstreamCall, streaming: bool, render
             answer.close()
             raise
         headers["X-Accel-Buffering"] = "no"
-        relay = _relay_stream(gate, paid, answer, g.x402_started)
+        key = current_app.config["X402_SETTINGS"].receipt_key
+        unsigned = _unsigned_receipt(paid)
+        if key:
+            headers[RECEIPT_HEADER] = unsigned.signed(key).to_header()  # payment + request, sent first
+        relay = _relay_stream(gate, paid, answer, g.x402_started, (unsigned, key) if key else None)
         return Response(relay, status=answer.status, headers=headers)
     if answer.status < 400:
         gate.served(paid)
@@ -163,6 +227,10 @@ def _serve(gate: Gate, quote: Quote, call: UpstreamCall, streaming: bool, render
         gate.redeemable(paid)  # the host refused the call: the payment can still buy one
     if render is not None:
         content, headers["Content-Type"] = render(content, answer.status), "application/json"
+    key = current_app.config["X402_SETTINGS"].receipt_key
+    if key:
+        receipt = replace(_unsigned_receipt(paid), response_sha256=sha256_hex(content))
+        headers[RECEIPT_HEADER] = receipt.signed(key).to_header()
     return Response(content, status=answer.status, headers=headers)
 
 
@@ -201,7 +269,54 @@ def ping(name: str) -> Response:
         ping = {"model": name, "tee": quote.model.tee, "upstream_status": status, "listed": name in listed}
         return json.dumps(ping).encode()
 
-    return _paid(quote, lambda: upstream.probe(quote.model.upstream_url), False, render)
+    return _paid(quote, lambda: upstream.probe(quote.model.upstream_url), False, "ping", render)
+
+
+@bp.get("/.well-known/x402")
+def well_known() -> Response:
+    """Discovery: every paid resource, its price rule, where the money goes, who signs receipts."""
+    settings = current_app.config["X402_SETTINGS"]
+    base = settings.public_url or request.host_url.rstrip("/")
+    listed = get_catalog().listed()
+    resources: list[dict[str, Any]] = [
+        {
+            "resource": base + path,
+            "method": "POST",
+            "mimeType": "application/json",
+            "description": description,
+            "pricing": "per request body; the 402 for a body names its exact amount",
+            "models": [m.public() for m in listed],
+        }
+        for path, description in (
+            ("/v1/chat/completions", "OpenAI-compatible chat completions (stream supported)"),
+            ("/v1/completions", "OpenAI-compatible completions"),
+        )
+    ]
+    resources += [
+        {
+            "resource": f"{base}/v1/models/{m.name}/ping",
+            "method": "GET",
+            "mimeType": "application/json",
+            "description": f"paid liveness probe of {m.name}",
+            "amount": str(m.floor),
+            "models": [m.public()],
+        }
+        for m in listed
+    ]
+    receipt_address = str(Account.from_key(settings.receipt_key).address) if settings.receipt_key else None
+    return jsonify(
+        {
+            "x402Version": 2,
+            "scheme": "exact",
+            "network": settings.network.caip2,
+            "asset": settings.asset,
+            "extra": {"name": settings.asset_name, "version": settings.asset_version},
+            "payTo": settings.pay_to,
+            "maxTimeoutSeconds": settings.max_timeout_seconds,
+            "receiptAddress": receipt_address,
+            "resources": resources,
+        }
+    )
 
 
 @bp.get("/v1/models")

@@ -78,6 +78,7 @@ class Settings:
     relayer_min_wei: int = 10**15  # 0.001 ETH
     log_client_ip: bool = False
     metrics_dir: str = ""  # PROMETHEUS_MULTIPROC_DIR: metrics summed over gunicorn workers
+    receipt_key: str = field(default="", repr=False)  # signs X-Receipt; "" means no receipts
     settle_first: bool = False
     # Tests and the devnet pass their own Redis client (fakeredis or a prepared pool).
     redis_client: object | None = field(default=None, repr=False, compare=False)
@@ -163,6 +164,7 @@ class Settings:
             relayer_min_wei=_eth_to_wei("X402_RELAYER_MIN_ETH", get("X402_RELAYER_MIN_ETH", "0.001")),
             log_client_ip=_flag("X402_LOG_CLIENT_IP", get("X402_LOG_CLIENT_IP", "0")),
             metrics_dir=get("PROMETHEUS_MULTIPROC_DIR"),
+            receipt_key=_receipt_key(get("X402_RECEIPT_KEY"), relayer_key, bool(facilitator_url)),
             settle_first=_flag("X402_SETTLE_FIRST", get("X402_SETTLE_FIRST", "0")),
         )
 
@@ -193,6 +195,21 @@ def _number(variable: str, value: str) -> float:
     if not 0 < number < float("inf"):
         raise SettingsError(variable, "must be a positive finite number")
     return number
+
+
+def _receipt_key(configured: str, relayer_key: str, facilitator: bool) -> str:
+    """X402_RECEIPT_KEY, or a key derived from the relayer key (never the relayer key itself).
+    With a facilitator there is no relayer key to derive from: no receipts unless one is set."""
+    from .receipts import derived_receipt_key
+
+    if configured:
+        if not KEY_RE.fullmatch(configured):
+            raise SettingsError("X402_RECEIPT_KEY", "must be a 32-byte hex private key")
+        key = configured if configured.startswith("0x") else "0x" + configured
+        if key.lower() == (relayer_key if relayer_key.startswith("0x") else "0x" + relayer_key).lower():
+            raise SettingsError("X402_RECEIPT_KEY", "must not be the relayer key")
+        return key
+    return "" if facilitator else derived_receipt_key(relayer_key)
 
 
 def _eth_to_wei(variable: str, value: str) -> int:

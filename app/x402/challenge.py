@@ -12,7 +12,7 @@ from typing import Any
 from .codec import encode_header
 from .wire import Requirement
 
-EXPOSED_HEADERS = "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE"
+EXPOSED_HEADERS = "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, X-Receipt"
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,11 @@ class Challenge:
         }
 
 
-def build_challenge(requirement: Requirement, resource: Resource, error: str) -> Challenge:
-    """Build the v1 body and the v2 header for one requirement. ``error`` is a reason code."""
+def build_challenge(
+    requirement: Requirement, resource: Resource, error: str, extensions: dict[str, Any] | None = None
+) -> Challenge:
+    """Build the v1 body and the v2 header for one requirement. ``error`` is a reason code;
+    ``extensions`` (e.g. bazaar discovery) go into the v2 header only."""
     v2 = {
         "x402Version": 2,
         "error": error,
@@ -47,6 +50,8 @@ def build_challenge(requirement: Requirement, resource: Resource, error: str) ->
         },
         "accepts": [requirement.to_v2()],
     }
+    if extensions:
+        v2["extensions"] = extensions
     v1 = {
         "x402Version": 1,
         "error": error,

@@ -122,8 +122,9 @@ def test_stream_passes_through_chunk_by_chunk(proxy: Proxy, standin) -> None:
     for line in response.iter_lines():
         if line:
             arrivals.append((time.monotonic() - started, line))
-    events = [line for _, line in arrivals]
+    events = [line for _, line in arrivals if not line.startswith(b":")]  # SSE comments are not events
     assert events[-1] == b"data: [DONE]" and len(events) == 5
+    assert arrivals[-1][1].startswith(b": x402-receipt ")  # the signed receipt closes the stream
     # the first event reached us well before the last was even produced: nothing was buffered
     assert arrivals[-1][0] - arrivals[0][0] >= 3 * 0.2 * 0.8
     key = payment_key(8453, proxy.settings.asset, payment.authorization.from_, payment.authorization.nonce)

@@ -382,7 +382,7 @@ def test_challenge_headers() -> None:
     assert headers["PAYMENT-REQUIRED"] == challenge.header
     assert headers["Cache-Control"] == "no-store"
     exposed = {h.strip() for h in headers["Access-Control-Expose-Headers"].split(",")}
-    assert exposed == {"PAYMENT-REQUIRED", "PAYMENT-RESPONSE", "X-PAYMENT-RESPONSE"}
+    assert exposed == {"PAYMENT-REQUIRED", "PAYMENT-RESPONSE", "X-PAYMENT-RESPONSE", "X-Receipt"}
     assert headers["Access-Control-Expose-Headers"] == EXPOSED_HEADERS
 
 

@@ -293,3 +293,13 @@ def test_settings_error_does_not_echo_the_key() -> None:
     error = error_for(base_env(X402_RELAYER_KEY=bad_key))
     assert error.variable == "X402_RELAYER_KEY"
     assert bad_key not in str(error)
+
+
+def test_receipt_key_is_never_the_relayer_key() -> None:
+    key = new_key()
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env(base_env(X402_RELAYER_KEY=key, X402_RECEIPT_KEY=key))
+    assert refused.value.variable == "X402_RECEIPT_KEY"
+    derived = Settings.from_env(base_env(X402_RELAYER_KEY=key)).receipt_key
+    assert derived and derived.removeprefix("0x") != key
+    assert Settings.from_env(base_env(X402_RELAYER_KEY=key)).receipt_key == derived  # same in every worker
