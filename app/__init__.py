@@ -12,6 +12,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     token domain) and raises ``SettingsError`` naming the variable to fix."""
     from . import (
         accesslog,
+        attestation,
         catalog,
         chain,
         edge,
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settlement.init_app(app)
     upstream.init_app(app)
     gate.init_app(app)
+    attestation.init_app(app)
     routes.init_app(app)
     landing.init_app(app)
     ops.init_app(app)

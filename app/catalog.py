@@ -15,6 +15,8 @@ from typing import Any
 
 from flask import Flask, current_app
 
+from .settings import SettingsError
+
 ROUTE_INPUT_FIELDS = {"chat": "messages", "completions": "prompt"}
 BYTES_PER_TOKEN = 3
 
@@ -45,11 +47,16 @@ class Model:
     default_max_tokens: int = 512
     max_tokens_cap: int = 4096
     upstream_url: str = ""
+    upstream_key: str = ""  # names X402_UPSTREAM_API_KEY_<NAME>: a direct TEE host's own key
+    attestation_url: str = ""  # where the host publishes its attestation report
+    measurement: str = ""  # the launch measurement the report must show
+    attestation_max_age: int = 3600  # seconds: an older report is not trusted
 
     def public(self) -> dict[str, Any]:
         """The entry as ``/v1/models`` shows it."""
         entry: dict[str, Any] = {"id": self.name, "object": "model", "description": self.description}
         entry["tee"] = self.tee
+        entry["attested"] = bool(self.attestation_url)
         entry["pricing"] = {"scheme": self.pricing, "floor": self.floor}
         if self.pricing == "per_call":
             entry["pricing"]["per_call"] = self.price
@@ -105,7 +112,13 @@ def load_catalog(path: Path) -> dict[str, Model]:
             default_max_tokens=_positive_int(entry, "default_max_tokens", name, 512),
             max_tokens_cap=_positive_int(entry, "max_tokens_cap", name, 4096),
             upstream_url=str(entry.get("upstream_url", "")).rstrip("/"),
+            upstream_key=str(entry.get("upstream_key", "")),
+            attestation_url=str(entry.get("attestation_url", "")),
+            measurement=str(entry.get("measurement", "")).lower().removeprefix("0x"),
+            attestation_max_age=_positive_int(entry, "attestation_max_age", name, 3600),
         )
+        if bool(model.attestation_url) != bool(model.measurement):
+            raise CatalogError(f"model {name!r}: attestation_url and measurement go together")
         if model.default_max_tokens > model.max_tokens_cap or model.default_max_tokens < 1:
             raise CatalogError(f"model {name!r}: default_max_tokens must be within 1..max_tokens_cap")
         models[name] = model
@@ -195,7 +208,17 @@ class Catalog:
 
 def init_app(app: Flask) -> None:
     settings = app.config["X402_SETTINGS"]
-    app.extensions["x402.catalog"] = Catalog(load_catalog(settings.catalog_path), settings.tee_only)
+    try:
+        models = load_catalog(settings.catalog_path)
+    except CatalogError as exc:
+        raise SettingsError("X402_CATALOG", str(exc)) from None
+    for model in models.values():
+        if model.upstream_key and model.upstream_key not in settings.upstream_keys:
+            raise SettingsError(
+                f"X402_UPSTREAM_API_KEY_{model.upstream_key}",
+                f"required by model {model.name!r} in the catalog",
+            )
+    app.extensions["x402.catalog"] = Catalog(models, settings.tee_only)
 
 
 def get_catalog() -> Catalog:

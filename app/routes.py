@@ -19,6 +19,7 @@ from eth_account import Account
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
 from .accesslog import note
+from .attestation import MEASUREMENT_HEADER, get_attestor
 from .catalog import ROUTE_INPUT_FIELDS, Quote, QuoteError, get_catalog
 from .errors import ApiError, json_error
 from .gate import Gate, Paid, PaymentRequired, get_gate
@@ -163,8 +164,9 @@ def _paid(
 ) -> Response:
     """Charge for ``quote`` and answer with what ``call`` gets from the model host."""
     gate = get_gate()
+    measured = _attested(quote)
     try:
-        return _serve(gate, quote, call, streaming, render)
+        response = _serve(gate, quote, call, streaming, render)
     except PaymentRequired as refusal:
         reason = refusal.verdict.reason
         if reason != PAYMENT_REQUIRED:
@@ -172,6 +174,22 @@ def _paid(
             note(outcome="refused", reason=reason)
         extra = dict([refusal.settle_response]) if refusal.settle_response else {}
         return gate.challenge(quote, _resource_url(), reason, extra, _discovery(route, quote.model.name))
+    if measured:
+        response.headers[MEASUREMENT_HEADER] = measured
+    return response
+
+
+def _attested(quote: Quote) -> str:
+    """For a model whose host publishes attestation: its checked measurement, or 503 before any
+    payment is taken when the report does not match."""
+    if not quote.model.attestation_url:
+        return ""
+    check = get_attestor().check(quote.model)
+    if not check.ok:
+        raise ApiError(
+            503, "attestation_mismatch", f"the host of {quote.model.name} failed attestation: {check.reason}"
+        )
+    return check.measured
 
 
 def _paid_call(route: str) -> Response:
@@ -179,7 +197,7 @@ def _paid_call(route: str) -> Response:
     upstream = get_upstream()
     return _paid(
         quote,
-        lambda: upstream.forward(route, quote.body, quote.model.upstream_url),
+        lambda: upstream.forward(route, quote.body, quote.model),
         quote.body.get("stream") is True,
         route,
     )
@@ -269,7 +287,24 @@ def ping(name: str) -> Response:
         ping = {"model": name, "tee": quote.model.tee, "upstream_status": status, "listed": name in listed}
         return json.dumps(ping).encode()
 
-    return _paid(quote, lambda: upstream.probe(quote.model.upstream_url), False, "ping", render)
+    return _paid(quote, lambda: upstream.probe(quote.model), False, "ping", render)
+
+
+@bp.get("/v1/attestation/<name>")
+def attestation(name: str) -> Response:
+    """What was checked about a model's host, and when (free)."""
+    model = _quote(lambda: get_catalog().quote_ping(name)).model
+    if not model.attestation_url:
+        return jsonify(
+            {
+                "model": name,
+                "tee": model.tee,
+                "attested": False,
+                "note": "this host publishes no attestation report the proxy can check",
+            }
+        )
+    check = get_attestor().check(model)
+    return jsonify({"attested": True, "tee": model.tee, **check.public()})
 
 
 @bp.get("/.well-known/x402")

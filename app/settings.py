@@ -41,6 +41,7 @@ NETWORKS: dict[str, Network] = {
 }
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
+UPSTREAM_KEY_PREFIX = "X402_UPSTREAM_API_KEY_"
 
 
 class SettingsError(ValueError):
@@ -66,6 +67,8 @@ class Settings:
     asset_version: str = NETWORKS["eip155:8453"].usdc_version
     upstream_url: str = "https://api.libertai.io"
     upstream_api_key: str = field(default="", repr=False)
+    # X402_UPSTREAM_API_KEY_<NAME>: keys of direct model hosts, named by catalog entries
+    upstream_keys: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     upstream_timeout: float = 120.0
     catalog_path: Path = DEFAULT_CATALOG
     public_url: str = ""
@@ -152,6 +155,11 @@ class Settings:
             asset_version=get("X402_ASSET_VERSION", network.usdc_version),
             upstream_url=upstream_url,
             upstream_api_key=get("X402_UPSTREAM_API_KEY"),
+            upstream_keys={
+                name.removeprefix(UPSTREAM_KEY_PREFIX): value.strip()
+                for name, value in env.items()
+                if name.startswith(UPSTREAM_KEY_PREFIX) and value.strip()
+            },
             upstream_timeout=_number("X402_UPSTREAM_TIMEOUT", get("X402_UPSTREAM_TIMEOUT", "120")),
             catalog_path=catalog_path,
             public_url=public_url,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import requests
 from flask import Flask, current_app
 
+from .catalog import Model
 from .settings import Settings
 
 CONNECT_TIMEOUT = 5.0
@@ -63,18 +64,29 @@ class Upstream:
             self._local.session, self._local.pid = session, os.getpid()
         return session
 
-    def forward(self, route: str, body: dict[str, object], base_url: str = "") -> UpstreamAnswer:
-        """POST the priced body to the model host; raise ``UpstreamFailed`` on connection errors and 5xx."""
-        return self._request("POST", (base_url or self.settings.upstream_url) + ROUTE_PATHS[route], body)
+    def forward(self, route: str, body: dict[str, object], model: Model | None = None) -> UpstreamAnswer:
+        """POST the priced body to the model's host; raise ``UpstreamFailed`` on connection errors and 5xx."""
+        return self._request("POST", route_path=ROUTE_PATHS[route], body=body, model=model)
 
-    def probe(self, base_url: str = "") -> UpstreamAnswer:
-        """GET the model host's model list (the paid ping)."""
-        return self._request("GET", (base_url or self.settings.upstream_url) + "/v1/models", None)
+    def probe(self, model: Model | None = None) -> UpstreamAnswer:
+        """GET the model host's model list (the paid ping, and readiness)."""
+        return self._request("GET", route_path="/v1/models", body=None, model=model)
 
-    def _request(self, method: str, url: str, body: dict[str, object] | None) -> UpstreamAnswer:
+    def _request(
+        self, method: str, route_path: str, body: dict[str, object] | None, model: Model | None
+    ) -> UpstreamAnswer:
+        """The model's own host and key when the catalog names them (a direct TEE host), else the
+        shared upstream with the operator's key."""
+        base = (model.upstream_url if model else "") or self.settings.upstream_url
+        key = (
+            self.settings.upstream_keys[model.upstream_key]
+            if model and model.upstream_key
+            else self.settings.upstream_api_key
+        )
+        url = base + route_path
         headers = {"Accept": "application/json, text/event-stream"}
-        if self.settings.upstream_api_key:
-            headers["Authorization"] = f"Bearer {self.settings.upstream_api_key}"
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         try:
             response = self._session().request(
                 method,
