@@ -34,6 +34,9 @@ from .x402.verdict import (
 from .x402.wire import Authorization
 
 ASSET_PAUSED = "asset_paused"
+PAYEE_BLACKLISTED = "payee_blacklisted"
+# Refusals that no payment can fix: 503, never a 402 that would invite the client to pay again.
+UNPAYABLE = frozenset({ASSET_PAUSED, PAYEE_BLACKLISTED})
 TRANSFER_TOPIC = keccak(b"Transfer(address,address,uint256)")
 AUTHORIZATION_USED_TOPIC = keccak(b"AuthorizationUsed(address,bytes32)")
 # How far back to look for someone else's use of an authorization: authorizations live minutes,
@@ -72,8 +75,10 @@ class RpcClient:
     """JSON-RPC over HTTP with batching and in-order failover. Fork-safe: one session per process.
 
     With ``chain_id`` set, every batch also carries ``eth_chainId`` and ``eth_blockNumber`` (same
-    round trip): an endpoint on another chain, or lagging more than ``lag_tolerance`` blocks behind
-    the highest block seen, is benched for a while like one that does not answer.
+    round trip): an endpoint on another chain is benched for a while like one that does not answer;
+    one lagging more than ``lag_tolerance`` blocks behind the highest block seen is benched too, and
+    its answer used only when no other endpoint answers (blocks mined while a request was in
+    flight make an honest endpoint look behind).
     """
 
     BENCH_SECONDS = 5.0
@@ -110,17 +115,16 @@ class RpcClient:
     def _bench(self, url: str) -> None:
         self._benched[url] = time.monotonic() + self.BENCH_SECONDS
 
-    def _checked(self, url: str, answers: list[Any]) -> list[Any] | None:
-        """Strip the guard answers; None when the endpoint is on the wrong chain or lagging."""
+    def _checked(self, answers: list[Any]) -> tuple[list[Any] | None, bool]:
+        """(answers without the guard, lagging?); None answers when on the wrong chain."""
         if self.chain_id is None:
-            return answers
+            return answers, False
         chain_id, block = answers[0], answers[1]
         if isinstance(chain_id, RpcError) or isinstance(block, RpcError) or _uint(chain_id) != self.chain_id:
-            return None
-        if _uint(block) + self.lag_tolerance < self.highest_block:
-            return None
+            return None, False
+        lagging = _uint(block) + self.lag_tolerance < self.highest_block
         self.highest_block = max(self.highest_block, _uint(block))
-        return answers[2:]
+        return answers[2:], lagging
 
     def batch(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
         """Run calls in one HTTP request; each answer is its result or an ``RpcError``."""
@@ -131,21 +135,25 @@ class RpcClient:
             for i, (m, p) in zip(ids, guard + calls, strict=True)
         ]
         last_error = "no RPC URL configured"
+        behind: list[Any] | None = None
         for url in self._in_order():
             try:
                 response = self._session().post(url, json=body, timeout=self.timeout)
                 response.raise_for_status()
                 by_id = {a["id"]: a for a in response.json()}
-                answers = self._checked(url, [_result(by_id[i]) for i in ids])
+                answers, lagging = self._checked([_result(by_id[i]) for i in ids])
             except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as exc:
-                last_error, answers = f"{url}: {type(exc).__name__}", None
-            else:
-                if answers is None:
-                    last_error = f"{url}: wrong chain or lagging"
-            if answers is not None:
+                last_error, answers, lagging = f"{url}: {type(exc).__name__}", None, False
+            if answers is not None and not lagging:
                 self._benched.pop(url, None)
                 return answers
+            if answers is None:
+                last_error = last_error if last_error.startswith(url) else f"{url}: wrong chain"
+            elif behind is None:
+                behind = answers  # behind the others: the last resort, not a failure
             self._bench(url)
+        if behind is not None:
+            return behind
         raise ChainUnavailable(last_error)
 
     def call(self, method: str, params: list[Any]) -> Any:
@@ -230,7 +238,7 @@ class Chain:
         use_vrs = len(signature) == 65
         calldata = transfer_calldata(auth, signature, use_vrs)
         bytes_calldata = calldata if not use_vrs else transfer_calldata(auth, signature, False)
-        code, balance, used, paused, gas, nonce, gas_price, priority = self.rpc.batch(
+        code, balance, used, paused, payee_blocked, gas, nonce, gas_price, priority = self.rpc.batch(
             [
                 ("eth_getCode", [auth.from_, "latest"]),
                 eth_call(self.asset, SEL_BALANCE_OF + encode(["address"], [auth.from_])),
@@ -239,6 +247,7 @@ class Chain:
                     SEL_AUTHORIZATION_STATE + encode(["address", "bytes32"], [auth.from_, auth.nonce]),
                 ),
                 eth_call(self.asset, SEL_PAUSED),
+                eth_call(self.asset, SEL_IS_BLACKLISTED + encode(["address"], [auth.to])),
                 ("eth_estimateGas", [{"from": relayer, "to": self.asset, "data": "0x" + calldata.hex()}]),
                 ("eth_getTransactionCount", [relayer, "pending"]),
                 ("eth_gasPrice", []),
@@ -258,6 +267,8 @@ class Chain:
             )
         if _word_uint(paused) == 1:
             return Preflight(reject(ASSET_PAUSED, "the token is paused; no payment can settle now"))
+        if _word_uint(payee_blocked) == 1:
+            return Preflight(reject(PAYEE_BLACKLISTED, "the token refuses transfers to this payee"))
         if _word_uint(used) == 1:
             return Preflight(reject(NONCE_USED, "this authorization was already used or canceled on chain"))
         if _word_uint(balance) < auth.value:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import threading
@@ -192,6 +193,11 @@ def quiet_request_handler() -> type:
 
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             return
+
+        def log(self, type: str, message: str, *args: object) -> None:
+            """Server errors, without the client's address."""
+            level = logging.ERROR if type == "error" else logging.INFO
+            logging.getLogger("werkzeug").log(level, message, *args)
 
     return QuietRequestHandler
 

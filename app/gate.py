@@ -22,7 +22,7 @@ from flask import Flask, Response, current_app, jsonify
 from . import metrics
 from .accesslog import note
 from .catalog import Catalog, Quote
-from .chain import ASSET_PAUSED, Chain, ChainUnavailable, Preflight, RpcFailure, transfer_logged
+from .chain import UNPAYABLE, Chain, ChainUnavailable, Preflight, RpcFailure, transfer_logged
 from .errors import ApiError
 from .ledger import Claim, Ledger, payment_key
 from .settings import Settings
@@ -217,8 +217,8 @@ class Gate:
             return None
         if not preflight.verdict:
             self.ledger.transition(key, ("claimed",), "released")
-            if preflight.verdict.reason == ASSET_PAUSED:
-                raise ApiError(503, ASSET_PAUSED, preflight.verdict.detail)
+            if preflight.verdict.reason in UNPAYABLE:
+                raise ApiError(503, preflight.verdict.reason, preflight.verdict.detail, {"Retry-After": "60"})
             raise PaymentRequired(preflight.verdict)
         return preflight
 

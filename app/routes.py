@@ -42,7 +42,14 @@ def _resource_url() -> str:
 
 
 def _request_body() -> object:
-    raw = request.get_data(cache=False)
+    limit = current_app.config["X402_SETTINGS"].max_body_bytes
+    if request.content_length is not None:
+        raw = request.get_data(cache=False)  # over the cap: Flask refuses it with 413 up front
+    else:  # chunked: no length to check up front; the stream stops at the cap and one more byte tells
+        raw = request.stream.read(limit)
+        raw += request.stream.read(1)
+    if len(raw) > limit:
+        raise ApiError(413, "request_entity_too_large", f"the body is larger than {limit} bytes")
     g.x402_request_sha256 = sha256_hex(raw)  # what a receipt binds the payment to
     try:
         return strict_json_loads(raw, max_depth=BODY_JSON_DEPTH)
@@ -239,10 +246,21 @@ def _serve(gate: Gate, quote: Quote, call: UpstreamCall, streaming: bool, render
             headers[RECEIPT_HEADER] = unsigned.signed(key).to_header()  # payment + request, sent first
         relay = _relay_stream(gate, paid, answer, g.x402_started, (unsigned, key) if key else None)
         return Response(relay, status=answer.status, headers=headers)
+    if answer.status >= 400 and render is None:
+        # The host refused the call: the payment can still buy one. Its body and headers stay here:
+        # an error page may quote the operator's key or name internal hosts.
+        gate.redeemable(paid)
+        name, value = paid.response_header
+        return json_error(
+            502,
+            "upstream_refused",
+            f"the model host answered {answer.status}; retry the same payment header to be served",
+            {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS},
+        )
     if answer.status < 400:
         gate.served(paid)
     else:
-        gate.redeemable(paid)  # the host refused the call: the payment can still buy one
+        gate.redeemable(paid)
     if render is not None:
         content, headers["Content-Type"] = render(content, answer.status), "application/json"
     key = current_app.config["X402_SETTINGS"].receipt_key

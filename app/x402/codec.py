@@ -10,14 +10,13 @@ import base64
 import binascii
 import json
 import re
-from itertools import accumulate
 from typing import Any
 
 MAX_HEADER_BYTES = 8192
 MAX_JSON_DEPTH = 16
 _B64_RE = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
-_JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
-_BRACKETS_RE = re.compile(r"[\[\]{}]")
+_STRUCTURE_RE = re.compile(r'[\\"\[\]{}]')
+MAX_INTEGER_DIGITS = 100  # far beyond any uint256 (78 digits); Python refuses over 4300 by raising
 
 
 class MalformedInput(ValueError):
@@ -39,10 +38,39 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _check_nesting(text: str, limit: int) -> None:
     """Refuse deep nesting *before* parsing: the C parser can overflow the C stack on deep input
-    (eth-keyfile's py_ecc raises the recursion limit to 100000 at import), killing the process."""
-    brackets = _BRACKETS_RE.findall(_JSON_STRING_RE.sub("", text))
-    if brackets and max(accumulate(1 if b in "[{" else -1 for b in brackets)) > limit:
-        raise MalformedInput(f"JSON nested deeper than {limit}")
+    (eth-keyfile's py_ecc raises the recursion limit to 100000 at import), killing the process.
+    One linear pass over the structural characters, skipping brackets inside strings."""
+    depth, in_string, escaped_at = 0, False, -1
+    for match in _STRUCTURE_RE.finditer(text):
+        position, char = match.start(), match.group()
+        if in_string:
+            if position == escaped_at:
+                continue
+            if char == "\\":
+                escaped_at = position + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                raise MalformedInput(f"JSON nested deeper than {limit}")
+        elif char in "]}":
+            depth -= 1
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise MalformedInput(f"JSON integer longer than {MAX_INTEGER_DIGITS} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise MalformedInput("JSON number out of range")
+    return value
 
 
 def _check_strings(value: Any) -> None:
@@ -72,7 +100,13 @@ def strict_json_loads(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any
             raise MalformedInput("not UTF-8") from None
     _check_nesting(data, max_depth)
     try:
-        value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        value = json.loads(
+            data,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+        )
     except json.JSONDecodeError as exc:
         raise MalformedInput(f"not JSON: {exc.msg}") from None
     _check_strings(value)
