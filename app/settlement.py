@@ -59,6 +59,49 @@ StartSettling = Callable[[tuple[int, str, int] | None], int]
 RecordReplacement = Callable[[str], None]
 
 
+def confirm(
+    chain: Chain,
+    auth: Authorization,
+    hashes: list[str],
+    timeout: float,
+    between_polls: Callable[[float], None] | None = None,
+) -> Settlement:
+    """Poll the receipts of ``hashes`` (one round trip for all) until one lands or ``timeout``:
+    short sleeps first (anvil and Base flashblocks answer within milliseconds), backing off to
+    250 ms. ``between_polls(now)`` may add hashes (fee-bumped replacements)."""
+    deadline = time.monotonic() + timeout
+    pause = 0.002
+    while True:
+        try:
+            receipts = chain.receipts(hashes)
+        except ChainUnavailable:
+            receipts = []
+        for tx_hash, receipt in zip(hashes, receipts, strict=False):
+            if receipt is not None:
+                if transfer_logged(receipt, chain.asset, auth):
+                    return Settlement(SETTLED, tx_hash)
+                return preempted_or_failed(chain, auth, tx_hash)
+        now = time.monotonic()
+        if now >= deadline:
+            return Settlement(PENDING, hashes[-1], SETTLEMENT_PENDING)
+        if between_polls is not None:
+            between_polls(now)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.25)
+
+
+def preempted_or_failed(chain: Chain, auth: Authorization, tx_hash: str) -> Settlement:
+    """The transaction did not move the money. If someone else's did (they submitted the same
+    authorization first), the payment is settled all the same, by their transaction."""
+    try:
+        other = chain.find_settlement(auth)
+    except (ChainUnavailable, RpcFailure):
+        return Settlement(PENDING, tx_hash, SETTLEMENT_PENDING)  # decided later from chain state
+    if other is not None:
+        return Settlement(SETTLED, other)
+    return Settlement(FAILED, tx_hash, TRANSACTION_FAILED)
+
+
 class Settler(Protocol):
     """Submits a verified payment and confirms it on chain; ``address`` is the account the
     pre-settlement simulation runs from."""
@@ -138,46 +181,21 @@ class LocalSettler:
         hashes: list[str],
         on_replaced: RecordReplacement,
     ) -> Settlement:
-        """Poll the receipts of every version of the transaction until ``X402_RECEIPT_TIMEOUT``:
-        short sleeps first (anvil and Base flashblocks answer within milliseconds), backing off to
-        250 ms. Past ``X402_FEE_BUMP_AFTER`` without a receipt, replace the transaction (same
-        account nonce, so only one can ever be mined) with both EIP-1559 fees raised by 12.5%."""
-        start = time.monotonic()
-        deadline = start + self.settings.receipt_timeout
-        bump_at = start + self.settings.fee_bump_after
-        pause = 0.002
-        while True:
-            try:
-                receipts = self.chain.receipts(hashes)
-            except ChainUnavailable:
-                receipts = []
-            for tx_hash, receipt in zip(hashes, receipts, strict=False):
-                if receipt is not None:
-                    if transfer_logged(receipt, self.chain.asset, auth):
-                        return Settlement(SETTLED, tx_hash)
-                    return self._preempted_or_failed(auth, tx_hash)
-            now = time.monotonic()
-            if now >= deadline:
-                return Settlement(PENDING, hashes[-1], SETTLEMENT_PENDING)
+        """Wait for any version of the transaction. Past ``X402_FEE_BUMP_AFTER`` without a receipt,
+        replace it (same account nonce, so only one can ever be mined) with both EIP-1559 fees
+        raised by 12.5%, up to ``MAX_FEE_BUMPS`` times."""
+        bump_at = time.monotonic() + self.settings.fee_bump_after
+
+        def bump_if_stuck(now: float) -> None:
+            nonlocal transaction, bump_at
             if now >= bump_at and len(hashes) <= MAX_FEE_BUMPS:
                 transaction = bumped_fees(transaction)
                 replacement = self._sign_and_send(transaction, on_replaced)
                 if isinstance(replacement, str):
                     hashes.append(replacement)
                 bump_at = now + self.settings.fee_bump_after
-            time.sleep(pause)
-            pause = min(pause * 2, 0.25)
 
-    def _preempted_or_failed(self, auth: Authorization, tx_hash: str) -> Settlement:
-        """Our transaction did not move the money. If someone else's did (they submitted the same
-        authorization first), the payment is settled all the same, by their transaction."""
-        try:
-            other = self.chain.find_settlement(auth)
-        except (ChainUnavailable, RpcFailure):
-            return Settlement(PENDING, tx_hash, SETTLEMENT_PENDING)  # decided later from chain state
-        if other is not None:
-            return Settlement(SETTLED, other)
-        return Settlement(FAILED, tx_hash, TRANSACTION_FAILED)
+        return confirm(self.chain, auth, hashes, self.settings.receipt_timeout, bump_if_stuck)
 
     def _resync_nonce(self) -> None:
         try:
@@ -236,25 +254,8 @@ class FacilitatorSettler:
         if not isinstance(tx_hash, str) or not tx_hash:
             reason = answer.get("errorReason") if isinstance(answer, dict) else None
             return Settlement(FAILED, "", str(reason or TRANSACTION_FAILED))
-        return self._confirm(auth, tx_hash)
-
-    def _confirm(self, auth: Authorization, tx_hash: str) -> Settlement:
-        """Believe the chain, not the facilitator: wait for the named transaction's receipt."""
-        deadline = time.monotonic() + self.settings.receipt_timeout
-        pause = 0.002
-        while True:
-            try:
-                receipt = self.chain.receipt(tx_hash)
-            except ChainUnavailable:
-                receipt = None
-            if receipt is not None:
-                if transfer_logged(receipt, self.chain.asset, auth):
-                    return Settlement(SETTLED, tx_hash)
-                return Settlement(FAILED, tx_hash, TRANSACTION_FAILED)
-            if time.monotonic() >= deadline:
-                return Settlement(PENDING, tx_hash, SETTLEMENT_PENDING)
-            time.sleep(pause)
-            pause = min(pause * 2, 0.25)
+        # believe the chain, not the facilitator: the named transaction must show the transfer
+        return confirm(self.chain, auth, [tx_hash], self.settings.receipt_timeout)
 
 
 def check_facilitator(settler: FacilitatorSettler, settings: Settings) -> None:
