@@ -8,6 +8,7 @@ was), and otherwise raises ``PaymentRequired`` (402, the challenge with a reason
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -17,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Response, current_app, jsonify
+from flask import Flask, Response, current_app
 
 from . import metrics
 from .accesslog import note
@@ -53,6 +54,7 @@ log = logging.getLogger("x402.gate")
 RETRY_AFTER_PENDING = "5"
 PAYMENT_IN_PROGRESS = "payment_in_progress"
 SETTLEMENT_THREADS = 32
+CHALLENGE_CACHE_SIZE = 4096
 
 
 class PaymentRequired(Exception):
@@ -104,6 +106,7 @@ class Gate:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
+        self._challenges: dict[tuple[str, int, str, str], tuple[bytes, dict[str, str]]] = {}
         # the longest a request can legitimately keep a payment "settling" (receipt + model call)
         self._settling_limit = settings.receipt_timeout + settings.upstream_timeout + 30
 
@@ -136,14 +139,21 @@ class Gate:
         extensions: dict[str, Any] | None = None,
     ) -> Response:
         """The 402: v1 body + v2 ``PAYMENT-REQUIRED`` header for this body's price."""
-        description = f"{quote.model.name} call ({'TEE' if quote.model.tee else 'non-TEE'})"
-        built = build_challenge(
-            self.requirement(quote), Resource(resource_url, description), reason, extensions
-        )
+        key = (quote.model.name, quote.amount, resource_url, reason)
+        built = self._challenges.get(key)
+        if built is None:  # the same body, URL and reason always give the same 402
+            description = f"{quote.model.name} call ({'TEE' if quote.model.tee else 'non-TEE'})"
+            challenge = build_challenge(
+                self.requirement(quote), Resource(resource_url, description), reason, extensions
+            )
+            built = (json.dumps(challenge.body, separators=(",", ":")).encode(), challenge.headers())
+            if len(self._challenges) >= CHALLENGE_CACHE_SIZE:
+                self._challenges.clear()
+            self._challenges[key] = built
         metrics.CHALLENGES.labels(reason).inc()
-        response = jsonify(built.body)
-        response.status_code = 402
-        response.headers.update(built.headers())
+        body, headers = built
+        response = Response(body, status=402, mimetype="application/json")
+        response.headers.update(headers)
         response.headers.update(dict(extra_headers))
         return response
 

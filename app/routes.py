@@ -38,7 +38,7 @@ BODY_JSON_DEPTH = 64
 
 def _resource_url() -> str:
     public = current_app.config["X402_SETTINGS"].public_url
-    return (public or request.host_url.rstrip("/")) + request.path
+    return (public or f"{request.scheme}://{request.host}") + request.path
 
 
 def _request_body() -> object:

@@ -40,6 +40,8 @@ def _check_nesting(text: str, limit: int) -> None:
     """Refuse deep nesting *before* parsing: the C parser can overflow the C stack on deep input
     (eth-keyfile's py_ecc raises the recursion limit to 100000 at import), killing the process.
     One linear pass over the structural characters, skipping brackets inside strings."""
+    if text.count("[") + text.count("{") <= limit:
+        return  # too few openers to nest that deep, wherever they are
     depth, in_string, escaped_at = 0, False, -1
     for match in _STRUCTURE_RE.finditer(text):
         position, char = match.start(), match.group()
