@@ -231,7 +231,9 @@ class Chain:
     def __init__(self, settings: Settings, rpc: RpcClient | None = None) -> None:
         self.settings = settings
         self.asset = settings.asset
-        self.rpc = rpc or RpcClient(settings.rpc_urls, chain_id=settings.network.chain_id)
+        self.rpc = rpc or RpcClient(
+            settings.rpc_urls, settings.rpc_timeout, chain_id=settings.network.chain_id
+        )
 
     def preflight(self, auth: Authorization, signature: bytes, ecdsa_signer: bool, relayer: str) -> Preflight:
         """Verify the payment against chain state (PROTOCOL.md §4 steps 8–10) in one round trip."""

@@ -73,6 +73,7 @@ class Settings:
     catalog_path: Path = DEFAULT_CATALOG
     public_url: str = ""
     receipt_timeout: float = 30.0
+    rpc_timeout: float = 10.0
     fee_bump_after: float = 10.0
     max_timeout_seconds: int = 120
     max_body_bytes: int = 1_000_000
@@ -164,6 +165,7 @@ class Settings:
             catalog_path=catalog_path,
             public_url=public_url,
             receipt_timeout=_number("X402_RECEIPT_TIMEOUT", get("X402_RECEIPT_TIMEOUT", "30")),
+            rpc_timeout=_number("X402_RPC_TIMEOUT", get("X402_RPC_TIMEOUT", "10")),
             fee_bump_after=_number("X402_FEE_BUMP_AFTER", get("X402_FEE_BUMP_AFTER", "10")),
             max_timeout_seconds=_integer("X402_MAX_TIMEOUT_SECONDS", get("X402_MAX_TIMEOUT_SECONDS", "120")),
             max_body_bytes=_integer("X402_MAX_BODY_BYTES", get("X402_MAX_BODY_BYTES", "1000000")),

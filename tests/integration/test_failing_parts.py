@@ -131,3 +131,52 @@ def test_redis_lost_after_settlement_withholds_the_answer_and_the_retry_is_serve
     assert settle_response(served)["transaction"] == tx
     assert proxy.balances() == (payer_before - amount, payee_before + amount)
     assert proxy.pay(payment).status_code == 402
+
+
+@pytest.mark.parametrize("fault", ["reset", "hang"])
+def test_upstream_reset_or_hang_leaves_the_payment_redeemable(
+    proxy: Proxy, standin: StandinModel, fault: str
+) -> None:
+    """The model host drops the connection, or does not answer in X402_UPSTREAM_TIMEOUT: the
+    buyer gets 502 with PAYMENT-RESPONSE, and the same header is served later, charged once."""
+    quick = proxy.settings.with_overrides(upstream_timeout=1.0)
+    server = serve(create_app(quick))
+    slow = Proxy(f"http://127.0.0.1:{server.server_port}", quick, proxy.wallets, proxy.chain, server)
+    try:
+        payment = slow.payment(slow.requirement())
+        payer_before, _ = slow.balances()
+        if fault == "reset":
+            standin.behaviour.reset = True
+        else:
+            standin.behaviour.delay = 3.0
+        failed = slow.pay(payment)
+        assert failed.status_code == 502 and failed.json()["error"]["code"] == "upstream_unavailable"
+        assert settle_response(failed)["success"] is True
+        standin.behaviour.reset, standin.behaviour.delay = False, 0.0
+        served = slow.pay(payment)
+        assert served.status_code == 200, served.text
+        assert slow.balances()[0] == payer_before - payment.authorization.value
+    finally:
+        server.shutdown()
+
+
+def test_hanging_rpc_fails_closed_and_the_header_pays_later(
+    proxy: Proxy, standin: StandinModel, anvil: Service
+) -> None:
+    rpc = FaultyRpc(anvil.url)
+    settings = proxy.settings.with_overrides(rpc_urls=(rpc.url,), rpc_timeout=1.0)
+    server = serve(create_app(settings))
+    hanging = Proxy(f"http://127.0.0.1:{server.server_port}", settings, proxy.wallets, proxy.chain, server)
+    try:
+        payment = hanging.payment(hanging.requirement())
+        balances = hanging.balances()
+        rpc.delays["eth_estimateGas"] = 3.0  # the preflight batch hangs past the timeout
+        stuck = hanging.pay(payment)
+        assert stuck.status_code == 503 and stuck.json()["error"]["code"] == "rpc_unavailable"
+        assert stuck.headers["Retry-After"] and standin.received == []
+        assert hanging.balances() == balances
+        rpc.delays.clear()
+        assert hanging.pay(payment).status_code == 200
+    finally:
+        server.shutdown()
+        rpc.stop()
