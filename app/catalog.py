@@ -1,13 +1,12 @@
 """The model catalog: what each model costs for a given request body, and where it is served.
 
 ``quote`` is a pure function of (model entry, request body), so the 402 and the paid retry of the
-same body always name the same amount. It also returns the body to forward, with the ``max_tokens``
-that was priced, so nobody receives more than they paid for.
+same body always name the same amount. The request policy (``policy.read``) decides what every field
+of the body costs and builds the body that is forwarded, so nobody receives more than they paid for.
 """
 
 from __future__ import annotations
 
-import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,23 +14,16 @@ from typing import Any
 
 from flask import Flask, current_app
 
+from .policy import IMAGE, MODALITIES, TEXT, Limits, PolicyError, Work, read
 from .settings import SettingsError
-
-ROUTE_INPUT_FIELDS = {"chat": "messages", "completions": "prompt"}
-BYTES_PER_TOKEN = 3
 
 
 class CatalogError(ValueError):
     """The catalog file is malformed."""
 
 
-class QuoteError(ValueError):
-    """The request body cannot be priced; ``code`` is a stable reason, ``status`` the HTTP status."""
-
-    def __init__(self, code: str, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = status
+# A body the catalog cannot price: ``code`` is a stable reason, ``status`` the HTTP status.
+QuoteError = PolicyError
 
 
 @dataclass(frozen=True)
@@ -46,17 +38,40 @@ class Model:
     floor: int = 1
     default_max_tokens: int = 512
     max_tokens_cap: int = 4096
+    context_length: int = 131072  # tokens the model's context holds: input bound + max_tokens
+    max_choices: int = 8  # answers one call may generate (n, prompts × best_of)
+    modalities: frozenset[str] = frozenset({TEXT})  # what the model reads: "text", "image"
+    message_overhead: int = 8  # chat template tokens per message (and for the assistant's turn)
+    tools_overhead: int = 512  # chat template tokens for the tool instructions, when tools are sent
+    image_tokens: int = 0  # input tokens one image costs (models with "image" in modalities)
     upstream_url: str = ""
     upstream_key: str = ""  # names X402_UPSTREAM_API_KEY_<NAME>: a direct TEE host's own key
     attestation_url: str = ""  # where the host publishes its attestation report
     measurement: str = ""  # the launch measurement the report must show
     attestation_max_age: int = 3600  # seconds: an older report is not trusted
 
+    @property
+    def limits(self) -> Limits:
+        """What the request policy needs to know of this model."""
+        return Limits(
+            context_length=self.context_length,
+            default_max_tokens=self.default_max_tokens,
+            max_tokens_cap=self.max_tokens_cap,
+            max_choices=self.max_choices,
+            modalities=self.modalities,
+            message_overhead=self.message_overhead,
+            tools_overhead=self.tools_overhead,
+            image_tokens=self.image_tokens,
+        )
+
     def public(self) -> dict[str, Any]:
         """The entry as ``/v1/models`` shows it."""
         entry: dict[str, Any] = {"id": self.name, "object": "model", "description": self.description}
         entry["tee"] = self.tee
         entry["attested"] = bool(self.attestation_url)
+        entry["context_length"] = self.context_length
+        entry["modalities"] = sorted(self.modalities)
+        entry["max_choices"] = self.max_choices
         entry["pricing"] = {"scheme": self.pricing, "floor": self.floor}
         if self.pricing == "per_call":
             entry["pricing"]["per_call"] = self.price
@@ -66,15 +81,23 @@ class Model:
                 output_per_million=self.output_per_million,
                 default_max_tokens=self.default_max_tokens,
                 max_tokens_cap=self.max_tokens_cap,
+                message_overhead=self.message_overhead,
+                tools_overhead=self.tools_overhead,
             )
+            if IMAGE in self.modalities:
+                entry["pricing"]["image_tokens"] = self.image_tokens
         return entry
 
 
 @dataclass(frozen=True)
 class Quote:
+    """A priced call: ``amount`` in atomic units of the asset; ``work`` what the body asks for
+    (``None`` for the paid ping); ``body`` what is forwarded upstream."""
+
     model: Model
     amount: int
-    body: dict[str, Any]  # what is forwarded upstream: the priced max_tokens filled in
+    body: dict[str, Any]
+    work: Work | None = None
 
 
 def _positive_int(entry: dict[str, Any], key: str, name: str, default: int | None = None) -> int:
@@ -82,6 +105,13 @@ def _positive_int(entry: dict[str, Any], key: str, name: str, default: int | Non
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise CatalogError(f"model {name!r}: {key} must be a non-negative integer")
     return value
+
+
+def _modalities(entry: dict[str, Any], name: str) -> frozenset[str]:
+    value = entry.get("modalities", [TEXT])
+    if not isinstance(value, list) or TEXT not in value or not set(value) <= MODALITIES:
+        raise CatalogError(f"model {name!r}: modalities must list text, and may add image")
+    return frozenset(value)
 
 
 def load_catalog(path: Path) -> dict[str, Model]:
@@ -111,6 +141,12 @@ def load_catalog(path: Path) -> dict[str, Model]:
             floor=max(1, _positive_int(entry, "floor", name, 1)),
             default_max_tokens=_positive_int(entry, "default_max_tokens", name, 512),
             max_tokens_cap=_positive_int(entry, "max_tokens_cap", name, 4096),
+            context_length=_positive_int(entry, "context_length", name, 131072),
+            max_choices=max(1, _positive_int(entry, "max_choices", name, 8)),
+            modalities=_modalities(entry, name),
+            message_overhead=_positive_int(entry, "message_overhead", name, 8),
+            tools_overhead=_positive_int(entry, "tools_overhead", name, 512),
+            image_tokens=_positive_int(entry, "image_tokens", name, 0),
             upstream_url=str(entry.get("upstream_url", "")).rstrip("/"),
             upstream_key=str(entry.get("upstream_key", "")),
             attestation_url=str(entry.get("attestation_url", "")),
@@ -121,44 +157,32 @@ def load_catalog(path: Path) -> dict[str, Model]:
             raise CatalogError(f"model {name!r}: attestation_url and measurement go together")
         if model.default_max_tokens > model.max_tokens_cap or model.default_max_tokens < 1:
             raise CatalogError(f"model {name!r}: default_max_tokens must be within 1..max_tokens_cap")
+        if model.max_tokens_cap >= model.context_length:
+            raise CatalogError(f"model {name!r}: max_tokens_cap must be below context_length")
+        if (IMAGE in model.modalities) != (model.image_tokens > 0):
+            raise CatalogError(f"model {name!r}: image_tokens (> 0) goes with modalities including image")
         models[name] = model
     if not models:
         raise CatalogError(f"{path}: no [models.*] entries")
     return models
 
 
-def _input_text_bytes(value: Any) -> int:
-    """UTF-8 size of every string in the request's input (messages or prompt), however nested."""
-    if isinstance(value, str):
-        return len(value.encode("utf-8"))
-    if isinstance(value, list):
-        return sum(_input_text_bytes(item) for item in value)
-    if isinstance(value, dict):
-        return sum(_input_text_bytes(item) for item in value.values())
-    return 0
+def price(model: Model, work: Work) -> int:
+    """The amount for ``work`` in atomic units: integer, rounded up, never below the model's floor.
 
-
-def _requested_max_tokens(body: dict[str, Any], model: Model) -> int:
-    requested = [body[k] for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None]
-    for value in requested:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise QuoteError("invalid_max_tokens", "max_tokens must be a positive integer")
-    limit = max(requested) if requested else model.default_max_tokens
-    if limit > model.max_tokens_cap:
-        raise QuoteError(
-            "max_tokens_too_large", f"max_tokens is capped at {model.max_tokens_cap} for {model.name}"
-        )
-    return limit
-
-
-def price(model: Model, body: dict[str, Any], input_field: str) -> tuple[int, int]:
-    """(amount, max_tokens) for a body: integer atomic units, rounded up, never below the floor."""
-    max_tokens = _requested_max_tokens(body, model)
+    per_token: ``ceil((input_tokens × input_per_million + max_tokens × choices × output_per_million)
+    / 10⁶)``; per_call: ``price``.
+    """
     if model.pricing == "per_call":
-        return max(model.price, model.floor), max_tokens
-    input_tokens = math.ceil(_input_text_bytes(body.get(input_field)) / BYTES_PER_TOKEN)
-    numerator = input_tokens * model.input_per_million + max_tokens * model.output_per_million
-    return max(-(-numerator // 1_000_000), model.floor), max_tokens
+        return max(model.price, model.floor)
+    numerator = work.input_tokens * model.input_per_million + work.output_tokens * model.output_per_million
+    return max(-(-numerator // 1_000_000), model.floor)
+
+
+def quote_for(model: Model, route: str, body: dict[str, Any]) -> Quote:
+    """Price ``body`` for ``model`` on ``route``; raises ``QuoteError`` when the policy refuses it."""
+    work = read(route, body, model.limits)
+    return Quote(model=model, amount=price(model, work), body=work.body, work=work)
 
 
 class Catalog:
@@ -191,19 +215,13 @@ class Catalog:
         return Quote(model=model, amount=model.floor, body={})
 
     def quote(self, route: str, body: Any) -> Quote:
-        """Price a request body for a route ("chat" or "completions"); raise ``QuoteError`` if it can't be."""
-        input_field = ROUTE_INPUT_FIELDS[route]
+        """Price a request body for a route ("chat" or "completions").
+
+        Raises ``QuoteError`` (400, or 404/403 for the model) when the request policy refuses it.
+        """
         if not isinstance(body, dict):
             raise QuoteError("invalid_request", "the body must be a JSON object")
-        model = self.model(body.get("model"))
-        if input_field not in body:
-            raise QuoteError("invalid_request", f"{input_field} is required")
-        amount, max_tokens = price(model, body, input_field)
-        forwarded = dict(body)
-        forwarded["max_tokens"] = max_tokens
-        if "max_completion_tokens" in forwarded:
-            forwarded["max_completion_tokens"] = max_tokens
-        return Quote(model=model, amount=amount, body=forwarded)
+        return quote_for(self.model(body.get("model")), route, body)
 
 
 def init_app(app: Flask) -> None:

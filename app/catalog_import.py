@@ -128,6 +128,7 @@ def _model(entry: Any, index: int, margin: Decimal, floor: int) -> Model:
         floor=floor,
         default_max_tokens=min(DEFAULT_MAX_TOKENS, cap),
         max_tokens_cap=cap,
+        context_length=context,
     )
 
 
@@ -211,6 +212,7 @@ def render_toml(models: dict[str, Model], source: str = "", margin: Decimal = De
             "floor": model.floor,
             "default_max_tokens": model.default_max_tokens,
             "max_tokens_cap": model.max_tokens_cap,
+            "context_length": model.context_length,
         }
         lines += ["", f"[models.{toml_string(model.name)}]"]
         lines += [f"{toml_string(key)} = {_toml_value(value)}" for key, value in fields.items()]

@@ -17,7 +17,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from markupsafe import escape
 
-from .catalog import Model, get_catalog, price
+from .catalog import Model, get_catalog, quote_for
 from .settings import Settings
 
 bp = Blueprint("landing", __name__)
@@ -92,8 +92,10 @@ def _price_rows(model: Model) -> list[tuple[str, str]]:
             ("output", f"{usdc_text(model.output_per_million)} USDC per million tokens"),
             (
                 "max_tokens",
-                f"charged in full; default {model.default_max_tokens}, at most {model.max_tokens_cap}",
+                f"charged in full per answer; default {model.default_max_tokens}, "
+                f"at most {model.max_tokens_cap}",
             ),
+            ("context", f"{model.context_length} tokens; at most {model.max_choices} answers per call"),
         ]
     rows.append(("minimum", f"{usdc_text(model.floor)} USDC per call"))
     return rows
@@ -172,14 +174,16 @@ def render(settings: Settings, models: list[Model], base_url: str) -> str:
     cards = "".join(_model_card(m) for m in models) or "<p>No model is on sale right now.</p>"
     example_price = ""
     if models:
-        amount, _ = price(models[0], _example_body(example), "messages")
+        amount = quote_for(models[0], "chat", _example_body(example)).amount
         example_price = f"The example call below costs {usdc_text(amount)} USDC."
     example_price = escape(example_price)
     token_rule = ""
     if any(m.pricing == "per_token" for m in models):
         token_rule = (
-            " Input tokens are estimated as the prompt's UTF-8 bytes ÷ 3, and the requested"
-            " <code>max_tokens</code> is charged whether or not it is used."
+            " Input tokens are counted as the UTF-8 bytes of every text the model reads (tools"
+            " included: an upper bound for any byte-level tokenizer) plus the chat template's tokens,"
+            " and the requested <code>max_tokens</code> is charged for each of the <code>n</code>"
+            " answers, whether or not it is used."
         )
     chain = escape(NETWORK_NAMES.get(settings.network.v1_name, settings.network.v1_name))
     return f"""<!doctype html>

@@ -20,10 +20,11 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
 from .accesslog import note
 from .attestation import MEASUREMENT_HEADER, get_attestor
-from .catalog import ROUTE_INPUT_FIELDS, Quote, QuoteError, get_catalog
+from .catalog import Quote, QuoteError, get_catalog
 from .errors import ApiError, json_error
 from .gate import Gate, Paid, PaymentRequired, get_gate
 from .metrics import STREAM_FIRST_BYTE_SECONDS, UPSTREAM_SECONDS, payment_outcome
+from .policy import ROUTE_FIELDS, ROUTE_INPUT_FIELDS, Rule
 from .receipts import RECEIPT_HEADER, STREAM_RECEIPT_PREFIX, Receipt, sha256_hex
 from .upstream import UpstreamAnswer, UpstreamFailed, get_upstream
 from .x402.challenge import EXPOSED_HEADERS
@@ -149,15 +150,23 @@ def _discovery(route: str, model: str) -> dict[str, Any]:
     field = ROUTE_INPUT_FIELDS[route]
     example: dict[str, Any] = {"model": model, "max_tokens": 64}
     example[field] = [{"role": "user", "content": "Hello"}] if field == "messages" else "Hello"
+    # Every field the request policy accepts; any other is refused (unknown_field).
+    properties: dict[str, Any] = {
+        name: {"description": rule.why}
+        for name, rule in ROUTE_FIELDS[route].items()
+        if rule.rule is not Rule.REFUSE
+    }
+    properties.update(
+        model={"type": "string"},
+        max_tokens={"type": "integer", "minimum": 1},
+        stream={"type": "boolean"},
+    )
+    properties[field] = {"type": "array"} if field == "messages" else {"type": ["string", "array"]}
     schema = {
         "type": "object",
-        "properties": {
-            "model": {"type": "string"},
-            field: {"type": "array" if field == "messages" else "string"},
-            "max_tokens": {"type": "integer", "minimum": 1},
-            "stream": {"type": "boolean"},
-        },
+        "properties": properties,
         "required": ["model", field],
+        "additionalProperties": False,
     }
     output = {
         "object": "chat.completion" if route == "chat" else "text_completion",

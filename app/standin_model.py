@@ -7,8 +7,9 @@ rather than werkzeug so that it controls the socket byte for byte: one chunk per
 connection that dies mid-stream, a reset with no response at all.
 
 Prompts are never logged nor echoed: answers only say how many messages and which ``max_tokens``
-they saw. The bodies are kept in memory (``received``) so tests can check what the proxy
-forwarded.
+they saw, and every answer reports the field paths the request carried (``standin_received``: names
+such as ``messages[].content``, never values), so a test on real processes can check what the proxy
+forwarded. The bodies are also kept in memory (``received``).
 """
 
 from __future__ import annotations
@@ -262,6 +263,24 @@ def _words(value: Any) -> int:
     return 0
 
 
+def field_paths(value: Any, prefix: str = "") -> set[str]:
+    """Every field path of a JSON value (``tools[].function.name``): names only, never values."""
+    paths: set[str] = set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            paths.add(path)
+            paths |= field_paths(item, path)
+    elif isinstance(value, list):
+        for item in value:
+            paths |= field_paths(item, prefix + "[]")
+    return paths
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
 class StandinModel:
     """Threaded HTTP server on 127.0.0.1 (port 0 = free port)."""
 
@@ -354,24 +373,29 @@ class StandinModel:
             text = f"stand-in answer: {prompts} prompts, max_tokens={limit}"
             prompt_tokens = _words(prompt)
         prompt_tokens = max(1, prompt_tokens)
-        completion_tokens = len(text.split())
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-            choice["logprobs"] = None
+        answers = _count(body.get("n")) * (1 if chat or not isinstance(prompt, list) else len(prompt))
+        completion_tokens = len(text.split()) * answers
+        choices: list[dict[str, Any]] = []
+        for index in range(answers):
+            choice: dict[str, Any] = {"index": index, "finish_reason": "stop"}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+                choice["logprobs"] = None
+            choices.append(choice)
         return {
             "id": self._next_id("chatcmpl" if chat else "cmpl"),
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": self._requested_model(body),
-            "choices": [choice],
+            "choices": choices,
             "usage": {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
             },
+            "standin_received": sorted(field_paths(body)),
         }
 
     def _stream_events(self, body: dict[str, Any], count: int, *, chat: bool) -> list[dict[str, Any]]:
@@ -391,9 +415,10 @@ class StandinModel:
             else:
                 choice["text"] = f"tok{i} "
                 choice["logprobs"] = None
-            events.append(
-                {"id": ident, "object": obj, "created": created, "model": model, "choices": [choice]}
-            )
+            event = {"id": ident, "object": obj, "created": created, "model": model, "choices": [choice]}
+            if i == 0:
+                event["standin_received"] = sorted(field_paths(body))
+            events.append(event)
         options = body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage") is True:
             prompt_tokens = max(1, _words(body.get("messages") if chat else body.get("prompt")))

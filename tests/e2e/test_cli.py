@@ -66,7 +66,8 @@ def test_pay_refuses_to_pay_above_max_amount(proxy: Proxy, capsys: pytest.Captur
             "--key",
             proxy.wallets.payer_key,
             "--json",
-            '{"model": "hermes-3-8b-tee", "messages": [], "max_tokens": 4000}',
+            '{"model": "hermes-3-8b-tee", "messages": [{"role": "user", "content": "hi"}], '
+            '"max_tokens": 4000}',
             "--max-amount",
             "0.001",
         ]

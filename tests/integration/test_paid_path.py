@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import requests
 
-from app.catalog import load_catalog, price
+from app.catalog import load_catalog, quote_for
 from app.ledger import LEDGER_STREAM, Ledger, payment_key
 from app.settings import DEFAULT_CATALOG
 from app.x402.codec import decode_header
@@ -17,9 +17,9 @@ from tests.support import CHAT_BODY, OPERATOR_KEY, Proxy, settle_response
 pytestmark = pytest.mark.integration
 
 
-def expected_price(body: dict[str, Any], field: str = "messages") -> int:
+def expected_price(body: dict[str, Any], route: str = "chat") -> int:
     model = load_catalog(DEFAULT_CATALOG)[body["model"]]
-    return price(model, body, field)[0]
+    return quote_for(model, route, body).amount
 
 
 def test_unpaid_call_gets_402_with_v2_header_and_v1_body(proxy: Proxy) -> None:
@@ -102,7 +102,7 @@ def test_upstream_gets_the_operator_key_and_the_priced_body_never_the_buyers_hea
 def test_completions_route_is_paid_too(proxy: Proxy, standin) -> None:
     body = {"model": "hermes-3-8b-tee", "prompt": "Once upon a time", "max_tokens": 16}
     requirement = proxy.requirement(body, path="/v1/completions")
-    assert int(requirement["amount"]) == expected_price(body, "prompt")
+    assert int(requirement["amount"]) == expected_price(body, "completions")
     response = proxy.pay(proxy.payment(requirement), body, path="/v1/completions")
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["text"].startswith("stand-in answer")

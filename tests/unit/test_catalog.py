@@ -1,8 +1,10 @@
-"""The catalog prices a body deterministically, in whole atomic units, never below the floor."""
+"""The catalog prices a body deterministically, in whole atomic units, never below the floor.
+
+The request policy's own rules (every field, the input bound) are in ``test_policy.py``.
+"""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.catalog import BYTES_PER_TOKEN, Catalog, CatalogError, Model, QuoteError, load_catalog, price
+from app.catalog import Catalog, CatalogError, Model, QuoteError, load_catalog, quote_for
+from app.policy import POLICY_CODES
 from app.settings import DEFAULT_CATALOG
 
 PACKAGED = "hermes-3-8b-tee"
@@ -135,28 +138,31 @@ def test_structurally_wrong_catalog_is_catalog_error(tmp_path: Path, text: str) 
 # -- quoting -----------------------------------------------------------------------------------------
 
 
+# One chat message costs its bytes plus the template's 8 tokens, and the assistant's turn 8 more.
+TEMPLATE = 2 * 8
+
+
 def test_exact_per_token_arithmetic(packaged: Catalog) -> None:
     body = chat("hello", max_tokens=4096)
-    # strings in messages: "user" + "hello" = 9 bytes -> ceil(9 / 3) = 3 input tokens
-    input_tokens = math.ceil(9 / BYTES_PER_TOKEN)
-    assert input_tokens == 3
-    # (3 * 200000 + 4096 * 600000) / 1e6 = 2458.2 -> 2459
-    assert packaged.quote("chat", body).amount == 2459
+    # "user" + "hello" = 9 bytes, + 16 template tokens = 25 input tokens
+    # (25 * 200000 + 4096 * 600000) / 1e6 = 2462.6 -> 2463
+    assert packaged.quote("chat", body).work.input_tokens == 9 + TEMPLATE
+    assert packaged.quote("chat", body).amount == 2463
 
 
 def test_exact_arithmetic_rounds_up(custom: Catalog) -> None:
     body = chat("a" * 10, model="odd", max_tokens=7)
-    # "user" + 10 x "a" = 14 bytes -> 5 tokens; (5 * 333333 + 7 * 1000001) / 1e6 = 8.666672 -> 9
-    assert custom.quote("chat", body).amount == 9
+    # "user" + 10 x "a" = 14 bytes -> 30 tokens; (30 * 333333 + 7 * 1000001) / 1e6 = 16.999997 -> 17
+    assert custom.quote("chat", body).amount == 17
 
 
 def test_multibyte_text_counts_utf8_bytes(custom: Catalog) -> None:
     ascii_body = chat("aaa", model="odd", max_tokens=1)
     euro_body = chat("€€€", model="odd", max_tokens=1)  # 9 bytes instead of 3
-    # ascii: 7 bytes -> 3 tokens -> ceil((999999 + 1000001) / 1e6) = 2
-    # euro: 13 bytes -> 5 tokens -> ceil((1666665 + 1000001) / 1e6) = 3
-    assert custom.quote("chat", ascii_body).amount == 2
-    assert custom.quote("chat", euro_body).amount == 3
+    # ascii: 7 bytes + 16 -> 23 tokens -> ceil((7666659 + 1000001) / 1e6) = 9
+    # euro: 13 bytes + 16 -> 29 tokens -> ceil((9666657 + 1000001) / 1e6) = 11
+    assert custom.quote("chat", ascii_body).amount == 9
+    assert custom.quote("chat", euro_body).amount == 11
 
 
 def test_floor_applies(packaged: Catalog) -> None:
@@ -175,8 +181,11 @@ def test_completions_route_prices_prompt(custom: Catalog) -> None:
     long = custom.quote("completions", {"model": "odd", "prompt": "a" * 3000, "max_tokens": 1}).amount
     assert long > short
     with pytest.raises(QuoteError) as info:
-        custom.quote("completions", chat(model="odd"))  # messages, but no prompt
+        custom.quote("completions", {"model": "odd", "max_tokens": 1})  # no prompt
     assert (info.value.code, info.value.status) == ("invalid_request", 400)
+    with pytest.raises(QuoteError) as info:
+        custom.quote("completions", chat(model="odd"))  # messages belong to the chat route
+    assert (info.value.code, info.value.status) == ("unknown_field", 400)
 
 
 def test_missing_max_tokens_gets_default(packaged: Catalog) -> None:
@@ -249,6 +258,7 @@ def test_quote_error_is_value_error() -> None:
 json_leaf = st.none() | st.booleans() | st.integers() | st.text(max_size=40)
 messages = st.lists(
     st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text()}),
+    min_size=1,
     max_size=4,
 )
 max_tokens_opt = st.none() | st.integers(min_value=1, max_value=4096)
@@ -283,9 +293,11 @@ def test_quote_monotone_in_max_tokens(msgs: list[dict[str, Any]], a: int, b: int
     )
 
 
+PER_TOKEN = Model("m", "", True, "per_token", input_per_million=333_333, output_per_million=7, floor=1)
+
+
 @given(st.text(), st.text(), st.integers(min_value=1, max_value=64))
 def test_quote_monotone_in_prompt_size(prefix: str, more: str, max_tokens: int) -> None:
-    model = Model("m", "", True, "per_token", input_per_million=333_333, output_per_million=7, floor=1)
     short = {"model": "m", "messages": [{"role": "user", "content": prefix}], "max_tokens": max_tokens}
     longer = {
         "model": "m",
@@ -293,9 +305,9 @@ def test_quote_monotone_in_prompt_size(prefix: str, more: str, max_tokens: int) 
         "max_tokens": max_tokens,
     }
     extra_msg = {**short, "messages": [*short["messages"], {"role": "user", "content": more}]}
-    base, _ = price(model, short, "messages")
-    assert price(model, longer, "messages")[0] >= base
-    assert price(model, extra_msg, "messages")[0] >= base
+    base = quote_for(PER_TOKEN, "chat", short).amount
+    assert quote_for(PER_TOKEN, "chat", longer).amount >= base
+    assert quote_for(PER_TOKEN, "chat", extra_msg).amount > base  # a message costs its template tokens
 
 
 @given(
@@ -303,13 +315,19 @@ def test_quote_monotone_in_prompt_size(prefix: str, more: str, max_tokens: int) 
     st.integers(min_value=0, max_value=10**6),
     st.text(),
     st.integers(1, 4096),
+    st.integers(1, 8),
 )
-def test_price_matches_formula(inp: int, out: int, content: str, max_tokens: int) -> None:
+def test_price_matches_formula(inp: int, out: int, content: str, max_tokens: int, n: int) -> None:
     model = Model("m", "", True, "per_token", input_per_million=inp, output_per_million=out, floor=1)
-    body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
-    tokens = math.ceil(len(("user" + content).encode("utf-8")) / 3)
-    expected = max(-(-(tokens * inp + max_tokens * out) // 10**6), 1)  # exact integer ceiling
-    assert price(model, body, "messages") == (expected, max_tokens)
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "n": n,
+    }
+    tokens = len(("user" + content).encode("utf-8", "surrogatepass")) + TEMPLATE
+    expected = max(-(-(tokens * inp + max_tokens * n * out) // 10**6), 1)  # exact integer ceiling
+    assert quote_for(model, "chat", body).amount == expected
 
 
 @given(
@@ -317,7 +335,11 @@ def test_price_matches_formula(inp: int, out: int, content: str, max_tokens: int
         json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3)
     )
 )
-def test_quote_never_crashes_on_odd_messages(value: Any) -> None:
+def test_odd_messages_are_priced_or_refused_with_a_stable_code(value: Any) -> None:
     catalog = Catalog(load_catalog(DEFAULT_CATALOG))
-    quote = catalog.quote("chat", {"model": PACKAGED, "messages": value})
-    assert quote.amount >= 1000
+    try:
+        quote = catalog.quote("chat", {"model": PACKAGED, "messages": value})
+    except QuoteError as refusal:
+        assert (refusal.status, refusal.code in POLICY_CODES) == (400, True)
+    else:
+        assert quote.amount >= 1000

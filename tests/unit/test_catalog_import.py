@@ -79,6 +79,7 @@ def test_hermes_without_margin_is_the_hosts_price_in_atomic_units() -> None:
         floor=1000,
         default_max_tokens=512,
         max_tokens_cap=4096,  # min(4096, 16384 // 2)
+        context_length=16384,  # the aggregate's context_window
     )
 
 
