@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from flask import Flask, Response, current_app
@@ -25,7 +25,7 @@ from .accesslog import note
 from .catalog import Catalog, Quote
 from .chain import UNPAYABLE, Chain, ChainUnavailable, Preflight, RpcFailure, transfer_logged
 from .errors import ApiError
-from .ledger import Claim, Ledger, payment_key
+from .ledger import NEW, REDEEM, RESUME, Claim, Ledger, payment_key
 from .settings import Settings
 from .settlement import FAILED, NOT_SENT, PENDING, SETTLED, Settler
 from .x402.challenge import Resource, build_challenge
@@ -35,6 +35,7 @@ from .x402.verdict import (
     PAYMENT_REQUIRED,
     SETTLEMENT_PENDING,
     TRANSACTION_FAILED,
+    VALUE_MISMATCH,
     Verdict,
     reject,
 )
@@ -54,7 +55,17 @@ log = logging.getLogger("x402.gate")
 RETRY_AFTER_PENDING = "5"
 PAYMENT_IN_PROGRESS = "payment_in_progress"
 SETTLEMENT_THREADS = 32
+# Settlements queued beyond the pool's threads; past this a payment is refused (503) before its
+# claim, so a flood of funded payments cannot grow the queue (and its memory) without bound.
+SETTLEMENT_QUEUE_LIMIT = 4 * SETTLEMENT_THREADS
 CHALLENGE_CACHE_SIZE = 4096
+# A reverted settlement of ours leaves the EIP-3009 authorization unused, so it can still move money
+# until its validBefore: the buyer is told, and the same header may be sent again (it is then
+# settled anew, or served if someone else settled it meanwhile).
+REVERTED = (
+    "the settlement reverted; nothing was charged. The authorization stays valid on chain until its "
+    "validBefore: send the same header again once the cause is fixed, or let it expire"
+)
 
 
 class PaymentRequired(Exception):
@@ -77,6 +88,12 @@ class Paid:
     tx_hash: str
     response_header: tuple[str, str]  # (header name, base64 SettleResponse)
     redeemed: bool = False
+    paid_amount: int | None = None  # what the authorization paid, when more than this call's price
+
+    @property
+    def value(self) -> int:
+        """What the payment paid (atomic units): the most a redemption of it may be priced at."""
+        return self.quote.amount if self.paid_amount is None else self.paid_amount
 
 
 class Ticket:
@@ -106,6 +123,7 @@ class Gate:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
+        self._inflight = 0  # settlements submitted and not finished, in this process
         self._challenges: dict[tuple[str, int, str, str], tuple[bytes, dict[str, str]]] = {}
         # the longest a request can legitimately keep a payment "settling" (receipt + model call)
         self._settling_limit = settings.receipt_timeout + settings.upstream_timeout + 30
@@ -165,27 +183,54 @@ class Gate:
 
     def begin(self, quote: Quote, headers: Mapping[str, str]) -> Ticket:
         """Verify and claim the payment for one quoted call, then start settling it in the
-        background; raise ``PaymentRequired`` / ``ApiError`` when it is refused up front."""
+        background; raise ``PaymentRequired`` / ``ApiError`` when it is refused up front.
+
+        A payment the ledger already recorded is recovered by its header for its whole retention,
+        whatever its time window (signature and payer are still checked), and a redeemable one buys
+        any call on the same model priced at most what it paid."""
         header, version = _payment_header(headers)
         if header is None:
             raise PaymentRequired(reject(PAYMENT_REQUIRED, "send PAYMENT-SIGNATURE (v2) or X-PAYMENT (v1)"))
         parsed = parse_payment_header(header, version)
         if isinstance(parsed, Verdict):
             raise PaymentRequired(parsed)
+        auth, now = parsed.authorization, int(time.time())
         requirement = self.requirement(quote)
-        verdict = match_requirement(parsed, requirement)
-        if not verdict:
-            raise PaymentRequired(verdict)
-        offline = check_authorization(parsed, requirement, int(time.time()))
+        mode, refusal = NEW, match_requirement(parsed, requirement)
+        offline = check_authorization(parsed, requirement, now) if refusal else None
+        if auth.value > quote.amount:  # paid for a dearer call: only a redeemable payment may buy this one
+            refusal = refusal if not refusal else offline.verdict  # what a plain check says, if not redeemed
+            requirement, mode = replace(requirement, amount=auth.value), REDEEM
+            if not match_requirement(parsed, requirement):
+                raise PaymentRequired(refusal)
+            offline = check_authorization(parsed, requirement, now)
+        elif not refusal:
+            raise PaymentRequired(refusal)
+        assert offline is not None
         if not offline.verdict:
-            raise PaymentRequired(offline.verdict)
+            if not (offline.window_only and offline.ecdsa_signer):
+                raise PaymentRequired(offline.verdict)
+            mode = REDEEM if mode == REDEEM else RESUME  # past its window: only what was recorded
 
-        auth = parsed.authorization
         note(model=quote.model.name, amount=quote.amount, payer=auth.from_, x402_version=version)
         key = payment_key(requirement.chain_id, requirement.asset, auth.from_, auth.nonce)
+        if mode == NEW and self._inflight >= SETTLEMENT_QUEUE_LIMIT:
+            raise ApiError(
+                503,
+                "settlement_busy",
+                "too many settlements in flight; nothing was charged",
+                {"Retry-After": "1"},
+            )
         try:
             claim = self.ledger.claim(
-                key, auth.valid_before, auth.from_, auth.value, quote.model.name, requirement.network
+                key,
+                auth.valid_before,
+                auth.from_,
+                auth.value,
+                quote.model.name,
+                requirement.network,
+                mode,
+                quote.amount,
             )
         except Exception as exc:
             raise ApiError(
@@ -196,7 +241,17 @@ class Gate:
             ) from exc
         if claim.outcome == "redeem":
             header = self.settle_header(version, True, claim.tx, auth.from_)
-            return Ticket(paid=Paid(quote, key, auth.from_, claim.tx, header, True))
+            return Ticket(paid=Paid(quote, key, auth.from_, claim.tx, header, True, auth.value))
+        if claim.outcome == "expired":
+            raise PaymentRequired(offline.verdict)
+        if claim.outcome == "mismatch":
+            raise PaymentRequired(
+                reject(
+                    refusal.reason or VALUE_MISMATCH,
+                    f"this payment is not for this call ({refusal.detail or 'another model'}); a redeemable "
+                    "payment buys calls on the model it paid for, priced at most what it paid",
+                )
+            )
         if claim.outcome == "taken":
             return Ticket(paid=self._already_claimed(quote, parsed, key, claim, version))
         preflight = self._preflight(auth, offline.signature, offline.ecdsa_signer, key)
@@ -206,9 +261,15 @@ class Gate:
             return Ticket(
                 paid=Paid(quote, key, auth.from_, tx, self.settle_header(version, True, tx, auth.from_))
             )
-        return Ticket(
-            self._executor().submit(self._settle, quote, parsed, requirement, preflight, key, version)
-        )
+        future = self._executor().submit(self._settle, quote, parsed, requirement, preflight, key, version)
+        with self._pool_lock:
+            self._inflight += 1
+        future.add_done_callback(self._settled_one)
+        return Ticket(future)
+
+    def _settled_one(self, _future: Future[Paid]) -> None:
+        with self._pool_lock:
+            self._inflight -= 1
 
     def _preflight(
         self, auth: Authorization, signature: bytes, ecdsa_signer: bool, key: str
@@ -282,7 +343,7 @@ class Gate:
         if settlement.outcome == FAILED:
             self.ledger.transition(key, ("settling",), "failed", tx=tx)
             raise PaymentRequired(
-                reject(settlement.reason, "the settlement reverted; nothing was charged"),
+                reject(settlement.reason, REVERTED),
                 self.settle_header(version, False, tx, payer, settlement.reason),
             )
         if settlement.outcome == NOT_SENT:
@@ -336,7 +397,7 @@ class Gate:
                 )
         elif receipt is not None:
             self.ledger.transition(key, (claim.state,), "failed")
-            raise PaymentRequired(reject(TRANSACTION_FAILED, "the settlement reverted; nothing was charged"))
+            raise PaymentRequired(reject(TRANSACTION_FAILED, REVERTED))
         raise self._pending_error(version, tx, payer)
 
     def _pending_error(self, version: int, tx: str, payer: str) -> ApiError:

@@ -29,26 +29,44 @@ LEDGER_STREAM = "x402:{ledger}"
 LEDGER_MAXLEN = 1_000_000
 RETENTION_SECONDS = 7 * 24 * 3600
 CLAIM_TIMEOUT = 30  # seconds a payment may stay "claimed" (verification takes milliseconds)
+RELEASED_GRACE = 60  # seconds a released payment outlives its authorization
+STALE_SETTLED = 900  # seconds: a payment "settled" this long lost its request mid-answer (redeemable)
+NEW, RESUME, REDEEM = "new", "resume", "redeem"  # claim modes (see _CLAIM)
 TERMINAL_EVENTS = frozenset({"settled", "served", "redeemable", "failed"})
 
-# KEYS[1] payment hash. ARGV: ttl, now, payer, amount, model, network, claim timeout.
-# A claim still "claimed" after the timeout was abandoned before anything was sent (its request
-# died with Redis or the worker): it is taken over, like a released one.
-# Returns {outcome, state, tx}: outcome "claimed" (new claim), "redeem" (a redeemable payment taken
-# back for this retry, now "settled"), or "taken" (someone holds it; state says where it is).
+# KEYS[1] payment hash. ARGV: 1 ttl, 2 now, 3 payer, 4 amount paid, 5 model, 6 network, 7 claim
+# timeout, 8 mode, 9 price of this call, 10 stale-settled age, 11 validBefore.
+# A claim still "claimed" after the claim timeout was abandoned before anything was sent (its request
+# died with Redis or the worker): it is taken over, like a released one, or a failed one (our
+# settlement reverted, so the authorization is still live on chain and may be settled again).
+# A payment "settled" for longer than the stale age lost its request mid-answer (a worker killed
+# mid-stream): it is redeemable. A redeemable payment buys any call on the same model priced at most
+# what was paid. Modes: "new" (may claim), "resume" (the authorization's window has passed: only a
+# recorded payment is resumed), "redeem" (the call's price differs from the payment: redeem only).
+# Returns {outcome, state, tx, updated}: outcome "claimed", "redeem" (now "settled" for this
+# retry), "taken" (someone holds it; state says where it is), "expired" (nothing recorded to
+# resume) or "mismatch" (not redeemable for this call).
 _CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'redeemable' then
-  redis.call('HSET', KEYS[1], 'state', 'settled', 'updated', ARGV[2])
-  return {'redeem', 'settled', redis.call('HGET', KEYS[1], 'tx') or '', ARGV[2]}
+local seen = redis.call('HMGET', KEYS[1], 'tx', 'updated', 'model', 'amount')
+local tx, updated = seen[1] or '', seen[2] or '0'
+local now = tonumber(ARGV[2])
+local stale = state == 'settled' and now - tonumber(updated) > tonumber(ARGV[10])
+if state == 'redeemable' or stale then
+  if seen[3] == ARGV[5] and tonumber(seen[4] or '0') >= tonumber(ARGV[9]) then
+    redis.call('HSET', KEYS[1], 'state', 'settled', 'updated', ARGV[2])
+    return {'redeem', 'settled', tx, ARGV[2]}
+  end
+  return {'mismatch', state, tx, updated}
 end
-local seen = redis.call('HMGET', KEYS[1], 'tx', 'updated')
-local abandoned = state == 'claimed' and tonumber(ARGV[2]) - tonumber(seen[2] or '0') > tonumber(ARGV[7])
-if state and state ~= 'released' and not abandoned then
-  return {'taken', state, seen[1] or '', seen[2] or '0'}
+if ARGV[8] == 'redeem' then return {'mismatch', state or '', tx, updated} end
+local abandoned = state == 'claimed' and now - tonumber(updated) > tonumber(ARGV[7])
+if state and state ~= 'released' and state ~= 'failed' and not abandoned then
+  return {'taken', state, tx, updated}
 end
+if ARGV[8] ~= 'new' then return {'expired', state or '', tx, updated} end
 redis.call('HSET', KEYS[1], 'state', 'claimed', 'payer', ARGV[3], 'amount', ARGV[4], 'model', ARGV[5],
-           'network', ARGV[6], 'tx', '', 'created', ARGV[2], 'updated', ARGV[2])
+           'network', ARGV[6], 'tx', '', 'created', ARGV[2], 'updated', ARGV[2], 'valid_before', ARGV[11])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return {'claimed', 'claimed', '', ARGV[2]}
 """
@@ -58,7 +76,8 @@ return {'claimed', 'claimed', '', ARGV[2]}
 # Moves the payment and derives its ledger events: "settled" when the money is confirmed (also when
 # a settling payment goes straight to served/redeemable), and each of served/redeemable/failed.
 # With KEYS[2] the events are appended here, in the same round trip; on Redis Cluster the stream
-# lives in another slot, so they are returned for the caller to append.
+# lives in another slot, so they are returned for the caller to append. A released payment (refused
+# before any transaction) is kept only until its authorization expires, plus RELEASED_GRACE seconds.
 _TRANSITION = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state or not string.find(' ' .. ARGV[1] .. ' ', ' ' .. state .. ' ', 1, true) then
@@ -67,6 +86,10 @@ end
 local to = ARGV[2]
 redis.call('HSET', KEYS[1], 'state', to, 'updated', ARGV[3])
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if to == 'released' then
+  local left = tonumber(redis.call('HGET', KEYS[1], 'valid_before') or '0') - tonumber(ARGV[3])
+  redis.call('EXPIRE', KEYS[1], math.max(left, 0) + RELEASED_GRACE)
+end
 local events = {}
 if (to == 'served' or to == 'redeemable') and state ~= 'settled' then table.insert(events, 'settled') end
 if to == 'settled' or to == 'served' or to == 'redeemable' or to == 'failed' then table.insert(events, to) end
@@ -80,7 +103,7 @@ if #KEYS > 1 then
   return {'ok', {}, r}
 end
 return {'ok', events, r}
-"""
+""".replace("RELEASED_GRACE", str(RELEASED_GRACE))
 
 # Reserve the relayer account nonce for the next settlement: hand out max(counter, chain) and move
 # the counter past it, so no two workers share a nonce. A counter ahead of the chain's pending nonce
@@ -122,7 +145,7 @@ NONCE_GAP_AFTER = 30  # seconds: far longer than reserving-to-sending takes
 
 @dataclass(frozen=True)
 class Claim:
-    outcome: str  # "claimed", "redeem" or "taken"
+    outcome: str  # "claimed", "redeem", "taken", "expired" or "mismatch"
     state: str
     tx: str
     updated: float = 0.0  # when the payment last changed state (unix time)
@@ -143,13 +166,28 @@ class Ledger:
         self._reserve_nonce = client.register_script(_RESERVE_NONCE)
         self._start = client.register_script(_START)
 
-    def claim(self, key: str, valid_before: int, payer: str, amount: int, model: str, network: str) -> Claim:
-        """Take the payment for this request, atomically across every worker and host."""
+    def claim(
+        self,
+        key: str,
+        valid_before: int,
+        payer: str,
+        amount: int,
+        model: str,
+        network: str,
+        mode: str = NEW,
+        price: int | None = None,
+    ) -> Claim:
+        """Take the payment for this request, atomically across every worker and host.
+
+        ``amount`` is what the authorization pays, ``price`` what this call costs (both atomic
+        units; ``price`` defaults to ``amount``); ``mode`` is NEW, RESUME or REDEEM (see ``_CLAIM``).
+        A payment is kept ``validBefore`` + ``RETENTION_SECONDS`` (7 days) from its claim.
+        """
         now = int(time.time())
         ttl = max(valid_before - now, 0) + RETENTION_SECONDS
-        outcome, state, tx, updated = self._claim(
-            keys=[key], args=[ttl, now, payer, amount, model, network, CLAIM_TIMEOUT]
-        )
+        args = [ttl, now, payer, amount, model, network, CLAIM_TIMEOUT, mode]
+        args += [amount if price is None else price, STALE_SETTLED, valid_before]
+        outcome, state, tx, updated = self._claim(keys=[key], args=args)
         return Claim(text_of(outcome), text_of(state), text_of(tx), float(text_of(updated) or 0))
 
     def transition(self, key: str, allowed: tuple[str, ...], to_state: str, **fields: str) -> bool:

@@ -26,11 +26,19 @@ from .gate import Gate, Paid, PaymentRequired, get_gate
 from .metrics import STREAM_FIRST_BYTE_SECONDS, UPSTREAM_SECONDS, payment_outcome
 from .policy import ROUTE_FIELDS, ROUTE_INPUT_FIELDS, Rule
 from .receipts import RECEIPT_HEADER, STREAM_RECEIPT_PREFIX, Receipt, sha256_hex
-from .upstream import UpstreamAnswer, UpstreamFailed, get_upstream
-from .x402.challenge import EXPOSED_HEADERS
+from .upstream import (
+    BUYER_ERRORS,
+    UpstreamAnswer,
+    UpstreamFailed,
+    client_gone,
+    get_upstream,
+    host_error_message,
+)
+from .x402.challenge import ERROR_DETAIL_HEADER, EXPOSED_HEADERS
 from .x402.codec import MalformedInput, strict_json_loads
 from .x402.discovery import bazaar_extension
 from .x402.verdict import PAYMENT_REQUIRED
+from .x402.wire import V1_HEADER, V2_HEADER
 
 bp = Blueprint("routes", __name__)
 log = logging.getLogger("x402.routes")
@@ -189,6 +197,8 @@ def _paid(
             payment_outcome("refused", reason)
             note(outcome="refused", reason=reason)
         extra = dict([refusal.settle_response]) if refusal.settle_response else {}
+        if refusal.verdict.detail and reason != PAYMENT_REQUIRED:  # the reason in words, for people
+            extra[ERROR_DETAIL_HEADER] = refusal.verdict.detail.encode("ascii", "replace").decode()
         return gate.challenge(quote, _resource_url(), reason, extra, _discovery(route, quote.model.name))
     if measured:
         response.headers[MEASUREMENT_HEADER] = measured
@@ -256,16 +266,14 @@ def _serve(gate: Gate, quote: Quote, call: UpstreamCall, streaming: bool, render
         relay = _relay_stream(gate, paid, answer, g.x402_started, (unsigned, key) if key else None)
         return Response(relay, status=answer.status, headers=headers)
     if answer.status >= 400 and render is None:
-        # The host refused the call: the payment can still buy one. Its body and headers stay here:
-        # an error page may quote the operator's key or name internal hosts.
+        # The host refused the call: the payment can still buy one. Its headers stay here, and its
+        # message only after scrubbing: an error page may quote the operator's key or name hosts.
         gate.redeemable(paid)
-        name, value = paid.response_header
-        return json_error(
-            502,
-            "upstream_refused",
-            f"the model host answered {answer.status}; retry the same payment header to be served",
-            {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS},
-        )
+        return _upstream_refused(paid, answer.status, content)
+    if answer.status < 400 and client_gone(request.environ):
+        gate.redeemable(paid)  # nothing was handed over: the same header, retried, is served
+        note(outcome="client_gone")
+        return Response(status=499)
     if answer.status < 400:
         gate.served(paid)
     else:
@@ -279,6 +287,25 @@ def _serve(gate: Gate, quote: Quote, call: UpstreamCall, streaming: bool, render
     return Response(content, status=answer.status, headers=headers)
 
 
+def _upstream_refused(paid: Paid, status: int, content: bytes) -> Response:
+    """The host's 4xx, told to the buyer with its scrubbed reason; the payment stays redeemable for
+    any body on the same model priced at most what was paid."""
+    settings = current_app.config["X402_SETTINGS"]
+    model = paid.quote.model
+    secrets = [settings.upstream_api_key, *settings.upstream_keys.values()]
+    hosts = [settings.upstream_url, model.upstream_url]
+    reason = host_error_message(content, secrets, hosts) if status in BUYER_ERRORS else ""
+    name, value = paid.response_header
+    return json_error(
+        status if status in BUYER_ERRORS else 502,
+        "upstream_refused",
+        f"the model host refused the call ({status}{': ' + reason if reason else ''}); your payment "
+        f"is kept: send the same payment header with a body for {model.name} priced at most "
+        f"{paid.value} atomic units",
+        {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS},
+    )
+
+
 def _upstream_failed(paid: Paid) -> Response:
     name, value = paid.response_header
     return json_error(
@@ -287,6 +314,15 @@ def _upstream_failed(paid: Paid) -> Response:
         "the model host failed after your payment settled; retry the same payment header to be served",
         {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Retry-After": "1"},
     )
+
+
+@bp.after_request
+def no_blind_retries(response: Response) -> Response:
+    """An error answer to a request that carried a payment tells the OpenAI SDKs not to retry: they
+    would resend the request without its payment header, and their wallet would pay again."""
+    if response.status_code >= 400 and (V2_HEADER in request.headers or V1_HEADER in request.headers):
+        response.headers["x-should-retry"] = "false"
+    return response
 
 
 @bp.post("/v1/chat/completions")

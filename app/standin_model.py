@@ -47,6 +47,8 @@ class Behaviour:
     chunks: int = 5  # number of content chunks in a stream
     cut_after: int | None = None  # for streams: drop the connection after this many chunks (no [DONE])
     reset: bool = False  # close the connection without any response
+    times: int | None = None  # status/reset apply to this many model calls, then it recovers (None: all)
+    error_message: str = "stand-in failure"  # the message of an error answer
 
 
 @dataclass
@@ -141,14 +143,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": {"message": "not found", "type": "not_found_error"}})
             return
 
-        behaviour = dataclasses.replace(owner.behaviour)  # later edits by a test don't bleed in
+        behaviour = owner._snapshot(model_call=self.command == "POST")  # later test edits don't bleed in
         if behaviour.delay > 0:
             time.sleep(behaviour.delay)
         if behaviour.reset:
             self._reset()
             return
         if behaviour.status != 200:
-            self._send_json(behaviour.status, ERROR_BODY)
+            error = {"error": {**ERROR_BODY["error"], "message": behaviour.error_message}}
+            self._send_json(behaviour.status, error)
             return
 
         if route == ("GET", MODELS_PATH):
@@ -346,6 +349,17 @@ class StandinModel:
     def _record(self, item: Received) -> None:
         with self._lock:
             self.received.append(item)
+
+    def _snapshot(self, model_call: bool) -> Behaviour:
+        """This request's behaviour; a fault limited by ``times`` is used up by model calls."""
+        with self._lock:
+            live = self.behaviour
+            faulty = live.status != 200 or live.reset
+            if faulty and live.times is not None:
+                if live.times <= 0:
+                    return dataclasses.replace(live, status=200, reset=False)
+                live.times -= model_call
+            return dataclasses.replace(live)
 
     def _next_id(self, prefix: str) -> str:
         with self._lock:

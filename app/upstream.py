@@ -7,10 +7,15 @@ Streams are relayed chunk by chunk as they arrive.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from flask import Flask, current_app
@@ -19,9 +24,66 @@ from .catalog import Model
 from .settings import Settings
 
 CONNECT_TIMEOUT = 5.0
+# A connection error or a 5xx before any byte of the answer is tried once more before the buyer
+# hears of it: agent SDKs retry a 5xx without the payment header, which makes their wallet pay again.
+ATTEMPTS = 2
 ROUTE_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 # Response headers of the model host that are passed to the buyer; everything else is dropped.
 PASSED_RESPONSE_HEADERS = ("Content-Type",)
+
+
+# A host's 4xx that is about the buyer's body is told to the buyer with that status and its scrubbed
+# message; any other 4xx (the operator's key, a wrong path, rate limits) is a 502 without a message.
+BUYER_ERRORS = frozenset({400, 404, 413, 422})
+ERROR_MESSAGE_LIMIT = 300  # characters of a host's error message a buyer may see
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+_BEARER = re.compile(r"(?i)bearer\s+\S+")
+_IPV4 = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b")
+_HOSTNAME = re.compile(r"\b(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?::\d+)?\b")
+_TOKEN = re.compile(r"\b(?=[A-Za-z_\-]*[0-9])[A-Za-z0-9_\-]{24,}")  # a credential (or a piece of one)
+
+
+def host_error_message(content: bytes, secrets: Iterable[str], hosts: Iterable[str]) -> str:
+    """The message of an OpenAI-style error body (``{"error": {"message"}}``, ``{"message"}`` or
+    ``{"detail"}``), scrubbed for a buyer: every secret and configured host, URLs, bearer
+    credentials, IP addresses, host names and long tokens replaced; printable, at most
+    ``ERROR_MESSAGE_LIMIT`` characters. "" when the body carries no message."""
+    try:
+        data = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    error = data.get("error") if isinstance(data, dict) else None
+    candidates = [error.get("message") if isinstance(error, dict) else error]
+    if isinstance(data, dict):
+        candidates += [data.get("message"), data.get("detail")]
+    message = next((m for m in candidates if isinstance(m, str) and m), "")
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        message = message.replace(secret, "[redacted]")
+    for host in {urlsplit(h).hostname or "" for h in hosts if h} - {""}:
+        message = re.sub(re.escape(host), "[model host]", message, flags=re.IGNORECASE)
+    for pattern, mark in (
+        (_URL, "[url]"),
+        (_BEARER, "[redacted]"),
+        (_IPV4, "[address]"),
+        (_HOSTNAME, "[host]"),
+    ):
+        message = pattern.sub(mark, message)
+    message = _TOKEN.sub("[redacted]", message)
+    return "".join(c if c.isprintable() else " " for c in message)[:ERROR_MESSAGE_LIMIT].strip()
+
+
+def client_gone(environ: Mapping[str, Any]) -> bool:
+    """Whether the buyer closed the connection (gunicorn or werkzeug's socket read without
+    blocking and without consuming: end of stream or a reset). False when it cannot tell."""
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if not isinstance(sock, socket.socket):
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # connected, nothing more sent
+    except (ValueError, OSError) as exc:  # reset by the peer, or a TLS socket that cannot peek
+        return isinstance(exc, ConnectionError)
 
 
 class UpstreamFailed(RuntimeError):
@@ -65,7 +127,8 @@ class Upstream:
         return session
 
     def forward(self, route: str, body: dict[str, object], model: Model | None = None) -> UpstreamAnswer:
-        """POST the priced body to the model's host; raise ``UpstreamFailed`` on connection errors and 5xx."""
+        """POST the priced body to the model's host; raise ``UpstreamFailed`` when a connection error
+        or 5xx happens on both of ``ATTEMPTS`` tries."""
         return self._request("POST", route_path=ROUTE_PATHS[route], body=body, model=model)
 
     def probe(self, model: Model | None = None) -> UpstreamAnswer:
@@ -87,22 +150,30 @@ class Upstream:
         headers = {"Accept": "application/json, text/event-stream"}
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        try:
-            response = self._session().request(
-                method,
-                url,
-                json=body,
-                headers=headers,
-                stream=True,
-                timeout=(CONNECT_TIMEOUT, self.settings.upstream_timeout),
-            )
-        except requests.RequestException as exc:
-            raise UpstreamFailed(type(exc).__name__) from exc
-        if response.status_code >= 500:
-            response.close()
-            raise UpstreamFailed(f"status {response.status_code}")
-        passed = {k: v for k, v in response.headers.items() if k in PASSED_RESPONSE_HEADERS}
-        return UpstreamAnswer(response.status_code, passed, response)
+        failure = UpstreamFailed("no attempt")
+        for _attempt in range(ATTEMPTS):
+            try:
+                response = self._session().request(
+                    method,
+                    url,
+                    json=body,
+                    headers=headers,
+                    stream=True,
+                    timeout=(CONNECT_TIMEOUT, self.settings.upstream_timeout),
+                )
+            except requests.ConnectionError as exc:  # refused, reset, or no connection in time
+                failure = UpstreamFailed(type(exc).__name__)
+                failure.__cause__ = exc
+                continue
+            except requests.RequestException as exc:  # a host that took too long is not asked twice
+                raise UpstreamFailed(type(exc).__name__) from exc
+            if response.status_code >= 500:
+                response.close()
+                failure = UpstreamFailed(f"status {response.status_code}")
+                continue
+            passed = {k: v for k, v in response.headers.items() if k in PASSED_RESPONSE_HEADERS}
+            return UpstreamAnswer(response.status_code, passed, response)
+        raise failure
 
 
 def init_app(app: Flask) -> None:

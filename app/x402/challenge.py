@@ -12,7 +12,9 @@ from typing import Any
 from .codec import encode_header
 from .wire import Requirement
 
-EXPOSED_HEADERS = "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, X-Receipt"
+# A refusal's reason in words (the 402's ``error`` is its stable code), beside the challenge.
+ERROR_DETAIL_HEADER = "X-Payment-Error"
+EXPOSED_HEADERS = "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, X-Receipt, X-Payment-Error"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,9 @@ from .wire import PaymentPayload, Requirement
 
 # A signature must stay valid this long after we check it, to leave time to settle.
 MIN_VALIDITY_MARGIN = 6
+# A client's clock may run this far ahead of ours (seconds): validBefore may be at most
+# now + maxTimeoutSeconds + this. A farther validBefore would keep an unfunded claim alive for long.
+MAX_CLOCK_SKEW = 30
 
 
 def match_requirement(payment: PaymentPayload, requirement: Requirement) -> Verdict:
@@ -55,11 +58,28 @@ def match_requirement(payment: PaymentPayload, requirement: Requirement) -> Verd
 @dataclass(frozen=True)
 class OfflineCheck:
     """Result of the offline checks. ``ecdsa_signer`` is True when the signature recovers to ``from``;
-    when False with ``verdict.ok``, the payer must prove to be a contract wallet on chain (EIP-1271)."""
+    when False with ``verdict.ok``, the payer must prove to be a contract wallet on chain (EIP-1271).
+    ``window_only`` is True when every check but the time window passed: such a payment cannot be
+    taken anew, but one the ledger already recorded may still be recovered by its header."""
 
     verdict: Verdict
     signature: bytes = b""
     ecdsa_signer: bool = False
+    window_only: bool = False
+
+
+def check_window(payment: PaymentPayload, requirement: Requirement, now: int) -> Verdict:
+    """The authorization's time window (unix seconds): valid now, for at least ``MIN_VALIDITY_MARGIN``
+    more seconds, and not beyond ``now + maxTimeoutSeconds + MAX_CLOCK_SKEW`` (the x402 clients sign
+    ``validBefore = now + maxTimeoutSeconds``)."""
+    auth = payment.authorization
+    if auth.valid_before < now + MIN_VALIDITY_MARGIN:
+        return reject(VALID_BEFORE, "authorization expires too soon or has expired")
+    if auth.valid_after > now:
+        return reject(VALID_AFTER, "authorization is not valid yet")
+    if auth.valid_before > now + requirement.max_timeout_seconds + MAX_CLOCK_SKEW:
+        return reject(VALID_BEFORE, "validBefore is further ahead than maxTimeoutSeconds allows")
+    return ACCEPTED
 
 
 def normalise_signature(signature: bytes) -> bytes:
@@ -70,16 +90,16 @@ def normalise_signature(signature: bytes) -> bytes:
 
 
 def check_authorization(payment: PaymentPayload, requirement: Requirement, now: int) -> OfflineCheck:
-    """Recipient, exact value, time window and signature form/recovery, in the reference order."""
+    """Recipient, exact value, time window and signature form/recovery, in the reference order.
+
+    The signature is checked even when the window fails, so that ``window_only`` can tell a
+    recorded payment's owner (recoverable by its header) from a forger."""
     auth = payment.authorization
     if auth.to != requirement.pay_to.lower():
         return OfflineCheck(reject(RECIPIENT_MISMATCH, "authorization.to is not this resource's payTo"))
     if auth.value != requirement.amount:
         return OfflineCheck(reject(VALUE_MISMATCH, f"value must be exactly {requirement.amount}"))
-    if auth.valid_before < now + MIN_VALIDITY_MARGIN:
-        return OfflineCheck(reject(VALID_BEFORE, "authorization expires too soon or has expired"))
-    if auth.valid_after > now:
-        return OfflineCheck(reject(VALID_AFTER, "authorization is not valid yet"))
+    window = check_window(payment, requirement, now)
     signature = normalise_signature(payment.signature)
     if len(signature) == 65:
         separator = domain_separator(
@@ -90,6 +110,7 @@ def check_authorization(payment: PaymentPayload, requirement: Requirement, now: 
         )
         signer = recover_signer(digest, signature)
         if signer is None:
-            return OfflineCheck(reject(INVALID_SIGNATURE, "signature is not canonical (v, low-s)"))
-        return OfflineCheck(ACCEPTED, signature, ecdsa_signer=signer == auth.from_)
-    return OfflineCheck(ACCEPTED, signature, ecdsa_signer=False)
+            bad = reject(INVALID_SIGNATURE, "signature is not canonical (v, low-s)")
+            return OfflineCheck(window if not window else bad)
+        return OfflineCheck(window, signature, ecdsa_signer=signer == auth.from_, window_only=not window)
+    return OfflineCheck(window, signature, ecdsa_signer=False, window_only=not window)

@@ -1,11 +1,14 @@
-"""The OpenAI SDKs, paying through the official x402 clients, are charged for the work they ask for.
+"""The OpenAI SDKs, paying through the official x402 clients, are charged for the work they ask for,
+and once for one answer.
 
 - PyPI ``openai`` (``AsyncOpenAI``) over PyPI ``x402``'s httpx client (``x402HttpxClient``);
 - npm ``openai`` with ``@x402/fetch``'s paying fetch as its ``fetch`` option (``js/openai_chat.mjs``).
 
 Each asks for ``n`` answers with ``max_completion_tokens`` and tools, streamed and not. The chain must
 show one transfer of exactly the 402's amount, and that amount covers every answer at its limit plus
-the tool definitions as input.
+the tool definitions as input. With the SDKs' default retries on, a host that fails once costs one
+payment for one answer, and a host that keeps failing costs one payment (kept redeemable), not one
+per SDK retry.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 import pytest
 from eth_account import Account
-from openai import AsyncOpenAI
+from openai import APIStatusError, AsyncOpenAI
 from x402 import x402Client
 from x402.http.clients.httpx import x402HttpxClient
 from x402.mechanisms.evm import EthAccountSigner
@@ -24,7 +27,7 @@ from x402.mechanisms.evm.exact import register_exact_evm_client
 
 from app.catalog import load_catalog, quote_for
 from app.settings import DEFAULT_CATALOG
-from app.standin_model import StandinModel
+from app.standin_model import Behaviour, StandinModel
 from tests.interop.paid import PROJECT_ROOT, decode_settlement, run_node, token_transfers
 from tests.support import Proxy
 
@@ -67,12 +70,14 @@ def paid_once(proxy: Proxy, settlement: dict[str, Any], amount: int) -> None:
     assert token_transfers(proxy, settlement["transaction"]) == [(payer, payee, amount)]
 
 
-async def _python_sdk_call(proxy: Proxy, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
+async def _python_sdk_call(
+    proxy: Proxy, body: dict[str, Any], retries: int = 0
+) -> tuple[dict[str, Any], int]:
     client = x402Client()
     register_exact_evm_client(client, EthAccountSigner(Account.from_key(proxy.wallets.payer_key)))
     async with x402HttpxClient(client, timeout=60) as http:
         openai = AsyncOpenAI(
-            base_url=proxy.url + "/v1", api_key="no-key-needed", http_client=http, max_retries=0
+            base_url=proxy.url + "/v1", api_key="no-key-needed", http_client=http, max_retries=retries
         )
         raw = await openai.chat.completions.with_raw_response.create(**body)
         settlement = decode_settlement(raw.headers.get("PAYMENT-RESPONSE"))
@@ -119,3 +124,64 @@ def test_openai_npm_sdk_over_x402_fetch_is_charged_for_its_work(
     paid_once(proxy, line["paymentResponse"], amount)
     assert standin.received[-1].body["n"] == body["n"]
     assert line["choices"] == (1 if body.get("stream") else body["n"])
+
+
+# --- the SDKs' default retries never make the wallet pay twice -------------------------------------
+
+SIMPLE = {"model": M, "messages": MESSAGES, "max_completion_tokens": 64}
+DEFAULT_RETRIES = 2  # both SDKs' default
+
+
+def paid_since(proxy: Proxy, before: tuple[int, int]) -> int:
+    payer, payee = proxy.balances()
+    assert before[0] - payer == payee - before[1]
+    return payee - before[1]
+
+
+@pytest.mark.parametrize("sdk", ["python", "npm"])
+def test_a_host_that_fails_once_costs_one_payment_for_one_answer(
+    proxy: Proxy, standin: StandinModel, sdk: str
+) -> None:
+    standin.behaviour = Behaviour(status=500, times=1)
+    before = proxy.balances()
+    price = quote_for(HERMES, "chat", SIMPLE).amount
+    if sdk == "python":
+        settlement, answers = asyncio.run(_python_sdk_call(proxy, SIMPLE, DEFAULT_RETRIES))
+        assert settlement["success"] is True and answers == 1
+    else:
+        line = run_node(
+            PROJECT_ROOT / "tests" / "interop" / "js" / "openai_chat.mjs",
+            {
+                "X402_URL": proxy.url + "/v1",
+                "X402_PAYER_KEY": proxy.wallets.payer_key,
+                "X402_BODY": json.dumps(SIMPLE),
+            },
+        )
+        assert line["status"] == 200 and line["choices"] == 1, line
+    assert paid_since(proxy, before) == price
+    assert len(standin.received) == 2  # the proxy tried the host once more itself
+
+
+@pytest.mark.parametrize("sdk", ["python", "npm"])
+def test_a_host_that_keeps_failing_costs_one_payment_not_one_per_sdk_retry(
+    proxy: Proxy, standin: StandinModel, sdk: str
+) -> None:
+    standin.behaviour = Behaviour(status=500)
+    before = proxy.balances()
+    price = quote_for(HERMES, "chat", SIMPLE).amount
+    if sdk == "python":
+        with pytest.raises(APIStatusError) as raised:
+            asyncio.run(_python_sdk_call(proxy, SIMPLE, DEFAULT_RETRIES))
+        assert raised.value.status_code == 502
+    else:
+        line = run_node(
+            PROJECT_ROOT / "tests" / "interop" / "js" / "openai_chat.mjs",
+            {
+                "X402_URL": proxy.url + "/v1",
+                "X402_PAYER_KEY": proxy.wallets.payer_key,
+                "X402_BODY": json.dumps(SIMPLE),
+            },
+        )
+        assert line["status"] == 502, line
+    assert paid_since(proxy, before) == price  # one payment, kept redeemable
+    assert len(standin.received) == 2  # one SDK request, tried twice by the proxy

@@ -11,7 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.x402.challenge import EXPOSED_HEADERS, Resource, build_challenge
-from app.x402.checks import MIN_VALIDITY_MARGIN, check_authorization, match_requirement, normalise_signature
+from app.x402.checks import (
+    MAX_CLOCK_SKEW,
+    MIN_VALIDITY_MARGIN,
+    check_authorization,
+    match_requirement,
+    normalise_signature,
+)
 from app.x402.codec import MAX_HEADER_BYTES, decode_header, encode_header
 from app.x402.eip712 import (
     SECP256K1_N,
@@ -229,7 +235,9 @@ def test_check_value_must_be_exact(value: int) -> None:
         (NOW + 5, False),
         (NOW + 6, True),
         (NOW + 7, True),
-        (2**256 - 1, True),
+        (NOW + 120 + MAX_CLOCK_SKEW, True),
+        (NOW + 120 + MAX_CLOCK_SKEW + 1, False),  # beyond maxTimeoutSeconds: a claim would live long
+        (2**256 - 1, False),
     ],
 )
 def test_check_valid_before_margin(valid_before: int, ok: bool) -> None:
@@ -237,6 +245,17 @@ def test_check_valid_before_margin(valid_before: int, ok: bool) -> None:
     assert result.verdict.ok is ok
     if not ok:
         assert result.verdict.reason == VALID_BEFORE
+        assert result.window_only  # the signature is good: a recorded payment may still be recovered
+        assert result.ecdsa_signer is True
+
+
+def test_a_bad_signature_outside_the_window_is_not_recoverable() -> None:
+    payment = make_payment(valid_before=NOW - 1)
+    forged = dataclasses.replace(payment, signature=payment.signature[:64] + bytes([29]))
+    result = check_authorization(forged, REQ, NOW)
+    assert (result.verdict.reason, result.window_only) == (VALID_BEFORE, False)
+    other = make_payment(valid_before=NOW - 1, signer=os.urandom(32))  # signed by someone else
+    assert check_authorization(other, REQ, NOW).ecdsa_signer is False
 
 
 def test_margin_is_six_seconds() -> None:
@@ -266,7 +285,7 @@ def test_check_empty_window_refused(moment: int) -> None:
 )
 def test_check_time_window_property(after: int, before: int) -> None:
     result = check_authorization(make_payment(valid_after=after, valid_before=before), REQ, NOW)
-    expected = before >= NOW + MIN_VALIDITY_MARGIN and after <= NOW and after < before
+    expected = NOW + MIN_VALIDITY_MARGIN <= before <= NOW + 120 + MAX_CLOCK_SKEW and after <= NOW
     assert result.verdict.ok is expected
 
 

@@ -194,6 +194,7 @@ def test_nothing_stored_holds_the_prompt(ledger: Ledger, client: fakeredis.FakeR
         "tx",
         "created",
         "updated",
+        "valid_before",
     }
     dump = b"".join(
         b"".join(k + v for k, v in client.hgetall(key).items()) if client.type(key) == b"hash" else key
@@ -386,3 +387,68 @@ def test_nonces_reserved_but_never_sent_are_reused_once_the_gap_is_old(client: f
     gap_seen = start + 1 + ledger_module.NONCE_GAP_AFTER + 1
     assert ledger.reserve_relayer_nonce(8453, RELAYER, 5, now=gap_seen) == 5  # healed from the chain
     assert ledger.reserve_relayer_nonce(8453, RELAYER, 5, now=gap_seen + 1) == 6
+
+
+# -- recovery and redemption (claim modes) ------------------------------------------------------------
+
+
+def redeemable(ledger: Ledger) -> None:
+    claim(ledger)
+    assert ledger.transition(KEY, ("claimed",), "redeemable", tx="0x1")
+
+
+def test_a_redeemable_payment_buys_a_cheaper_call_on_its_own_model_only(ledger: Ledger) -> None:
+    redeemable(ledger)
+    args = (KEY, int(time.time()) + 120, PAYER, 10_000)
+    assert (
+        ledger.claim(*args, "other-model", "eip155:8453", ledger_module.REDEEM, 5_000).outcome == "mismatch"
+    )
+    assert (
+        ledger.claim(*args, "hermes-3-8b-tee", "eip155:8453", ledger_module.REDEEM, 10_001).outcome
+        == "mismatch"
+    )
+    assert ledger.claim(*args, "other-model", "eip155:8453").outcome == "mismatch"  # same price, other model
+    assert (
+        ledger.claim(*args, "hermes-3-8b-tee", "eip155:8453", ledger_module.REDEEM, 5_000).outcome == "redeem"
+    )
+
+
+def test_redeem_and_resume_modes_never_create_a_claim(ledger: Ledger) -> None:
+    for mode in (ledger_module.REDEEM, ledger_module.RESUME):
+        result = ledger.claim(
+            KEY, int(time.time()) - 10, PAYER, 10_000, "hermes-3-8b-tee", "eip155:8453", mode
+        )
+        assert result.outcome in ("mismatch", "expired")
+        assert ledger.get(KEY) == {}
+
+
+def test_resume_finds_what_was_recorded_and_a_failed_payment_may_be_claimed_again(ledger: Ledger) -> None:
+    redeemable(ledger)
+    resumed = ledger.claim(KEY, 0, PAYER, 10_000, "hermes-3-8b-tee", "eip155:8453", ledger_module.RESUME)
+    assert resumed.outcome == "redeem"
+    other = payment_key(8453, ASSET, PAYER, bytes(32))
+    claim(ledger, other)
+    assert ledger.transition(other, ("claimed",), "failed", tx="0x2")
+    assert claim(ledger, other).outcome == "claimed"  # a reverted settlement left it live on chain
+    assert ledger.transition(other, ("claimed",), "failed", tx="0x3")
+    expired = ledger.claim(other, 0, PAYER, 10_000, "hermes-3-8b-tee", "eip155:8453", ledger_module.RESUME)
+    assert expired.outcome == "expired"
+
+
+def test_a_payment_settled_long_ago_lost_its_request_and_is_redeemable(
+    ledger: Ledger, client: fakeredis.FakeRedis
+) -> None:
+    claim(ledger)
+    assert ledger.transition(KEY, ("claimed",), "settled", tx="0x1")
+    assert claim(ledger).outcome == "taken"  # a stream may still be running
+    client.hset(KEY, "updated", int(time.time()) - ledger_module.STALE_SETTLED - 1)
+    assert claim(ledger).outcome == "redeem"
+
+
+def test_a_released_payment_expires_with_its_authorization(
+    ledger: Ledger, client: fakeredis.FakeRedis
+) -> None:
+    claim(ledger, valid_before=int(time.time()) + 100)
+    assert client.ttl(KEY) > RETENTION_SECONDS
+    assert ledger.transition(KEY, ("claimed",), "released")
+    assert 100 < client.ttl(KEY) <= 100 + ledger_module.RELEASED_GRACE

@@ -2,8 +2,10 @@
 settler replaced by models whose outcomes hypothesis chooses: settled, reverted, pending (and the
 receipt landing later), upstream failures, and retries of the same headers in any order.
 
-Invariants: an answer is delivered only for a settled payment and at most once per payment; no
-authorization is ever broadcast twice; after every request no payment is left between states
+Invariants: an answer is delivered only for a settled payment and at most once per payment; an
+authorization is broadcast again only after its last broadcast reverted (a reverted EIP-3009
+transfer leaves the authorization unused, so the same header may be settled anew), and lands at
+most once; after every request no payment is left between states
 (settled ⇒ served ∨ redeemable ∨ pending).
 """
 
@@ -74,6 +76,7 @@ class ModelSettler:
         self.chain = chain
         self.next_outcome = SETTLED
         self.broadcasts: Counter[bytes] = Counter()
+        self.reverted: Counter[bytes] = Counter()
         self.sent: dict[str, Authorization] = {}
 
     def settle(
@@ -86,6 +89,8 @@ class ModelSettler:
         self.sent[tx_hash] = auth
         if self.next_outcome == SETTLED:
             self.chain.landed[tx_hash] = auth
+        if self.next_outcome == FAILED:
+            self.reverted[auth.nonce] += 1
         return Settlement(
             self.next_outcome, tx_hash, "" if self.next_outcome == SETTLED else "transaction_failed"
         )
@@ -155,7 +160,10 @@ class GateMachine(RuleBasedStateMachine):
 
     @invariant()
     def never_broadcast_twice(self) -> None:
-        assert all(count <= 1 for count in self.settler.broadcasts.values())
+        broadcasts, reverted = self.settler.broadcasts, self.settler.reverted
+        assert all(count <= 1 + reverted[nonce] for nonce, count in broadcasts.items())
+        landed = Counter(auth.nonce for auth in self.chain.landed.values())
+        assert all(count <= 1 for count in landed.values())
 
     @invariant()
     def delivered_only_when_settled_and_once(self) -> None:

@@ -6,7 +6,8 @@
 // sends BODY_JSON as `chat.completions.create` parameters (streamed when the body says stream: true).
 // Prints one JSON line: {status, paymentResponse, choices, content}, where choices counts the answers
 // (distinct choice indexes when streamed) and paymentResponse is PAYMENT-RESPONSE as the x402 SDK
-// decodes it. On an error it prints {error} and exits 1.
+// decodes it; an error answer the SDK raises prints {status, apiError}. Any other error prints
+// {error} and exits 1.
 
 import { ExactEvmScheme } from "@x402/evm";
 import { decodePaymentResponseHeader, wrapFetchWithPaymentFromConfig } from "@x402/fetch";
@@ -30,9 +31,17 @@ async function main() {
     schemes: [{ network: "eip155:*", client: new ExactEvmScheme(privateKeyToAccount(key)) }],
   });
   // No API key is needed by the proxy; the SDK insists on one, and the proxy never forwards it.
-  const openai = new OpenAI({ baseURL, apiKey: "no-key-needed", fetch: payingFetch, maxRetries: 0 });
+  // The SDK's default retries (2) stay on: a paid error answer must stop them by itself.
+  const openai = new OpenAI({ baseURL, apiKey: "no-key-needed", fetch: payingFetch });
   const body = JSON.parse(bodyText);
-  const { data, response } = await openai.chat.completions.create(body).withResponse();
+  let data, response;
+  try {
+    ({ data, response } = await openai.chat.completions.create(body).withResponse());
+  } catch (error) {
+    if (!(error instanceof OpenAI.APIError)) throw error;
+    emit({ status: error.status, apiError: error.error ?? null, paymentResponse: null, choices: 0 }, 0);
+    return;
+  }
   const header = response.headers.get("PAYMENT-RESPONSE");
   const indexes = new Set();
   let content = "";
