@@ -3,9 +3,10 @@
 Redis is the fast lock, the chain is the record of truth. ``reconcile`` walks the payments that
 changed within a window and checks each one that claims money moved — settled, served,
 redeemable — against its transaction's receipt (status, and the token's ``Transfer`` of exactly
-the recorded amount from the payer to our payee); it resolves pending payments from chain state.
-It only reads the chain and only moves ``pending`` (or abandoned ``settling``) payments, through
-the same atomic transitions the proxy uses, so it is safe to run while the proxy serves.
+the recorded amount from the payer to our payee); it resolves the open ones (pending, abandoned
+settling, failed, stale settled) from chain state. It only reads the chain and only moves open
+payments, through the same atomic transitions the proxy uses, so it is safe to run while the proxy
+serves.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from .chain import Chain, ChainUnavailable, RpcFailure, transfer_logged
-from .ledger import LEDGER_STREAM, Ledger, text_of
+from .ledger import LEDGER_STREAM, STALE_SETTLED, Ledger, text_of
 from .settings import Settings
+from .upstream import abandoned_after
 from .x402.wire import Authorization
 
 MONEY_MOVED = ("settled", "served", "redeemable")
+CHECKED = (*MONEY_MOVED, "pending", "settling", "failed")
+DONE = ("served", "redeemable")
 DURATION_RE = re.compile(r"([0-9]+)([smhd])")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 KEY_RE = re.compile(r"^x402:\{auth:([0-9]+):(0x[0-9a-f]{40}):(0x[0-9a-f]{40}):0x([0-9a-f]{64})\}$")
@@ -43,7 +47,8 @@ class Finding:
     state: str
     tx: str
     problem: str  # "" when the payment checks out
-    resolved: str = ""  # the new state when reconcile resolved a pending payment
+    resolved: str = ""  # the new state when reconcile resolved an open payment
+    open: str = ""  # why an open payment was left as it is (in flight, nothing on chain yet)
 
 
 def _authorization(key: str, record: dict[str, str], pay_to: str) -> Authorization | None:
@@ -61,18 +66,30 @@ def _authorization(key: str, record: dict[str, str], pay_to: str) -> Authorizati
 
 
 def reconcile(ledger: Ledger, chain: Chain, settings: Settings, since_seconds: int) -> list[Finding]:
-    """Check every recent payment that claims money moved; resolve pending ones."""
+    """Check every payment that claims money moved within the window (``since_seconds``) and every
+    open one, whatever its age, resolving the open ones from the chain:
+
+    - pending → settled (the chain shows the transfer) or failed (reverted);
+    - settling for longer than any request takes (its worker died mid-call) → redeemable when the
+      money moved, failed when it reverted; a younger one is listed as in flight;
+    - failed, when someone settled the still-live authorization afterwards → redeemable;
+    - settled for ``STALE_SETTLED`` seconds (the request died mid-answer) → redeemable.
+    """
     cutoff = time.time() - since_seconds
     findings = []
     for raw_key in ledger.redis.scan_iter(match="x402:{auth:*", count=1000):
         key = text_of(raw_key)
         record = ledger.get(key)
         state, tx = record.get("state", ""), record.get("tx", "")
-        if float(record.get("updated") or 0) < cutoff or state not in (*MONEY_MOVED, "pending"):
-            continue
+        if state not in CHECKED or (state in DONE and float(record.get("updated") or 0) < cutoff):
+            continue  # open payments are resolved whatever their age; done ones within the window
         auth = _authorization(key, record, settings.pay_to)
         if auth is None:
             findings.append(Finding(key, state, tx, "malformed payment record"))
+            continue
+        age = time.time() - float(record.get("updated") or 0)
+        if state == "settling" and age <= abandoned_after(settings):
+            findings.append(Finding(key, state, tx, "", open=f"in flight for {age:.0f} s"))
             continue
         try:
             receipt = chain.receipt(tx) if tx else None
@@ -81,35 +98,51 @@ def reconcile(ledger: Ledger, chain: Chain, settings: Settings, since_seconds: i
         except (ChainUnavailable, RpcFailure) as exc:
             findings.append(Finding(key, state, tx, f"chain unavailable: {type(exc).__name__}"))
             continue
-        if state == "pending":
-            if settled_by is not None and ledger.transition(key, ("pending",), "settled", tx=settled_by):
-                findings.append(Finding(key, state, settled_by, "", resolved="settled"))
-            elif receipt is not None and ledger.transition(key, ("pending",), "failed"):
-                findings.append(Finding(key, state, tx, "", resolved="failed"))
-            continue
-        if settled_by is None:
-            problem = (
-                "no transaction recorded"
-                if not tx
-                else "no matching Transfer on chain for the recorded amount"
-            )
-            findings.append(Finding(key, state, tx, problem))
-        elif settled_by != tx:
-            findings.append(Finding(key, state, tx, f"money moved by {settled_by}, not the recorded tx"))
+        findings += _checked(ledger, key, state, tx, age, settled_by, receipt is not None)
     return findings
 
 
+def _checked(
+    ledger: Ledger, key: str, state: str, tx: str, age: float, settled_by: str | None, mined: bool
+) -> list[Finding]:
+    """What one payment's chain state says of its record, resolving the open states."""
+
+    def resolve(to: str, by: str) -> list[Finding]:
+        if ledger.transition(key, (state,), to, tx=by):
+            return [Finding(key, state, by, "", resolved=to)]
+        return []  # it moved meanwhile: the proxy got there first
+
+    if state in ("pending", "settling", "failed"):
+        if settled_by is not None:
+            return resolve("settled" if state == "pending" else "redeemable", settled_by)
+        if state != "failed" and mined:
+            return resolve("failed", tx)
+        if state == "failed":
+            return []  # reverted, nothing moved: the authorization may still settle until validBefore
+        return [Finding(key, state, tx, "", open="no transaction on chain yet")]
+    if state == "settled" and age > STALE_SETTLED and settled_by is not None:
+        return resolve("redeemable", settled_by)
+    if settled_by is None:
+        problem = (
+            "no transaction recorded" if not tx else "no matching Transfer on chain for the recorded amount"
+        )
+        return [Finding(key, state, tx, problem)]
+    if settled_by != tx:
+        return [Finding(key, state, tx, f"money moved by {settled_by}, not the recorded tx")]
+    return [Finding(key, state, tx, "")]
+
+
 def render_findings(findings: list[Finding]) -> str:
-    rows = [f for f in findings if f.problem or f.resolved]
+    rows = [f for f in findings if f.problem or f.resolved or f.open]
     if not rows:
         return "reconcile: every checked payment matches the chain\n"
     out = io.StringIO()
     out.write(f"{'state':<11} {'result':<10} {'tx':<68} payment / problem\n")
     for f in rows:
-        result = f"→ {f.resolved}" if f.resolved else "MISMATCH"
+        result = f"→ {f.resolved}" if f.resolved else ("open" if f.open else "MISMATCH")
         out.write(f"{f.state:<11} {result:<10} {f.tx or '-':<68} {f.key}\n")
-        if f.problem:
-            out.write(f"{'':<11} {'':<10} {'':<68} {f.problem}\n")
+        if f.problem or f.open:
+            out.write(f"{'':<11} {'':<10} {'':<68} {f.problem or f.open}\n")
     return out.getvalue()
 
 

@@ -28,6 +28,7 @@ from .errors import ApiError
 from .ledger import NEW, REDEEM, RESUME, Claim, Ledger, payment_key
 from .settings import Settings
 from .settlement import FAILED, NOT_SENT, PENDING, SETTLED, Settler
+from .upstream import abandoned_after
 from .x402.challenge import Resource, build_challenge
 from .x402.checks import check_authorization, match_requirement
 from .x402.verdict import (
@@ -126,7 +127,7 @@ class Gate:
         self._inflight = 0  # settlements submitted and not finished, in this process
         self._challenges: dict[tuple[str, int, str, str], tuple[bytes, dict[str, str]]] = {}
         # the longest a request can legitimately keep a payment "settling" (receipt + model call)
-        self._settling_limit = settings.receipt_timeout + settings.upstream_timeout + 30
+        self._settling_limit = abandoned_after(settings)
 
     def _executor(self) -> ThreadPoolExecutor:
         """One settlement pool per process (gunicorn may fork workers after the app is built)."""

@@ -43,6 +43,12 @@ _HOSTNAME = re.compile(r"\b(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?::\d+)?\b")
 _TOKEN = re.compile(r"\b(?=[A-Za-z_\-]*[0-9])[A-Za-z0-9_\-]{24,}")  # a credential (or a piece of one)
 
 
+def abandoned_after(settings: Settings) -> float:
+    """Seconds after which a payment still "settling" has lost its request (a worker killed
+    mid-call): the receipt wait, every try at the model host (connect and read timeouts), and 30 s."""
+    return settings.receipt_timeout + ATTEMPTS * (CONNECT_TIMEOUT + settings.upstream_timeout) + 30
+
+
 def host_error_message(content: bytes, secrets: Iterable[str], hosts: Iterable[str]) -> str:
     """The message of an OpenAI-style error body (``{"error": {"message"}}``, ``{"message"}`` or
     ``{"detail"}``), scrubbed for a buyer: every secret and configured host, URLs, bearer
