@@ -59,8 +59,8 @@ def match_requirement(payment: PaymentPayload, requirement: Requirement) -> Verd
 class OfflineCheck:
     """Result of the offline checks. ``ecdsa_signer`` is True when the signature recovers to ``from``;
     when False with ``verdict.ok``, the payer must prove to be a contract wallet on chain (EIP-1271).
-    ``window_only`` is True when every check but the time window passed: such a payment cannot be
-    taken anew, but one the ledger already recorded may still be recovered by its header."""
+    ``window_only`` is True when every check passed but the authorization has expired: such a payment
+    cannot be taken anew, but one the ledger already recorded may still be recovered by its header."""
 
     verdict: Verdict
     signature: bytes = b""
@@ -100,6 +100,9 @@ def check_authorization(payment: PaymentPayload, requirement: Requirement, now: 
     if auth.value != requirement.amount:
         return OfflineCheck(reject(VALUE_MISMATCH, f"value must be exactly {requirement.amount}"))
     window = check_window(payment, requirement, now)
+    # only an expired authorization can belong to a payment recorded earlier (one too far ahead, or
+    # not valid yet, was never accepted)
+    expired = not window and auth.valid_before < now + MIN_VALIDITY_MARGIN
     signature = normalise_signature(payment.signature)
     if len(signature) == 65:
         separator = domain_separator(
@@ -112,5 +115,5 @@ def check_authorization(payment: PaymentPayload, requirement: Requirement, now: 
         if signer is None:
             bad = reject(INVALID_SIGNATURE, "signature is not canonical (v, low-s)")
             return OfflineCheck(window if not window else bad)
-        return OfflineCheck(window, signature, ecdsa_signer=signer == auth.from_, window_only=not window)
-    return OfflineCheck(window, signature, ecdsa_signer=False, window_only=not window)
+        return OfflineCheck(window, signature, ecdsa_signer=signer == auth.from_, window_only=expired)
+    return OfflineCheck(window, signature, ecdsa_signer=False, window_only=expired)

@@ -64,3 +64,30 @@ def test_a_paid_call_costs_one_rpc_round_trip_before_settlement_and_three_redis_
     assert sends == [1]  # the only round trip before the send is the batched preflight
     assert {"eth_getCode", "eth_estimateGas", "eth_getTransactionCount"} <= set(rpc.requests[0])
     assert all(methods[-1] == "eth_getTransactionReceipt" for methods in rpc.requests[2:])
+
+
+def test_an_unfunded_payment_costs_two_redis_round_trips_one_rpc_round_trip_and_a_short_lived_key(
+    counted: tuple[Proxy, FaultyRpc, CountingRedis], standin: StandinModel
+) -> None:
+    """What SECURITY.md says one unfunded request can cost at most."""
+    proxy, rpc, client = counted
+    requirement = proxy.requirement()
+    proxy.pay(proxy.payment(requirement))  # warm up
+    rpc.requests.clear()
+    client.round_trips = 0
+    unfunded = proxy.payment(requirement, key="0x" + bytes(range(3, 35)).hex())
+
+    refused = proxy.pay(unfunded)
+
+    assert refused.json()["error"] == "invalid_exact_evm_insufficient_balance"
+    assert (client.round_trips, len(rpc.requests)) == (2, 1)  # claim + release; the preflight batch
+    assert standin.received == [standin.received[0]]  # only the warm-up reached the model host
+    auth = unfunded.authorization
+    key = next(client.scan_iter(match=f"x402:{{auth:*{auth.from_.lower()}*"))
+    assert client.memory_usage(key) < 512  # bytes
+    assert client.ttl(key) <= 120 + 60  # maxTimeoutSeconds + the released grace (seconds)
+
+    far = proxy.payment(requirement, key="0x" + bytes(range(4, 36)).hex(), now=10**10)
+    client.round_trips, rpc.requests[:] = 0, []
+    assert proxy.pay(far).json()["error"] == "invalid_exact_evm_payload_authorization_valid_before"
+    assert (client.round_trips, rpc.requests) == (0, [])
