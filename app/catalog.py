@@ -44,6 +44,9 @@ class Model:
     message_overhead: int = 8  # chat template tokens per message (and for the assistant's turn)
     tools_overhead: int = 512  # chat template tokens for the tool instructions, when tools are sent
     image_tokens: int = 0  # input tokens one image costs (models with "image" in modalities)
+    vocab_size: int = 128256  # token ids (prompts, logit_bias) are below this
+    tools_factor: int = 3  # times the chat template prints a tool definition's text
+    schema_key_overhead: int = 32  # template bytes per key of a tool's parameters schema
     upstream_url: str = ""
     upstream_key: str = ""  # names X402_UPSTREAM_API_KEY_<NAME>: a direct TEE host's own key
     attestation_url: str = ""  # where the host publishes its attestation report
@@ -62,6 +65,9 @@ class Model:
             message_overhead=self.message_overhead,
             tools_overhead=self.tools_overhead,
             image_tokens=self.image_tokens,
+            vocab_size=self.vocab_size,
+            tools_factor=self.tools_factor,
+            schema_key_overhead=self.schema_key_overhead,
         )
 
     def public(self) -> dict[str, Any]:
@@ -83,6 +89,8 @@ class Model:
                 max_tokens_cap=self.max_tokens_cap,
                 message_overhead=self.message_overhead,
                 tools_overhead=self.tools_overhead,
+                tools_factor=self.tools_factor,
+                schema_key_overhead=self.schema_key_overhead,
             )
             if IMAGE in self.modalities:
                 entry["pricing"]["image_tokens"] = self.image_tokens
@@ -147,6 +155,9 @@ def load_catalog(path: Path) -> dict[str, Model]:
             message_overhead=_positive_int(entry, "message_overhead", name, 8),
             tools_overhead=_positive_int(entry, "tools_overhead", name, 512),
             image_tokens=_positive_int(entry, "image_tokens", name, 0),
+            vocab_size=max(1, _positive_int(entry, "vocab_size", name, 128256)),
+            tools_factor=max(1, _positive_int(entry, "tools_factor", name, 3)),
+            schema_key_overhead=_positive_int(entry, "schema_key_overhead", name, 32),
             upstream_url=str(entry.get("upstream_url", "")).rstrip("/"),
             upstream_key=str(entry.get("upstream_key", "")),
             attestation_url=str(entry.get("attestation_url", "")),

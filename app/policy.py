@@ -38,9 +38,9 @@ TEXT, IMAGE = "text", "image"
 MODALITIES = frozenset({TEXT, IMAGE})
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
-TOKEN_ID_LIMIT = 2**31  # token ids are non-negative 32-bit integers on every host we know
-FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for tool and function names
-TOKEN_ID_KEY = re.compile(r"^(0|[1-9][0-9]{0,9})$")
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for tool and function names (fullmatch)
+TOKEN_ID_KEY = re.compile(r"0|[1-9][0-9]{0,9}")  # a token id as a logit_bias key (fullmatch)
+PART_OVERHEAD = 2  # tokens: hosts join content parts with a newline
 
 
 # Every code ``read`` may refuse a body with (all HTTP 400).
@@ -93,6 +93,9 @@ class Limits:
     message_overhead: int = 8
     tools_overhead: int = 512
     image_tokens: int = 0
+    vocab_size: int = 128256  # token ids are below this (Llama 3's vocabulary)
+    tools_factor: int = 3  # times a tool definition's JSON text is printed by the chat template
+    schema_key_overhead: int = 32  # template bytes per key of a tool's parameters schema
 
 
 @dataclass(frozen=True)
@@ -134,11 +137,13 @@ def _int(value: Any, path: str, low: int, high: int) -> int:
     return value
 
 
-def _number(value: Any, path: str, low: float, high: float) -> float | int:
+def _number(value: Any, path: str, low: float, high: float, above: bool = False) -> float | int:
+    """A finite number in ``[low, high]`` (``(low, high]`` when ``above``)."""
+    what = f"a number {'above' if above else 'from'} {low} {'and at most' if above else 'to'} {high}"
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _invalid(path, f"a number from {low} to {high}")
-    if not (math.isfinite(value) and low <= value <= high):
-        raise _invalid(path, f"a number from {low} to {high}")
+        raise _invalid(path, what)
+    if not (math.isfinite(value) and low <= value <= high) or (above and value == low):
+        raise _invalid(path, what)
     return value
 
 
@@ -166,6 +171,30 @@ def _list(value: Any, path: str, min_items: int = 1) -> list:
     return value
 
 
+def _count_keys(value: Any) -> int:
+    """Object keys anywhere in a JSON value."""
+    if isinstance(value, dict):
+        return len(value) + sum(_count_keys(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_count_keys(v) for v in value)
+    return 0
+
+
+def _rendered_arguments(arguments: str) -> int:
+    """Bytes of tool-call arguments as a host prints them: some hosts parse the JSON and print it
+    again (``1e15`` becomes ``1000000000000000.0``), so the larger of the two texts counts."""
+    try:
+        parsed = json.loads(arguments, parse_constant=_no_constant)
+        rendered = utf8_len(_json_text(parsed))
+    except (ValueError, RecursionError):
+        rendered = 0
+    return max(utf8_len(arguments), rendered)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(name)
+
+
 def _json_text(value: Any) -> str:
     """Structured values as chat templates print them (``tojson``: ", " and ": ", raw UTF-8)."""
     return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
@@ -190,9 +219,17 @@ class _Reading:
         self.input_bytes += utf8_len(_str(value, path))
         return value
 
-    def structure(self, value: Any) -> Any:
-        self.input_bytes += utf8_len(_json_text(value))
+    def structure(self, value: Any, factor: int = 1) -> Any:
+        self.input_bytes += factor * utf8_len(_json_text(value))
         return value
+
+    def tool_definitions(self, value: Any) -> Any:
+        """Tools as the chat template prints them: a template such as Hermes 3's prints a
+        definition's JSON and, again, its names and descriptions in a signature and an argument
+        list (``tools_factor`` times in all), plus text around every key of a parameters schema."""
+        self.tools = True
+        self.input_bytes += self.limits.schema_key_overhead * _count_keys(value)
+        return self.structure(value, self.limits.tools_factor)
 
     @property
     def input_tokens(self) -> int:
@@ -228,7 +265,7 @@ def _content_part(reading: _Reading, part: Any, path: str) -> dict[str, Any]:
         )
         forwarded = {"url": _str(image["url"], f"{path}.image_url.url")}
         if "detail" in image:
-            if image["detail"] not in IMAGE_DETAIL:
+            if not isinstance(image["detail"], str) or image["detail"] not in IMAGE_DETAIL:
                 raise _invalid(f"{path}.image_url.detail", "auto, low or high")
             forwarded["detail"] = image["detail"]
         reading.overhead_tokens += reading.limits.image_tokens
@@ -244,6 +281,7 @@ def _tool_call(reading: _Reading, call: Any, path: str) -> dict[str, Any]:
         raise _invalid(f"{path}.type", '"function"')
     _str(call["id"], f"{path}.id")
     _function_call(call["function"], f"{path}.function")
+    reading.input_bytes += _rendered_arguments(call["function"]["arguments"])
     return reading.structure(call)
 
 
@@ -256,13 +294,14 @@ def _function_call(value: Any, path: str) -> None:
 def _message(reading: _Reading, message: Any, path: str) -> dict[str, Any]:
     _object(message, path, MESSAGE_FIELDS, frozenset({"role"}))
     role = message["role"]
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise _invalid(f"{path}.role", "one of " + ", ".join(sorted(ROLES)))
     reading.text(role, f"{path}.role")
     reading.overhead_tokens += reading.limits.message_overhead
     forwarded: dict[str, Any] = {"role": role}
     content = message.get("content")
     if isinstance(content, list):
+        reading.overhead_tokens += PART_OVERHEAD * len(content)
         forwarded["content"] = [
             _content_part(reading, p, f"{path}.content[{i}]") for i, p in enumerate(content)
         ]
@@ -297,35 +336,43 @@ def _messages(reading: _Reading, value: Any, path: str) -> list[dict[str, Any]]:
 # --- tools, functions, response formats --------------------------------------------------------
 
 
-def _function_definition(value: Any, path: str) -> None:
+EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+def _function_definition(value: Any, path: str) -> dict[str, Any]:
+    """A function definition, with ``description`` ("") and ``parameters`` (an empty object schema)
+    filled in when absent: chat templates such as Hermes 3's fail on a tool without them."""
     _object(value, path, frozenset({"name", "description", "parameters", "strict"}), frozenset({"name"}))
-    if not isinstance(value["name"], str) or not FUNCTION_NAME.match(value["name"]):
+    if not isinstance(value["name"], str) or not FUNCTION_NAME.fullmatch(value["name"]):
         raise _invalid(f"{path}.name", "1 to 64 letters, digits, _ or -")
-    if "description" in value:
-        _str(value["description"], f"{path}.description")
-    if "parameters" in value and not isinstance(value["parameters"], dict):
+    definition = {
+        "name": value["name"],
+        "description": _str(value.get("description", ""), f"{path}.description"),
+    }
+    parameters = value.get("parameters", EMPTY_PARAMETERS)
+    if not isinstance(parameters, dict):
         raise _invalid(f"{path}.parameters", "a JSON Schema object")
+    definition["parameters"] = parameters
     if "strict" in value:
-        _bool(value["strict"], f"{path}.strict")
+        definition["strict"] = _bool(value["strict"], f"{path}.strict")
+    return definition
 
 
 def _tools(reading: _Reading, value: Any, path: str) -> list[Any]:
-    tools = _list(value, path)
-    for i, tool in enumerate(tools):
+    tools = []
+    for i, tool in enumerate(_list(value, path)):
         _object(tool, f"{path}[{i}]", frozenset({"type", "function"}), frozenset({"type", "function"}))
         if tool["type"] != "function":
             raise _invalid(f"{path}[{i}].type", '"function"')
-        _function_definition(tool["function"], f"{path}[{i}].function")
-    reading.tools = True
-    return reading.structure(tools)
+        tools.append(
+            {"type": "function", "function": _function_definition(tool["function"], f"{path}[{i}].function")}
+        )
+    return reading.tool_definitions(tools)
 
 
 def _functions(reading: _Reading, value: Any, path: str) -> list[Any]:
-    functions = _list(value, path)
-    for i, function in enumerate(functions):
-        _function_definition(function, f"{path}[{i}]")
-    reading.tools = True
-    return reading.structure(functions)
+    functions = [_function_definition(f, f"{path}[{i}]") for i, f in enumerate(_list(value, path))]
+    return reading.tool_definitions(functions)
 
 
 def _named_choice(reading: _Reading, value: Any, path: str, words: frozenset[str], nested: bool) -> Any:
@@ -390,12 +437,13 @@ def _stop(reading: _Reading, value: Any, path: str) -> str | list[str]:
     return [reading.text(item, f"{path}[{i}]") for i, item in enumerate(value)]
 
 
-def _logit_bias(value: Any, path: str) -> dict[str, Any]:
+def _logit_bias(reading: _Reading, value: Any, path: str) -> dict[str, Any]:
     if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
         raise _invalid(path, f"an object of at most {MAX_LOGIT_BIAS} token ids")
+    vocab_size = reading.limits.vocab_size
     for key, bias in value.items():
-        if not TOKEN_ID_KEY.match(key) or int(key) >= TOKEN_ID_LIMIT:
-            raise _invalid(f"{path} keys", "token ids")
+        if not TOKEN_ID_KEY.fullmatch(key) or int(key) >= vocab_size:
+            raise _invalid(f"{path} keys", f"token ids below {vocab_size}")
         _number(bias, f"{path}.{key}", -100, 100)
     return value
 
@@ -410,8 +458,14 @@ def _plain(check: Callable[[Any, str], Any]) -> Callable[[_Reading, Any, str], A
     return lambda _reading, value, path: check(value, path)
 
 
-def _bounded(low: float, high: float) -> Callable[[_Reading, Any, str], Any]:
-    return _plain(lambda value, path: _number(value, path, low, high))
+def _bounded(low: float, high: float, above: bool = False) -> Callable[[_Reading, Any, str], Any]:
+    return _plain(lambda value, path: _number(value, path, low, high, above))
+
+
+def _top_k(value: Any, path: str) -> int:
+    if _int(value, path, -1, 1000) == 0:
+        raise _invalid(path, "-1 (off) or 1 to 1000")
+    return value
 
 
 def _int_bounded(low: int, high: int) -> Callable[[_Reading, Any, str], Any]:
@@ -432,14 +486,16 @@ class Field:
 # count); the table still names them so the policy is complete.
 SAMPLING: dict[str, Field] = {
     "temperature": Field(Rule.FORWARD, "sampling; 0 to 2", _bounded(0, 2)),
-    "top_p": Field(Rule.FORWARD, "sampling; 0 to 1", _bounded(0, 1)),
-    "top_k": Field(Rule.FORWARD, "sampling (open-model hosts); -1 to 1000", _int_bounded(-1, 1000)),
+    "top_p": Field(Rule.FORWARD, "sampling; above 0, at most 1", _bounded(0, 1, above=True)),
+    "top_k": Field(Rule.FORWARD, "sampling (open-model hosts); -1 (off) or 1 to 1000", _plain(_top_k)),
     "min_p": Field(Rule.FORWARD, "sampling (open-model hosts); 0 to 1", _bounded(0, 1)),
-    "repetition_penalty": Field(Rule.FORWARD, "sampling (open-model hosts); 0 to 2", _bounded(0, 2)),
+    "repetition_penalty": Field(
+        Rule.FORWARD, "sampling (open-model hosts); above 0, at most 2", _bounded(0, 2, above=True)
+    ),
     "presence_penalty": Field(Rule.FORWARD, "sampling; -2 to 2", _bounded(-2, 2)),
     "frequency_penalty": Field(Rule.FORWARD, "sampling; -2 to 2", _bounded(-2, 2)),
-    "seed": Field(Rule.FORWARD, "sampling; a 64-bit integer", _int_bounded(-(2**63), 2**64 - 1)),
-    "logit_bias": Field(Rule.FORWARD, f"sampling; at most {MAX_LOGIT_BIAS} token ids", _plain(_logit_bias)),
+    "seed": Field(Rule.FORWARD, "sampling; a signed 64-bit integer", _int_bounded(-(2**63), 2**63 - 1)),
+    "logit_bias": Field(Rule.FORWARD, f"sampling; at most {MAX_LOGIT_BIAS} token ids", _logit_bias),
     "stop": Field(Rule.INPUT, "the host matches it against the output: counted as input", _stop),
     "stream": Field(Rule.FORWARD, "a JSON boolean", _plain(_bool)),
     "stream_options": Field(Rule.NORMALISE, "only include_usage, a boolean", _plain(_stream_options)),
@@ -465,7 +521,7 @@ CHAT_FIELDS: dict[str, Field] = {
     "function_call": Field(Rule.INPUT, "the older tool_choice", _function_call_choice),
     "response_format": Field(Rule.INPUT, "a json_schema is read by the host: counted", _response_format),
     "logprobs": Field(Rule.FORWARD, "a JSON boolean", _plain(_bool)),
-    "top_logprobs": Field(Rule.FORWARD, "0 to 20", _int_bounded(0, 20)),
+    "top_logprobs": Field(Rule.FORWARD, "0 to 20, with logprobs: true", _int_bounded(0, 20)),
     "prediction": Field(Rule.REFUSE, "predicted outputs cost work the price does not see"),
     "audio": Field(Rule.REFUSE, "no audio output is sold"),
     "modalities": Field(Rule.REFUSE, "no output other than text is sold"),
@@ -476,7 +532,7 @@ COMPLETIONS_FIELDS: dict[str, Field] = {
     "prompt": Field(Rule.INPUT, "text counted by bytes, token ids one each; a list multiplies the output"),
     "best_of": Field(Rule.MULTIPLY, "answers generated per prompt (at least n); each is priced"),
     **COMMON,
-    "suffix": Field(Rule.INPUT, "text the host reads after the answer", None),
+    "suffix": Field(Rule.REFUSE, "fill-in-the-middle: the models sold here do not take it"),
     "echo": Field(Rule.FORWARD, "a JSON boolean; the echoed prompt was priced as input", _plain(_bool)),
     "logprobs": Field(Rule.FORWARD, "0 to 5", _int_bounded(0, 5)),
 }
@@ -502,10 +558,13 @@ def _max_tokens(body: Mapping[str, Any], limits: Limits, route: str) -> int:
 
 
 def _provider_switches(body: Mapping[str, Any]) -> None:
-    store = body.get("store", False)
-    if store is not False:
+    store = body.get("store")
+    if store is not None and not isinstance(store, bool):
+        raise _invalid("store", "true or false (a JSON boolean)")
+    if store is True:
         raise PolicyError("unsupported_field", "store: this proxy never asks a host to keep a completion")
-    if body.get("service_tier", "auto") not in ("auto", "default"):
+    tier = body.get("service_tier")
+    if tier is not None and tier not in ("auto", "default"):
         raise PolicyError("unsupported_field", "service_tier: only auto and default are sold")
 
 
@@ -518,9 +577,10 @@ def _prompts(reading: _Reading, value: Any) -> tuple[list[int], Any]:
     if isinstance(value, str):
         return [utf8_len(value)], value
     items = _list(value, "prompt")
+    last_id = reading.limits.vocab_size - 1
     if all(isinstance(i, int) and not isinstance(i, bool) for i in items):
         for i, token in enumerate(items):
-            _int(token, f"prompt[{i}]", 0, TOKEN_ID_LIMIT - 1)
+            _int(token, f"prompt[{i}]", 0, last_id)
         return [len(items)], items
     counts = []
     for i, item in enumerate(items):
@@ -528,7 +588,7 @@ def _prompts(reading: _Reading, value: Any) -> tuple[list[int], Any]:
             counts.append(utf8_len(item))
         elif isinstance(item, list) and item:
             for j, token in enumerate(item):
-                _int(token, f"prompt[{i}][{j}]", 0, TOKEN_ID_LIMIT - 1)
+                _int(token, f"prompt[{i}][{j}]", 0, last_id)
             counts.append(len(item))
         else:
             raise _invalid(f"prompt[{i}]", "a string or a non-empty list of token ids")
@@ -542,11 +602,11 @@ def read(route: str, body: Mapping[str, Any], limits: Limits) -> Work:
     (400, a code of ``POLICY_CODES``) when the body breaks the policy.
     """
     fields = ROUTE_FIELDS[route]
-    for key in body:
-        field = fields.get(key)
-        if field is None:
-            raise PolicyError("unknown_field", f"{key} is not a field this proxy accepts on this route")
-        if field.rule is Rule.REFUSE:
+    unknown = sorted(key for key in body if key not in fields)
+    if unknown:
+        raise PolicyError("unknown_field", f"{unknown[0]} is not a field this proxy accepts on this route")
+    for key, field in fields.items():  # the table's order, not the body's: one body, one answer
+        if key in body and field.rule is Rule.REFUSE:
             raise PolicyError("unsupported_field", f"{key}: {field.why}")
     input_field = ROUTE_INPUT_FIELDS[route]
     if input_field not in body:
@@ -556,12 +616,13 @@ def read(route: str, body: Mapping[str, Any], limits: Limits) -> Work:
     n = _choices(body.get("n", 1), "n", 1, limits)
     reading = _Reading(limits)
     reading.body["model"] = body["model"]
-    for key, value in body.items():
-        handler = fields[key].handler
-        if handler is not None and key != "model":
-            reading.body[key] = handler(reading, value, key)
+    for key, field in fields.items():
+        if key in body and field.handler is not None and key != "model":
+            reading.body[key] = field.handler(reading, body[key], key)
     if body.get("stream") is not True and "stream_options" in body:
         raise PolicyError("invalid_field", "stream_options go with stream: true only")
+    if route == "chat" and "top_logprobs" in body and body.get("logprobs") is not True:
+        raise PolicyError("invalid_field", "top_logprobs goes with logprobs: true only")
     reading.body["max_tokens"] = max_tokens
     if "max_completion_tokens" in body:
         reading.body["max_completion_tokens"] = max_tokens
@@ -573,13 +634,12 @@ def read(route: str, body: Mapping[str, Any], limits: Limits) -> Work:
 
 
 def _choices(value: Any, path: str, low: int, limits: Limits) -> int:
-    """``n`` or ``best_of``: at least ``low``; above the model's ``max_choices`` is refused."""
-    count = _int(value, path, low, TOKEN_ID_LIMIT)
-    if count > limits.max_choices:
+    """``n`` or ``best_of``: an integer from ``low``; above the model's ``max_choices`` is refused."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > limits.max_choices:
         raise PolicyError(
             "too_many_choices", f"{path}: this model generates at most {limits.max_choices} per call"
         )
-    return count
+    return _int(value, path, low, limits.max_choices)
 
 
 def _check_context(input_tokens: int, max_tokens: int, limits: Limits) -> None:
@@ -599,9 +659,6 @@ def _chat_work(reading: _Reading, max_tokens: int, n: int) -> Work:
 def _completions_work(reading: _Reading, body: Mapping[str, Any], max_tokens: int, n: int) -> Work:
     limits = reading.limits
     counts, reading.body["prompt"] = _prompts(reading, body["prompt"])
-    suffix = utf8_len(_str(body["suffix"], "suffix")) if "suffix" in body else 0
-    if "suffix" in body:
-        reading.body["suffix"] = body["suffix"]
     best_of = _choices(body.get("best_of", n), "best_of", n, limits)
     if "best_of" in body:
         reading.body["best_of"] = best_of
@@ -612,7 +669,7 @@ def _completions_work(reading: _Reading, body: Mapping[str, Any], max_tokens: in
             f"{len(counts)} prompts × {best_of} answers = {choices}; this model generates at most "
             f"{limits.max_choices} per call",
         )
-    per_prompt = [count + suffix + reading.input_bytes + limits.message_overhead for count in counts]
+    per_prompt = [count + reading.input_bytes + limits.message_overhead for count in counts]
     for tokens in per_prompt:
         _check_context(tokens, max_tokens, limits)
     return Work(sum(per_prompt), max_tokens, choices, reading.body)

@@ -8,6 +8,7 @@ its corpus it falls back to one token per byte, which is what the old ``bytes / 
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -102,8 +103,13 @@ def test_store_service_tier_user_and_metadata_are_stripped_or_refused() -> None:
     work = read("chat", chat(store=False, service_tier="auto", user="agent-7", metadata={"a": "b"}), LIMITS)
     assert set(work.body) == {"model", "messages", "max_tokens"}
     assert refused("chat", chat(store=True)) == "unsupported_field"
-    assert refused("chat", chat(store="false")) == "unsupported_field"
+    assert refused("chat", chat(store="false")) == "invalid_field"
     assert refused("chat", chat(service_tier="priority")) == "unsupported_field"
+    assert set(read("chat", chat(store=None, service_tier=None), LIMITS).body) == {
+        "model",
+        "messages",
+        "max_tokens",
+    }
 
 
 # --- every kind of work -------------------------------------------------------------------------
@@ -115,7 +121,7 @@ def test_n_multiplies_the_priced_output(n: int) -> None:
     assert (work.choices, work.output_tokens, work.body["n"]) == (n, 100 * n, n)
 
 
-@pytest.mark.parametrize("body", [chat(n=9), chat(n=10**9)])
+@pytest.mark.parametrize("body", [chat(n=9), chat(n=10**9), chat(n=2**31 + 1)])
 def test_more_answers_than_the_cap_are_refused(body: dict[str, Any]) -> None:
     assert refused("chat", body) == "too_many_choices"
 
@@ -168,7 +174,6 @@ TOOL = {
         ),
         ({"stop": [LONG]}, "chat"),
         ({"stop": LONG}, "completions"),
-        ({"suffix": LONG}, "completions"),
         ({"messages": [{"role": "user", "content": "hi", "name": LONG}]}, "chat"),
         ({"messages": [{"role": "tool", "content": LONG, "tool_call_id": "c1"}]}, "chat"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": LONG}]}]}, "chat"),
@@ -394,3 +399,128 @@ def test_the_readme_rules_table_is_exactly_the_policy() -> None:
         for name, field in fields.items()
     }
     assert claimed == actual
+
+
+# --- what a hostile tester found ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", [["user"], {"a": 1}, 5, None])
+def test_a_role_that_is_not_a_string_is_a_400_not_a_crash(role: Any) -> None:
+    assert refused("chat", chat(messages=[{"role": role, "content": "x"}])) == "invalid_field"
+
+
+def test_an_image_detail_that_is_not_a_string_is_a_400_not_a_crash() -> None:
+    seeing = replace(LIMITS, modalities=frozenset({TEXT, IMAGE}), image_tokens=1)
+    part = {"type": "image_url", "image_url": {"url": "u", "detail": ["low"]}}
+    assert refused("chat", chat(messages=[{"role": "user", "content": [part]}]), seeing) == "invalid_field"
+
+
+HUGE_CONTEXT = replace(LIMITS, context_length=10**8)  # to measure bodies a real context would refuse
+
+
+def hermes_rendered_tool_bytes(tool: dict[str, Any]) -> int:
+    """A lower bound of what Hermes 3's tool template prints for one function: a Python-like
+    signature naming every parameter, an ``Args:`` line per parameter with its description, and the
+    whole definition as JSON."""
+    function = tool["function"]
+    properties = function["parameters"].get("properties", {})
+    signature = function["name"] + "(" + ", ".join(f"{p}: Any" for p in properties) + ")"
+    args = "".join(
+        f"    {p}({v.get('type', 'Any')}): {v.get('description', '')}\n" for p, v in properties.items()
+    )
+    definition = json.dumps(tool, ensure_ascii=False, separators=(", ", ": "))
+    return utf8_len(signature + function["description"] + args + definition)
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        {"1.1." * 10_000: {}},  # one long parameter name
+        {"p": {"type": "string", "description": "d" * 40_000}},  # one long description
+        {f"p{i}": {} for i in range(6_000)},  # many tiny parameters
+    ],
+    ids=["long name", "long description", "many parameters"],
+)
+def test_tool_definitions_count_what_the_template_prints(properties: dict[str, Any]) -> None:
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "description": "d",
+            "parameters": {"type": "object", "properties": properties},
+        },
+    }
+    work = read("chat", chat(tools=[tool], max_tokens=16), HUGE_CONTEXT)
+    assert work.input_tokens >= hermes_rendered_tool_bytes(tool) + LIMITS.tools_overhead
+
+
+def test_tool_call_arguments_count_as_a_host_prints_them_again() -> None:
+    arguments = "[" + ",".join(["1e15"] * 12_000) + "]"
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    work = read("chat", chat(messages=[message]), HUGE_CONTEXT)
+    reprinted = json.dumps(json.loads(arguments), separators=(", ", ": "))
+    assert work.input_tokens >= utf8_len(reprinted) > 3 * utf8_len(arguments)
+
+
+def test_content_parts_count_the_newline_a_host_joins_them_with() -> None:
+    parts = [{"type": "text", "text": "1"}] * 30_000
+    work = read("chat", chat(messages=[{"role": "user", "content": parts}]), LIMITS)
+    assert work.input_tokens >= utf8_len("\n".join("1" for _ in parts))
+
+
+def test_a_tool_without_description_or_parameters_is_completed_for_the_template() -> None:
+    work = read("chat", chat(tools=[{"type": "function", "function": {"name": "f"}}]), LIMITS)
+    assert work.body["tools"] == [
+        {
+            "type": "function",
+            "function": {"name": "f", "description": "", "parameters": {"type": "object", "properties": {}}},
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"seed": 2**63},
+        {"top_p": 0},
+        {"repetition_penalty": 0},
+        {"top_k": 0},
+        {"top_logprobs": 2},
+        {"logprobs": False, "top_logprobs": 2},
+        {"logit_bias": {"128256": 1}},
+        {"logit_bias": {"5\n": 1, "5": -1}},
+        {"tools": [{"type": "function", "function": {"name": "f\n"}}]},
+    ],
+    ids=repr,
+)
+def test_values_the_host_would_refuse_are_refused_before_any_402(extra: dict[str, Any]) -> None:
+    assert refused("chat", chat(**extra)) == "invalid_field"
+
+
+def test_token_ids_beyond_the_vocabulary_and_suffix_are_refused() -> None:
+    assert refused("completions", {"model": M, "prompt": [LIMITS.vocab_size]}) == "invalid_field"
+    assert refused("completions", {"model": M, "prompt": [[1], [LIMITS.vocab_size]]}) == "invalid_field"
+    assert refused("completions", {"model": M, "prompt": "x", "suffix": "y"}) == "unsupported_field"
+    read("completions", {"model": M, "prompt": [LIMITS.vocab_size - 1]}, LIMITS)
+
+
+BODY_PARTS = {
+    "temperature": 9,
+    "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}],
+    "n": 99,
+    "prediction": {},
+    "mystery": 1,
+    "stream": "yes",
+}
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.permutations(list(BODY_PARTS)), st.integers(2, len(BODY_PARTS)))
+def test_one_body_gets_one_answer_whatever_the_order_of_its_keys(order: list[str], size: int) -> None:
+    chosen = sorted(order[:size])
+    answers = set()
+    for keys in (chosen, list(reversed(chosen)), order[:size]):
+        body = {"model": M, "messages": USER, **{k: BODY_PARTS[k] for k in keys}}
+        answers.add(refused("chat", body) if keys else "")
+    assert len(answers) == 1
