@@ -12,18 +12,27 @@ import tempfile
 bind = os.environ.get("X402_BIND", "0.0.0.0:8402")
 workers = int(os.environ.get("X402_WORKERS", str(max(2, multiprocessing.cpu_count()))))
 worker_class = "gthread"
-# A stream holds a thread for its whole length. Measured with benchmarks/stream_starvation.py on
-# 2 cores, 2 workers, 40 concurrent 1 s paid streams: 8 threads let short calls wait up to 2.2 s
-# (streams finished after 4.0 s); 32 threads kept short calls under 0.1 s (streams done in 2.4 s).
-# Size it to the streams one worker should carry at once.
+# A stream holds a thread for its whole length: size it to the streams one worker should carry.
 threads = int(os.environ.get("X402_THREADS", "32"))
+# A gthread worker accepts a connection whenever it holds fewer than worker_connections (gunicorn's
+# default: 1000), whether or not a thread is free, and a connection it accepted waits for one of its
+# threads. Long streams then piled onto one worker while the other had idle threads, and short paid
+# calls landing there waited for a stream to end. With worker_connections = threads a worker holds no
+# more connections than it has threads: once they are all busy it stops accepting (gthread.py's run
+# loop), and the next connection goes to a worker with a free thread, or waits in the listen backlog
+# until one frees. benchmarks/stream_starvation.py measures both; see benchmarks/RESULTS.md.
+worker_connections = threads
 # Build the app once in the master: start-up checks (RPC chain id, token domain, Redis, keyspace)
 # then fail before any worker forks, with our one-line reason and no respawn loop. Everything
 # that holds connections (RPC and upstream sessions, the settlement pool) is created per process.
 preload_app = True
 timeout = 180  # longer than the slowest settlement plus model call
 graceful_timeout = 30
-keepalive = 5
+# Off, and it must be with worker_connections = threads: an idle kept-alive connection counts against
+# worker_connections and would hold a worker's slot while no request runs on it (gunicorn keeps only
+# worker_connections - threads of them, i.e. none, and warns at start if keepalive is on). Each
+# request is then answered with "Connection: close"; a client or nginx opens a new connection.
+keepalive = 0
 accesslog = None  # the request line may carry nothing secret, but keep logs to the app's own
 errorlog = "-"
 

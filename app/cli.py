@@ -12,7 +12,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-USDC_UNIT = 10**6
+USDC_DECIMALS = 6
+USDC_UNIT = 10**USDC_DECIMALS
+MAX_DECIMALS = 77  # a uint256 has 78 digits
 DEMO_BODY: dict[str, Any] = {
     "model": "hermes-3-8b-tee",
     "messages": [{"role": "user", "content": "Say hello from inside the enclave."}],
@@ -24,16 +26,47 @@ def usdc(amount: int) -> str:
     return f"{Decimal(amount) / USDC_UNIT:.6f} USDC"
 
 
-def parse_usdc(text: str) -> int:
-    """'0.10' → 100000 atomic units (exact decimal, no float)."""
+def parse_amount(text: str) -> Decimal:
+    """A non-negative decimal number of whole tokens, e.g. '0.10' (exact decimal, no float)."""
     try:
         value = Decimal(text)
     except InvalidOperation:
         raise argparse.ArgumentTypeError(f"not an amount: {text!r}") from None
-    atomic = value * USDC_UNIT
-    if value < 0 or atomic != atomic.to_integral_value():
-        raise argparse.ArgumentTypeError("amount must be non-negative with at most 6 decimals")
+    if not value.is_finite() or not 0 <= value < 2**256:
+        raise argparse.ArgumentTypeError(f"not a non-negative uint256 amount: {text!r}")
+    return value
+
+
+def atomic_units(value: Decimal, decimals: int) -> int:
+    """Whole tokens → atomic units of a token with ``decimals`` decimals (0.10, 6 → 100000)."""
+    atomic = value.scaleb(decimals)
+    if atomic != atomic.to_integral_value():
+        raise ValueError(f"amount {value:f} has more than the token's {decimals} decimals")
+    if atomic >= 2**256:
+        raise ValueError(f"amount {value:f} is above any uint256")
     return int(atomic)
+
+
+def parse_usdc(text: str) -> int:
+    """'0.10' → 100000 atomic units (exact decimal, no float)."""
+    try:
+        return atomic_units(parse_amount(text), USDC_DECIMALS)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_address(text: str) -> str:
+    """A 0x-prefixed 20-byte hex address, checksummed; a mixed-case one must carry a valid checksum."""
+    from eth_utils import is_checksum_address, to_checksum_address
+
+    from .settings import ADDRESS_RE
+
+    if not ADDRESS_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not an address: {text!r}")
+    digits = text[2:]
+    if digits not in (digits.lower(), digits.upper()) and not is_checksum_address(text):
+        raise argparse.ArgumentTypeError(f"bad checksum (a mistyped address?): {text}")
+    return str(to_checksum_address(text))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -145,17 +178,29 @@ def cmd_pay(args: argparse.Namespace) -> int:
     if not key:
         print("x402-proxy pay: give --key or --key-file", file=sys.stderr)
         return 2
+    if (args.asset is None) != (args.decimals is None):
+        print("x402-proxy pay: --asset and --decimals go together (USDC needs neither)", file=sys.stderr)
+        return 2
+    decimals = USDC_DECIMALS if args.decimals is None else args.decimals
+    if not 0 <= decimals <= MAX_DECIMALS:
+        print(f"x402-proxy pay: --decimals must be 0-{MAX_DECIMALS}", file=sys.stderr)
+        return 2
+    try:
+        max_amount = atomic_units(args.max_amount, decimals)
+    except ValueError as exc:
+        print(f"x402-proxy pay: --max-amount: {exc}", file=sys.stderr)
+        return 2
     try:
         body = json.loads(args.json) if args.json else DEMO_BODY
-        result = pay(args.url, bytes.fromhex(key.removeprefix("0x")), body, args.max_amount)
+        result = pay(args.url, bytes.fromhex(key.removeprefix("0x")), body, max_amount, args.asset)
     except (ValueError, PaymentRefused) as exc:
         print(f"x402-proxy pay: {exc}", file=sys.stderr)
         return 1
     sys.stdout.write(result.body.decode("utf-8", "replace") + "\n")
     if result.settlement:
+        paid = f"{Decimal(result.amount).scaleb(-decimals):f} {args.asset or 'USDC'}"
         print(
-            f"paid {usdc(result.amount)} · tx {result.settlement.get('transaction')} · "
-            f"status {result.status}",
+            f"paid {paid} · tx {result.settlement.get('transaction')} · status {result.status}",
             file=sys.stderr,
         )
     return 0 if result.status < 400 else 1
@@ -314,7 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     pay.add_argument("--key", help="payer private key (hex)")
     pay.add_argument("--key-file")
     pay.add_argument("--json", help="request body (default: a short chat request)")
-    pay.add_argument("--max-amount", type=parse_usdc, default=parse_usdc("0.10"), help="USDC, default 0.10")
+    pay.add_argument(
+        "--max-amount",
+        type=parse_amount,
+        default=Decimal("0.10"),
+        help="the most to pay for the call, in whole tokens (USDC unless --asset; default 0.10)",
+    )
+    pay.add_argument(
+        "--asset",
+        type=parse_address,
+        help="pay in this token instead of the network's USDC (any other asset is refused)",
+    )
+    pay.add_argument("--decimals", type=int, help="decimals of the --asset token, to read --max-amount")
     catalog = sub.add_parser("catalog", help="manage the model catalog")
     catalog_sub = catalog.add_subparsers(dest="catalog_command", required=True)
     catalog_import = catalog_sub.add_parser(

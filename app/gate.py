@@ -23,7 +23,15 @@ from flask import Flask, Response, current_app
 from . import metrics
 from .accesslog import note
 from .catalog import Catalog, Quote
-from .chain import UNPAYABLE, Chain, ChainUnavailable, Preflight, RpcFailure, transfer_logged
+from .chain import (
+    UNPAYABLE,
+    Chain,
+    ChainUnavailable,
+    Preflight,
+    ReceiptContradiction,
+    RpcFailure,
+    transfer_logged,
+)
 from .errors import ApiError
 from .ledger import NEW, REDEEM, RESUME, Claim, Ledger, payment_key
 from .settings import Settings
@@ -384,7 +392,11 @@ class Gate:
             )
         try:
             receipt = self.chain.receipt(tx) if tx else None
-            if receipt is not None and transfer_logged(receipt, self.chain.asset, auth):
+            try:
+                logged = receipt is not None and transfer_logged(receipt, self.chain.asset, auth)
+            except ReceiptContradiction:  # one endpoint's receipt lies: the token's logs decide
+                receipt, logged = None, False
+            if logged:
                 settled_by: str | None = tx
             else:  # an earlier version of our transaction, or someone else's, may have paid
                 settled_by = self.chain.find_settlement(auth)

@@ -1,10 +1,15 @@
 """Operator endpoints: ``/healthz`` (the process answers), ``/readyz`` (every dependency does, one
-JSON entry per check) and ``/metrics`` (Prometheus)."""
+JSON entry per check) and ``/metrics`` (Prometheus).
+
+``/readyz`` is answered from one evaluation per ``READY_CACHE_SECONDS`` per process: a flood of
+probes (load balancers, or anyone, since it is public) costs one round of Redis and RPC work per
+window, however many requests arrive, and concurrent probes wait for that one round."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
@@ -19,8 +24,27 @@ from .upstream import UpstreamFailed, get_upstream
 bp = Blueprint("ops", __name__)
 MAX_BLOCK_AGE_SECONDS = 120
 UPSTREAM_CHECK_TTL = 30.0
+READY_CACHE_SECONDS = 2.0  # how long one /readyz evaluation answers every probe (seconds)
 _upstream_cache: dict[str, tuple[float, dict[str, Any]]] = {}
 _upstream_lock = threading.Lock()
+
+
+class Readiness:
+    """The last ``/readyz`` evaluation of this process and when it was made (monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._at = 0.0
+        self._answer: tuple[bool, dict[str, Any]] | None = None
+
+    def get(self, evaluate: Callable[[], tuple[bool, dict[str, Any]]]) -> tuple[bool, dict[str, Any]]:
+        """The cached answer while it is younger than ``READY_CACHE_SECONDS``, else a fresh one from
+        ``evaluate()``; concurrent callers wait for the one evaluation instead of each running it."""
+        with self._lock:
+            if self._answer is None or time.monotonic() - self._at >= READY_CACHE_SECONDS:
+                self._answer = evaluate()
+                self._at = time.monotonic()
+            return self._answer
 
 
 def _check(run: Any) -> dict[str, Any]:
@@ -91,9 +115,8 @@ def healthz() -> Response:
     return jsonify({"status": "ok"})
 
 
-@bp.get("/readyz")
-def readyz() -> Response:
-    settings: Settings = current_app.config["X402_SETTINGS"]
+def _evaluate(settings: Settings) -> tuple[bool, dict[str, Any]]:
+    """Every readiness check, run now: (ready, one entry per check)."""
     checks = {"redis": _check(_redis)}
     for index, url in enumerate(settings.rpc_urls):
         checks[f"rpc_{index}"] = _check(lambda url=url: _rpc(url))
@@ -102,6 +125,14 @@ def readyz() -> Response:
     checks["open_payments"] = _check(_open_payments)
     rpc_ok = any(c["ok"] for name, c in checks.items() if name.startswith("rpc_"))
     ready = rpc_ok and all(c["ok"] for name, c in checks.items() if not name.startswith("rpc_"))
+    return ready, checks
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    settings: Settings = current_app.config["X402_SETTINGS"]
+    readiness: Readiness = current_app.extensions["x402.readiness"]
+    ready, checks = readiness.get(lambda: _evaluate(settings))
     response = jsonify({"ready": ready, "checks": checks})
     response.status_code = 200 if ready else 503
     return response
@@ -113,4 +144,5 @@ def metrics_endpoint() -> Response:
 
 
 def init_app(app: Flask) -> None:
+    app.extensions["x402.readiness"] = Readiness()
     app.register_blueprint(bp)

@@ -1,14 +1,17 @@
 """Settlement: submit the payer's authorization from our relayer account and confirm it on chain.
 
 A payment is settled only when our receipt has status 1 **and** the token's ``Transfer(from, payTo,
-value)`` log. The payment is marked *settling* (and the relayer nonce reserved, in the same Redis
-round trip) before anything is broadcast, so a crash or a late receipt leaves a payment that is
-resolved from chain state (its receipt, or the token's logs), never broadcast a second time.
-Relayer account nonces come from a Redis counter shared by every worker and host.
+value)`` and ``AuthorizationUsed(from, nonce)`` logs (EIP-3009). The payment is marked *settling*
+(and the relayer nonce reserved, in the same Redis round trip) before anything is broadcast, so a
+crash or a late receipt leaves a payment that is resolved from chain state (its receipt, or the
+token's logs), never broadcast a second time: a send that an RPC endpoint may have taken (timeout,
+dropped connection, lag) is waited for, never re-signed. Relayer account nonces come from a Redis
+counter shared by every worker and host.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +21,14 @@ import requests
 from eth_account import Account
 from flask import Flask, current_app
 
-from .chain import Chain, ChainUnavailable, Preflight, RpcError, RpcFailure, transfer_logged
+from .chain import (
+    Chain,
+    ChainUnavailable,
+    Preflight,
+    ReceiptContradiction,
+    RpcFailure,
+    transfer_logged,
+)
 from .ledger import Ledger
 from .settings import Settings, SettingsError
 from .x402.verdict import SETTLEMENT_PENDING, TRANSACTION_FAILED
@@ -26,11 +36,11 @@ from .x402.wire import Authorization, PaymentPayload, Requirement
 
 GAS_HEADROOM_NUMERATOR, GAS_HEADROOM_DENOMINATOR = 5, 4  # 25% over the estimate
 MIN_PRIORITY_FEE = 1_000_000  # 0.001 gwei: Base's usual tip floor
-# Node answers that mean the transaction is already in the pool: it was broadcast.
-ALREADY_SENT = ("already known", "known transaction", "already imported")
 
 SETTLED, FAILED, PENDING, NOT_SENT = "settled", "failed", "pending", "not_sent"
 MAX_FEE_BUMPS = 3
+TX_HASH_RE = re.compile(r"0x[0-9a-fA-F]{64}")
+REASON_CODE_RE = re.compile(r"[a-z0-9_]{1,80}")
 
 
 def bumped_fees(transaction: dict[str, Any]) -> dict[str, Any]:
@@ -44,8 +54,9 @@ def bumped_fees(transaction: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Settlement:
-    """``outcome``: settled | failed (reverted, nothing moved) | pending (sent, no receipt yet) |
-    not_sent (refused by the node before broadcast: nothing can move)."""
+    """``outcome``: settled | failed (reverted, nothing moved) | pending (sent or maybe sent, and
+    not decided by the chain yet: no receipt, or one that contradicts itself) | not_sent (no RPC
+    endpoint can have the transaction: nothing can move)."""
 
     outcome: str
     tx_hash: str = ""
@@ -66,9 +77,10 @@ def confirm(
     timeout: float,
     between_polls: Callable[[float], None] | None = None,
 ) -> Settlement:
-    """Poll the receipts of ``hashes`` (one round trip for all) until one lands or ``timeout``:
-    short sleeps first (anvil and Base flashblocks answer within milliseconds), backing off to
-    250 ms. ``between_polls(now)`` may add hashes (fee-bumped replacements)."""
+    """Poll the receipts of ``hashes`` (one round trip for all) until one lands or ``timeout``
+    (seconds): short sleeps first (anvil and Base flashblocks answer within milliseconds), backing
+    off to 250 ms. ``between_polls(now)`` may add hashes (fee-bumped replacements). A receipt that
+    contradicts itself is an RPC fault: pending, never failed."""
     deadline = time.monotonic() + timeout
     pause = 0.002
     while True:
@@ -78,9 +90,11 @@ def confirm(
             receipts = []
         for tx_hash, receipt in zip(hashes, receipts, strict=False):
             if receipt is not None:
-                if transfer_logged(receipt, chain.asset, auth):
-                    return Settlement(SETTLED, tx_hash)
-                return preempted_or_failed(chain, auth, tx_hash)
+                try:
+                    paid = transfer_logged(receipt, chain.asset, auth)
+                except ReceiptContradiction:
+                    return Settlement(PENDING, tx_hash, SETTLEMENT_PENDING)
+                return Settlement(SETTLED, tx_hash) if paid else preempted_or_failed(chain, auth, tx_hash)
         now = time.monotonic()
         if now >= deadline:
             return Settlement(PENDING, hashes[-1], SETTLEMENT_PENDING)
@@ -91,7 +105,7 @@ def confirm(
 
 
 def preempted_or_failed(chain: Chain, auth: Authorization, tx_hash: str) -> Settlement:
-    """The transaction did not move the money. If someone else's did (they submitted the same
+    """The transaction reverted. If someone else's moved the money (they submitted the same
     authorization first), the payment is settled all the same, by their transaction."""
     try:
         other = chain.find_settlement(auth)
@@ -160,18 +174,16 @@ class LocalSettler:
     def _sign_and_send(
         self, transaction: dict[str, Any], before_send: RecordReplacement | None
     ) -> str | Settlement:
-        """The tx hash once the node has it (or may have it); a ``Settlement`` when it refused it."""
+        """The tx hash once a node has it or may have it (then it is waited for and resolved from
+        chain state, never signed again); a ``Settlement`` when no endpoint can have it."""
         signed = self.account.sign_transaction(transaction)
         tx_hash = "0x" + bytes(signed.hash).hex()
         if before_send is not None:
             before_send(tx_hash)
-        try:
-            answer = self.chain.send_raw_transaction(bytes(signed.raw_transaction))
-        except ChainUnavailable:
-            return tx_hash  # the node may have it: keep waiting, resolved from chain state at worst
-        if isinstance(answer, RpcError) and not any(s in answer.message.lower() for s in ALREADY_SENT):
+        sent = self.chain.broadcast(bytes(signed.raw_transaction))
+        if not sent.maybe_sent:
             self._resync_nonce()
-            return Settlement(NOT_SENT, tx_hash, f"the node refused the settlement: {answer.message[:120]}")
+            return Settlement(NOT_SENT, tx_hash, f"the node refused the settlement: {sent.refusal[:120]}")
         return tx_hash
 
     def wait(
@@ -208,7 +220,14 @@ class LocalSettler:
 class FacilitatorSettler:
     """Settles through an x402 facilitator (``X402_FACILITATOR_URL``): ``POST /settle`` with *our*
     requirement, never the client's. Its answer is a claim, not a payment: the transaction it names
-    must show the token's ``Transfer(from, payTo, value)`` on chain before anything is served."""
+    must show, from the token, this authorization's ``AuthorizationUsed(from, nonce)`` (EIP-3009)
+    and ``Transfer(from, payTo, value)`` on chain before anything is served — a transfer of the same
+    amount by another authorization of the same payer is not this payment.
+
+    Only an explicit refusal (no 5xx, ``success: false`` with an ``errorReason`` and no
+    transaction) fails the payment. Anything else — a timeout, a 5xx, garbled JSON, a success
+    without a usable transaction, a transaction that does not show this payment — may follow a
+    broadcast: the payment is pending and resolved later from the token's logs."""
 
     def __init__(self, settings: Settings, chain: Chain, session: requests.Session | None = None) -> None:
         self.settings = settings
@@ -242,20 +261,31 @@ class FacilitatorSettler:
             "paymentPayload": payment.to_wire(),
             "paymentRequirements": ours,
         }
+        # It may have broadcast whenever it did not clearly refuse: pending, resolved from the
+        # token's logs on retry. Its hash is recorded only once the chain shows it is this payment.
+        unknown = Settlement(PENDING, "", SETTLEMENT_PENDING)
         try:
             response = self.session.post(
                 self.url + "/settle", json=body, timeout=self.settings.receipt_timeout
             )
             answer = response.json()
         except (requests.RequestException, ValueError):
-            # It may have broadcast: pending, resolved from the token's logs on retry.
-            return Settlement(PENDING, "", SETTLEMENT_PENDING)
-        tx_hash = answer.get("transaction") if isinstance(answer, dict) else None
-        if not isinstance(tx_hash, str) or not tx_hash:
-            reason = answer.get("errorReason") if isinstance(answer, dict) else None
-            return Settlement(FAILED, "", str(reason or TRANSACTION_FAILED))
-        # believe the chain, not the facilitator: the named transaction must show the transfer
-        return confirm(self.chain, auth, [tx_hash], self.settings.receipt_timeout)
+            return unknown
+        if not isinstance(answer, dict):
+            return unknown
+        tx_hash = answer.get("transaction")
+        refused = answer.get("success") is False and response.status_code < 500
+        if not isinstance(tx_hash, str) or TX_HASH_RE.fullmatch(tx_hash) is None:
+            reason = answer.get("errorReason")
+            if refused and not tx_hash and isinstance(reason, str) and reason:
+                code = reason if REASON_CODE_RE.fullmatch(reason) else TRANSACTION_FAILED
+                return Settlement(FAILED, "", code)
+            return unknown
+        # believe the chain, not the facilitator: the named transaction must show this payment
+        settlement = confirm(self.chain, auth, [tx_hash], self.settings.receipt_timeout)
+        if settlement.outcome == SETTLED or (settlement.outcome == FAILED and refused):
+            return settlement  # paid; or it says it failed and the chain shows the revert
+        return unknown  # not mined yet, or not this payment: decided by the token's logs
 
 
 def check_facilitator(settler: FacilitatorSettler, settings: Settings) -> None:

@@ -1,6 +1,7 @@
 """A small wallet client (``x402-proxy pay``): read the 402, sign, retry, report the settlement.
 
-It pays only what the server asked for this exact request, and never more than ``max_amount``.
+It pays only what the server asked for this exact request, only in the asset it was told to pay in
+(the network's USDC unless named), and never more than ``max_amount`` atomic units of that asset.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from typing import Any
 
 import requests
 
+from .settings import NETWORKS, Network
 from .x402.codec import MalformedInput, decode_header, encode_header
 from .x402.payer import header_name, offered_requirements, requirement_amount, sign_payment
 from .x402.wire import RESPONSE_HEADERS
 
-SUPPORTED_NETWORKS = ("eip155:8453", "eip155:84532", "base", "base-sepolia")
+# The networks this wallet pays on, by both names a 402 may use: CAIP-2 (v2) and the v1 name.
+NETWORKS_BY_NAME: dict[str, Network] = {
+    name: network for network in NETWORKS.values() for name in (network.caip2, network.v1_name)
+}
 
 
 class PaymentRefused(RuntimeError):
@@ -32,15 +37,31 @@ class PayResult:
     settlement: dict[str, Any] | None
 
 
-def choose_requirement(version: int, accepts: list[dict[str, Any]]) -> dict[str, Any]:
+def choose_requirement(accepts: list[dict[str, Any]], asset: str | None = None) -> dict[str, Any]:
+    """The first exact-scheme offer on a known network in ``asset`` (default: that network's USDC).
+
+    An offer in any other token is refused, so ``max_amount`` is always compared with atomic units
+    of the asset the caller meant.
+    """
+    other_assets: list[str] = []
     for requirement in accepts:
-        if (
-            isinstance(requirement, dict)
-            and requirement.get("scheme") == "exact"
-            and (requirement.get("network") in SUPPORTED_NETWORKS)
-        ):
+        if not isinstance(requirement, dict) or requirement.get("scheme") != "exact":
+            continue
+        name = requirement.get("network")
+        network = NETWORKS_BY_NAME.get(name) if isinstance(name, str) else None
+        if network is None:
+            continue
+        offered = requirement.get("asset")
+        if isinstance(offered, str) and offered.lower() == (asset or network.usdc).lower():
             return requirement
-    raise PaymentRefused("the server offers no exact-scheme payment on a network this wallet knows")
+        other_assets.append(f"{str(offered)[:42]!r} on {name}")
+    if not other_assets:
+        raise PaymentRefused("the server offers no exact-scheme payment on a network this wallet knows")
+    wanted = f"the asset named ({asset})" if asset else "the network's USDC"
+    raise PaymentRefused(
+        f"the server asks to be paid in {', '.join(other_assets)}, not {wanted}; "
+        "refusing (name the token with --asset to pay in it)"
+    )
 
 
 def pay(
@@ -48,10 +69,12 @@ def pay(
     private_key: bytes,
     body: dict[str, Any],
     max_amount: int,
+    asset: str | None = None,
     session: requests.Session | None = None,
     timeout: float = 120.0,
 ) -> PayResult:
-    """POST ``body`` to ``url``, paying the 402 if one comes back."""
+    """POST ``body`` to ``url``, paying the 402 if one comes back: at most ``max_amount`` atomic units
+    of ``asset`` (default: the USDC of the network offered; 6 decimals). ``timeout`` is in seconds."""
     session = session or requests.Session()
     first = session.post(url, json=body, timeout=timeout)
     if first.status_code != 402:
@@ -61,7 +84,7 @@ def pay(
     except ValueError:
         offered_body = None
     version, resource, accepts = offered_requirements(dict(first.headers), offered_body)
-    requirement = choose_requirement(version, accepts)
+    requirement = choose_requirement(accepts, asset)
     amount = requirement_amount(requirement, version)
     if amount > max_amount:
         raise PaymentRefused(f"the server asks {amount} atomic units, above the limit of {max_amount}")

@@ -367,6 +367,27 @@ class CpuMeter:
         return "CPU ms per call: " + ", ".join(parts)
 
 
+def client_connections(pid: int, port: int) -> int:
+    """Established TCP connections on local ``port`` (a server's side of its clients) that process
+    ``pid`` holds open, from /proc: accepted ones, whether a thread serves them or they wait for one."""
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()  # sl, local address:port (hex), remote, state, ..., inode (10th)
+                established = fields[3] == "01"
+                if established and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                    count += 1
+    return count
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -38,6 +38,7 @@ TARGETS: tuple[tuple[str, str, str | None, str], ...] = (
     ("chain.preflight", "app.chain", "Chain", "preflight"),
     ("chain.receipts", "app.chain", "Chain", "receipts"),
     ("rpc.batch", "app.chain", "RpcClient", "batch"),
+    ("rpc.broadcast", "app.chain", "RpcClient", "broadcast"),
     ("settle.background", "app.gate", "Gate", "_settle"),
     ("settler.settle", "app.settlement", "LocalSettler", "settle"),
     ("settler.sign_send", "app.settlement", "LocalSettler", "_sign_and_send"),

@@ -10,9 +10,10 @@ stand-in model, read with a raw-socket HTTP/1.1 client that stamps every SSE eve
   each event arrives; a chunk's delay is the difference. Paid p50 minus direct p50 is what the proxy
   adds per chunk. 20 chunks 50 ms apart; the first chunk (held until settlement) is left out.
 * Starvation: 64 concurrent paid streams (10 chunks, 100 ms apart) while free short calls
-  (``GET /v1/models``) are timed, as in ``benchmarks.stream_starvation``; gunicorn 2 workers x 32
-  threads. Goal used here for "not starved": short-call max <= 100 ms (a starved call waits for a
-  stream, ~1 s).
+  (``GET /v1/models``) are timed; gunicorn 2 workers x 32 threads, so the streams take every thread
+  (a saturated server; ``benchmarks.stream_starvation`` measures long streams below saturation).
+  Goal used here for "not starved": short-call max <= 100 ms (a starved call waits for a stream,
+  ~1 s).
 
     python -m benchmarks.stream [--ttfb-streams 20] [--chunk-streams 5] [--streams 64]
 """

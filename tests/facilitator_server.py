@@ -1,9 +1,15 @@
 """A real x402 facilitator on loopback, for the facilitator settlement backend's tests: the official
 Python SDK's facilitator (``x402FacilitatorSync`` with its web3 signer) behind ``/verify``,
-``/settle`` and ``/supported``, settling on the test anvil."""
+``/settle`` and ``/supported``, settling on the test anvil.
+
+It can be made to misbehave after (or instead of) settling for real: ``app.config["broadcast"] =
+False`` skips the settlement, and ``app.config["answer"]``, given the honest result (None when
+nothing was broadcast), returns what ``/settle`` answers instead — a 5xx, garbled JSON, another
+transaction's hash, or a late answer."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, jsonify, request
@@ -21,6 +27,8 @@ def facilitator_app(private_key: str, rpc_url: str, network: str = "eip155:8453"
     register_exact_evm_facilitator(facilitator, FacilitatorWeb3Signer(private_key, rpc_url), networks=network)
     app = Flask("test-facilitator")
     app.config["settled"] = []
+    app.config["broadcast"] = True
+    app.config["answer"] = None  # Callable[[dict[str, Any] | None], ResponseReturnValue] | None
 
     def parsed() -> tuple[Any, Any]:
         body = request.get_json()
@@ -33,9 +41,12 @@ def facilitator_app(private_key: str, rpc_url: str, network: str = "eip155:8453"
 
     @app.post("/settle")
     def settle() -> Any:
-        result = facilitator.settle(*parsed()).model_dump(by_alias=True, exclude_none=True)
-        app.config["settled"].append(result)
-        return jsonify(result)
+        result: dict[str, Any] | None = None
+        if app.config["broadcast"]:
+            result = facilitator.settle(*parsed()).model_dump(by_alias=True, exclude_none=True)
+            app.config["settled"].append(result)
+        answer: Callable[[dict[str, Any] | None], Any] | None = app.config["answer"]
+        return jsonify(result) if answer is None else answer(result)
 
     @app.get("/supported")
     def supported() -> Any:

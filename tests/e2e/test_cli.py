@@ -6,16 +6,24 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from eth_utils import to_checksum_address
 
+from app import create_app
 from app.cli import main
-from app.devnet import free_port
-from tests.support import Proxy
+from app.devnet import DevChain, Service, Wallets, free_port
+from app.settings import NETWORKS, Settings
+from app.standin_model import StandinModel
+from tests.support import USDC, Proxy, serve
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
+# Our test token placed at a second address on anvil: same EIP-712 name and version as Base USDC,
+# but not USDC. A server may ask to be paid in it.
+OTHER_TOKEN = to_checksum_address("0x" + "0a" * 19 + "11")
 
 
 def run_devnet_demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -92,3 +100,75 @@ def test_migrate_command_dry_run_then_apply(
     assert int(redis_client.get(KEYSPACE_KEY)) == KEYSPACE_VERSION
     assert main(["migrate"]) == 0
     assert "nothing (keyspace is current)" in capsys.readouterr().out
+
+
+@pytest.fixture
+def other_token_proxy(settings: Settings, wallets: Wallets, anvil: Service) -> Iterator[Proxy]:
+    """A real proxy whose 402 asks for OTHER_TOKEN (``X402_ASSET``); its payer holds 10 of it."""
+    other = DevChain(anvil.url, token=OTHER_TOKEN)
+    other.place_token()
+    other.mint(wallets.payer, 10 * USDC)
+    other_settings = settings.with_overrides(asset=OTHER_TOKEN)
+    server = serve(create_app(other_settings))
+    yield Proxy(f"http://127.0.0.1:{server.server_port}", other_settings, wallets, other, server)
+    server.shutdown()
+
+
+def test_pay_refuses_a_server_asking_for_another_asset(
+    other_token_proxy: Proxy, proxy: Proxy, standin: StandinModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The offer is cheap (0.001 in atomic units of 6 decimals) but in a token that is not USDC."""
+    other_before, usdc_before = other_token_proxy.balances(), proxy.balances()
+    url = other_token_proxy.url + "/v1/chat/completions"
+    code = main(["pay", url, "--key", other_token_proxy.wallets.payer_key])
+    assert code == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert OTHER_TOKEN in err and "not the network's USDC" in err and "refusing" in err
+    assert other_token_proxy.balances() == other_before and proxy.balances() == usdc_before
+    assert standin.received == []
+
+
+def test_pay_with_asset_pays_in_the_named_token(
+    other_token_proxy: Proxy, proxy: Proxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (payer_before, payee_before), usdc_before = other_token_proxy.balances(), proxy.balances()
+    url = other_token_proxy.url + "/v1/chat/completions"
+    key = other_token_proxy.wallets.payer_key
+    code = main(["pay", url, "--key", key, "--asset", OTHER_TOKEN.lower(), "--decimals", "6"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "stand-in answer" in out and f"paid 0.001000 {OTHER_TOKEN} · tx 0x" in err
+    spent = payer_before - other_token_proxy.balances()[0]
+    assert spent == 1000 and other_token_proxy.balances()[1] == payee_before + spent
+    assert proxy.balances() == usdc_before  # no USDC moved
+
+
+def test_pay_with_asset_refuses_a_usdc_offer(proxy: Proxy, capsys: pytest.CaptureFixture[str]) -> None:
+    balances = proxy.balances()
+    code = main(
+        [
+            "pay",
+            proxy.url + "/v1/chat/completions",
+            "--key",
+            proxy.wallets.payer_key,
+            "--asset",
+            OTHER_TOKEN,
+            "--decimals",
+            "18",
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert NETWORKS["eip155:8453"].usdc in err and f"not the asset named ({OTHER_TOKEN})" in err
+    assert proxy.balances() == balances
+
+
+def test_pay_needs_decimals_with_asset(proxy: Proxy, capsys: pytest.CaptureFixture[str]) -> None:
+    """--max-amount is in whole tokens: without the token's decimals it cannot be read."""
+    balances = proxy.balances()
+    url = proxy.url + "/v1/chat/completions"
+    code = main(["pay", url, "--key", proxy.wallets.payer_key, "--asset", OTHER_TOKEN])
+    assert code == 2
+    assert "--asset and --decimals go together" in capsys.readouterr().err
+    assert proxy.balances() == balances

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,16 +15,19 @@ import pytest
 import requests
 
 from app.devnet import DevChain, Service, Wallets, free_port
+from app.settings import Settings
 from app.standin_model import StandinModel
 from app.x402.codec import encode_header
+from app.x402.wire import PaymentPayload
 from tests.support import CHAT_BODY, Proxy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
+STREAM_BODY = {**CHAT_BODY, "stream": True}
 
 
 def gunicorn_env(
-    anvil: Service, redis_service: Service, wallets: Wallets, upstream: str, port: int
+    anvil: Service, redis_service: Service, wallets: Wallets, upstream: str, port: int, threads: int = 4
 ) -> dict[str, str]:
     return {
         **os.environ,
@@ -34,7 +38,7 @@ def gunicorn_env(
         "X402_UPSTREAM_URL": upstream,
         "X402_BIND": f"127.0.0.1:{port}",
         "X402_WORKERS": "2",
-        "X402_THREADS": "4",
+        "X402_THREADS": str(threads),
     }
 
 
@@ -166,3 +170,81 @@ def test_misconfigured_gunicorn_exits_with_one_clear_line(
     lines = [line for line in stderr.splitlines() if "refusing to start" in line]
     assert lines and all("X402_RPC_URLS" in line and "8453" in line for line in lines)
     assert "Traceback" not in stderr
+
+
+class HeldStream:
+    """A paid stream read chunk by chunk in its own thread until ``release()``: it holds one worker
+    thread of the proxy for as long as it is open. Times are ``time.monotonic()`` stamps."""
+
+    def __init__(self, proxy: Proxy, payment: PaymentPayload) -> None:
+        self.first_byte = threading.Event()
+        self.ended_at: float | None = None  # the stream ended (or failed) on its own
+        self.status = 0
+        self._released = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(proxy, payment), daemon=True)
+        self._thread.start()
+
+    def _read(self, proxy: Proxy, payment: PaymentPayload) -> None:
+        try:
+            with proxy.pay(payment, STREAM_BODY, stream=True) as response:
+                self.status = response.status_code
+                for _ in response.iter_content(None):
+                    self.first_byte.set()
+                    if self._released.is_set():
+                        return  # closing the connection ends the proxy's relay at its next chunk
+        except requests.RequestException:
+            pass
+        self.ended_at = time.monotonic()
+
+    def release(self) -> None:
+        self._released.set()
+        self._thread.join(timeout=10)
+
+
+def test_long_streams_do_not_starve_short_paid_calls(
+    anvil: Service,
+    redis_service: Service,
+    wallets: Wallets,
+    chain: DevChain,
+    standin: StandinModel,
+    settings: Settings,
+) -> None:
+    """2 workers x 8 threads, 15 paid streams of 30 s opened one by one: more than one worker's threads.
+
+    Each worker may hold only as many connections as it has threads (``worker_connections``), so the
+    streams spread 8 + 7, and short paid calls, one after another, get the last free thread while
+    every stream is still open. With gunicorn's default (1000) a worker kept accepting with all its
+    threads busy: streams queued behind its threads, and a short call landing there waited for a
+    30 s stream to end.
+    """
+    threads, port = 8, free_port()
+    process = start_gunicorn(gunicorn_env(anvil, redis_service, wallets, standin.url, port, threads))
+    proxy = Proxy(f"http://127.0.0.1:{port}", settings, wallets, chain)
+    standin.behaviour.chunks, standin.behaviour.chunk_delay = 30, 1.0
+    streams: list[HeldStream] = []
+    try:
+        wait_until_up(process, proxy.url)
+        stream_requirement, short_requirement = proxy.requirement(STREAM_BODY), proxy.requirement()
+        for _ in range(2 * threads - 1):
+            streams.append(HeldStream(proxy, proxy.payment(stream_requirement)))
+            time.sleep(0.1)  # clients arriving one after another
+        deadline = time.monotonic() + 10
+        waiting = sum(not s.first_byte.wait(max(0.0, deadline - time.monotonic())) for s in streams)
+        assert waiting == 0, f"{waiting} of {len(streams)} streams waited 10 s for a worker thread"
+        for call in range(3):
+            header = {"PAYMENT-SIGNATURE": encode_header(proxy.payment(short_requirement).to_wire())}
+            try:  # a starved call waits for a stream to end, ~30 s
+                short = requests.post(
+                    proxy.url + "/v1/chat/completions", json=CHAT_BODY, headers=header, timeout=10
+                )
+            except requests.Timeout:
+                pytest.fail(f"short paid call {call + 1} waited 10 s for a worker thread behind the streams")
+            assert short.status_code == 200 and "stand-in answer" in short.text, short.text
+        answered = time.monotonic()
+        assert [s.ended_at for s in streams if s.ended_at is not None and s.ended_at < answered] == []
+    finally:
+        for stream in streams:
+            stream.release()
+        process.terminate()
+        process.wait(timeout=20)
+    assert [s.status for s in streams] == [200] * len(streams)

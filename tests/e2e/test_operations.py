@@ -15,6 +15,7 @@ import requests
 from app.cli import main
 from app.devnet import Service, Wallets, free_port, start_anvil
 from app.ledger import payment_key
+from app.ops import READY_CACHE_SECONDS
 from app.standin_model import StandinModel
 from tests.e2e.test_gunicorn import gunicorn_env, start_gunicorn, wait_until_up
 from tests.integration.test_failing_parts import RestartableRedis
@@ -74,6 +75,7 @@ def test_metrics_add_up_across_workers(operated: tuple[Proxy, RestartableRedis, 
 
 
 def ready(proxy: Proxy) -> tuple[int, dict]:
+    time.sleep(READY_CACHE_SECONDS)  # each worker answers /readyz from one evaluation per this long
     proxy.chain.rpc.call("evm_mine", [])  # a fresh block: anvil only mines on demand
     response = requests.get(proxy.url + "/readyz", timeout=20)
     return response.status_code, response.json()

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from app.catalog import Catalog, load_catalog
-from app.chain import TRANSFER_TOPIC, Preflight
+from app.chain import AUTHORIZATION_USED_TOPIC, TRANSFER_TOPIC, Preflight
 from app.errors import ApiError
 from app.gate import Gate, PaymentRequired
 from app.ledger import Ledger, payment_key
@@ -41,12 +41,17 @@ def receipt_for(asset: str, auth: Authorization) -> dict[str, Any]:
     def word(address: str) -> str:
         return "0x" + bytes(12).hex() + address[2:]
 
-    log = {
+    transfer = {
         "address": asset,
         "topics": ["0x" + TRANSFER_TOPIC.hex(), word(auth.from_), word(auth.to)],
         "data": "0x" + auth.value.to_bytes(32, "big").hex(),
     }
-    return {"status": "0x1", "logs": [log]}
+    used = {
+        "address": asset,
+        "topics": ["0x" + AUTHORIZATION_USED_TOPIC.hex(), word(auth.from_), "0x" + auth.nonce.hex()],
+        "data": "0x",
+    }
+    return {"status": "0x1", "logs": [used, transfer]}
 
 
 class ModelChain:
