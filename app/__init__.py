@@ -4,28 +4,16 @@ from __future__ import annotations
 
 from flask import Flask
 
-from .settings import Settings
+from app.settings import Settings
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app. Each resource module checks its own dependency at start (Redis, RPC chain id,
     token domain) and raises ``SettingsError`` naming the variable to fix."""
-    from . import (
-        accesslog,
-        attestation,
-        catalog,
-        chain,
-        edge,
-        errors,
-        gate,
-        landing,
-        ledger,
-        metrics,
-        ops,
-        routes,
-        settlement,
-        upstream,
-    )
+    from app import catalog
+    from app.backends import attestation, chain, upstream
+    from app.payments import gate, ledger, settlement
+    from app.web import accesslog, edge, errors, landing, metrics, ops, routes
 
     app = Flask(__name__)
     settings = settings or Settings.from_env()

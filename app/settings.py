@@ -40,7 +40,7 @@ NETWORKS: dict[str, Network] = {
     ),
 }
 
-DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
+DEFAULT_CATALOG = Path(__file__).with_name("catalog") / "catalog.toml"
 UPSTREAM_KEY_PREFIX = "X402_UPSTREAM_API_KEY_"
 
 
@@ -210,7 +210,7 @@ def _number(variable: str, value: str) -> float:
 def _receipt_key(configured: str, relayer_key: str, facilitator: bool) -> str:
     """X402_RECEIPT_KEY, or a key derived from the relayer key (never the relayer key itself).
     With a facilitator there is no relayer key to derive from: no receipts unless one is set."""
-    from .receipts import derived_receipt_key
+    from app.payments.receipts import derived_receipt_key
 
     if configured:
         if not KEY_RE.fullmatch(configured):

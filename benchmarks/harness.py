@@ -22,7 +22,7 @@ from typing import Any
 import requests
 
 from app.devnet import DevChain, Service, Wallets, free_port, prepare_chain, start_anvil, start_redis
-from app.standin_model import StandinModel
+from app.devnet.standin import StandinModel
 from app.x402.codec import encode_header
 from app.x402.payer import offered_requirements, sign_payment
 from tests.support import CHAT_BODY
@@ -139,7 +139,7 @@ def _deep_standin_backlog() -> None:
     """The stand-in's server listens with socketserver's default backlog of 5: 64 streams opened at
     once overflow it and some upstream connects fail (the proxy answers 502). A load test needs a
     model host that accepts them, so the class attribute is raised here, in this process only."""
-    from app import standin_model
+    from app.devnet import standin as standin_model
 
     server_class = getattr(standin_model, "_Server", None)
     if server_class is not None and getattr(server_class, "request_queue_size", 128) < 128:

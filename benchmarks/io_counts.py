@@ -31,9 +31,9 @@ SEND = "eth_sendRawTransaction"
 
 def _ledger_scripts() -> dict[str, str]:
     """Names for the app's Lua scripts (EVALSHA is keyed by SHA1): every module-level string of
-    ``app.ledger`` that calls Redis, named after its constant (``_CLAIM`` -> ``claim``)."""
+    ``app.payments.ledger`` that calls Redis, named after its constant (``_CLAIM`` -> ``claim``)."""
     try:
-        from app import ledger
+        from app.payments import ledger
     except ImportError:
         return {}
     return {

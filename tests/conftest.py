@@ -14,8 +14,8 @@ import redis
 
 from app import create_app
 from app.devnet import DevChain, Service, Wallets, prepare_chain, start_anvil, start_redis
+from app.devnet.standin import Behaviour, StandinModel
 from app.settings import Settings
-from app.standin_model import Behaviour, StandinModel
 from tests.support import OPERATOR_KEY, USDC, Proxy, serve
 
 

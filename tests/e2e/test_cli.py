@@ -15,8 +15,8 @@ from eth_utils import to_checksum_address
 from app import create_app
 from app.cli import main
 from app.devnet import DevChain, Service, Wallets, free_port
+from app.devnet.standin import StandinModel
 from app.settings import NETWORKS, Settings
-from app.standin_model import StandinModel
 from tests.support import USDC, Proxy, serve
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -88,7 +88,7 @@ def test_pay_refuses_to_pay_above_max_amount(proxy: Proxy, capsys: pytest.Captur
 def test_migrate_command_dry_run_then_apply(
     redis_client, redis_service, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from app.ledger import KEYSPACE_KEY, KEYSPACE_VERSION
+    from app.payments.ledger import KEYSPACE_KEY, KEYSPACE_VERSION
 
     redis_client.hset("x402:{auth:8453:0xa:0xb:0xc}", "state", "served")  # written before versioning
     monkeypatch.setenv("REDIS_URL", redis_service.url)

@@ -15,8 +15,8 @@ import pytest
 import requests
 
 from app.devnet import DevChain, Service, Wallets, free_port
+from app.devnet.standin import StandinModel
 from app.settings import Settings
-from app.standin_model import StandinModel
 from app.x402.codec import encode_header
 from app.x402.wire import PaymentPayload
 from tests.support import CHAT_BODY, Proxy

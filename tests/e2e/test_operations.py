@@ -14,9 +14,9 @@ import requests
 
 from app.cli import main
 from app.devnet import Service, Wallets, free_port, start_anvil
-from app.ledger import payment_key
-from app.ops import READY_CACHE_SECONDS
-from app.standin_model import StandinModel
+from app.devnet.standin import StandinModel
+from app.payments.ledger import payment_key
+from app.web.ops import READY_CACHE_SECONDS
 from tests.e2e.test_gunicorn import gunicorn_env, start_gunicorn, wait_until_up
 from tests.integration.test_failing_parts import RestartableRedis
 from tests.rpc_proxy import FaultyRpc

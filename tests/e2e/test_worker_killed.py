@@ -4,7 +4,7 @@ gunicorn with one worker, the real chain, Redis and the stand-in model. The work
 SIGKILL after the settlement is mined and before the model answers. The payment stays "settling"
 (in flight) until no request can still hold it; then the same header is served from chain state,
 or ``x402-proxy reconcile`` makes it redeemable. Elapsed time is simulated by ageing the payment's
-``updated`` field in Redis: the wait itself (``app.upstream.abandoned_after``, about five minutes
+``updated`` field in Redis: the wait itself (``app.backends.upstream.abandoned_after``, about five minutes
 with the default timeouts) would add nothing.
 """
 
@@ -24,9 +24,9 @@ import requests
 
 from app.cli import main
 from app.devnet import DevChain, Service, Wallets, free_port
-from app.ledger import payment_key
+from app.devnet.standin import Behaviour, StandinModel
+from app.payments.ledger import payment_key
 from app.settings import Settings
-from app.standin_model import Behaviour, StandinModel
 from app.x402.wire import PaymentPayload
 from tests.e2e.test_gunicorn import gunicorn_env, start_gunicorn, wait_until_up
 from tests.support import Proxy

@@ -18,8 +18,7 @@ import redis
 import requests
 from eth_account import Account
 
-from app import ops
-from app.chain import (
+from app.backends.chain import (
     AUTHORIZATION_USED_TOPIC,
     SEL_AUTHORIZATION_STATE,
     SEL_BALANCE_OF,
@@ -29,7 +28,8 @@ from app.chain import (
     RpcClient,
 )
 from app.devnet import Service, free_port
-from app.standin_model import StandinModel
+from app.devnet.standin import StandinModel
+from app.web import ops
 from tests.integration.test_settlement_engine import proxy_with, relayer_tx_count, state_of
 from tests.rpc_proxy import SEND, FaultyRpc
 from tests.support import Proxy, settle_response

@@ -11,8 +11,8 @@ from eth_account import Account
 from flask import Flask, jsonify
 
 from app import create_app
+from app.devnet.standin import StandinModel
 from app.settings import SettingsError
-from app.standin_model import StandinModel
 from tests.facilitator_server import start_facilitator
 from tests.support import Proxy, serve, settle_response
 

@@ -16,8 +16,8 @@ import pytest
 from eth_account import Account
 from flask import Flask, Response, jsonify
 
-from app.chain import transfer_calldata
-from app.standin_model import StandinModel
+from app.backends.chain import transfer_calldata
+from app.devnet.standin import StandinModel
 from tests.facilitator_server import start_facilitator
 from tests.integration.test_facilitator import proxy_via
 from tests.support import Proxy, settle_response

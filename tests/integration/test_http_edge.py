@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from app.standin_model import StandinModel
+from app.devnet.standin import StandinModel
 from tests.support import CHAT_BODY, Proxy
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ import redis
 
 from app import create_app
 from app.devnet import Service
-from app.standin_model import StandinModel
+from app.devnet.standin import StandinModel
 from tests.rpc_proxy import FaultyRpc
 from tests.support import Proxy, serve
 

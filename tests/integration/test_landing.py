@@ -25,8 +25,8 @@ import pytest
 import requests
 
 from app import create_app
+from app.devnet.standin import StandinModel
 from app.settings import Settings
-from app.standin_model import StandinModel
 from tests.support import Proxy, serve
 
 pytestmark = pytest.mark.integration

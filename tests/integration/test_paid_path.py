@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from app.catalog import load_catalog, quote_for
-from app.ledger import LEDGER_STREAM, Ledger, payment_key
+from app.payments.ledger import LEDGER_STREAM, Ledger, payment_key
 from app.settings import DEFAULT_CATALOG
 from app.x402.codec import decode_header
 from tests.support import CHAT_BODY, OPERATOR_KEY, Proxy, settle_response
@@ -242,7 +242,7 @@ def test_payer_without_funds_is_refused_and_may_pay_once_funded(proxy: Proxy, st
     broke = proxy.payment(requirement)
     # empty the payer's wallet with an authorization of its whole balance, submitted directly
     drain = proxy.payment({**requirement, "amount": str(payer_balance)})
-    from app.chain import transfer_calldata
+    from app.backends.chain import transfer_calldata
 
     proxy.chain.transact(proxy.chain.token, transfer_calldata(drain.authorization, drain.signature, True))
     assert proxy.balances()[0] == 0
@@ -257,7 +257,7 @@ def test_payer_without_funds_is_refused_and_may_pay_once_funded(proxy: Proxy, st
 
 def test_payment_submitted_first_by_someone_else_is_served_once(proxy: Proxy, standin) -> None:
     """Preemption: anyone can submit a signed authorization. If it paid us, we serve it, once."""
-    from app.chain import transfer_calldata
+    from app.backends.chain import transfer_calldata
 
     payment = proxy.payment(proxy.requirement())
     proxy.chain.transact(proxy.chain.token, transfer_calldata(payment.authorization, payment.signature, True))

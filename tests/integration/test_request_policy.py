@@ -15,9 +15,9 @@ import redis
 import requests
 
 from app.catalog import load_catalog, quote_for
-from app.policy import ROUTE_FIELDS, Rule
+from app.catalog.policy import ROUTE_FIELDS, Rule
+from app.devnet.standin import StandinModel
 from app.settings import DEFAULT_CATALOG
-from app.standin_model import StandinModel
 from app.x402.codec import decode_header
 from tests.support import Proxy, settle_response
 

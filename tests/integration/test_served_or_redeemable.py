@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 import redis
 
-import app.gate
+import app.payments.gate
 from app import create_app
-from app.chain import transfer_calldata
+from app.backends.chain import transfer_calldata
 from app.devnet import Service
-from app.ledger import RELEASED_GRACE, Ledger, payment_key
-from app.standin_model import Behaviour, StandinModel
+from app.devnet.standin import Behaviour, StandinModel
+from app.payments.ledger import RELEASED_GRACE, Ledger, payment_key
 from app.x402.checks import MAX_CLOCK_SKEW
 from app.x402.codec import encode_header
 from app.x402.payer import header_name
@@ -302,7 +302,7 @@ def test_an_unfunded_payment_leaves_a_claim_that_expires_with_its_authorization(
 def test_a_full_settlement_queue_refuses_before_any_claim(
     proxy: Proxy, standin: StandinModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(app.gate, "SETTLEMENT_QUEUE_LIMIT", 0)
+    monkeypatch.setattr(app.payments.gate, "SETTLEMENT_QUEUE_LIMIT", 0)
     payment = proxy.payment(proxy.requirement())
     busy = proxy.pay(payment)
     assert busy.status_code == 503 and busy.json()["error"]["code"] == "settlement_busy"

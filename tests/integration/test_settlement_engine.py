@@ -13,9 +13,9 @@ import requests
 
 from app import create_app
 from app.devnet import Service, free_port, start_anvil
-from app.ledger import Ledger, payment_key
+from app.devnet.standin import StandinModel
+from app.payments.ledger import Ledger, payment_key
 from app.settings import Settings
-from app.standin_model import StandinModel
 from app.x402.wire import PaymentPayload
 from tests.rpc_proxy import FaultyRpc
 from tests.support import CHAT_BODY, Proxy, serve, settle_response
@@ -110,7 +110,7 @@ def test_payment_preempted_between_verification_and_our_send_is_served_once(
 ) -> None:
     """Someone submits the same authorization just before our transaction: ours reverts, theirs
     moved the money to us; the call is served once, under our claim, with their transaction."""
-    from app.chain import transfer_calldata
+    from app.backends.chain import transfer_calldata
 
     proxy = via_faulty_rpc
     payment = proxy.payment(proxy.requirement())

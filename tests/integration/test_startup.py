@@ -9,7 +9,7 @@ import redis
 
 from app import create_app
 from app.devnet import Service, free_port, start_anvil
-from app.ledger import KEYSPACE_KEY, KEYSPACE_VERSION
+from app.payments.ledger import KEYSPACE_KEY, KEYSPACE_VERSION
 from app.settings import Settings, SettingsError
 
 pytestmark = pytest.mark.integration
@@ -58,7 +58,7 @@ def test_redis_down_is_refused(settings: Settings) -> None:
 
 
 def test_old_keyspace_is_refused_until_migrated(settings: Settings, redis_client: redis.Redis) -> None:
-    from app.migrate import migrate
+    from app.payments.migrate import migrate
 
     redis_client.hset("x402:{auth:8453:0xa:0xb:0xc}", "state", "served")  # data of an unversioned keyspace
     error = refusal(settings)

@@ -13,8 +13,8 @@ import requests
 from flask import Flask, jsonify
 
 from app import create_app
+from app.devnet.standin import StandinModel
 from app.settings import DEFAULT_CATALOG, Settings, SettingsError
-from app.standin_model import StandinModel
 from tests.support import Proxy, serve, settle_response
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import requests
 from eth_account import Account
 
 from app.cli import main
-from app.receipts import STREAM_RECEIPT_PREFIX, Receipt, sha256_hex, verify_receipt
+from app.payments.receipts import STREAM_RECEIPT_PREFIX, Receipt, sha256_hex, verify_receipt
 from app.x402.codec import decode_header, encode_header
 from tests.support import CHAT_BODY, Proxy, settle_response
 

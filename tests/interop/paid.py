@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.standin_model import StandinModel
+from app.devnet.standin import StandinModel
 from tests.support import CHAT_BODY, Proxy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -33,9 +33,9 @@ from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.exact import register_exact_evm_client
 from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
 
-import app.wallet
+import app.cli.wallet
 from app.cli import DEMO_BODY, main
-from app.standin_model import StandinModel
+from app.devnet.standin import StandinModel
 from tests.interop.paid import (
     CLIENT_TIMEOUT,
     PROJECT_ROOT,
@@ -176,7 +176,7 @@ def test_pay_command_pays(
     proxy: Proxy, standin: StandinModel, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = before_paying(proxy, DEMO_BODY)  # what `pay` sends without --json
-    results = spy_on(monkeypatch, app.wallet, "pay")
+    results = spy_on(monkeypatch, app.cli.wallet, "pay")
 
     code = main(["pay", chat_url(proxy), "--key", proxy.wallets.payer_key])
 

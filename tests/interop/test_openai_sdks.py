@@ -26,8 +26,8 @@ from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.exact import register_exact_evm_client
 
 from app.catalog import load_catalog, quote_for
+from app.devnet.standin import Behaviour, StandinModel
 from app.settings import DEFAULT_CATALOG
-from app.standin_model import Behaviour, StandinModel
 from tests.interop.paid import PROJECT_ROOT, decode_settlement, run_node, token_transfers
 from tests.support import Proxy
 

@@ -21,9 +21,9 @@ import pytest
 import requests
 from eth_hash.auto import keccak
 
-from app.chain import ASSET_PAUSED, transfer_calldata
+from app.backends.chain import ASSET_PAUSED, transfer_calldata
 from app.devnet import BASE_USDC, PROJECT_ROOT
-from app.standin_model import StandinModel
+from app.devnet.standin import StandinModel
 from app.x402.codec import decode_header
 from app.x402.eip712 import domain_separator, sign_digest
 from app.x402.payer import offered_requirements

@@ -27,8 +27,8 @@ from requests.adapters import HTTPAdapter
 
 from app import create_app
 from app.devnet import DevChain, Wallets
+from app.devnet.standin import StandinModel
 from app.settings import Settings
-from app.standin_model import StandinModel
 from app.x402.codec import encode_header
 from app.x402.wire import V2_HEADER
 from tests.security.forge import authorization_for, new_key, sign, wrap

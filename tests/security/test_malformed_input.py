@@ -21,7 +21,7 @@ import requests
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from app.standin_model import StandinModel
+from app.devnet.standin import StandinModel
 from app.x402.codec import decode_header
 from app.x402.verdict import (
     INSUFFICIENT_BALANCE,

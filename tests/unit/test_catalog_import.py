@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from app.catalog import Catalog, Model, load_catalog
-from app.catalog_import import (
+from app.catalog.importer import (
     CatalogImportError,
     atomic_per_million,
     import_aggregate,

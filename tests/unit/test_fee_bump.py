@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.settlement import bumped_fees
+from app.payments.settlement import bumped_fees
 
 
 @given(priority=st.integers(0, 10**12), base=st.integers(0, 10**13))

@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.upstream import ERROR_MESSAGE_LIMIT, host_error_message
+from app.backends.upstream import ERROR_MESSAGE_LIMIT, host_error_message
 
 KEY = "sk-op3rator-0123456789abcdefghij"
 HOSTS = ["https://gpu-node-7.internal.example:8443", "http://10.0.3.7:8080"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import fakeredis
 import pytest
 
-from app import ledger as ledger_module
-from app import migrate as migrate_module
-from app.ledger import (
+from app.payments import ledger as ledger_module
+from app.payments import migrate as migrate_module
+from app.payments.ledger import (
     KEYSPACE_KEY,
     KEYSPACE_VERSION,
     LEDGER_STREAM,

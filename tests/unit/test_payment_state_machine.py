@@ -21,13 +21,13 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from app.backends.chain import AUTHORIZATION_USED_TOPIC, TRANSFER_TOPIC, Preflight
 from app.catalog import Catalog, load_catalog
-from app.chain import AUTHORIZATION_USED_TOPIC, TRANSFER_TOPIC, Preflight
-from app.errors import ApiError
-from app.gate import Gate, PaymentRequired
-from app.ledger import Ledger, payment_key
+from app.payments.gate import Gate, PaymentRequired
+from app.payments.ledger import Ledger, payment_key
+from app.payments.settlement import FAILED, PENDING, SETTLED, Settlement
 from app.settings import DEFAULT_CATALOG, Settings
-from app.settlement import FAILED, PENDING, SETTLED, Settlement
+from app.web.errors import ApiError
 from app.x402.codec import encode_header
 from app.x402.payer import sign_payment
 from app.x402.verdict import ACCEPTED

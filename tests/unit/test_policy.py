@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from app.policy import (
+from app.catalog.policy import (
     IMAGE,
     POLICY_CODES,
     ROUTE_FIELDS,

@@ -18,7 +18,7 @@ import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.standin_model import Behaviour, Received, StandinModel
+from app.devnet.standin import Behaviour, Received, StandinModel
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "the launch codes are 0000"
@@ -351,7 +351,7 @@ def test_answer_echoes_counts_not_prompt(
 
 def test_main_runs_in_foreground() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.standin_model", "--port", "0", "--model", "cli-model"],
+        [sys.executable, "-m", "app.devnet.standin", "--port", "0", "--model", "cli-model"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

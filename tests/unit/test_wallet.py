@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
+from app.cli.wallet import PaymentRefused, choose_requirement
 from app.settings import NETWORKS
-from app.wallet import PaymentRefused, choose_requirement
 
 BASE_USDC = NETWORKS["eip155:8453"].usdc
 SEPOLIA_USDC = NETWORKS["eip155:84532"].usdc

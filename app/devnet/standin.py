@@ -454,7 +454,7 @@ class StandinModel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the stand-in in the foreground (``python -m app.standin_model --port 8500``)."""
+    """Run the stand-in in the foreground (``python -m app.devnet.standin --port 8500``)."""
     parser = argparse.ArgumentParser(
         description="Stand-in OpenAI-compatible model host (never logs prompts)."
     )

@@ -11,8 +11,8 @@ import logging
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from .accesslog import note
-from .metrics import payment_outcome
+from app.web.accesslog import note
+from app.web.metrics import payment_outcome
 
 log = logging.getLogger("x402.errors")
 

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from flask import Flask, current_app
 
-from .settings import Settings, SettingsError
+from app.settings import Settings, SettingsError
 
 KEYSPACE_VERSION = 1
 KEYSPACE_KEY = "x402:{meta}:keyspace"

@@ -18,15 +18,8 @@ from typing import Any
 from eth_account import Account
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from .accesslog import note
-from .attestation import MEASUREMENT_HEADER, get_attestor
-from .catalog import Quote, QuoteError, get_catalog
-from .errors import ApiError, json_error
-from .gate import Gate, Paid, PaymentRequired, get_gate
-from .metrics import STREAM_FIRST_BYTE_SECONDS, UPSTREAM_SECONDS, payment_outcome
-from .policy import ROUTE_FIELDS, ROUTE_INPUT_FIELDS, Rule
-from .receipts import RECEIPT_HEADER, STREAM_RECEIPT_PREFIX, Receipt, sha256_hex
-from .upstream import (
+from app.backends.attestation import MEASUREMENT_HEADER, get_attestor
+from app.backends.upstream import (
     BUYER_ERRORS,
     UpstreamAnswer,
     UpstreamFailed,
@@ -34,11 +27,18 @@ from .upstream import (
     get_upstream,
     host_error_message,
 )
-from .x402.challenge import ERROR_DETAIL_HEADER, EXPOSED_HEADERS
-from .x402.codec import MalformedInput, strict_json_loads
-from .x402.discovery import bazaar_extension
-from .x402.verdict import PAYMENT_REQUIRED
-from .x402.wire import V1_HEADER, V2_HEADER
+from app.catalog import Quote, QuoteError, get_catalog
+from app.catalog.policy import ROUTE_FIELDS, ROUTE_INPUT_FIELDS, Rule
+from app.payments.gate import Gate, Paid, PaymentRequired, get_gate
+from app.payments.receipts import RECEIPT_HEADER, STREAM_RECEIPT_PREFIX, Receipt, sha256_hex
+from app.web.accesslog import note
+from app.web.errors import ApiError, json_error
+from app.web.metrics import STREAM_FIRST_BYTE_SECONDS, UPSTREAM_SECONDS, payment_outcome
+from app.x402.challenge import ERROR_DETAIL_HEADER, EXPOSED_HEADERS
+from app.x402.codec import MalformedInput, strict_json_loads
+from app.x402.discovery import bazaar_extension
+from app.x402.verdict import PAYMENT_REQUIRED
+from app.x402.wire import V1_HEADER, V2_HEADER
 
 bp = Blueprint("routes", __name__)
 log = logging.getLogger("x402.routes")

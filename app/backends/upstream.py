@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import requests
 from flask import Flask, current_app
 
-from .catalog import Model
-from .settings import Settings
+from app.catalog import Model
+from app.settings import Settings
 
 CONNECT_TIMEOUT = 5.0
 # A connection error or a 5xx before any byte of the answer is tried once more before the buyer

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import requests
 from flask import Flask, current_app
 
-from .catalog import Model
+from app.catalog import Model
 
 REPORT_TTL = 60.0
 MEASUREMENT_HEADER = "X-TEE-Measurement"

@@ -14,12 +14,12 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
-from . import metrics
-from .chain import get_chain
-from .ledger import KEYSPACE_VERSION, get_ledger, keyspace_version
-from .settings import Settings
-from .settlement import get_settler
-from .upstream import UpstreamFailed, get_upstream
+from app.backends.chain import get_chain
+from app.backends.upstream import UpstreamFailed, get_upstream
+from app.payments.ledger import KEYSPACE_VERSION, get_ledger, keyspace_version
+from app.payments.settlement import get_settler
+from app.settings import Settings
+from app.web import metrics
 
 bp = Blueprint("ops", __name__)
 MAX_BLOCK_AGE_SECONDS = 120

@@ -14,8 +14,8 @@ from typing import Any
 
 from flask import Flask, current_app
 
-from .policy import IMAGE, MODALITIES, TEXT, Limits, PolicyError, Work, read
-from .settings import SettingsError
+from app.catalog.policy import IMAGE, MODALITIES, TEXT, Limits, PolicyError, Work, read
+from app.settings import SettingsError
 
 
 class CatalogError(ValueError):

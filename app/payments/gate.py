@@ -20,10 +20,7 @@ from typing import Any
 
 from flask import Flask, Response, current_app
 
-from . import metrics
-from .accesslog import note
-from .catalog import Catalog, Quote
-from .chain import (
+from app.backends.chain import (
     UNPAYABLE,
     Chain,
     ChainUnavailable,
@@ -32,14 +29,17 @@ from .chain import (
     RpcFailure,
     transfer_logged,
 )
-from .errors import ApiError
-from .ledger import NEW, REDEEM, RESUME, Claim, Ledger, payment_key
-from .settings import Settings
-from .settlement import FAILED, NOT_SENT, PENDING, SETTLED, Settler
-from .upstream import abandoned_after
-from .x402.challenge import Resource, build_challenge
-from .x402.checks import check_authorization, match_requirement
-from .x402.verdict import (
+from app.backends.upstream import abandoned_after
+from app.catalog import Catalog, Quote
+from app.payments.ledger import NEW, REDEEM, RESUME, Claim, Ledger, payment_key
+from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED, Settler
+from app.settings import Settings
+from app.web import metrics
+from app.web.accesslog import note
+from app.web.errors import ApiError
+from app.x402.challenge import Resource, build_challenge
+from app.x402.checks import check_authorization, match_requirement
+from app.x402.verdict import (
     NONCE_USED,
     PAYMENT_REQUIRED,
     SETTLEMENT_PENDING,
@@ -48,7 +48,7 @@ from .x402.verdict import (
     Verdict,
     reject,
 )
-from .x402.wire import (
+from app.x402.wire import (
     RESPONSE_HEADERS,
     V1_HEADER,
     V2_HEADER,
@@ -464,10 +464,10 @@ def _payment_header(headers: Mapping[str, str]) -> tuple[str | None, int]:
 
 
 def init_app(app: Flask) -> None:
-    from .catalog import get_catalog
-    from .chain import get_chain
-    from .ledger import get_ledger
-    from .settlement import get_settler
+    from app.backends.chain import get_chain
+    from app.catalog import get_catalog
+    from app.payments.ledger import get_ledger
+    from app.payments.settlement import get_settler
 
     with app.app_context():
         app.extensions["x402.gate"] = Gate(

@@ -22,10 +22,10 @@ from typing import Any
 from eth_abi import encode
 from eth_account import Account
 
-from .chain import RpcClient, eth_call, selector
-from .settings import NETWORKS
+from app.backends.chain import RpcClient, eth_call, selector
+from app.settings import NETWORKS
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TOKEN_ARTIFACT = PROJECT_ROOT / "contracts" / "EIP3009Token.json"
 BASE_USDC = NETWORKS["eip155:8453"].usdc
 ANVIL_CANDIDATES = (

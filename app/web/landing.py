@@ -17,8 +17,8 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from markupsafe import escape
 
-from .catalog import Model, get_catalog, quote_for
-from .settings import Settings
+from app.catalog import Model, get_catalog, quote_for
+from app.settings import Settings
 
 bp = Blueprint("landing", __name__)
 

@@ -19,11 +19,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from decimal import Decimal
 
-from .chain import Chain, ChainUnavailable, RpcFailure, transfer_logged
-from .ledger import LEDGER_STREAM, STALE_SETTLED, Ledger, text_of
-from .settings import Settings
-from .upstream import abandoned_after
-from .x402.wire import Authorization
+from app.backends.chain import Chain, ChainUnavailable, RpcFailure, transfer_logged
+from app.backends.upstream import abandoned_after
+from app.payments.ledger import LEDGER_STREAM, STALE_SETTLED, Ledger, text_of
+from app.settings import Settings
+from app.x402.wire import Authorization
 
 MONEY_MOVED = ("settled", "served", "redeemable")
 CHECKED = (*MONEY_MOVED, "pending", "settling", "failed")

@@ -24,7 +24,7 @@ from decimal import ROUND_CEILING, Decimal, Inexact, InvalidOperation, localcont
 from pathlib import Path
 from typing import Any
 
-from .catalog import CatalogError, Model, load_catalog
+from app.catalog import CatalogError, Model, load_catalog
 
 USDC_UNIT = 10**6
 DEFAULT_FLOOR = 1000  # atomic units: $0.001, so a tiny call still pays for its settlement gas

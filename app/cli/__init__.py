@@ -59,7 +59,7 @@ def parse_address(text: str) -> str:
     """A 0x-prefixed 20-byte hex address, checksummed; a mixed-case one must carry a valid checksum."""
     from eth_utils import is_checksum_address, to_checksum_address
 
-    from .settings import ADDRESS_RE
+    from app.settings import ADDRESS_RE
 
     if not ADDRESS_RE.fullmatch(text):
         raise argparse.ArgumentTypeError(f"not an address: {text!r}")
@@ -70,7 +70,7 @@ def parse_address(text: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .devnet import PROJECT_ROOT
+    from app.devnet import PROJECT_ROOT
 
     os.chdir(PROJECT_ROOT)
     os.execvp("gunicorn", ["gunicorn", "-c", str(PROJECT_ROOT / "gunicorn.conf.py"), "wsgi:app"])
@@ -80,8 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     import redis
 
-    from .migrate import migrate
-    from .settings import SettingsError, redis_url_from_env
+    from app.payments.migrate import migrate
+    from app.settings import SettingsError, redis_url_from_env
 
     try:
         client = redis.Redis.from_url(redis_url_from_env())
@@ -96,17 +96,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def _books_parts() -> tuple[Any, Any, Any]:
     """Settings, ledger and chain for the offline commands (no HTTP server)."""
-    from .chain import Chain
-    from .ledger import Ledger, connect
-    from .settings import Settings
+    from app.backends.chain import Chain
+    from app.payments.ledger import Ledger, connect
+    from app.settings import Settings
 
     settings = Settings.from_env()
     return settings, Ledger(connect(settings)), Chain(settings)
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from .books import parse_duration, reconcile, render_findings
-    from .settings import SettingsError
+    from app.payments.books import parse_duration, reconcile, render_findings
+    from app.settings import SettingsError
 
     try:
         settings, ledger, chain = _books_parts()
@@ -119,8 +119,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_revenue(args: argparse.Namespace) -> int:
-    from .books import parse_duration, render_revenue, revenue
-    from .settings import SettingsError
+    from app.payments.books import parse_duration, render_revenue, revenue
+    from app.settings import SettingsError
 
     try:
         _, ledger, _ = _books_parts()
@@ -136,7 +136,7 @@ def cmd_verify_receipt(args: argparse.Namespace) -> int:
     """Check a receipt offline against the saved request and response bodies."""
     import requests
 
-    from .receipts import STREAM_RECEIPT_PREFIX, Receipt, verify_receipt
+    from app.payments.receipts import STREAM_RECEIPT_PREFIX, Receipt, verify_receipt
 
     request_body = Path(args.request).read_bytes()
     response_body = Path(args.response).read_bytes()
@@ -172,7 +172,7 @@ def cmd_verify_receipt(args: argparse.Namespace) -> int:
 
 
 def cmd_pay(args: argparse.Namespace) -> int:
-    from .wallet import PaymentRefused, pay
+    from app.cli.wallet import PaymentRefused, pay
 
     key = args.key or (Path(args.key_file).read_text().strip() if args.key_file else "")
     if not key:
@@ -208,8 +208,8 @@ def cmd_pay(args: argparse.Namespace) -> int:
 
 def cmd_catalog_import(args: argparse.Namespace) -> int:
     """Malformed input exits 2 and writes nothing; the file is checked to load before it lands."""
-    from .catalog import CatalogError
-    from .catalog_import import CatalogImportError, import_file, parse_margin, render_toml, write_catalog
+    from app.catalog import CatalogError
+    from app.catalog.importer import CatalogImportError, import_file, parse_margin, render_toml, write_catalog
 
     try:
         margin = parse_margin(args.margin)
@@ -250,11 +250,11 @@ def quiet_request_handler() -> type:
 def cmd_devnet(args: argparse.Namespace) -> int:
     from werkzeug.serving import make_server
 
-    from . import create_app
-    from .devnet import DevChain, DevnetError, Wallets, prepare_chain, start_anvil, start_redis
-    from .settings import Settings, SettingsError
-    from .standin_model import StandinModel
-    from .wallet import pay
+    from app import create_app
+    from app.cli.wallet import pay
+    from app.devnet import DevChain, DevnetError, Wallets, prepare_chain, start_anvil, start_redis
+    from app.devnet.standin import StandinModel
+    from app.settings import Settings, SettingsError
 
     services: list[Any] = []
     try:

@@ -17,8 +17,8 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_hash.auto import keccak
 
-from .x402.codec import decode_header, encode_header
-from .x402.verdict import ACCEPTED, Verdict, reject
+from app.x402.codec import decode_header, encode_header
+from app.x402.verdict import ACCEPTED, Verdict, reject
 
 RECEIPT_HEADER = "X-Receipt"
 STREAM_RECEIPT_PREFIX = b": x402-receipt "

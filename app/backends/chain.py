@@ -29,9 +29,9 @@ from eth_hash.auto import keccak
 from flask import Flask, current_app
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from .settings import Settings, SettingsError
-from .x402.eip712 import split_signature
-from .x402.verdict import (
+from app.settings import Settings, SettingsError
+from app.x402.eip712 import split_signature
+from app.x402.verdict import (
     ACCEPTED,
     INSUFFICIENT_BALANCE,
     INVALID_SIGNATURE,
@@ -40,7 +40,7 @@ from .x402.verdict import (
     Verdict,
     reject,
 )
-from .x402.wire import Authorization
+from app.x402.wire import Authorization
 
 ASSET_PAUSED = "asset_paused"
 PAYEE_BLACKLISTED = "payee_blacklisted"

@@ -13,10 +13,10 @@ from typing import Any
 
 import requests
 
-from .settings import NETWORKS, Network
-from .x402.codec import MalformedInput, decode_header, encode_header
-from .x402.payer import header_name, offered_requirements, requirement_amount, sign_payment
-from .x402.wire import RESPONSE_HEADERS
+from app.settings import NETWORKS, Network
+from app.x402.codec import MalformedInput, decode_header, encode_header
+from app.x402.payer import header_name, offered_requirements, requirement_amount, sign_payment
+from app.x402.wire import RESPONSE_HEADERS
 
 # The networks this wallet pays on, by both names a 402 may use: CAIP-2 (v2) and the v1 name.
 NETWORKS_BY_NAME: dict[str, Network] = {

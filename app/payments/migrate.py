@@ -14,9 +14,9 @@ from types import ModuleType
 
 import redis
 
-from .ledger import KEYSPACE_KEY, keyspace_version
+from app.payments.ledger import KEYSPACE_KEY, keyspace_version
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.py$")
 
 

@@ -21,7 +21,7 @@ import requests
 from eth_account import Account
 from flask import Flask, current_app
 
-from .chain import (
+from app.backends.chain import (
     Chain,
     ChainUnavailable,
     Preflight,
@@ -29,10 +29,10 @@ from .chain import (
     RpcFailure,
     transfer_logged,
 )
-from .ledger import Ledger
-from .settings import Settings, SettingsError
-from .x402.verdict import SETTLEMENT_PENDING, TRANSACTION_FAILED
-from .x402.wire import Authorization, PaymentPayload, Requirement
+from app.payments.ledger import Ledger
+from app.settings import Settings, SettingsError
+from app.x402.verdict import SETTLEMENT_PENDING, TRANSACTION_FAILED
+from app.x402.wire import Authorization, PaymentPayload, Requirement
 
 GAS_HEADROOM_NUMERATOR, GAS_HEADROOM_DENOMINATOR = 5, 4  # 25% over the estimate
 MIN_PRIORITY_FEE = 1_000_000  # 0.001 gwei: Base's usual tip floor
@@ -303,8 +303,8 @@ def check_facilitator(settler: FacilitatorSettler, settings: Settings) -> None:
 
 
 def init_app(app: Flask) -> None:
-    from .chain import get_chain
-    from .ledger import get_ledger
+    from app.backends.chain import get_chain
+    from app.payments.ledger import get_ledger
 
     settings: Settings = app.config["X402_SETTINGS"]
     with app.app_context():

@@ -16,7 +16,7 @@ from urllib.parse import unquote
 
 from flask import Flask, Response, request
 
-from .x402.challenge import EXPOSED_HEADERS
+from app.x402.challenge import EXPOSED_HEADERS
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 _SLASHES = re.compile(r"/{2,}")
