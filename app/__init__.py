@@ -7,30 +7,30 @@ from flask import Flask
 from app.settings import Settings
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    """Build the app. Each resource module checks its own dependency at start (Redis, RPC chain id,
-    token domain) and raises ``SettingsError`` naming the variable to fix."""
-    from app import catalog
-    from app.backends import attestation, chain, upstream
-    from app.payments import gate, ledger, settlement
+def create_app(settings: Settings | None = None, services: object | None = None) -> Flask:
+    """Build the app: no network I/O (``app.services.check`` runs the start-up checks from the entry
+    points). ``services`` (an ``app.services.Services``) replaces the ones built from ``settings``,
+    so views can be tested with fakes at the backend boundary; raises ``SettingsError`` for settings
+    or a catalog that cannot be used."""
+    from app.services import Services, build
     from app.web import accesslog, edge, errors, landing, metrics, ops, routes
 
     app = Flask(__name__)
     settings = settings or Settings.from_env()
     app.config["X402_SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    edge.init_app(app)
-    metrics.init_app(app)
-    accesslog.init_app(app)
-    errors.init_app(app)
-    catalog.init_app(app)
-    ledger.init_app(app)
-    chain.init_app(app)
-    settlement.init_app(app)
-    upstream.init_app(app)
-    gate.init_app(app)
-    attestation.init_app(app)
-    routes.init_app(app)
-    landing.init_app(app)
-    ops.init_app(app)
+    built = services if isinstance(services, Services) else build(settings)
+    app.extensions["x402"] = built
+    for part in (edge, metrics, accesslog, errors, routes, landing, ops):
+        part.init_app(app)
+    return app
+
+
+def create_checked_app(settings: Settings | None = None) -> Flask:
+    """``create_app`` and its start-up checks (Redis, RPC chain id, token domain, facilitator): what
+    gunicorn and the CLI serve. Raises ``SettingsError`` naming the variable to fix."""
+    from app.services import check
+
+    app = create_app(settings)
+    check(app.extensions["x402"])
     return app

@@ -139,7 +139,7 @@ def profile(requests_count: int = 3000) -> str:
 
     from werkzeug.test import EnvironBuilder
 
-    from app import create_app
+    from app import create_checked_app
     from app.settings import Settings
 
     from .hello_app import app as hello_app
@@ -167,7 +167,7 @@ def profile(requests_count: int = 3000) -> str:
 
     with devnet() as dev:
         overrides = {k: v for k, v in dev.proxy_env().items() if k.startswith(("X402_", "REDIS_"))}
-        ours = create_app(Settings.from_env(env={}, overrides=overrides))
+        ours = create_checked_app(Settings.from_env(env={}, overrides=overrides))
         call(ours, 200), call(hello_app, 200)  # warm
         ours_s, hello_s = call(ours, requests_count), call(hello_app, requests_count)
         profiler = cProfile.Profile()

@@ -18,7 +18,7 @@ import statistics
 import time
 from typing import Any
 
-from app import create_app
+from app import create_checked_app
 from app.settings import Settings
 from tests.support import CHAT_BODY, serve
 
@@ -94,7 +94,7 @@ def run(
                 env={},
                 overrides={k: v for k, v in dev.proxy_env().items() if k.startswith(("X402_", "REDIS_"))},
             )
-            werkzeug = serve(create_app(settings))
+            werkzeug = serve(create_checked_app(settings))
             url, stop = f"http://127.0.0.1:{werkzeug.server_port}{CHAT_PATH}", werkzeug.shutdown
         try:
             for delay in delays:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from app import create_app
+from app import create_checked_app
 from app.devnet import DevChain, Service, Wallets, prepare_chain, start_anvil, start_redis
 from app.devnet.standin import Behaviour, StandinModel
 from app.settings import Settings
@@ -90,6 +90,6 @@ def settings(
 
 @pytest.fixture
 def proxy(settings: Settings, wallets: Wallets, chain: DevChain) -> Iterator[Proxy]:
-    server = serve(create_app(settings))
+    server = serve(create_checked_app(settings))
     yield Proxy(f"http://127.0.0.1:{server.server_port}", settings, wallets, chain, server)
     server.shutdown()

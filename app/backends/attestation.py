@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import requests
-from flask import Flask, current_app
 
 from app.catalog import Model
 
@@ -92,12 +91,3 @@ class Attestor:
         return AttestationCheck(
             model.name, model.attestation_url, model.measurement, measured, report_time, checked_at, True
         )
-
-
-def init_app(app: Flask) -> None:
-    app.extensions["x402.attestor"] = Attestor()
-
-
-def get_attestor() -> Attestor:
-    attestor: Attestor = current_app.extensions["x402.attestor"]
-    return attestor

@@ -26,7 +26,6 @@ from typing import Any
 import requests
 from eth_abi import decode, encode
 from eth_hash.auto import keccak
-from flask import Flask, current_app
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from app.settings import Settings, SettingsError
@@ -647,15 +646,3 @@ def check_startup(chain: Chain, settings: Settings) -> None:
             f"token {settings.asset} reports name/version {name!r}/{version!r}, "
             f"expected {settings.asset_name!r}/{settings.asset_version!r}",
         )
-
-
-def init_app(app: Flask) -> None:
-    settings: Settings = app.config["X402_SETTINGS"]
-    chain = Chain(settings)
-    check_startup(chain, settings)
-    app.extensions["x402.chain"] = chain
-
-
-def get_chain() -> Chain:
-    chain: Chain = current_app.extensions["x402.chain"]
-    return chain

@@ -18,7 +18,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from flask import Flask, current_app
 
 from app.catalog import Model
 from app.settings import Settings
@@ -180,12 +179,3 @@ class Upstream:
             passed = {k: v for k, v in response.headers.items() if k in PASSED_RESPONSE_HEADERS}
             return UpstreamAnswer(response.status_code, passed, response)
         raise failure
-
-
-def init_app(app: Flask) -> None:
-    app.extensions["x402.upstream"] = Upstream(app.config["X402_SETTINGS"])
-
-
-def get_upstream() -> Upstream:
-    upstream: Upstream = current_app.extensions["x402.upstream"]
-    return upstream

@@ -12,10 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, current_app
-
 from app.catalog.policy import IMAGE, MODALITIES, TEXT, Limits, PolicyError, Work, read
-from app.settings import SettingsError
+from app.settings import Settings, SettingsError
 
 
 class CatalogError(ValueError):
@@ -196,6 +194,22 @@ def quote_for(model: Model, route: str, body: dict[str, Any]) -> Quote:
     return Quote(model=model, amount=price(model, work), body=work.body, work=work)
 
 
+def catalog_models(settings: Settings) -> dict[str, Model]:
+    """The models of ``X402_CATALOG``; raises ``SettingsError`` for a catalog that cannot be used (a
+    malformed file, or a model naming a host key that is not configured)."""
+    try:
+        models = load_catalog(settings.catalog_path)
+    except CatalogError as exc:
+        raise SettingsError("X402_CATALOG", str(exc)) from None
+    for model in models.values():
+        if model.upstream_key and model.upstream_key not in settings.upstream_keys:
+            raise SettingsError(
+                f"X402_UPSTREAM_API_KEY_{model.upstream_key}",
+                f"required by model {model.name!r} in the catalog",
+            )
+    return models
+
+
 class Catalog:
     """The loaded catalog, one per app."""
 
@@ -233,23 +247,3 @@ class Catalog:
         if not isinstance(body, dict):
             raise QuoteError("invalid_request", "the body must be a JSON object")
         return quote_for(self.model(body.get("model")), route, body)
-
-
-def init_app(app: Flask) -> None:
-    settings = app.config["X402_SETTINGS"]
-    try:
-        models = load_catalog(settings.catalog_path)
-    except CatalogError as exc:
-        raise SettingsError("X402_CATALOG", str(exc)) from None
-    for model in models.values():
-        if model.upstream_key and model.upstream_key not in settings.upstream_keys:
-            raise SettingsError(
-                f"X402_UPSTREAM_API_KEY_{model.upstream_key}",
-                f"required by model {model.name!r} in the catalog",
-            )
-    app.extensions["x402.catalog"] = Catalog(models, settings.tee_only)
-
-
-def get_catalog() -> Catalog:
-    catalog: Catalog = current_app.extensions["x402.catalog"]
-    return catalog

@@ -18,8 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from flask import Flask, Response, current_app
-
+from app import metrics
 from app.backends.chain import (
     UNPAYABLE,
     Chain,
@@ -31,12 +30,12 @@ from app.backends.chain import (
 )
 from app.backends.upstream import abandoned_after
 from app.catalog import Catalog, Quote
+from app.logs import note
+from app.payments.answers import Answer
+from app.payments.errors import ApiError
 from app.payments.ledger import NEW, REDEEM, RESUME, Claim, Ledger, payment_key
 from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED, Settler
 from app.settings import Settings
-from app.web import metrics
-from app.web.accesslog import note
-from app.web.errors import ApiError
 from app.x402.challenge import Resource, build_challenge
 from app.x402.checks import check_authorization, match_requirement
 from app.x402.verdict import (
@@ -164,7 +163,7 @@ class Gate:
         reason: str,
         extra_headers: Mapping[str, str] = (),
         extensions: dict[str, Any] | None = None,
-    ) -> Response:
+    ) -> Answer:
         """The 402: v1 body + v2 ``PAYMENT-REQUIRED`` header for this body's price."""
         key = (quote.model.name, quote.amount, resource_url, reason)
         built = self._challenges.get(key)
@@ -179,10 +178,7 @@ class Gate:
             self._challenges[key] = built
         metrics.CHALLENGES.labels(reason).inc()
         body, headers = built
-        response = Response(body, status=402, mimetype="application/json")
-        response.headers.update(headers)
-        response.headers.update(dict(extra_headers))
-        return response
+        return Answer(402, {"Content-Type": "application/json", **headers, **dict(extra_headers)}, body)
 
     def settle_header(
         self, version: int, success: bool, tx_hash: str, payer: str, reason: str = ""
@@ -461,20 +457,3 @@ def _payment_header(headers: Mapping[str, str]) -> tuple[str | None, int]:
     if value is not None:
         return value, 2
     return headers.get(V1_HEADER), 1
-
-
-def init_app(app: Flask) -> None:
-    from app.backends.chain import get_chain
-    from app.catalog import get_catalog
-    from app.payments.ledger import get_ledger
-    from app.payments.settlement import get_settler
-
-    with app.app_context():
-        app.extensions["x402.gate"] = Gate(
-            app.config["X402_SETTINGS"], get_catalog(), get_ledger(), get_chain(), get_settler()
-        )
-
-
-def get_gate() -> Gate:
-    gate: Gate = current_app.extensions["x402.gate"]
-    return gate

@@ -19,7 +19,6 @@ from string import Template
 from typing import Any
 
 import redis
-from flask import Flask, current_app
 
 from app.settings import Settings, SettingsError
 
@@ -160,11 +159,18 @@ class Ledger:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
-        self.single_node = not _cluster_enabled(client)
+        self._single_node: bool | None = None  # asked of Redis on first use, not at construction
         self._claim = client.register_script(_CLAIM)
         self._transition = client.register_script(_TRANSITION)
         self._reserve_nonce = client.register_script(_RESERVE_NONCE)
         self._start = client.register_script(_START)
+
+    @property
+    def single_node(self) -> bool:
+        """Whether Redis is one node (the ledger stream can be written in the same script)."""
+        if self._single_node is None:
+            self._single_node = not _cluster_enabled(self.redis)
+        return self._single_node
 
     def claim(
         self,
@@ -311,19 +317,3 @@ def connect(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(
         settings.redis_url, socket_timeout=5, socket_connect_timeout=3, health_check_interval=30
     )
-
-
-def init_app(app: Flask) -> None:
-    settings: Settings = app.config["X402_SETTINGS"]
-    client = connect(settings)
-    try:
-        client.ping()
-        check_keyspace(client)
-    except redis.RedisError as exc:
-        raise SettingsError("REDIS_URL", f"Redis does not answer at {settings.redis_url}: {exc}") from None
-    app.extensions["x402.ledger"] = Ledger(client)
-
-
-def get_ledger() -> Ledger:
-    ledger: Ledger = current_app.extensions["x402.ledger"]
-    return ledger

@@ -19,7 +19,6 @@ from typing import Any, Protocol
 
 import requests
 from eth_account import Account
-from flask import Flask, current_app
 
 from app.backends.chain import (
     Chain,
@@ -300,23 +299,3 @@ def check_facilitator(settler: FacilitatorSettler, settings: Settings) -> None:
         raise SettingsError(
             "X402_FACILITATOR_URL", f"the facilitator does not settle exact on {settings.network.caip2}"
         )
-
-
-def init_app(app: Flask) -> None:
-    from app.backends.chain import get_chain
-    from app.payments.ledger import get_ledger
-
-    settings: Settings = app.config["X402_SETTINGS"]
-    with app.app_context():
-        settler: Settler
-        if settings.facilitator_url:
-            settler = FacilitatorSettler(settings, get_chain())
-            check_facilitator(settler, settings)
-        else:
-            settler = LocalSettler(settings, get_chain(), get_ledger())
-        app.extensions["x402.settler"] = settler
-
-
-def get_settler() -> Settler:
-    settler: Settler = current_app.extensions["x402.settler"]
-    return settler

@@ -8,33 +8,21 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
-from app.web.accesslog import note
-from app.web.metrics import payment_outcome
+from app.logs import note
+from app.metrics import payment_outcome
+from app.payments.answers import error_answer
+from app.payments.errors import ApiError
 
 log = logging.getLogger("x402.errors")
 
 
-class ApiError(Exception):
-    """Raised anywhere below a view to answer with the JSON error shape."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-
-
 def json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    response = jsonify({"error": {"code": code, "message": message}})
-    response.status_code = status
-    response.headers["Cache-Control"] = "no-store"
-    for name, value in (headers or {}).items():
-        response.headers[name] = value
-    return response
+    """The one JSON error shape (``app.payments.answers.error_answer``) as a Flask response."""
+    answer = error_answer(status, code, message, headers)
+    return Response(answer.body, status=answer.status, headers=answer.headers)
 
 
 def _http_code(exc: HTTPException) -> str:

@@ -17,8 +17,9 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from markupsafe import escape
 
-from app.catalog import Model, get_catalog, quote_for
+from app.catalog import Model, quote_for
 from app.settings import Settings
+from app.web import services
 
 bp = Blueprint("landing", __name__)
 
@@ -252,7 +253,7 @@ def index() -> Response:
     if not _wants_html():
         response = jsonify(INDEX)
     else:
-        page = render(settings, get_catalog().listed(), _base_url(settings))
+        page = render(settings, services().catalog.listed(), _base_url(settings))
         response = Response(page, mimetype="text/html")
         response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Content-Type-Options"] = "nosniff"

@@ -14,12 +14,12 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
-from app.backends.chain import get_chain
-from app.backends.upstream import UpstreamFailed, get_upstream
-from app.payments.ledger import KEYSPACE_VERSION, get_ledger, keyspace_version
-from app.payments.settlement import get_settler
+from app import metrics
+from app.backends.upstream import UpstreamFailed
+from app.payments.ledger import KEYSPACE_VERSION, keyspace_version
 from app.settings import Settings
-from app.web import metrics
+from app.web import services
+from app.web.metrics import exposition
 
 bp = Blueprint("ops", __name__)
 MAX_BLOCK_AGE_SECONDS = 120
@@ -57,21 +57,21 @@ def _check(run: Any) -> dict[str, Any]:
 
 
 def _redis() -> dict[str, Any]:
-    client = get_ledger().redis
+    client = services().ledger.redis
     client.ping()
     version = keyspace_version(client)
     return {"ok": version == KEYSPACE_VERSION, "keyspace": version, "expected": KEYSPACE_VERSION}
 
 
 def _rpc(url: str) -> dict[str, Any]:
-    health = get_chain().endpoint_health(url)
+    health = services().chain.endpoint_health(url)
     if health.get("ok") and health["block_age_s"] > MAX_BLOCK_AGE_SECONDS:
         health["ok"], health["error"] = False, "stale block"
     return health
 
 
 def _asset(settings: Settings) -> dict[str, Any]:
-    paused, blacklisted, balance = get_chain().asset_status(settings.pay_to, get_settler().address)
+    paused, blacklisted, balance = services().chain.asset_status(settings.pay_to, services().settler.address)
     result: dict[str, Any] = {
         "ok": not paused and not blacklisted,
         "paused": paused,
@@ -93,7 +93,7 @@ def _upstream(settings: Settings) -> dict[str, Any]:
         if cached and now - cached[0] < UPSTREAM_CHECK_TTL:
             return cached[1]
     try:
-        answer = get_upstream().probe()
+        answer = services().upstream.probe()
         answer.close()
         result: dict[str, Any] = {"ok": True, "status": answer.status}
     except UpstreamFailed as exc:
@@ -104,7 +104,7 @@ def _upstream(settings: Settings) -> dict[str, Any]:
 
 
 def _open_payments() -> dict[str, Any]:
-    counts = get_ledger().count_open()
+    counts = services().ledger.count_open()
     for state, count in counts.items():
         metrics.OPEN_PAYMENTS.labels(state).set(count)
     return {"ok": True, **counts}
@@ -140,7 +140,7 @@ def readyz() -> Response:
 
 @bp.get("/metrics")
 def metrics_endpoint() -> Response:
-    return metrics.exposition(current_app.config["X402_SETTINGS"].metrics_dir)
+    return exposition(current_app.config["X402_SETTINGS"].metrics_dir)
 
 
 def init_app(app: Flask) -> None:

@@ -1,46 +1,49 @@
 """HTTP routes: the paid OpenAI-compatible endpoints and the free model list.
 
-A paid view runs the gate first; only a ``Paid`` result reaches the upstream. Settlement happens
-before the upstream call, and an upstream failure leaves the payment *redeemable*: the client gets an
-error with ``PAYMENT-RESPONSE`` and can retry the same header without a new charge.
+Thin views: a paid view prices the body (``app.catalog``), checks the host's attestation, and hands
+the call to ``app.payments.serve``, which releases the model's answer only once the payment is
+confirmed; the answer it returns is sent as it is.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 from eth_account import Account
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from app.backends.attestation import MEASUREMENT_HEADER, get_attestor
+from app.backends.attestation import MEASUREMENT_HEADER
 from app.backends.upstream import (
-    BUYER_ERRORS,
     UpstreamAnswer,
-    UpstreamFailed,
     client_gone,
-    get_upstream,
-    host_error_message,
 )
-from app.catalog import Quote, QuoteError, get_catalog
+from app.catalog import Quote, QuoteError
 from app.catalog.policy import ROUTE_FIELDS, ROUTE_INPUT_FIELDS, Rule
-from app.payments.gate import Gate, Paid, PaymentRequired, get_gate
-from app.payments.receipts import RECEIPT_HEADER, STREAM_RECEIPT_PREFIX, Receipt, sha256_hex
-from app.web.accesslog import note
-from app.web.errors import ApiError, json_error
-from app.web.metrics import STREAM_FIRST_BYTE_SECONDS, UPSTREAM_SECONDS, payment_outcome
-from app.x402.challenge import ERROR_DETAIL_HEADER, EXPOSED_HEADERS
+from app.logs import note
+from app.metrics import payment_outcome
+from app.payments.answers import Answer
+from app.payments.errors import ApiError
+from app.payments.gate import PaymentRequired
+from app.payments.receipts import sha256_hex
+from app.payments.serve import PaidCall, serve
+from app.web import services
+from app.x402.challenge import ERROR_DETAIL_HEADER
 from app.x402.codec import MalformedInput, strict_json_loads
 from app.x402.discovery import bazaar_extension
 from app.x402.verdict import PAYMENT_REQUIRED
 from app.x402.wire import V1_HEADER, V2_HEADER
 
 bp = Blueprint("routes", __name__)
+
+
+def sent(answer: Answer) -> Response:
+    """The money path's answer as a Flask response (a stream's chunks are passed on as they come)."""
+    return Response(answer.body, status=answer.status, headers=answer.headers)
+
+
 log = logging.getLogger("x402.routes")
 BODY_JSON_DEPTH = 64
 
@@ -64,78 +67,6 @@ def _request_body() -> object:
         return strict_json_loads(raw, max_depth=BODY_JSON_DEPTH)
     except MalformedInput as exc:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
-
-
-def _unsigned_receipt(paid: Paid) -> Receipt:
-    settings = current_app.config["X402_SETTINGS"]
-    return Receipt(
-        tx=paid.tx_hash,
-        payer=paid.payer,
-        amount=paid.quote.amount,
-        model=paid.quote.model.name,
-        network=settings.network.caip2,
-        request_sha256=getattr(g, "x402_request_sha256", sha256_hex(b"")),
-        response_sha256="",
-        time=int(time.time()),
-    )
-
-
-def _paid_headers(paid: Paid, answer: UpstreamAnswer) -> dict[str, str]:
-    name, value = paid.response_header
-    headers = dict(answer.headers)
-    headers.update(
-        {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Cache-Control": "no-store, private"}
-    )
-    return headers
-
-
-class StreamCut(RuntimeError):
-    """Raised after the error event so the server breaks the transfer: the client must see it."""
-
-
-STREAM_CUT_EVENT = (
-    b'data: {"error": {"code": "upstream_cut", "message": "the model host cut the stream; '
-    b'retry the same payment header to be served again"}}\n\n'
-)
-
-
-def _relay_stream(
-    gate: Gate, paid: Paid, answer: UpstreamAnswer, started: float, receipt: tuple[Receipt, str] | None
-) -> Iterator[bytes]:
-    """Pass chunks through as they come; the payment is served once the stream ends cleanly, and
-    the last line is an SSE comment with the signed receipt over everything that was sent.
-    A stream the host cuts leaves the payment redeemable, and the client sees both an error event
-    and a broken transfer (no clean end that could pass for a complete answer)."""
-    first = True
-    digest = hashlib.sha256()
-    try:
-        for chunk in answer.chunks():
-            if first:
-                STREAM_FIRST_BYTE_SECONDS.observe(time.perf_counter() - started)
-                first = False
-            digest.update(chunk)
-            yield chunk
-    except UpstreamFailed:
-        _record_after_stream(gate.redeemable, paid)
-        yield STREAM_CUT_EVENT
-        raise StreamCut("upstream stream cut") from None
-    except GeneratorExit:
-        _record_after_stream(gate.served, paid)  # the buyer hung up: what was asked for was being delivered
-        raise
-    _record_after_stream(gate.served, paid)
-    if receipt is not None:
-        unsigned, key = receipt
-        final = replace(unsigned, response_sha256=digest.hexdigest()).signed(key)
-        yield STREAM_RECEIPT_PREFIX + final.to_header().encode() + b"\n\n"
-
-
-def _record_after_stream(record: Callable[[Paid], None], paid: Paid) -> None:
-    """Once bytes have gone out nothing can be taken back; a ledger that fails now leaves the
-    payment "settled", which refuses the header (never a second stream)."""
-    try:
-        record(paid)
-    except ApiError:
-        log.error("could not record the end of a paid stream")
 
 
 UpstreamCall = Callable[[], UpstreamAnswer]
@@ -186,11 +117,21 @@ def _discovery(route: str, model: str) -> dict[str, Any]:
 def _paid(
     quote: Quote, call: UpstreamCall, streaming: bool, route: str, render: Render | None = None
 ) -> Response:
-    """Charge for ``quote`` and answer with what ``call`` gets from the model host."""
-    gate = get_gate()
+    """Charge for ``quote`` and answer with what ``call`` gets from the model host (``serve``)."""
+    gate = services().gate
     measured = _attested(quote)
+    paid_call = PaidCall(
+        quote,
+        request.headers,
+        call,
+        streaming,
+        getattr(g, "x402_request_sha256", sha256_hex(b"")),
+        g.x402_started,
+        lambda: not client_gone(request.environ),
+        render,
+    )
     try:
-        response = _serve(gate, quote, call, streaming, render)
+        response = sent(serve(gate, paid_call))
     except PaymentRequired as refusal:
         reason = refusal.verdict.reason
         if reason != PAYMENT_REQUIRED:
@@ -199,7 +140,9 @@ def _paid(
         extra = dict([refusal.settle_response]) if refusal.settle_response else {}
         if refusal.verdict.detail and reason != PAYMENT_REQUIRED:  # the reason in words, for people
             extra[ERROR_DETAIL_HEADER] = refusal.verdict.detail.encode("ascii", "replace").decode()
-        return gate.challenge(quote, _resource_url(), reason, extra, _discovery(route, quote.model.name))
+        return sent(
+            gate.challenge(quote, _resource_url(), reason, extra, _discovery(route, quote.model.name))
+        )
     if measured:
         response.headers[MEASUREMENT_HEADER] = measured
     return response
@@ -210,7 +153,7 @@ def _attested(quote: Quote) -> str:
     payment is taken when the report does not match."""
     if not quote.model.attestation_url:
         return ""
-    check = get_attestor().check(quote.model)
+    check = services().attestor.check(quote.model)
     if not check.ok:
         raise ApiError(
             503, "attestation_mismatch", f"the host of {quote.model.name} failed attestation: {check.reason}"
@@ -219,100 +162,13 @@ def _attested(quote: Quote) -> str:
 
 
 def _paid_call(route: str) -> Response:
-    quote = _quote(lambda: get_catalog().quote(route, _request_body()))
-    upstream = get_upstream()
+    quote = _quote(lambda: services().catalog.quote(route, _request_body()))
+    upstream = services().upstream
     return _paid(
         quote,
         lambda: upstream.forward(route, quote.body, quote.model),
         quote.body.get("stream") is True,
         route,
-    )
-
-
-def _serve(gate: Gate, quote: Quote, call: UpstreamCall, streaming: bool, render: Render | None) -> Response:
-    """Settlement and the model call run side by side (unless ``X402_SETTLE_FIRST``); the answer is
-    released only once the payment is confirmed. A settlement that fails discards the answer."""
-    ticket = gate.begin(quote, request.headers)
-    if gate.settings.settle_first:
-        ticket.result()
-    upstream_started = time.perf_counter()
-    try:
-        answer = call()
-        UPSTREAM_SECONDS.observe(time.perf_counter() - upstream_started)
-        note(upstream_ms=round((time.perf_counter() - upstream_started) * 1000, 1))
-        streaming = streaming and answer.status < 400  # an error answer is read whole, like JSON
-        content = b"" if streaming else answer.read()
-    except UpstreamFailed:
-        paid = ticket.result()  # a failed settlement raises here: 402, nothing charged, nothing served
-        gate.redeemable(paid)
-        return _upstream_failed(paid)
-    try:
-        paid = ticket.result()
-    except BaseException:
-        answer.close()
-        raise
-    headers = _paid_headers(paid, answer)
-    if streaming:
-        try:
-            gate.settled(paid)
-        except ApiError:
-            answer.close()
-            raise
-        headers["X-Accel-Buffering"] = "no"
-        key = current_app.config["X402_SETTINGS"].receipt_key
-        unsigned = _unsigned_receipt(paid)
-        if key:
-            headers[RECEIPT_HEADER] = unsigned.signed(key).to_header()  # payment + request, sent first
-        relay = _relay_stream(gate, paid, answer, g.x402_started, (unsigned, key) if key else None)
-        return Response(relay, status=answer.status, headers=headers)
-    if answer.status >= 400 and render is None:
-        # The host refused the call: the payment can still buy one. Its headers stay here, and its
-        # message only after scrubbing: an error page may quote the operator's key or name hosts.
-        gate.redeemable(paid)
-        return _upstream_refused(paid, answer.status, content)
-    if answer.status < 400 and client_gone(request.environ):
-        gate.redeemable(paid)  # nothing was handed over: the same header, retried, is served
-        note(outcome="client_gone")
-        return Response(status=499)
-    if answer.status < 400:
-        gate.served(paid)
-    else:
-        gate.redeemable(paid)
-    if render is not None:
-        content, headers["Content-Type"] = render(content, answer.status), "application/json"
-    key = current_app.config["X402_SETTINGS"].receipt_key
-    if key:
-        receipt = replace(_unsigned_receipt(paid), response_sha256=sha256_hex(content))
-        headers[RECEIPT_HEADER] = receipt.signed(key).to_header()
-    return Response(content, status=answer.status, headers=headers)
-
-
-def _upstream_refused(paid: Paid, status: int, content: bytes) -> Response:
-    """The host's 4xx, told to the buyer with its scrubbed reason; the payment stays redeemable for
-    any body on the same model priced at most what was paid."""
-    settings = current_app.config["X402_SETTINGS"]
-    model = paid.quote.model
-    secrets = [settings.upstream_api_key, *settings.upstream_keys.values()]
-    hosts = [settings.upstream_url, model.upstream_url]
-    reason = host_error_message(content, secrets, hosts) if status in BUYER_ERRORS else ""
-    name, value = paid.response_header
-    return json_error(
-        status if status in BUYER_ERRORS else 502,
-        "upstream_refused",
-        f"the model host refused the call ({status}{': ' + reason if reason else ''}); your payment "
-        f"is kept: send the same payment header with a body for {model.name} priced at most "
-        f"{paid.value} atomic units",
-        {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS},
-    )
-
-
-def _upstream_failed(paid: Paid) -> Response:
-    name, value = paid.response_header
-    return json_error(
-        502,
-        "upstream_unavailable",
-        "the model host failed after your payment settled; retry the same payment header to be served",
-        {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Retry-After": "1"},
     )
 
 
@@ -339,8 +195,8 @@ def completions() -> Response:
 def ping(name: str) -> Response:
     """A paid liveness probe of one model's host, at the model's floor price: agents can check
     that a TEE model is up before sending it real work (and x402 tools get a GET-able resource)."""
-    quote = _quote(lambda: get_catalog().quote_ping(name))
-    upstream = get_upstream()
+    quote = _quote(lambda: services().catalog.quote_ping(name))
+    upstream = services().upstream
 
     def render(content: bytes, status: int) -> bytes:
         try:
@@ -356,7 +212,7 @@ def ping(name: str) -> Response:
 @bp.get("/v1/attestation/<name>")
 def attestation(name: str) -> Response:
     """What was checked about a model's host, and when (free)."""
-    model = _quote(lambda: get_catalog().quote_ping(name)).model
+    model = _quote(lambda: services().catalog.quote_ping(name)).model
     if not model.attestation_url:
         return jsonify(
             {
@@ -366,7 +222,7 @@ def attestation(name: str) -> Response:
                 "note": "this host publishes no attestation report the proxy can check",
             }
         )
-    check = get_attestor().check(model)
+    check = services().attestor.check(model)
     return jsonify({"attested": True, "tee": model.tee, **check.public()})
 
 
@@ -375,7 +231,7 @@ def well_known() -> Response:
     """Discovery: every paid resource, its price rule, where the money goes, who signs receipts."""
     settings = current_app.config["X402_SETTINGS"]
     base = settings.public_url or request.host_url.rstrip("/")
-    listed = get_catalog().listed()
+    listed = services().catalog.listed()
     resources: list[dict[str, Any]] = [
         {
             "resource": base + path,
@@ -420,7 +276,7 @@ def well_known() -> Response:
 @bp.get("/v1/models")
 def models() -> Response:
     settings = current_app.config["X402_SETTINGS"]
-    entries = [m.public() for m in get_catalog().listed()]
+    entries = [m.public() for m in services().catalog.listed()]
     for entry in entries:
         entry["pricing"].update(asset=settings.asset, network=settings.network.caip2)
     return jsonify({"object": "list", "data": entries})

@@ -10,7 +10,7 @@ import pytest
 from eth_account import Account
 from flask import Flask, jsonify
 
-from app import create_app
+from app import create_checked_app
 from app.devnet.standin import StandinModel
 from app.settings import SettingsError
 from tests.facilitator_server import start_facilitator
@@ -31,7 +31,7 @@ def facilitator(proxy: Proxy) -> Iterator[tuple[str, Flask, str]]:
 
 def proxy_via(proxy: Proxy, facilitator_url: str, **changes: Any) -> Iterator[Proxy]:
     settings = proxy.settings.with_overrides(facilitator_url=facilitator_url, **changes)
-    server = serve(create_app(settings))
+    server = serve(create_checked_app(settings))
     yield Proxy(f"http://127.0.0.1:{server.server_port}", settings, proxy.wallets, proxy.chain, server)
     server.shutdown()
 
@@ -95,7 +95,7 @@ def test_a_facilitator_that_does_not_serve_our_network_is_refused_at_start(proxy
     server = serve(wrong)
     try:
         with pytest.raises(SettingsError) as refused:
-            create_app(
+            create_checked_app(
                 proxy.settings.with_overrides(facilitator_url=f"http://127.0.0.1:{server.server_port}")
             )
         assert refused.value.variable == "X402_FACILITATOR_URL"

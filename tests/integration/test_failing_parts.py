@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from app import create_app
+from app import create_checked_app
 from app.devnet import Service, free_port, start_redis
 from app.devnet.standin import StandinModel
 from tests.rpc_proxy import FaultyRpc
@@ -54,7 +54,7 @@ def own_redis() -> Iterator[RestartableRedis]:
 def fragile(proxy: Proxy, own_redis: RestartableRedis, anvil: Service) -> Iterator[tuple[Proxy, FaultyRpc]]:
     rpc = FaultyRpc(anvil.url)
     settings = proxy.settings.with_overrides(redis_url=own_redis.url, rpc_urls=(rpc.url,))
-    server = serve(create_app(settings))
+    server = serve(create_checked_app(settings))
     yield Proxy(f"http://127.0.0.1:{server.server_port}", settings, proxy.wallets, proxy.chain, server), rpc
     server.shutdown()
     rpc.stop()
@@ -140,7 +140,7 @@ def test_upstream_reset_or_hang_leaves_the_payment_redeemable(
     """The model host drops the connection, or does not answer in X402_UPSTREAM_TIMEOUT: the
     buyer gets 502 with PAYMENT-RESPONSE, and the same header is served later, charged once."""
     quick = proxy.settings.with_overrides(upstream_timeout=1.0)
-    server = serve(create_app(quick))
+    server = serve(create_checked_app(quick))
     slow = Proxy(f"http://127.0.0.1:{server.server_port}", quick, proxy.wallets, proxy.chain, server)
     try:
         payment = slow.payment(slow.requirement())
@@ -165,7 +165,7 @@ def test_hanging_rpc_fails_closed_and_the_header_pays_later(
 ) -> None:
     rpc = FaultyRpc(anvil.url)
     settings = proxy.settings.with_overrides(rpc_urls=(rpc.url,), rpc_timeout=1.0)
-    server = serve(create_app(settings))
+    server = serve(create_checked_app(settings))
     hanging = Proxy(f"http://127.0.0.1:{server.server_port}", settings, proxy.wallets, proxy.chain, server)
     try:
         payment = hanging.payment(hanging.requirement())

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from app import create_app
+from app import create_checked_app
 from app.devnet import Service
 from app.devnet.standin import StandinModel
 from tests.rpc_proxy import FaultyRpc
@@ -37,7 +37,7 @@ def counted(proxy: Proxy, anvil: Service) -> Iterator[tuple[Proxy, FaultyRpc, Co
     rpc = FaultyRpc(anvil.url)
     client = CountingRedis.from_url(proxy.settings.redis_url)
     settings = proxy.settings.with_overrides(rpc_urls=(rpc.url,), redis_client=client)
-    server = serve(create_app(settings))
+    server = serve(create_checked_app(settings))
     yield (
         Proxy(f"http://127.0.0.1:{server.server_port}", settings, proxy.wallets, proxy.chain, server),
         rpc,

@@ -358,7 +358,7 @@ def test_oversized_and_malformed_bodies_are_4xx_json(proxy: Proxy, standin) -> N
 
 
 def test_non_tee_model_is_refused_before_any_402(settings, tmp_path, standin) -> None:
-    from app import create_app
+    from app import create_checked_app
     from tests.support import serve
 
     catalog = tmp_path / "catalog.toml"
@@ -366,7 +366,7 @@ def test_non_tee_model_is_refused_before_any_402(settings, tmp_path, standin) ->
         DEFAULT_CATALOG.read_text()
         + '\n[models."plain-model"]\ntee = false\npricing = "per_call"\nprice = 5000\n'
     )
-    server = serve(create_app(settings.with_overrides(catalog_path=catalog)))
+    server = serve(create_checked_app(settings.with_overrides(catalog_path=catalog)))
     try:
         url = f"http://127.0.0.1:{server.server_port}"
         refused = requests.post(

@@ -22,7 +22,7 @@ import pytest
 import redis
 
 import app.payments.gate
-from app import create_app
+from app import create_checked_app
 from app.backends.chain import transfer_calldata
 from app.devnet import Service
 from app.devnet.standin import Behaviour, StandinModel
@@ -228,7 +228,7 @@ def faulty(anvil: Service) -> Iterator[FaultyRpc]:
 @pytest.fixture
 def via_faulty(proxy: Proxy, faulty: FaultyRpc) -> Iterator[Proxy]:
     settings = proxy.settings.with_overrides(rpc_urls=(faulty.url,), receipt_timeout=2.0)
-    server = serve(create_app(settings))
+    server = serve(create_checked_app(settings))
     yield Proxy(f"http://127.0.0.1:{server.server_port}", settings, proxy.wallets, proxy.chain, server)
     server.shutdown()
 

@@ -11,7 +11,7 @@ import pytest
 import redis
 import requests
 
-from app import create_app
+from app import create_checked_app
 from app.devnet import Service, free_port, start_anvil
 from app.devnet.standin import StandinModel
 from app.payments.ledger import Ledger, payment_key
@@ -32,7 +32,7 @@ def faulty(anvil: Service) -> Iterator[FaultyRpc]:
 
 def proxy_with(proxy: Proxy, **changes: object) -> Iterator[Proxy]:
     settings = proxy.settings.with_overrides(**changes)
-    server = serve(create_app(settings))
+    server = serve(create_checked_app(settings))
     yield Proxy(f"http://127.0.0.1:{server.server_port}", settings, proxy.wallets, proxy.chain, server)
     server.shutdown()
 
@@ -220,8 +220,8 @@ def test_rpc_failover_skips_dead_wrong_chain_and_lagging_endpoints(
             assert response.status_code == 200, response.text
     faulty.stale_block = None
     settings: Settings = proxy.settings.with_overrides(rpc_urls=(proxy.settings.rpc_urls[0],))
-    app = create_app(settings)
-    app.extensions["x402.chain"].rpc.urls = (other_chain.url, settings.rpc_urls[0])  # switched chain later
+    app = create_checked_app(settings)
+    app.extensions["x402"].chain.rpc.urls = (other_chain.url, settings.rpc_urls[0])  # switched chain later
     server = serve(app)
     try:
         switched = Proxy(

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from app import create_app
+from app import create_app, create_checked_app
 from app.devnet import Service, free_port, start_anvil
 from app.payments.ledger import KEYSPACE_KEY, KEYSPACE_VERSION
 from app.settings import Settings, SettingsError
@@ -24,12 +24,12 @@ def wrong_chain() -> Iterator[Service]:
 
 def refusal(settings: Settings) -> SettingsError:
     with pytest.raises(SettingsError) as caught:
-        create_app(settings)
+        create_checked_app(settings)
     return caught.value
 
 
 def test_a_correct_setup_starts(settings: Settings) -> None:
-    assert create_app(settings).config["X402_SETTINGS"] is settings
+    assert create_checked_app(settings).config["X402_SETTINGS"] is settings
 
 
 def test_rpc_on_another_chain_is_refused(settings: Settings, wrong_chain: Service) -> None:

@@ -12,7 +12,7 @@ import pytest
 import requests
 from flask import Flask, jsonify
 
-from app import create_app
+from app import create_checked_app
 from app.devnet.standin import StandinModel
 from app.settings import DEFAULT_CATALOG, Settings, SettingsError
 from tests.support import Proxy, serve, settle_response
@@ -49,7 +49,7 @@ def attested_catalog(tmp_path: Path, report_url: str) -> Path:
 
 
 def proxy_on(proxy: Proxy, settings: Settings) -> Proxy:
-    server = serve(create_app(settings))
+    server = serve(create_checked_app(settings))
     return Proxy(f"http://127.0.0.1:{server.server_port}", settings, proxy.wallets, proxy.chain, server)
 
 
@@ -106,7 +106,7 @@ def test_direct_tee_host_gets_its_own_key_and_the_shared_host_nothing(
             DEFAULT_CATALOG.read_text() + f'upstream_url = "{direct.url}"\nupstream_key = "HERMES_CRN"\n'
         )
         with pytest.raises(SettingsError) as missing:
-            create_app(proxy.settings.with_overrides(catalog_path=catalog))
+            create_checked_app(proxy.settings.with_overrides(catalog_path=catalog))
         assert missing.value.variable == "X402_UPSTREAM_API_KEY_HERMES_CRN"
         settings = Settings.from_env(
             env={"X402_UPSTREAM_API_KEY_HERMES_CRN": "crn-key"},

@@ -25,7 +25,7 @@ import redis
 import requests
 from requests.adapters import HTTPAdapter
 
-from app import create_app
+from app import create_checked_app
 from app.devnet import DevChain, Wallets
 from app.devnet.standin import StandinModel
 from app.settings import Settings
@@ -77,7 +77,7 @@ def secrets(settings: Settings) -> Secrets:
 
 
 def start(settings: Settings, wallets: Wallets, chain: DevChain) -> Proxy:
-    server = serve(create_app(settings))
+    server = serve(create_checked_app(settings))
     return Proxy(f"http://127.0.0.1:{server.server_port}", settings, wallets, chain, server)
 
 

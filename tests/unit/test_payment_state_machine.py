@@ -23,11 +23,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from app.backends.chain import AUTHORIZATION_USED_TOPIC, TRANSFER_TOPIC, Preflight
 from app.catalog import Catalog, load_catalog
+from app.payments.errors import ApiError
 from app.payments.gate import Gate, PaymentRequired
 from app.payments.ledger import Ledger, payment_key
 from app.payments.settlement import FAILED, PENDING, SETTLED, Settlement
 from app.settings import DEFAULT_CATALOG, Settings
-from app.web.errors import ApiError
 from app.x402.codec import encode_header
 from app.x402.payer import sign_payment
 from app.x402.verdict import ACCEPTED

@@ -1,0 +1,46 @@
+"""Prometheus metrics of the proxy, defined without Flask so the money path can count what it does;
+``app.web.metrics`` serves them. Correct under gunicorn with several workers (prometheus-client's
+multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set, as gunicorn.conf.py does).
+
+Labels never carry request content: routes are URL rules, models come from the catalog, reasons
+are the stable reason codes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("x402_requests_total", "HTTP requests by route and status", ["route", "status"])
+CHALLENGES = Counter("x402_challenges_total", "402 answers by reason code", ["reason"])
+PAYMENTS = Counter("x402_payments_total", "payments by outcome and reason code", ["outcome", "reason"])
+REVENUE = Counter("x402_revenue_atomic_total", "settled revenue in atomic units of the asset", ["model"])
+SETTLEMENT_SECONDS = Histogram(
+    "x402_settlement_seconds",
+    "time from send to confirmed receipt",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+UPSTREAM_SECONDS = Histogram(
+    "x402_upstream_seconds",
+    "time to the model host's answer (headers)",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+)
+STREAM_FIRST_BYTE_SECONDS = Histogram(
+    "x402_stream_first_byte_seconds",
+    "time from request to the first streamed byte",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RELAYER_BALANCE = Gauge(
+    "x402_relayer_balance_wei",
+    "relayer ETH balance (at the last readiness check)",
+    multiprocess_mode="mostrecent",
+)
+OPEN_PAYMENTS = Gauge(
+    "x402_open_payments",
+    "payments pending or redeemable (at the last readiness check)",
+    ["state"],
+    multiprocess_mode="mostrecent",
+)
+
+
+def payment_outcome(outcome: str, reason: str = "") -> None:
+    PAYMENTS.labels(outcome, reason).inc()

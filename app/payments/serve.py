@@ -1,0 +1,218 @@
+"""Serve one paid call: the rule "no byte before settlement" in one place, without Flask.
+
+``serve`` verifies and claims the payment (``Gate.begin``), calls the model host beside the
+settlement (unless ``X402_SETTLE_FIRST``), and releases the host's answer only once the settlement
+is confirmed; it records what became of the payment (served, redeemable) and returns an ``Answer``
+that the web layer sends as it is. A settlement that fails discards the answer (``PaymentRequired``,
+402); an upstream failure after settlement leaves the payment redeemable (502 with
+``PAYMENT-RESPONSE``). See ``docs/flow.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+
+from app.backends.upstream import BUYER_ERRORS, UpstreamAnswer, UpstreamFailed, host_error_message
+from app.catalog import Quote
+from app.logs import note
+from app.metrics import STREAM_FIRST_BYTE_SECONDS, UPSTREAM_SECONDS
+from app.payments.answers import Answer, error_answer
+from app.payments.errors import ApiError
+from app.payments.gate import Gate, Paid
+from app.payments.receipts import RECEIPT_HEADER, STREAM_RECEIPT_PREFIX, Receipt, sha256_hex
+from app.x402.challenge import EXPOSED_HEADERS
+
+log = logging.getLogger("x402.serve")
+
+STREAM_CUT_EVENT = (
+    b'data: {"error": {"code": "upstream_cut", "message": "the model host cut the stream; '
+    b'retry the same payment header to be served again"}}\n\n'
+)
+CLIENT_CLOSED = 499  # the buyer hung up before the answer was handed over (nobody reads this status)
+
+
+class StreamCut(RuntimeError):
+    """Raised after the error event so the server breaks the transfer: the client must see it."""
+
+
+@dataclass(frozen=True)
+class PaidCall:
+    """One paid request as the web layer hands it over.
+
+    ``headers``: the request's headers (the payment header among them); ``call``: the model host
+    call; ``streaming``: the body asked for a stream; ``request_sha256``: hex SHA-256 of the body
+    (what a receipt binds); ``started``: ``time.perf_counter()`` at the request's start;
+    ``still_there``: False once the buyer has hung up; ``render``: turns the host's body and status
+    into the answer's body (the paid ping), None to pass the body through.
+    """
+
+    quote: Quote
+    headers: Mapping[str, str]
+    call: Callable[[], UpstreamAnswer]
+    streaming: bool
+    request_sha256: str
+    started: float
+    still_there: Callable[[], bool]
+    render: Callable[[bytes, int], bytes] | None = None
+
+
+def serve(gate: Gate, call: PaidCall) -> Answer:
+    """Charge for ``call.quote`` and answer with what the model host gives. Raises
+    ``PaymentRequired`` (answer the 402) or ``ApiError`` (503 and friends)."""
+    ticket = gate.begin(call.quote, call.headers)
+    if gate.settings.settle_first:
+        ticket.result()
+    upstream_started = time.perf_counter()
+    try:
+        answer = call.call()
+        UPSTREAM_SECONDS.observe(time.perf_counter() - upstream_started)
+        note(upstream_ms=round((time.perf_counter() - upstream_started) * 1000, 1))
+        streaming = call.streaming and answer.status < 400  # an error answer is read whole, like JSON
+        content = b"" if streaming else answer.read()
+    except UpstreamFailed:
+        paid = ticket.result()  # a failed settlement raises here: 402, nothing charged, nothing served
+        gate.redeemable(paid)
+        return _upstream_failed(paid)
+    try:
+        paid = ticket.result()
+    except BaseException:
+        answer.close()
+        raise
+    if streaming:
+        return _stream(gate, call, paid, answer)
+    return _whole(gate, call, paid, answer, content)
+
+
+def _whole(gate: Gate, call: PaidCall, paid: Paid, answer: UpstreamAnswer, content: bytes) -> Answer:
+    """A non-streamed answer: recorded served (or redeemable) before it is handed over."""
+    if answer.status >= 400 and call.render is None:
+        # The host refused the call: the payment can still buy one. Its headers stay here, and its
+        # message only after scrubbing: an error page may quote the operator's key or name hosts.
+        gate.redeemable(paid)
+        return _upstream_refused(gate, paid, answer.status, content)
+    if answer.status < 400 and not call.still_there():
+        gate.redeemable(paid)  # nothing was handed over: the same header, retried, is served
+        note(outcome="client_gone")
+        return Answer(CLIENT_CLOSED, {}, b"")
+    if answer.status < 400:
+        gate.served(paid)
+    else:
+        gate.redeemable(paid)
+    headers = _paid_headers(paid, answer)
+    if call.render is not None:
+        content, headers["Content-Type"] = call.render(content, answer.status), "application/json"
+    key = gate.settings.receipt_key
+    if key:
+        receipt = replace(_unsigned_receipt(gate, call, paid), response_sha256=sha256_hex(content))
+        headers[RECEIPT_HEADER] = receipt.signed(key).to_header()
+    return Answer(answer.status, headers, content)
+
+
+def _stream(gate: Gate, call: PaidCall, paid: Paid, answer: UpstreamAnswer) -> Answer:
+    """A stream: the payment is recorded settled, then chunks pass through as they come."""
+    try:
+        gate.settled(paid)
+    except ApiError:
+        answer.close()
+        raise
+    headers = _paid_headers(paid, answer)
+    headers["X-Accel-Buffering"] = "no"
+    key = gate.settings.receipt_key
+    unsigned = _unsigned_receipt(gate, call, paid)
+    if key:
+        headers[RECEIPT_HEADER] = unsigned.signed(key).to_header()  # payment + request, sent first
+    relay = _relay_stream(gate, paid, answer, call.started, (unsigned, key) if key else None)
+    return Answer(answer.status, headers, relay)
+
+
+def _relay_stream(
+    gate: Gate, paid: Paid, answer: UpstreamAnswer, started: float, receipt: tuple[Receipt, str] | None
+) -> Iterator[bytes]:
+    """Pass chunks through as they come; the payment is served once the stream ends cleanly, and
+    the last line is an SSE comment with the signed receipt over everything that was sent.
+    A stream the host cuts leaves the payment redeemable, and the client sees both an error event
+    and a broken transfer (no clean end that could pass for a complete answer)."""
+    first = True
+    digest = hashlib.sha256()
+    try:
+        for chunk in answer.chunks():
+            if first:
+                STREAM_FIRST_BYTE_SECONDS.observe(time.perf_counter() - started)
+                first = False
+            digest.update(chunk)
+            yield chunk
+    except UpstreamFailed:
+        _record_after_stream(gate.redeemable, paid)
+        yield STREAM_CUT_EVENT
+        raise StreamCut("upstream stream cut") from None
+    except GeneratorExit:
+        _record_after_stream(gate.served, paid)  # the buyer hung up: what was asked for was being delivered
+        raise
+    _record_after_stream(gate.served, paid)
+    if receipt is not None:
+        unsigned, key = receipt
+        final = replace(unsigned, response_sha256=digest.hexdigest()).signed(key)
+        yield STREAM_RECEIPT_PREFIX + final.to_header().encode() + b"\n\n"
+
+
+def _record_after_stream(record: Callable[[Paid], None], paid: Paid) -> None:
+    """Once bytes have gone out nothing can be taken back; a ledger that fails now leaves the
+    payment "settled", which becomes redeemable once stale (``ledger.STALE_SETTLED``)."""
+    try:
+        record(paid)
+    except ApiError:
+        log.error("could not record the end of a paid stream")
+
+
+def _unsigned_receipt(gate: Gate, call: PaidCall, paid: Paid) -> Receipt:
+    return Receipt(
+        tx=paid.tx_hash,
+        payer=paid.payer,
+        amount=paid.quote.amount,
+        model=paid.quote.model.name,
+        network=gate.settings.network.caip2,
+        request_sha256=call.request_sha256,
+        response_sha256="",
+        time=int(time.time()),
+    )
+
+
+def _paid_headers(paid: Paid, answer: UpstreamAnswer) -> dict[str, str]:
+    name, value = paid.response_header
+    headers = dict(answer.headers)
+    headers.update(
+        {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Cache-Control": "no-store, private"}
+    )
+    return headers
+
+
+def _upstream_refused(gate: Gate, paid: Paid, status: int, content: bytes) -> Answer:
+    """The host's 4xx, told to the buyer with its scrubbed reason; the payment stays redeemable for
+    any body on the same model priced at most what was paid."""
+    settings, model = gate.settings, paid.quote.model
+    secrets = [settings.upstream_api_key, *settings.upstream_keys.values()]
+    hosts = [settings.upstream_url, model.upstream_url]
+    reason = host_error_message(content, secrets, hosts) if status in BUYER_ERRORS else ""
+    name, value = paid.response_header
+    return error_answer(
+        status if status in BUYER_ERRORS else 502,
+        "upstream_refused",
+        f"the model host refused the call ({status}{': ' + reason if reason else ''}); your payment "
+        f"is kept: send the same payment header with a body for {model.name} priced at most "
+        f"{paid.value} atomic units",
+        {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS},
+    )
+
+
+def _upstream_failed(paid: Paid) -> Answer:
+    name, value = paid.response_header
+    return error_answer(
+        502,
+        "upstream_unavailable",
+        "the model host failed after your payment settled; retry the same payment header to be served",
+        {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Retry-After": "1"},
+    )

@@ -1,0 +1,62 @@
+"""Every service of one proxy, built from its settings without network I/O, and the start-up checks
+that do the network I/O (run by the entry points: gunicorn's app, the CLI, the devnet).
+
+``build`` reads the catalog file and creates clients; nothing connects until a request (or
+``check``) needs it, so ``create_app`` can be tested with fakes at this boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from app.backends.attestation import Attestor
+from app.backends.chain import Chain, check_startup
+from app.backends.upstream import Upstream
+from app.catalog import Catalog, catalog_models
+from app.payments.gate import Gate
+from app.payments.ledger import Ledger, check_keyspace, connect
+from app.payments.settlement import FacilitatorSettler, LocalSettler, Settler, check_facilitator
+from app.settings import Settings, SettingsError
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    catalog: Catalog
+    ledger: Ledger
+    chain: Chain
+    settler: Settler
+    upstream: Upstream
+    attestor: Attestor
+    gate: Gate
+
+
+def build(settings: Settings) -> Services:
+    """The services for ``settings``; raises ``SettingsError`` for a catalog that cannot be used."""
+    catalog = Catalog(catalog_models(settings), settings.tee_only)
+    ledger = Ledger(connect(settings))
+    chain = Chain(settings)
+    settler: Settler = (
+        FacilitatorSettler(settings, chain)
+        if settings.facilitator_url
+        else LocalSettler(settings, chain, ledger)
+    )
+    gate = Gate(settings, catalog, ledger, chain, settler)
+    return Services(settings, catalog, ledger, chain, settler, Upstream(settings), Attestor(), gate)
+
+
+def check(services: Services) -> None:
+    """Refuse to serve on a wrong set-up (``SettingsError`` naming the variable to fix): Redis answers
+    and its keyspace is current; each RPC is on the right chain and the token's EIP-712 domain is
+    the one configured; a facilitator settles ``exact`` on our network."""
+    settings = services.settings
+    try:
+        services.ledger.redis.ping()
+        check_keyspace(services.ledger.redis)
+    except redis.RedisError as exc:
+        raise SettingsError("REDIS_URL", f"Redis does not answer at {settings.redis_url}: {exc}") from None
+    check_startup(services.chain, settings)
+    if isinstance(services.settler, FacilitatorSettler):
+        check_facilitator(services.settler, settings)
