@@ -2,7 +2,8 @@
 settler replaced by models whose outcomes hypothesis chooses: settled, reverted, pending (and the
 receipt landing later), upstream failures, and retries of the same headers in any order.
 
-Invariants: an answer is delivered only for a settled payment and at most once per payment; an
+Each request runs the real ``app.payments.serve.serve`` with a stand-in model call. Invariants: an
+answer is delivered only for a settled payment and at most once per payment; an
 authorization is broadcast again only after its last broadcast reverted (a reverted EIP-3009
 transfer leaves the authorization unused, so the same header may be settled anew), and lands at
 most once; after every request no payment is left between states
@@ -21,84 +22,19 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from app.backends.chain import AUTHORIZATION_USED_TOPIC, TRANSFER_TOPIC, Preflight
 from app.catalog import Catalog, load_catalog
 from app.payments.errors import ApiError
 from app.payments.gate import Gate, PaymentRequired
 from app.payments.ledger import Ledger, payment_key
-from app.payments.settlement import FAILED, PENDING, SETTLED, Settlement
+from app.payments.serve import PaidCall, serve
+from app.payments.settlement import FAILED, PENDING, SETTLED
 from app.settings import DEFAULT_CATALOG, Settings
 from app.x402.codec import encode_header
 from app.x402.payer import sign_payment
-from app.x402.verdict import ACCEPTED
-from app.x402.wire import Authorization
+from tests.fakes import ModelChain, ModelSettler, host_answer
 
 BODY: dict[str, Any] = {"model": "hermes-3-8b-tee", "messages": [{"role": "user", "content": "hi"}]}
 PAYMENTS = 4
-
-
-def receipt_for(asset: str, auth: Authorization) -> dict[str, Any]:
-    def word(address: str) -> str:
-        return "0x" + bytes(12).hex() + address[2:]
-
-    transfer = {
-        "address": asset,
-        "topics": ["0x" + TRANSFER_TOPIC.hex(), word(auth.from_), word(auth.to)],
-        "data": "0x" + auth.value.to_bytes(32, "big").hex(),
-    }
-    used = {
-        "address": asset,
-        "topics": ["0x" + AUTHORIZATION_USED_TOPIC.hex(), word(auth.from_), "0x" + auth.nonce.hex()],
-        "data": "0x",
-    }
-    return {"status": "0x1", "logs": [used, transfer]}
-
-
-class ModelChain:
-    """The chain as the gate sees it: preflight passes; receipts exist once a tx has landed."""
-
-    def __init__(self, asset: str) -> None:
-        self.asset = asset
-        self.landed: dict[str, Authorization] = {}
-
-    def preflight(self, auth: Authorization, signature: bytes, ecdsa_signer: bool, relayer: str) -> Preflight:
-        return Preflight(ACCEPTED, calldata=b"", gas_estimate=60_000, relayer_nonce=0, gas_price=1)
-
-    def find_settlement(self, auth: Authorization) -> str | None:
-        return None
-
-    def receipt(self, tx_hash: str) -> dict[str, Any] | None:
-        auth = self.landed.get(tx_hash)
-        return None if auth is None else receipt_for(self.asset, auth)
-
-
-class ModelSettler:
-    """Records every broadcast; the next outcome is chosen by the test."""
-
-    address = "0x" + "11" * 20
-
-    def __init__(self, chain: ModelChain) -> None:
-        self.chain = chain
-        self.next_outcome = SETTLED
-        self.broadcasts: Counter[bytes] = Counter()
-        self.reverted: Counter[bytes] = Counter()
-        self.sent: dict[str, Authorization] = {}
-
-    def settle(
-        self, payment: Any, requirement: Any, preflight: Preflight, start: Any, replaced: Any
-    ) -> Settlement:
-        auth = payment.authorization
-        start((8453, self.address, 0))
-        tx_hash = "0x" + os.urandom(32).hex()
-        self.broadcasts[auth.nonce] += 1
-        self.sent[tx_hash] = auth
-        if self.next_outcome == SETTLED:
-            self.chain.landed[tx_hash] = auth
-        if self.next_outcome == FAILED:
-            self.reverted[auth.nonce] += 1
-        return Settlement(
-            self.next_outcome, tx_hash, "" if self.next_outcome == SETTLED else "transaction_failed"
-        )
 
 
 class GateMachine(RuleBasedStateMachine):
@@ -121,6 +57,7 @@ class GateMachine(RuleBasedStateMachine):
             sign_payment(requirement, 2, payer_key, now, os.urandom(32)) for _ in range(PAYMENTS)
         ]
         self.deliveries: Counter[bytes] = Counter()
+        self.presented: set[int] = set()
 
     def key(self, index: int) -> str:
         auth = self.payments[index].authorization
@@ -132,23 +69,28 @@ class GateMachine(RuleBasedStateMachine):
         upstream_ok=st.booleans(),
     )
     def request(self, index: int, outcome: str, upstream_ok: bool) -> None:
-        """One paid request, handled as the route handles it (the model call beside the settlement)."""
+        """One paid request through the real ``serve`` (the model call beside the settlement)."""
         payment = self.payments[index]
+        fresh = index not in self.presented
+        self.presented.add(index)
         self.settler.next_outcome = outcome
         headers = {"PAYMENT-SIGNATURE": encode_header(payment.to_wire())}
+        call = PaidCall(
+            self.quote, headers, lambda: host_answer(upstream_ok), False, "00" * 32, 0.0, lambda: True
+        )
         try:
-            ticket = self.gate.begin(self.quote, headers)
-            paid = ticket.result()
+            answer = serve(self.gate, call)
         except PaymentRequired:
+            assert not (fresh and outcome == SETTLED), "a fresh, funded payment was refused"
             return
         except ApiError as refusal:
             assert refusal.code in {"settlement_pending", "payment_in_progress"}, refusal.code
             return
-        if upstream_ok:
+        if answer.status == 200:
             self.deliveries[payment.authorization.nonce] += 1
-            self.gate.served(paid)
-        else:
-            self.gate.redeemable(paid)
+        assert answer.status == (200 if upstream_ok else 502)
+        if fresh and outcome == SETTLED and upstream_ok:
+            assert self.deliveries[payment.authorization.nonce] == 1, "a fresh, funded payment was not served"
 
     @rule(index=st.integers(0, PAYMENTS - 1))
     def receipt_lands(self, index: int) -> None:
