@@ -22,12 +22,13 @@ from decimal import Decimal
 from app.backends.chain import Chain, ChainUnavailable, RpcFailure, transfer_logged
 from app.backends.upstream import abandoned_after
 from app.payments.ledger import LEDGER_STREAM, STALE_SETTLED, Ledger, text_of
+from app.payments.states import OPEN, State
 from app.settings import Settings
 from app.x402.wire import Authorization
 
-MONEY_MOVED = ("settled", "served", "redeemable")
-CHECKED = (*MONEY_MOVED, "pending", "settling", "failed")
-DONE = ("served", "redeemable")
+MONEY_MOVED = (State.SETTLED, State.SERVED, State.REDEEMABLE)
+CHECKED = (*MONEY_MOVED, *OPEN)
+DONE = (State.SERVED, State.REDEEMABLE)
 DURATION_RE = re.compile(r"([0-9]+)([smhd])")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 KEY_RE = re.compile(r"^x402:\{auth:([0-9]+):(0x[0-9a-f]{40}):(0x[0-9a-f]{40}):0x([0-9a-f]{64})\}$")
@@ -88,7 +89,7 @@ def reconcile(ledger: Ledger, chain: Chain, settings: Settings, since_seconds: i
             findings.append(Finding(key, state, tx, "malformed payment record"))
             continue
         age = time.time() - float(record.get("updated") or 0)
-        if state == "settling" and age <= abandoned_after(settings):
+        if state == State.SETTLING and age <= abandoned_after(settings):
             findings.append(Finding(key, state, tx, "", open=f"in flight for {age:.0f} s"))
             continue
         try:
@@ -112,16 +113,16 @@ def _checked(
             return [Finding(key, state, by, "", resolved=to)]
         return []  # it moved meanwhile: the proxy got there first
 
-    if state in ("pending", "settling", "failed"):
+    if state in OPEN:
         if settled_by is not None:
-            return resolve("settled" if state == "pending" else "redeemable", settled_by)
-        if state != "failed" and mined:
-            return resolve("failed", tx)
-        if state == "failed":
+            return resolve(State.SETTLED if state == State.PENDING else State.REDEEMABLE, settled_by)
+        if state != State.FAILED and mined:
+            return resolve(State.FAILED, tx)
+        if state == State.FAILED:
             return []  # reverted, nothing moved: the authorization may still settle until validBefore
         return [Finding(key, state, tx, "", open="no transaction on chain yet")]
-    if state == "settled" and age > STALE_SETTLED and settled_by is not None:
-        return resolve("redeemable", settled_by)
+    if state == State.SETTLED and age > STALE_SETTLED and settled_by is not None:
+        return resolve(State.REDEEMABLE, settled_by)
     if settled_by is None:
         problem = (
             "no transaction recorded" if not tx else "no matching Transfer on chain for the recorded amount"
@@ -152,7 +153,7 @@ def revenue(ledger: Ledger, since_seconds: int, by: str) -> dict[str, int]:
     totals: dict[str, int] = defaultdict(int)
     for entry_id, fields in ledger.redis.xrange(LEDGER_STREAM, min=start, max="+"):
         entry = {text_of(k): text_of(v) for k, v in fields.items()}
-        if entry.get("event") != "settled" or not entry.get("amount", "").isdigit():
+        if entry.get("event") != State.SETTLED or not entry.get("amount", "").isdigit():
             continue
         if by == "day":
             group = time.strftime("%Y-%m-%d", time.gmtime(int(text_of(entry_id).split("-")[0]) / 1000))

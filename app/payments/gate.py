@@ -35,6 +35,7 @@ from app.payments.answers import Answer
 from app.payments.errors import ApiError
 from app.payments.ledger import NEW, REDEEM, RESUME, Claim, Ledger, payment_key
 from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED, Settler
+from app.payments.states import State
 from app.settings import Settings
 from app.x402.challenge import Resource, build_challenge
 from app.x402.checks import check_authorization, match_requirement
@@ -289,10 +290,10 @@ class Gate:
             raise ApiError(
                 503, "rpc_unavailable", "no RPC endpoint answers; nothing was charged", {"Retry-After": "5"}
             ) from exc
-        if used_by is not None and self.ledger.transition(key, ("claimed",), "settled", tx=used_by):
+        if used_by is not None and self.ledger.transition(key, (State.CLAIMED,), State.SETTLED, tx=used_by):
             return None
         if not preflight.verdict:
-            self.ledger.transition(key, ("claimed",), "released")
+            self.ledger.transition(key, (State.CLAIMED,), State.RELEASED)
             if preflight.verdict.reason in UNPAYABLE:
                 raise ApiError(503, preflight.verdict.reason, preflight.verdict.detail, {"Retry-After": "60"})
             raise PaymentRequired(preflight.verdict)
@@ -321,7 +322,7 @@ class Gate:
             return nonce
 
         def replaced(tx_hash: str) -> None:
-            self.ledger.transition(key, ("settling",), "settling", tx=tx_hash)
+            self.ledger.transition(key, (State.SETTLING,), State.SETTLING, tx=tx_hash)
 
         started = time.perf_counter()
         try:
@@ -346,25 +347,25 @@ class Gate:
             self._confirmed(quote)
             return Paid(quote, key, payer, tx, self.settle_header(version, True, tx, payer))
         if settlement.outcome == FAILED:
-            self.ledger.transition(key, ("settling",), "failed", tx=tx)
+            self.ledger.transition(key, (State.SETTLING,), State.FAILED, tx=tx)
             raise PaymentRequired(
                 reject(settlement.reason, REVERTED),
                 self.settle_header(version, False, tx, payer, settlement.reason),
             )
         if settlement.outcome == NOT_SENT:
-            self.ledger.transition(key, ("settling",), "released", tx="")
+            self.ledger.transition(key, (State.SETTLING,), State.RELEASED, tx="")
             raise ApiError(503, "unexpected_settle_error", settlement.reason)
         assert settlement.outcome == PENDING
-        self.ledger.transition(key, ("settling",), "pending", tx=tx)
+        self.ledger.transition(key, (State.SETTLING,), State.PENDING, tx=tx)
         raise self._pending_error(version, tx, payer)
 
     def _forget_or_keep(self, key: str, sent: bool) -> None:
         """Before a transaction was signed, the claim can go; after, it must stay (pending)."""
         try:
             if sent:
-                self.ledger.transition(key, ("settling",), "pending")
+                self.ledger.transition(key, (State.SETTLING,), State.PENDING)
             else:
-                self.ledger.transition(key, ("claimed",), "released")
+                self.ledger.transition(key, (State.CLAIMED,), State.RELEASED)
         except Exception:
             log.error("could not record the payment state after a settlement error")
 
@@ -374,15 +375,15 @@ class Gate:
         """Someone holds this authorization. One whose outcome is open — pending, or settling for
         longer than any request can take (its worker died) — is resolved from the chain once."""
         payer, auth, tx = payment.authorization.from_, payment.authorization, claim.tx
-        abandoned = claim.state == "settling" and time.time() - claim.updated > self._settling_limit
-        if claim.state in ("claimed", "settling") and not abandoned:
+        abandoned = claim.state == State.SETTLING and time.time() - claim.updated > self._settling_limit
+        if claim.state in (State.CLAIMED, State.SETTLING) and not abandoned:
             raise ApiError(
                 503,
                 PAYMENT_IN_PROGRESS,
                 "this payment is being settled by another request; retry the same header shortly",
                 {"Retry-After": RETRY_AFTER_PENDING},
             )
-        if claim.state != "pending" and not abandoned:
+        if claim.state != State.PENDING and not abandoned:
             raise PaymentRequired(
                 reject(NONCE_USED, f"this authorization was already presented ({claim.state})")
             )
@@ -399,13 +400,13 @@ class Gate:
         except (ChainUnavailable, RpcFailure):
             raise self._pending_error(version, tx, payer) from None
         if settled_by is not None:
-            if self.ledger.transition(key, (claim.state,), "settled", tx=settled_by):
+            if self.ledger.transition(key, (claim.state,), State.SETTLED, tx=settled_by):
                 self._confirmed(quote)
                 return Paid(
                     quote, key, payer, settled_by, self.settle_header(version, True, settled_by, payer)
                 )
         elif receipt is not None:
-            self.ledger.transition(key, (claim.state,), "failed")
+            self.ledger.transition(key, (claim.state,), State.FAILED)
             raise PaymentRequired(reject(TRANSACTION_FAILED, REVERTED))
         raise self._pending_error(version, tx, payer)
 
@@ -428,7 +429,7 @@ class Gate:
         trip). Content is released only after this succeeds: if Redis is down the client gets 503
         with ``PAYMENT-RESPONSE`` and the retried header is resolved from the chain later."""
         try:
-            self.ledger.transition(paid.key, ("settling", "settled"), to_state, tx=paid.tx_hash)
+            self.ledger.transition(paid.key, (State.SETTLING, State.SETTLED), to_state, tx=paid.tx_hash)
         except Exception as exc:
             name, value = paid.response_header
             raise ApiError(
@@ -442,14 +443,14 @@ class Gate:
 
     def settled(self, paid: Paid) -> None:
         """Before a stream starts: the payment is confirmed, the answer is on its way."""
-        self._record(paid, "settled")
+        self._record(paid, State.SETTLED)
 
     def served(self, paid: Paid) -> None:
-        self._record(paid, "served")
+        self._record(paid, State.SERVED)
 
     def redeemable(self, paid: Paid) -> None:
         """The upstream failed after settlement: the same header, retried, is served without a new charge."""
-        self._record(paid, "redeemable")
+        self._record(paid, State.REDEEMABLE)
 
 
 def _payment_header(headers: Mapping[str, str]) -> tuple[str | None, int]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 
+from app.payments.states import allowed as transition_allowed
 from app.settings import Settings, SettingsError
 
 KEYSPACE_VERSION = 1
@@ -31,7 +32,6 @@ CLAIM_TIMEOUT = 30  # seconds a payment may stay "claimed" (verification takes m
 RELEASED_GRACE = 60  # seconds a released payment outlives its authorization
 STALE_SETTLED = 900  # seconds: a payment "settled" this long lost its request mid-answer (redeemable)
 NEW, RESUME, REDEEM = "new", "resume", "redeem"  # claim modes (see _CLAIM)
-TERMINAL_EVENTS = frozenset({"settled", "served", "redeemable", "failed"})
 
 # KEYS[1] payment hash. ARGV: 1 ttl, 2 now, 3 payer, 4 amount paid, 5 model, 6 network, 7 claim
 # timeout, 8 mode, 9 price of this call, 10 stale-settled age, 11 validBefore.
@@ -199,6 +199,9 @@ class Ledger:
     def transition(self, key: str, allowed: tuple[str, ...], to_state: str, **fields: str) -> bool:
         """Move the payment from one of ``allowed`` to ``to_state`` and append its ledger events,
         in one round trip on a single Redis; False if the payment was elsewhere."""
+        for from_state in allowed:
+            if not transition_allowed(from_state, to_state):
+                raise ValueError(f"no transition {from_state} → {to_state} in app.payments.states")
         args: list[Any] = [" ".join(allowed), to_state, int(time.time()), LEDGER_MAXLEN]
         for name, value in fields.items():
             args += [name, value]

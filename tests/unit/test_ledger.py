@@ -16,7 +16,6 @@ from app.payments.ledger import (
     KEYSPACE_VERSION,
     LEDGER_STREAM,
     RETENTION_SECONDS,
-    TERMINAL_EVENTS,
     Claim,
     Ledger,
     check_keyspace,
@@ -24,6 +23,7 @@ from app.payments.ledger import (
     payment_key,
     relayer_nonce_key,
 )
+from app.payments.states import EVENTS
 from app.settings import SettingsError
 
 PAYER = "0x" + "ab" * 20
@@ -119,8 +119,13 @@ def test_transition_only_from_allowed_states(ledger: Ledger) -> None:
 
 def test_transition_does_not_match_state_substrings(ledger: Ledger) -> None:
     claim(ledger)
-    assert not ledger.transition(KEY, ("claim", "laimed"), "settling")
-    assert not ledger.transition(KEY, ("unclaimed",), "settling")
+    with pytest.raises(ValueError):  # not states of the table: refused before Redis is asked
+        ledger.transition(KEY, ("claim", "laimed"), "settling")
+    # and the script itself matches whole state names only
+    outcome, _, _ = ledger._transition(keys=[KEY], args=["claim laimed", "settling", 0, 10])
+    assert outcome == b"refused"
+    outcome, _, _ = ledger._transition(keys=[KEY], args=["unclaimed", "settling", 0, 10])
+    assert outcome == b"refused"
     assert ledger.get(KEY)["state"] == "claimed"
 
 
@@ -141,7 +146,7 @@ LEDGER_FIELDS = {"event", "key", "payer", "amount", "model", "network", "tx"}
 
 
 def test_terminal_transitions_append_to_the_ledger(ledger: Ledger) -> None:
-    assert frozenset({"settled", "served", "redeemable", "failed"}) == TERMINAL_EVENTS
+    assert frozenset({"settled", "served", "redeemable", "failed"}) == EVENTS
     claim(ledger)
     assert ledger.transition(KEY, ("claimed",), "settling", tx="0xabc")
     assert ledger.events() == []  # settling is not terminal
@@ -165,7 +170,8 @@ def test_terminal_transitions_append_to_the_ledger(ledger: Ledger) -> None:
 @pytest.mark.parametrize("state", ["released", "settling", "pending"])
 def test_non_terminal_transitions_do_not_append(ledger: Ledger, state: str) -> None:
     claim(ledger)
-    assert ledger.transition(KEY, ("claimed",), state)
+    assert ledger.transition(KEY, ("claimed",), "settling")
+    assert ledger.transition(KEY, ("settling",), state)
     assert ledger.events() == []
 
 
@@ -173,7 +179,8 @@ def test_failed_and_served_are_recorded(ledger: Ledger, client: fakeredis.FakeRe
     other = payment_key(8453, ASSET, PAYER, bytes(32))
     claim(ledger)
     claim(ledger, other)
-    assert ledger.transition(KEY, ("claimed",), "failed", reason="transaction_failed")
+    assert ledger.transition(KEY, ("claimed",), "settling")
+    assert ledger.transition(KEY, ("settling",), "failed", reason="transaction_failed")
     assert ledger.transition(other, ("claimed",), "settled", tx="0x1")
     assert ledger.transition(other, ("settled",), "served")
     assert [e["event"] for e in ledger.events()] == ["served", "settled", "failed"]
@@ -394,7 +401,8 @@ def test_nonces_reserved_but_never_sent_are_reused_once_the_gap_is_old(client: f
 
 def redeemable(ledger: Ledger) -> None:
     claim(ledger)
-    assert ledger.transition(KEY, ("claimed",), "redeemable", tx="0x1")
+    assert ledger.transition(KEY, ("claimed",), "settling")
+    assert ledger.transition(KEY, ("settling",), "redeemable", tx="0x1")
 
 
 def test_a_redeemable_payment_buys_a_cheaper_call_on_its_own_model_only(ledger: Ledger) -> None:
@@ -428,9 +436,11 @@ def test_resume_finds_what_was_recorded_and_a_failed_payment_may_be_claimed_agai
     assert resumed.outcome == "redeem"
     other = payment_key(8453, ASSET, PAYER, bytes(32))
     claim(ledger, other)
-    assert ledger.transition(other, ("claimed",), "failed", tx="0x2")
+    assert ledger.transition(other, ("claimed",), "settling")
+    assert ledger.transition(other, ("settling",), "failed", tx="0x2")
     assert claim(ledger, other).outcome == "claimed"  # a reverted settlement left it live on chain
-    assert ledger.transition(other, ("claimed",), "failed", tx="0x3")
+    assert ledger.transition(other, ("claimed",), "settling")
+    assert ledger.transition(other, ("settling",), "failed", tx="0x3")
     expired = ledger.claim(other, 0, PAYER, 10_000, "hermes-3-8b-tee", "eip155:8453", ledger_module.RESUME)
     assert expired.outcome == "expired"
 
