@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.catalog.policy import IMAGE, MODALITIES, TEXT, Limits, PolicyError, Work, read
+from app.catalog.policy import read
+from app.catalog.reading import IMAGE, MODALITIES, TEXT, Limits, PolicyError, Work
 from app.settings import Settings, SettingsError
 
 

@@ -38,7 +38,7 @@ from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED, Settler
 from app.payments.states import State
 from app.settings import Settings
 from app.x402.challenge import Resource, build_challenge
-from app.x402.checks import check_authorization, match_requirement
+from app.x402.checks import OfflineCheck, check_authorization, match_requirement
 from app.x402.verdict import (
     NONCE_USED,
     PAYMENT_REQUIRED,
@@ -103,6 +103,20 @@ class Paid:
     def value(self) -> int:
         """What the payment paid (atomic units): the most a redemption of it may be priced at."""
         return self.quote.amount if self.paid_amount is None else self.paid_amount
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A payment header checked offline for one call: the payload, its x402 version, the requirement
+    it was checked against, the offline result, the claim mode (``ledger.NEW``, ``RESUME`` or
+    ``REDEEM``) and the verdict a plain check against this call gives."""
+
+    payment: PaymentPayload
+    version: int
+    requirement: Requirement
+    offline: OfflineCheck
+    mode: str
+    refusal: Verdict
 
 
 class Ticket:
@@ -194,6 +208,46 @@ class Gate:
         A payment the ledger already recorded is recovered by its header for its whole retention,
         whatever its time window (signature and payer are still checked), and a redeemable one buys
         any call on the same model priced at most what it paid."""
+        offer = self._verify(quote, headers)
+        auth, version = offer.payment.authorization, offer.version
+        note(model=quote.model.name, amount=quote.amount, payer=auth.from_, x402_version=version)
+        key = payment_key(offer.requirement.chain_id, offer.requirement.asset, auth.from_, auth.nonce)
+        claim = self._claim(quote, offer, key)
+        if claim.outcome == "redeem":
+            header = self.settle_header(version, True, claim.tx, auth.from_)
+            return Ticket(paid=Paid(quote, key, auth.from_, claim.tx, header, True, auth.value))
+        if claim.outcome == "expired":
+            raise PaymentRequired(offer.offline.verdict)
+        if claim.outcome == "mismatch":
+            refusal = offer.refusal
+            raise PaymentRequired(
+                reject(
+                    refusal.reason or VALUE_MISMATCH,
+                    f"this payment is not for this call ({refusal.detail or 'another model'}); a redeemable "
+                    "payment buys calls on the model it paid for, priced at most what it paid",
+                )
+            )
+        if claim.outcome == "taken":
+            return Ticket(paid=self._already_claimed(quote, offer.payment, key, claim, version))
+        preflight = self._preflight(auth, offer.offline.signature, offer.offline.ecdsa_signer, key)
+        if preflight is None:  # already used on chain, and it paid us: settled under our claim
+            self._confirmed(quote)
+            tx = self.ledger.get(key).get("tx", "")
+            return Ticket(
+                paid=Paid(quote, key, auth.from_, tx, self.settle_header(version, True, tx, auth.from_))
+            )
+        future = self._executor().submit(
+            self._settle, quote, offer.payment, offer.requirement, preflight, key, version
+        )
+        with self._pool_lock:
+            self._inflight += 1
+        future.add_done_callback(self._settled_one)
+        return Ticket(future)
+
+    def _verify(self, quote: Quote, headers: Mapping[str, str]) -> Offer:
+        """Decode the payment header and check it offline against this call's requirement (or, for a
+        payment of a dearer call, against what it paid: it may only redeem). Raises
+        ``PaymentRequired`` with the reason a plain check gives."""
         header, version = _payment_header(headers)
         if header is None:
             raise PaymentRequired(reject(PAYMENT_REQUIRED, "send PAYMENT-SIGNATURE (v2) or X-PAYMENT (v1)"))
@@ -205,37 +259,38 @@ class Gate:
         mode, refusal = NEW, match_requirement(parsed, requirement)
         offline = check_authorization(parsed, requirement, now) if refusal else None
         if auth.value > quote.amount:  # paid for a dearer call: only a redeemable payment may buy this one
-            refusal = refusal if not refusal else offline.verdict  # what a plain check says, if not redeemed
+            refusal = refusal if not refusal or offline is None else offline.verdict
             requirement, mode = replace(requirement, amount=auth.value), REDEEM
             if not match_requirement(parsed, requirement):
                 raise PaymentRequired(refusal)
             offline = check_authorization(parsed, requirement, now)
-        elif not refusal:
+        elif not refusal or offline is None:
             raise PaymentRequired(refusal)
-        assert offline is not None
         if not offline.verdict:
             if not (offline.window_only and offline.ecdsa_signer):
                 raise PaymentRequired(offline.verdict)
             mode = REDEEM if mode == REDEEM else RESUME  # past its window: only what was recorded
+        return Offer(parsed, version, requirement, offline, mode, refusal)
 
-        note(model=quote.model.name, amount=quote.amount, payer=auth.from_, x402_version=version)
-        key = payment_key(requirement.chain_id, requirement.asset, auth.from_, auth.nonce)
-        if mode == NEW and self._inflight >= SETTLEMENT_QUEUE_LIMIT:
+    def _claim(self, quote: Quote, offer: Offer, key: str) -> Claim:
+        """Claim the payment in the ledger (503 when the settlement queue is full, or Redis fails)."""
+        if offer.mode == NEW and self._inflight >= SETTLEMENT_QUEUE_LIMIT:
             raise ApiError(
                 503,
                 "settlement_busy",
                 "too many settlements in flight; nothing was charged",
                 {"Retry-After": "1"},
             )
+        auth = offer.payment.authorization
         try:
-            claim = self.ledger.claim(
+            return self.ledger.claim(
                 key,
                 auth.valid_before,
                 auth.from_,
                 auth.value,
                 quote.model.name,
-                requirement.network,
-                mode,
+                offer.requirement.network,
+                offer.mode,
                 quote.amount,
             )
         except Exception as exc:
@@ -245,33 +300,6 @@ class Gate:
                 "payment ledger unavailable; nothing was charged",
                 {"Retry-After": RETRY_AFTER_PENDING},
             ) from exc
-        if claim.outcome == "redeem":
-            header = self.settle_header(version, True, claim.tx, auth.from_)
-            return Ticket(paid=Paid(quote, key, auth.from_, claim.tx, header, True, auth.value))
-        if claim.outcome == "expired":
-            raise PaymentRequired(offline.verdict)
-        if claim.outcome == "mismatch":
-            raise PaymentRequired(
-                reject(
-                    refusal.reason or VALUE_MISMATCH,
-                    f"this payment is not for this call ({refusal.detail or 'another model'}); a redeemable "
-                    "payment buys calls on the model it paid for, priced at most what it paid",
-                )
-            )
-        if claim.outcome == "taken":
-            return Ticket(paid=self._already_claimed(quote, parsed, key, claim, version))
-        preflight = self._preflight(auth, offline.signature, offline.ecdsa_signer, key)
-        if preflight is None:  # already used on chain, and it paid us: settled under our claim
-            self._confirmed(quote)
-            tx = self.ledger.get(key).get("tx", "")
-            return Ticket(
-                paid=Paid(quote, key, auth.from_, tx, self.settle_header(version, True, tx, auth.from_))
-            )
-        future = self._executor().submit(self._settle, quote, parsed, requirement, preflight, key, version)
-        with self._pool_lock:
-            self._inflight += 1
-        future.add_done_callback(self._settled_one)
-        return Ticket(future)
 
     def _settled_one(self, _future: Future[Paid]) -> None:
         with self._pool_lock:

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app.catalog import Catalog, CatalogError, Model, QuoteError, load_catalog, quote_for
-from app.catalog.policy import POLICY_CODES
+from app.catalog.reading import POLICY_CODES
 from app.settings import DEFAULT_CATALOG
 
 PACKAGED = "hermes-3-8b-tee"

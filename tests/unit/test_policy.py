@@ -19,17 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from app.catalog.policy import (
-    IMAGE,
-    POLICY_CODES,
-    ROUTE_FIELDS,
-    TEXT,
-    Limits,
-    PolicyError,
-    Rule,
-    read,
-    utf8_len,
-)
+from app.catalog.policy import ROUTE_FIELDS, Rule, read
+from app.catalog.reading import IMAGE, POLICY_CODES, TEXT, Limits, PolicyError, utf8_len
 
 LIMITS = Limits()
 M = "hermes-3-8b-tee"
