@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from app import metrics
@@ -34,11 +34,12 @@ from app.logs import note
 from app.payments.answers import Answer
 from app.payments.errors import ApiError
 from app.payments.ledger import NEW, REDEEM, RESUME, Claim, Ledger, payment_key
+from app.payments.outcomes import Offer, Paid, PaymentRequired, Ticket, payment_header
 from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED, Settler
 from app.payments.states import State
 from app.settings import Settings
 from app.x402.challenge import Resource, build_challenge
-from app.x402.checks import OfflineCheck, check_authorization, match_requirement
+from app.x402.checks import check_authorization, match_requirement
 from app.x402.verdict import (
     NONCE_USED,
     PAYMENT_REQUIRED,
@@ -50,8 +51,6 @@ from app.x402.verdict import (
 )
 from app.x402.wire import (
     RESPONSE_HEADERS,
-    V1_HEADER,
-    V2_HEADER,
     Authorization,
     PaymentPayload,
     Requirement,
@@ -75,63 +74,6 @@ REVERTED = (
     "the settlement reverted; nothing was charged. The authorization stays valid on chain until its "
     "validBefore: send the same header again once the cause is fixed, or let it expire"
 )
-
-
-class PaymentRequired(Exception):
-    """Answer 402 with the challenge; ``reason`` is the stable code, ``settle_response`` set when a
-    settlement was attempted (so the client sees the failed transaction)."""
-
-    def __init__(self, verdict: Verdict, settle_response: tuple[str, str] | None = None) -> None:
-        super().__init__(verdict.reason)
-        self.verdict = verdict
-        self.settle_response = settle_response
-
-
-@dataclass(frozen=True)
-class Paid:
-    """A confirmed payment for one call: what to forward and what to tell the client."""
-
-    quote: Quote
-    key: str
-    payer: str
-    tx_hash: str
-    response_header: tuple[str, str]  # (header name, base64 SettleResponse)
-    redeemed: bool = False
-    paid_amount: int | None = None  # what the authorization paid, when more than this call's price
-
-    @property
-    def value(self) -> int:
-        """What the payment paid (atomic units): the most a redemption of it may be priced at."""
-        return self.quote.amount if self.paid_amount is None else self.paid_amount
-
-
-@dataclass(frozen=True)
-class Offer:
-    """A payment header checked offline for one call: the payload, its x402 version, the requirement
-    it was checked against, the offline result, the claim mode (``ledger.NEW``, ``RESUME`` or
-    ``REDEEM``) and the verdict a plain check against this call gives."""
-
-    payment: PaymentPayload
-    version: int
-    requirement: Requirement
-    offline: OfflineCheck
-    mode: str
-    refusal: Verdict
-
-
-class Ticket:
-    """A verified, claimed payment whose settlement is under way or done. ``result()`` gives the
-    ``Paid`` once the receipt is confirmed, or raises ``PaymentRequired`` / ``ApiError``."""
-
-    def __init__(self, future: Future[Paid] | None = None, paid: Paid | None = None) -> None:
-        self._future = future
-        self._paid = paid
-
-    def result(self) -> Paid:
-        if self._paid is None:
-            assert self._future is not None
-            self._paid = self._future.result()
-        return self._paid
 
 
 class Gate:
@@ -248,7 +190,7 @@ class Gate:
         """Decode the payment header and check it offline against this call's requirement (or, for a
         payment of a dearer call, against what it paid: it may only redeem). Raises
         ``PaymentRequired`` with the reason a plain check gives."""
-        header, version = _payment_header(headers)
+        header, version = payment_header(headers)
         if header is None:
             raise PaymentRequired(reject(PAYMENT_REQUIRED, "send PAYMENT-SIGNATURE (v2) or X-PAYMENT (v1)"))
         parsed = parse_payment_header(header, version)
@@ -479,10 +421,3 @@ class Gate:
     def redeemable(self, paid: Paid) -> None:
         """The upstream failed after settlement: the same header, retried, is served without a new charge."""
         self._record(paid, State.REDEEMABLE)
-
-
-def _payment_header(headers: Mapping[str, str]) -> tuple[str | None, int]:
-    value = headers.get(V2_HEADER)
-    if value is not None:
-        return value, 2
-    return headers.get(V1_HEADER), 1

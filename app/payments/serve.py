@@ -22,7 +22,8 @@ from app.logs import note
 from app.metrics import STREAM_FIRST_BYTE_SECONDS, UPSTREAM_SECONDS
 from app.payments.answers import Answer, error_answer
 from app.payments.errors import ApiError
-from app.payments.gate import Gate, Paid
+from app.payments.gate import Gate
+from app.payments.outcomes import Paid
 from app.payments.receipts import RECEIPT_HEADER, STREAM_RECEIPT_PREFIX, Receipt, sha256_hex
 from app.x402.challenge import EXPOSED_HEADERS
 

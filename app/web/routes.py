@@ -26,7 +26,7 @@ from app.logs import note
 from app.metrics import payment_outcome
 from app.payments.answers import Answer
 from app.payments.errors import ApiError
-from app.payments.gate import PaymentRequired
+from app.payments.outcomes import PaymentRequired
 from app.payments.receipts import sha256_hex
 from app.payments.serve import PaidCall, serve
 from app.web import services

@@ -24,8 +24,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from app.catalog import Catalog, load_catalog
 from app.payments.errors import ApiError
-from app.payments.gate import Gate, PaymentRequired
+from app.payments.gate import Gate
 from app.payments.ledger import Ledger, payment_key
+from app.payments.outcomes import PaymentRequired
 from app.payments.serve import PaidCall, serve
 from app.payments.settlement import FAILED, PENDING, SETTLED
 from app.settings import DEFAULT_CATALOG, Settings
