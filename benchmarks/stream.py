@@ -63,7 +63,7 @@ _written: dict[tuple[bytes, int], float] = {}
 def stamp_standin() -> bool:
     """Stamp each chunk the stand-in writes (by stream id and token index). False if it cannot be."""
     try:
-        from app.devnet.standin import _Handler
+        from app.devnet.standin_server import _Handler
     except ImportError:
         return False
     original = getattr(_Handler, "_write_chunk", None)
