@@ -1,12 +1,6 @@
-"""gunicorn entry point: ``gunicorn -c gunicorn.conf.py wsgi:app``."""
+"""gunicorn entry point from a checkout: ``gunicorn -c gunicorn.conf.py wsgi:app``. The app is
+built in the package (``app.wsgi``), which is what an installed wheel serves."""
 
-import sys
+from app.wsgi import app
 
-from app import create_app
-from app.settings import SettingsError
-
-try:
-    app = create_app()
-except SettingsError as exc:
-    sys.stderr.write(f"x402-proxy: refusing to start: {exc}\n")
-    sys.exit(4)  # gunicorn's "application failed to load": the master stops instead of respawning
+__all__ = ["app"]

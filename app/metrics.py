@@ -1,6 +1,6 @@
 """Prometheus metrics of the proxy, defined without Flask so the money path can count what it does;
 ``app.web.metrics`` serves them. Correct under gunicorn with several workers (prometheus-client's
-multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set, as gunicorn.conf.py does).
+multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set, as ``app.gunicorn_conf`` does).
 
 Labels never carry request content: routes are URL rules, models come from the catalog, reasons
 are the stable reason codes.

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from eth_utils import to_checksum_address
 
-ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
+from app.x402.wire import ADDRESS_RE
+
 KEY_RE = re.compile(r"(0x)?[0-9a-fA-F]{64}")
 
 

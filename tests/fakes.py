@@ -10,7 +10,8 @@ from typing import Any
 
 import requests
 
-from app.backends.chain import AUTHORIZATION_USED_TOPIC, TRANSFER_TOPIC, Preflight
+from app.backends.chain import Preflight
+from app.backends.token import AUTHORIZATION_USED_TOPIC, TRANSFER_TOPIC
 from app.backends.upstream import UpstreamAnswer, UpstreamFailed
 from app.payments.settlement import FAILED, SETTLED, Settlement
 from app.x402.verdict import ACCEPTED

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import requests
 
+from app.backends.http import Sessions
 from app.catalog import Model
 
 REPORT_TTL = 60.0
@@ -25,6 +26,9 @@ MEASUREMENT_HEADER = "X-TEE-Measurement"
 
 @dataclass(frozen=True)
 class AttestationCheck:
+    """One check of a model host's report: the ``expected`` and ``measured`` measurements (lower-case
+    hex, no 0x), the report's and the check's times (unix seconds), and why it failed when not ``ok``."""
+
     model: str
     url: str
     expected: str
@@ -39,14 +43,16 @@ class AttestationCheck:
 
 
 class Attestor:
+    """Checks model hosts' attestation reports, over one HTTP session per thread and process."""
+
     def __init__(self) -> None:
         self._cache: dict[str, tuple[float, AttestationCheck]] = {}
         self._lock = threading.Lock()
-        self._session = requests.Session()
-        self._session.trust_env = False
+        self._sessions = Sessions()
 
     def check(self, model: Model) -> AttestationCheck:
-        """The (cached) result of checking this model's host; fetched again after ``REPORT_TTL``."""
+        """The (cached) result of checking this model's host; fetched again after ``REPORT_TTL``
+        seconds. Raises nothing: a report that cannot be fetched or read is a failed check."""
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(model.name)
@@ -73,7 +79,7 @@ class Attestor:
             )
 
         try:
-            response = self._session.get(model.attestation_url, timeout=5)
+            response = self._sessions.get().get(model.attestation_url, timeout=5)
             response.raise_for_status()
             report = response.json()
         except (requests.RequestException, ValueError):

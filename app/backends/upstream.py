@@ -1,4 +1,4 @@
-"""Forwarding to the model host with the operator's key, over one pooled session per process.
+"""Forwarding to the model host with the operator's key, over one pooled session per thread and process.
 
 Only the priced JSON body and a fixed set of headers go upstream: the buyer's ``Authorization``,
 cookies and payment headers never leave the proxy, and the operator's key is never echoed back.
@@ -8,17 +8,14 @@ Streams are relayed chunk by chunk as they arrive.
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 
+from app.backends.http import Sessions
 from app.catalog import Model
 from app.settings import Settings
 
@@ -77,26 +74,15 @@ def host_error_message(content: bytes, secrets: Iterable[str], hosts: Iterable[s
     return "".join(c if c.isprintable() else " " for c in message)[:ERROR_MESSAGE_LIMIT].strip()
 
 
-def client_gone(environ: Mapping[str, Any]) -> bool:
-    """Whether the buyer closed the connection (gunicorn or werkzeug's socket read without
-    blocking and without consuming: end of stream or a reset). False when it cannot tell."""
-    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
-    if not isinstance(sock, socket.socket):
-        return False
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False  # connected, nothing more sent
-    except (ValueError, OSError) as exc:  # reset by the peer, or a TLS socket that cannot peek
-        return isinstance(exc, ConnectionError)
-
-
 class UpstreamFailed(RuntimeError):
     """The model host could not be reached or answered with a server error."""
 
 
 @dataclass
 class UpstreamAnswer:
+    """The model host's answer, below 500, its body not read yet: ``status`` is its HTTP status,
+    ``headers`` only those in ``PASSED_RESPONSE_HEADERS``."""
+
     status: int
     headers: dict[str, str]
     response: requests.Response
@@ -111,6 +97,7 @@ class UpstreamAnswer:
             self.response.close()
 
     def read(self) -> bytes:
+        """The whole body (raises ``UpstreamFailed`` if the host cuts it short)."""
         return b"".join(self.chunks())
 
     def close(self) -> None:
@@ -119,25 +106,22 @@ class UpstreamAnswer:
 
 
 class Upstream:
+    """The model hosts: the shared ``X402_UPSTREAM_URL``, or a catalog model's own host and key."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._local = threading.local()
-
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None or getattr(self._local, "pid", None) != os.getpid():
-            session = requests.Session()
-            session.trust_env = False
-            self._local.session, self._local.pid = session, os.getpid()
-        return session
+        self._sessions = Sessions()
 
     def forward(self, route: str, body: dict[str, object], model: Model | None = None) -> UpstreamAnswer:
-        """POST the priced body to the model's host; raise ``UpstreamFailed`` when a connection error
-        or 5xx happens on both of ``ATTEMPTS`` tries."""
+        """POST the priced JSON ``body`` to the model's host at the path of ``route`` ("chat" or
+        "completions"); the answer streams. Raises ``UpstreamFailed`` when a connection error or
+        5xx happens on both of ``ATTEMPTS`` tries, or at once when the host takes longer than
+        ``X402_UPSTREAM_TIMEOUT`` seconds to answer."""
         return self._request("POST", route_path=ROUTE_PATHS[route], body=body, model=model)
 
     def probe(self, model: Model | None = None) -> UpstreamAnswer:
-        """GET the model host's model list (the paid ping, and readiness)."""
+        """GET the model host's model list (the paid ping, and readiness); raises ``UpstreamFailed``
+        as ``forward`` does."""
         return self._request("GET", route_path="/v1/models", body=None, model=model)
 
     def _request(
@@ -158,7 +142,7 @@ class Upstream:
         failure = UpstreamFailed("no attempt")
         for _attempt in range(ATTEMPTS):
             try:
-                response = self._session().request(
+                response = self._sessions.get().request(
                     method,
                     url,
                     json=body,

@@ -24,9 +24,9 @@ from decimal import ROUND_CEILING, Decimal, Inexact, InvalidOperation, localcont
 from pathlib import Path
 from typing import Any
 
+from app.amounts import USDC_UNIT
 from app.catalog import CatalogError, Model, load_catalog
 
-USDC_UNIT = 10**6
 DEFAULT_FLOOR = 1000  # atomic units: $0.001, so a tiny call still pays for its settlement gas
 DEFAULT_MAX_TOKENS = 512
 MAX_TOKENS_CAP = 4096

@@ -1,4 +1,10 @@
-"""``x402-proxy``: serve · devnet · migrate · pay · reconcile · revenue · catalog import."""
+"""``x402-proxy``: serve · devnet · migrate · pay · reconcile · revenue · catalog import · verify-receipt.
+
+Every command ends an ordinary failure with one line on standard error naming the command, and an
+exit code: 0 done; 1 the command's own "no" (problems found, a payment refused, an invalid receipt,
+a file not written); 2 bad input or settings; 3 a service it needs did not answer (Redis, the RPC
+endpoints, the server to pay or ask); 4 the packaged proxy refused to start (gunicorn, ``serve``).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,12 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-USDC_DECIMALS = 6
-USDC_UNIT = 10**USDC_DECIMALS
+from app import logs
+from app.amounts import USDC_DECIMALS, USDC_UNIT, amount_text
+
 MAX_DECIMALS = 77  # a uint256 has 78 digits
+REDIS_CONNECT_TIMEOUT = 3.0  # seconds, as the proxy's own Redis client (app.payments.ledger.connect)
+EXIT_BAD_INPUT, EXIT_UNREACHABLE = 2, 3
 DEMO_BODY: dict[str, Any] = {
     "model": "hermes-3-8b-tee",
     "messages": [{"role": "user", "content": "Say hello from inside the enclave."}],
@@ -23,7 +32,7 @@ DEMO_BODY: dict[str, Any] = {
 
 
 def usdc(amount: int) -> str:
-    return f"{Decimal(amount) / USDC_UNIT:.6f} USDC"
+    return f"{amount_text(amount)} USDC"
 
 
 def parse_amount(text: str) -> Decimal:
@@ -59,7 +68,7 @@ def parse_address(text: str) -> str:
     """A 0x-prefixed 20-byte hex address, checksummed; a mixed-case one must carry a valid checksum."""
     from eth_utils import is_checksum_address, to_checksum_address
 
-    from app.settings import ADDRESS_RE
+    from app.x402.wire import ADDRESS_RE
 
     if not ADDRESS_RE.fullmatch(text):
         raise argparse.ArgumentTypeError(f"not an address: {text!r}")
@@ -69,11 +78,12 @@ def parse_address(text: str) -> str:
     return str(to_checksum_address(text))
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from app.devnet import PROJECT_ROOT
+SERVE_ARGV = ("-m", "gunicorn", "-c", "python:app.gunicorn_conf", "app.wsgi:app")
 
-    os.chdir(PROJECT_ROOT)
-    os.execvp("gunicorn", ["gunicorn", "-c", str(PROJECT_ROOT / "gunicorn.conf.py"), "wsgi:app"])
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """gunicorn with the packaged settings and app (no checkout needed), in place of this process."""
+    os.execv(sys.executable, [sys.executable, *SERVE_ARGV])
     return 0  # not reached
 
 
@@ -84,11 +94,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from app.settings import SettingsError, redis_url_from_env
 
     try:
-        client = redis.Redis.from_url(redis_url_from_env())
-        done = migrate(client, dry_run=args.dry_run)
-    except (SettingsError, redis.RedisError) as exc:
+        client = redis.Redis.from_url(redis_url_from_env(), socket_connect_timeout=REDIS_CONNECT_TIMEOUT)
+    except (SettingsError, ValueError) as exc:
         print(f"x402-proxy migrate: {exc}", file=sys.stderr)
-        return 1
+        return 2
+    done = migrate(client, dry_run=args.dry_run)
     verb = "would apply" if args.dry_run else "applied"
     print(f"{verb}: {', '.join(f'{m.number:04d}_{m.name}' for m in done) or 'nothing (keyspace is current)'}")
     return 0
@@ -138,20 +148,27 @@ def cmd_verify_receipt(args: argparse.Namespace) -> int:
 
     from app.payments.receipts import STREAM_RECEIPT_PREFIX, Receipt, verify_receipt
 
-    request_body = Path(args.request).read_bytes()
-    response_body = Path(args.response).read_bytes()
-    receipt_text = args.receipt
-    tail = response_body.rfind(STREAM_RECEIPT_PREFIX)
-    if tail != -1 and (tail == 0 or response_body[tail - 1 : tail] == b"\n"):  # a saved stream
-        receipt_text = receipt_text or response_body[tail + len(STREAM_RECEIPT_PREFIX) :].strip().decode()
-        response_body = response_body[:tail]
-    if receipt_text and len(receipt_text) < 256 and Path(receipt_text).is_file():  # a file holding it
-        receipt_text = Path(receipt_text).read_text().strip()
+    try:
+        request_body = Path(args.request).read_bytes()
+        response_body = Path(args.response).read_bytes()
+        receipt_text = args.receipt
+        tail = response_body.rfind(STREAM_RECEIPT_PREFIX)
+        if tail != -1 and (tail == 0 or response_body[tail - 1 : tail] == b"\n"):  # a saved stream
+            receipt_text = receipt_text or response_body[tail + len(STREAM_RECEIPT_PREFIX) :].strip().decode()
+            response_body = response_body[:tail]
+        if receipt_text and len(receipt_text) < 256 and Path(receipt_text).is_file():  # a file holding it
+            receipt_text = Path(receipt_text).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"x402-proxy verify-receipt: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     address = args.address
     if not address and args.proxy:
-        address = requests.get(args.proxy.rstrip("/") + "/.well-known/x402", timeout=10).json()[
-            "receiptAddress"
-        ]
+        discovery = args.proxy.rstrip("/") + "/.well-known/x402"
+        try:
+            address = requests.get(discovery, timeout=10).json()["receiptAddress"]
+        except (ValueError, KeyError, TypeError):  # not JSON, or JSON without the address
+            print(f"x402-proxy verify-receipt: {discovery} names no receiptAddress", file=sys.stderr)
+            return EXIT_BAD_INPUT
     if not receipt_text or not address:
         print("x402-proxy verify-receipt: need a receipt and --address or --proxy", file=sys.stderr)
         return 2
@@ -174,7 +191,11 @@ def cmd_verify_receipt(args: argparse.Namespace) -> int:
 def cmd_pay(args: argparse.Namespace) -> int:
     from app.cli.wallet import PaymentRefused, pay
 
-    key = args.key or (Path(args.key_file).read_text().strip() if args.key_file else "")
+    try:
+        key = args.key or (Path(args.key_file).read_text().strip() if args.key_file else "")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"x402-proxy pay: --key-file: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if not key:
         print("x402-proxy pay: give --key or --key-file", file=sys.stderr)
         return 2
@@ -198,7 +219,7 @@ def cmd_pay(args: argparse.Namespace) -> int:
         return 1
     sys.stdout.write(result.body.decode("utf-8", "replace") + "\n")
     if result.settlement:
-        paid = f"{Decimal(result.amount).scaleb(-decimals):f} {args.asset or 'USDC'}"
+        paid = f"{amount_text(result.amount, decimals)} {args.asset or 'USDC'}"
         print(
             f"paid {paid} · tx {result.settlement.get('transaction')} · status {result.status}",
             file=sys.stderr,
@@ -250,14 +271,25 @@ def quiet_request_handler() -> type:
 def cmd_devnet(args: argparse.Namespace) -> int:
     from werkzeug.serving import make_server
 
-    from app import create_app
+    from app import create_checked_app
     from app.cli.wallet import pay
-    from app.devnet import DevChain, DevnetError, Wallets, prepare_chain, start_anvil, start_redis
+    from app.devnet import (
+        DevChain,
+        DevnetError,
+        Wallets,
+        fake_redis_or_none,
+        prepare_chain,
+        require_checkout,
+        start_anvil,
+        start_redis,
+    )
     from app.devnet.standin import StandinModel
     from app.settings import Settings, SettingsError
 
     services: list[Any] = []
     try:
+        require_checkout()
+        fake_redis = fake_redis_or_none()  # checked before anything starts
         anvil = start_anvil()
         services.append(anvil)
         wallets = Wallets.fresh()
@@ -275,19 +307,17 @@ def cmd_devnet(args: argparse.Namespace) -> int:
         if redis_service:
             services.append(redis_service)
         else:
-            import fakeredis
-
             print(
                 "WARNING: redis-server not found; using an in-process fake Redis (one process only, "
                 "nothing persists). Install redis-server for a real set-up.",
                 file=sys.stderr,
             )
-            settings = settings.with_overrides(redis_client=fakeredis.FakeRedis())
+            settings = settings.with_overrides(redis_client=fake_redis)
         if not settings.upstream_api_key:
             standin = StandinModel().start()
             services.append(standin)
             settings = settings.with_overrides(upstream_url=standin.url)
-        app = create_app(settings)
+        app = create_checked_app(settings)
         server = make_server(
             "127.0.0.1", args.port, app, threaded=True, request_handler=quiet_request_handler()
         )
@@ -297,6 +327,9 @@ def cmd_devnet(args: argparse.Namespace) -> int:
         print(f"x402-proxy devnet: {exc}", file=sys.stderr)
         _stop(services)
         return 1
+    except BaseException:  # e.g. anvil stopped answering: main says so; no child process outlives us
+        _stop(services)
+        raise
 
     url = f"http://127.0.0.1:{args.port}/v1/chat/completions"
     print(f"devnet up: chain {anvil.url} (id 8453, USDC at {chain.token}) · proxy {url}")
@@ -398,9 +431,34 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a service that does not answer ends it with one line and exit code 3."""
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    logs.configure(logging.INFO if args.command == "devnet" else logging.WARNING)  # devnet: access lines too
+    try:
+        return COMMANDS[args.command](args)
+    except _unreachable() as exc:
+        command = " ".join(filter(None, (args.command, getattr(args, "catalog_command", None))))
+        print(f"x402-proxy {command}: {_what_did_not_answer(exc)}", file=sys.stderr)
+        return EXIT_UNREACHABLE
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _unreachable() -> tuple[type[Exception], ...]:
+    """What a command raises when Redis, the RPC endpoints or an HTTP server does not answer."""
+    import redis
+    import requests
+
+    from app.backends.rpc import ChainUnavailable, RpcFailure
+
+    return (redis.RedisError, requests.RequestException, ChainUnavailable, RpcFailure)
+
+
+def _what_did_not_answer(exc: Exception) -> str:
+    import redis
+    import requests
+
+    if isinstance(exc, redis.RedisError):
+        return f"Redis: {exc}"
+    if isinstance(exc, requests.RequestException):
+        url = exc.request.url if exc.request is not None else "the server"
+        return f"no answer from {url} ({type(exc).__name__})"
+    return f"RPC: {exc}"

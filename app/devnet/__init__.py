@@ -22,7 +22,8 @@ from typing import Any
 from eth_abi import encode
 from eth_account import Account
 
-from app.backends.chain import RpcClient, eth_call, selector
+from app.backends.rpc import RpcClient
+from app.backends.token import eth_call, selector
 from app.settings import NETWORKS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +38,31 @@ ANVIL_CANDIDATES = (
 
 class DevnetError(RuntimeError):
     """A devnet part could not be found or started."""
+
+
+def require_checkout() -> None:
+    """The devnet deploys the test token from ``contracts/`` and runs anvil from ``npm ci``: both are
+    in a checkout of the repository, not in an installed wheel (which only serves)."""
+    if not TOKEN_ARTIFACT.is_file():
+        raise DevnetError(
+            f"{TOKEN_ARTIFACT.relative_to(PROJECT_ROOT)} not found beside the package: the devnet runs "
+            "from a checkout of the repository (git clone, then `npm ci` and `pip install -e '.[dev]'`)"
+        )
+
+
+def fake_redis_or_none() -> Any:
+    """None when ``redis-server`` is installed (the devnet starts one); else an in-process fake Redis
+    from the ``dev`` extra (fakeredis with Lua, for the ledger's scripts)."""
+    if shutil.which("redis-server") is not None:
+        return None
+    try:
+        import fakeredis
+    except ImportError:
+        raise DevnetError(
+            "redis-server not found and the dev extra is not installed: install redis-server, "
+            "or `pip install 'x402-tee-proxy[dev]'` for an in-process fake Redis"
+        ) from None
+    return fakeredis.FakeRedis()
 
 
 def free_port() -> int:

@@ -17,9 +17,11 @@ import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from decimal import Decimal
 
-from app.backends.chain import Chain, ChainUnavailable, RpcFailure, transfer_logged
+from app.amounts import amount_text
+from app.backends.chain import Chain
+from app.backends.rpc import ChainUnavailable, RpcFailure
+from app.backends.token import transfer_logged
 from app.backends.upstream import abandoned_after
 from app.payments.ledger import LEDGER_STREAM, STALE_SETTLED, Ledger, text_of
 from app.payments.states import OPEN, State
@@ -70,7 +72,8 @@ def reconcile(ledger: Ledger, chain: Chain, settings: Settings, since_seconds: i
     """Check every payment that claims money moved within the window (``since_seconds``) and every
     open one, whatever its age, resolving the open ones from the chain:
 
-    - pending → settled (the chain shows the transfer) or failed (reverted);
+    - pending → redeemable (the chain shows the transfer; its request was answered 503, so the
+      header buys its call) or failed (reverted);
     - settling for longer than any request takes (its worker died mid-call) → redeemable when the
       money moved, failed when it reverted; a younger one is listed as in flight;
     - failed, when someone settled the still-live authorization afterwards → redeemable;
@@ -115,7 +118,7 @@ def _checked(
 
     if state in OPEN:
         if settled_by is not None:
-            return resolve(State.SETTLED if state == State.PENDING else State.REDEEMABLE, settled_by)
+            return resolve(State.REDEEMABLE, settled_by)  # its request answered 503: never served
         if state != State.FAILED and mined:
             return resolve(State.FAILED, tx)
         if state == State.FAILED:
@@ -164,7 +167,7 @@ def revenue(ledger: Ledger, since_seconds: int, by: str) -> dict[str, int]:
 
 
 def dollars(atomic: int, decimals: int = 6) -> str:
-    return f"${Decimal(atomic) / 10**decimals:,.{decimals}f}"
+    return f"${amount_text(atomic, decimals, grouped=True)}"
 
 
 def render_revenue(totals: dict[str, int], by: str, as_csv: bool) -> str:
@@ -173,7 +176,7 @@ def render_revenue(totals: dict[str, int], by: str, as_csv: bool) -> str:
         writer = csv.writer(out)
         writer.writerow([by, "atomic_units", "usdc"])
         for group, amount in totals.items():
-            writer.writerow([group, amount, f"{Decimal(amount) / 10**6:.6f}"])
+            writer.writerow([group, amount, amount_text(amount)])
         return out.getvalue()
     width = max([len(by), *(len(g) for g in totals)])
     for group, amount in totals.items():

@@ -1,9 +1,10 @@
 """The payment gate: quote → decode → check offline → claim → check on chain → settle.
 
-``charge`` returns ``Paid`` only for a payment that is confirmed on chain (or a redeemable one that
-was), and otherwise raises ``PaymentRequired`` (402, the challenge with a reason) or ``ApiError``
-(503 and friends). After the upstream call the route reports the result with ``served`` or
-``redeemable``, so a settled payment is never forgotten.
+``Gate.begin`` verifies and claims a payment and starts its settlement; its ``Ticket`` gives ``Paid``
+only for a payment confirmed on chain (or a redeemable one that was), and otherwise raises
+``PaymentRequired`` (402, the challenge with a reason) or ``ApiError`` (503 and friends). After the
+model call ``app.payments.serve`` records the result with ``served`` or ``redeemable``, so a settled
+payment is never forgotten. See ``docs/flow.md``.
 """
 
 from __future__ import annotations
@@ -19,15 +20,9 @@ from dataclasses import replace
 from typing import Any
 
 from app import metrics
-from app.backends.chain import (
-    UNPAYABLE,
-    Chain,
-    ChainUnavailable,
-    Preflight,
-    ReceiptContradiction,
-    RpcFailure,
-    transfer_logged,
-)
+from app.backends.chain import UNPAYABLE, Chain, Preflight
+from app.backends.rpc import ChainUnavailable, RpcFailure
+from app.backends.token import ReceiptContradiction, transfer_logged
 from app.backends.upstream import abandoned_after
 from app.catalog import Catalog, Quote
 from app.logs import note

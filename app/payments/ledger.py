@@ -2,12 +2,8 @@
 
 One hash per authorization ``(chain, asset, from, nonce)``; the hash tag keeps each key in one
 Cluster slot. Transitions are Lua scripts, so concurrent copies of one payment on any worker or host
-see exactly one winner. States (ARCHITECTURE.md):
-
-    claimed ─▶ settling ─▶ settled ─▶ served
-       │           │          └─▶ redeemable ─▶ (settled again for the retry) ─▶ served
-       │           └─▶ pending ─▶ settled | failed
-       └─▶ released   (refused before any transaction was sent: the header may be retried)
+see exactly one winner. The states and their transitions are the table in ``app.payments.states``
+(every transition is checked against it); ``docs/states.md`` says who makes each and why.
 """
 
 from __future__ import annotations
@@ -91,7 +87,9 @@ if to == 'released' then
 end
 local events = {}
 if (to == 'served' or to == 'redeemable') and state ~= 'settled' then table.insert(events, 'settled') end
-if to == 'settled' or to == 'served' or to == 'redeemable' or to == 'failed' then table.insert(events, to) end
+if state ~= to and (to == 'settled' or to == 'served' or to == 'redeemable' or to == 'failed') then
+  table.insert(events, to)
+end
 local r = redis.call('HMGET', KEYS[1], 'payer', 'amount', 'model', 'network', 'tx')
 for i = 1, 5 do r[i] = r[i] or '' end
 if #KEYS > 1 then

@@ -1,22 +1,36 @@
 """Applies ``migrations/NNNN_name.py`` in order and records the keyspace version in Redis.
 
+The repository's ``migrations/`` is installed as the package ``app.migrations`` (pyproject.toml: a
+wheel, or an editable install); a checkout that is not installed has it as the top-level package
+``migrations`` (the repository root is on ``sys.path``). Both are read with ``importlib.resources``.
+
 Each migration's ``up(redis)`` must be idempotent; the version is written after it succeeds, so an
 interrupted run simply resumes.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import importlib.util
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources.abc import Traversable
 from types import ModuleType
 
 import redis
 
 from app.payments.ledger import KEYSPACE_KEY, keyspace_version
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+def _migrations_package() -> Traversable:
+    """The installed ``app.migrations``, else a checkout's top-level ``migrations``."""
+    try:
+        return importlib.resources.files("app.migrations")
+    except ModuleNotFoundError:  # a checkout run without installing it
+        return importlib.resources.files("migrations")
+
+
+MIGRATIONS_DIR = _migrations_package()
 NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.py$")
 
 
@@ -24,17 +38,18 @@ NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.py$")
 class Migration:
     number: int
     name: str
-    path: Path
+    path: Traversable
 
     def load(self) -> ModuleType:
-        spec = importlib.util.spec_from_file_location(f"x402_migration_{self.number:04d}", self.path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        with importlib.resources.as_file(self.path) as path:
+            spec = importlib.util.spec_from_file_location(f"x402_migration_{self.number:04d}", path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
         return module
 
 
-def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+def discover(directory: Traversable = MIGRATIONS_DIR) -> list[Migration]:
     found = [
         Migration(int(m.group(1)), m.group(2), path)
         for path in directory.iterdir()
@@ -43,12 +58,14 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return sorted(found, key=lambda m: m.number)
 
 
-def pending(client: redis.Redis, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+def pending(client: redis.Redis, directory: Traversable = MIGRATIONS_DIR) -> list[Migration]:
     current = keyspace_version(client) or 0
     return [m for m in discover(directory) if m.number > current]
 
 
-def migrate(client: redis.Redis, dry_run: bool = False, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+def migrate(
+    client: redis.Redis, dry_run: bool = False, directory: Traversable = MIGRATIONS_DIR
+) -> list[Migration]:
     """Apply what is pending (or only list it with ``dry_run``); returns the migrations concerned."""
     todo = pending(client, directory)
     if not dry_run:

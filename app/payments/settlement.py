@@ -20,14 +20,10 @@ from typing import Any, Protocol
 import requests
 from eth_account import Account
 
-from app.backends.chain import (
-    Chain,
-    ChainUnavailable,
-    Preflight,
-    ReceiptContradiction,
-    RpcFailure,
-    transfer_logged,
-)
+from app.backends.chain import Chain, Preflight
+from app.backends.http import Sessions
+from app.backends.rpc import ChainUnavailable, RpcFailure, is_word
+from app.backends.token import ReceiptContradiction, transfer_logged
 from app.payments.ledger import Ledger
 from app.settings import Settings, SettingsError
 from app.x402.verdict import SETTLEMENT_PENDING, TRANSACTION_FAILED
@@ -38,7 +34,6 @@ MIN_PRIORITY_FEE = 1_000_000  # 0.001 gwei: Base's usual tip floor
 
 SETTLED, FAILED, PENDING, NOT_SENT = "settled", "failed", "pending", "not_sent"
 MAX_FEE_BUMPS = 3
-TX_HASH_RE = re.compile(r"0x[0-9a-fA-F]{64}")
 REASON_CODE_RE = re.compile(r"[a-z0-9_]{1,80}")
 
 
@@ -228,15 +223,18 @@ class FacilitatorSettler:
     without a usable transaction, a transaction that does not show this payment — may follow a
     broadcast: the payment is pending and resolved later from the token's logs."""
 
-    def __init__(self, settings: Settings, chain: Chain, session: requests.Session | None = None) -> None:
+    def __init__(self, settings: Settings, chain: Chain) -> None:
         self.settings = settings
         self.chain = chain
         self.url = settings.facilitator_url
         self.address = settings.pay_to  # simulations run from the payee; the facilitator pays the gas
-        self.session = session or requests.Session()
+        self._sessions = Sessions()  # made in each worker, never the gunicorn master's connections
 
     def supported(self) -> list[dict[str, Any]]:
-        response = self.session.get(self.url + "/supported", timeout=10)
+        """The ``kinds`` the facilitator's ``GET /supported`` lists (objects such as ``{"scheme",
+        "network"}``). Raises ``requests.RequestException`` or ``ValueError`` when it does not answer
+        with JSON."""
+        response = self._sessions.get().get(self.url + "/supported", timeout=10)
         response.raise_for_status()
         kinds = response.json().get("kinds", [])
         return [k for k in kinds if isinstance(k, dict)]
@@ -264,7 +262,7 @@ class FacilitatorSettler:
         # token's logs on retry. Its hash is recorded only once the chain shows it is this payment.
         unknown = Settlement(PENDING, "", SETTLEMENT_PENDING)
         try:
-            response = self.session.post(
+            response = self._sessions.get().post(
                 self.url + "/settle", json=body, timeout=self.settings.receipt_timeout
             )
             answer = response.json()
@@ -274,7 +272,7 @@ class FacilitatorSettler:
             return unknown
         tx_hash = answer.get("transaction")
         refused = answer.get("success") is False and response.status_code < 500
-        if not isinstance(tx_hash, str) or TX_HASH_RE.fullmatch(tx_hash) is None:
+        if not isinstance(tx_hash, str) or not is_word(tx_hash):
             reason = answer.get("errorReason")
             if refused and not tx_hash and isinstance(reason, str) and reason:
                 code = reason if REASON_CODE_RE.fullmatch(reason) else TRANSACTION_FAILED

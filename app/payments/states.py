@@ -24,10 +24,10 @@ class State(StrEnum):
 S = State
 # from-state → the states it may move to (a state may be re-entered to record a new tx hash).
 TRANSITIONS: dict[State, frozenset[State]] = {
-    S.CLAIMED: frozenset({S.SETTLING, S.SETTLED, S.RELEASED}),
+    S.CLAIMED: frozenset({S.CLAIMED, S.SETTLING, S.SETTLED, S.RELEASED}),  # claimed again: abandoned
     S.SETTLING: frozenset({S.SETTLING, S.SETTLED, S.SERVED, S.REDEEMABLE, S.PENDING, S.FAILED, S.RELEASED}),
     S.SETTLED: frozenset({S.SETTLED, S.SERVED, S.REDEEMABLE}),
-    S.PENDING: frozenset({S.SETTLED, S.FAILED}),
+    S.PENDING: frozenset({S.SETTLED, S.REDEEMABLE, S.FAILED}),
     S.FAILED: frozenset({S.CLAIMED, S.REDEEMABLE}),
     S.REDEEMABLE: frozenset({S.SETTLED}),
     S.RELEASED: frozenset({S.CLAIMED}),

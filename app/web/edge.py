@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Callable, Iterable
+import socket
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -73,3 +74,17 @@ def init_app(app: Flask) -> None:
         for name, value in CORS_HEADERS.items():
             response.headers.setdefault(name, value)
         return response
+
+
+def client_gone(environ: Mapping[str, Any]) -> bool:
+    """Whether the buyer closed the connection (gunicorn or werkzeug's socket read without
+    blocking and without consuming: end of stream or a reset). False when it cannot tell."""
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if not isinstance(sock, socket.socket):
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # connected, nothing more sent
+    except (ValueError, OSError) as exc:  # reset by the peer, or a TLS socket that cannot peek
+        return isinstance(exc, ConnectionError)

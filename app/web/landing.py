@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import shlex
-from decimal import Decimal
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from markupsafe import escape
 
+from app.amounts import amount_text
 from app.catalog import Model, quote_for
 from app.settings import Settings
 from app.web import services
@@ -26,7 +26,6 @@ bp = Blueprint("landing", __name__)
 INDEX = {"name": "x402-tee-proxy", "models": "/v1/models", "discovery": "/.well-known/x402"}
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 NETWORK_NAMES = {"base": "Base", "base-sepolia": "Base Sepolia"}
-USDC_DECIMALS = 6
 EXAMPLE_MAX_TOKENS = 64
 # No script may run and nothing may load from elsewhere; the inline <style> is the one exception.
 CSP = (
@@ -66,9 +65,7 @@ a { color: #1f5fbf; }
 
 def usdc_text(amount: int) -> str:
     """Atomic units as a USDC amount a person reads: exact, at least two decimals, no float."""
-    text = f"{Decimal(amount).scaleb(-USDC_DECIMALS):.{USDC_DECIMALS}f}"
-    whole, _, fraction = text.partition(".")
-    return f"{whole}.{fraction.rstrip('0').ljust(2, '0')}"
+    return amount_text(amount, min_places=2)
 
 
 def _base_url(settings: Settings) -> str:

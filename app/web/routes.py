@@ -18,7 +18,6 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from app.backends.attestation import MEASUREMENT_HEADER
 from app.backends.upstream import (
     UpstreamAnswer,
-    client_gone,
 )
 from app.catalog import Quote, QuoteError
 from app.catalog.policy import ROUTE_FIELDS, ROUTE_INPUT_FIELDS, Rule
@@ -30,6 +29,7 @@ from app.payments.outcomes import PaymentRequired
 from app.payments.receipts import sha256_hex
 from app.payments.serve import PaidCall, serve
 from app.web import services
+from app.web.edge import client_gone
 from app.x402.challenge import ERROR_DETAIL_HEADER
 from app.x402.codec import MalformedInput, strict_json_loads
 from app.x402.discovery import bazaar_extension

@@ -1,7 +1,7 @@
-"""Offline checks of a payment against our own requirement (PROTOCOL.md §4, steps 1–8 minus chain).
+"""Offline checks of a payment against our own requirement (``docs/flow.md``, the offline checks).
 
 Everything here is pure: the chain-dependent checks (contract wallets, balance, nonce state,
-simulation) happen in ``app.chain`` after these pass.
+simulation) happen in ``app.backends.chain`` after these pass.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Wire objects of x402 v1 and v2 (exact scheme, EVM): requirements, payment payloads, settle responses.
 
-Parsing is strict (PROTOCOL.md and ARCHITECTURE.md guarantee 7): amounts and times are decimal
+Parsing is strict (``docs/guarantees.md``, strict input): amounts and times are decimal
 strings matching ``^[0-9]{1,78}$`` below 2**256, addresses and nonces match exact regexes, the
 signature is hex, and unknown keys are refused. A parse returns either a typed object or a
 ``Verdict`` with reason ``invalid_payload``.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from eth_utils import to_checksum_address
 
-from app import create_app
+from app import create_checked_app
 from app.cli import main
 from app.devnet import DevChain, Service, Wallets, free_port
 from app.devnet.standin import StandinModel
@@ -109,7 +109,7 @@ def other_token_proxy(settings: Settings, wallets: Wallets, anvil: Service) -> I
     other.place_token()
     other.mint(wallets.payer, 10 * USDC)
     other_settings = settings.with_overrides(asset=OTHER_TOKEN)
-    server = serve(create_app(other_settings))
+    server = serve(create_checked_app(other_settings))
     yield Proxy(f"http://127.0.0.1:{server.server_port}", other_settings, wallets, other, server)
     server.shutdown()
 
@@ -172,3 +172,114 @@ def test_pay_needs_decimals_with_asset(proxy: Proxy, capsys: pytest.CaptureFixtu
     assert code == 2
     assert "--asset and --decimals go together" in capsys.readouterr().err
     assert proxy.balances() == balances
+
+
+# -- ordinary failures: one line on standard error, an exit code, no traceback ---------------------------
+
+
+def x402_proxy(*args: str, env: dict[str, str] | None = None, cwd: Path = PROJECT_ROOT) -> tuple[int, str]:
+    """Run ``x402-proxy args`` as a user does; returns its exit code and standard error, after checking
+    that it printed nothing else and no traceback."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("X402_") and k != "REDIS_URL"}
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=cwd,
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout == "" and "Traceback" not in done.stderr, done.stdout + done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    return done.returncode, done.stderr.strip()
+
+
+@pytest.fixture
+def dead_url() -> str:
+    """A loopback port nobody listens on."""
+    return f"127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def books_env(dead_url: str) -> dict[str, str]:
+    """Valid settings whose Redis does not answer."""
+    wallets = Wallets.fresh()
+    return {
+        "X402_PAY_TO": wallets.pay_to,
+        "X402_RELAYER_KEY": wallets.relayer_key,
+        "X402_RPC_URLS": f"http://{dead_url}",
+        "REDIS_URL": f"redis://{dead_url}/0",
+    }
+
+
+def test_migrate_says_when_redis_is_down_or_unset(dead_url: str) -> None:
+    code, err = x402_proxy("migrate", "--dry-run", env={"REDIS_URL": f"redis://{dead_url}/0"})
+    assert code == 3 and err.startswith("x402-proxy migrate: Redis: ") and "Connection refused" in err
+    code, err = x402_proxy("migrate")
+    assert code == 2 and err.startswith("x402-proxy migrate: ") and "REDIS_URL" in err
+
+
+@pytest.mark.parametrize("command", ["reconcile", "revenue"])
+def test_books_commands_say_when_redis_is_down(command: str, books_env: dict[str, str]) -> None:
+    code, err = x402_proxy(command, env=books_env)
+    assert code == 3 and err.startswith(f"x402-proxy {command}: Redis: "), err
+
+
+@pytest.mark.parametrize("command", ["reconcile", "revenue"])
+def test_books_commands_refuse_bad_settings(command: str, books_env: dict[str, str]) -> None:
+    code, err = x402_proxy(command, env={**books_env, "X402_PAY_TO": "0x1234"})
+    assert code == 2 and err.startswith(f"x402-proxy {command}: ") and "X402_PAY_TO" in err
+    code, err = x402_proxy(command, "--since", "yesterday", env=books_env)
+    assert code == 2 and "not a duration" in err
+
+
+def test_pay_says_when_the_server_does_not_answer(dead_url: str, tmp_path: Path) -> None:
+    url = f"http://{dead_url}/v1/chat/completions"
+    code, err = x402_proxy("pay", url, "--key", Wallets.fresh().payer_key)
+    assert code == 3 and err == f"x402-proxy pay: no answer from {url} (ConnectionError)"
+    code, err = x402_proxy("pay", url, "--key-file", str(tmp_path / "missing.key"))
+    assert code == 2 and err.startswith("x402-proxy pay: --key-file: ") and "missing.key" in err
+
+
+def test_verify_receipt_says_what_it_could_not_read(dead_url: str, tmp_path: Path) -> None:
+    (tmp_path / "request.json").write_text("{}")
+    (tmp_path / "response.json").write_text("{}")
+    files = ["--request", str(tmp_path / "request.json"), "--response", str(tmp_path / "response.json")]
+    code, err = x402_proxy("verify-receipt", "--request", str(tmp_path / "nope.json"), "--response", "x")
+    assert code == 2 and err.startswith("x402-proxy verify-receipt: ") and "nope.json" in err
+    code, err = x402_proxy("verify-receipt", *files, "--receipt", "r", "--proxy", f"http://{dead_url}")
+    assert code == 3 and err.startswith(f"x402-proxy verify-receipt: no answer from http://{dead_url}/")
+
+
+def test_verify_receipt_says_when_the_proxy_names_no_receipt_address(
+    standin: StandinModel, tmp_path: Path
+) -> None:
+    """The stand-in model is no x402 proxy: its /.well-known/x402 holds no receipt address."""
+    (tmp_path / "request.json").write_text("{}")
+    (tmp_path / "response.json").write_text("{}")
+    files = ["--request", str(tmp_path / "request.json"), "--response", str(tmp_path / "response.json")]
+    code, err = x402_proxy("verify-receipt", *files, "--receipt", "r", "--proxy", standin.url)
+    assert (
+        code == 2
+        and err == f"x402-proxy verify-receipt: {standin.url}/.well-known/x402 names no receiptAddress"
+    )
+
+
+def test_catalog_import_says_when_the_file_is_missing(tmp_path: Path) -> None:
+    code, err = x402_proxy("catalog", "import", str(tmp_path / "aggregate.json"))
+    assert code == 2 and err.startswith("x402-proxy catalog import: ") and "aggregate.json" in err
+
+
+def test_serve_refuses_bad_settings_in_one_line(dead_url: str) -> None:
+    code, err = x402_proxy("serve", env={"X402_BIND": dead_url, "X402_PAY_TO": "0x1234"})
+    assert code == 4 and "refusing to start" in err and "X402_PAY_TO" in err
+
+
+def test_devnet_without_redis_server_nor_the_dev_extra_says_so(tmp_path: Path) -> None:
+    """No redis-server on PATH and no fakeredis (a stub that fails to import, as when the dev extra is
+    not installed): the devnet stops before starting anything."""
+    (tmp_path / "fakeredis.py").write_text("raise ImportError('the dev extra is not installed')\n")
+    env = {"PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(tmp_path)}
+    assert shutil.which("redis-server", path=env["PATH"]) is None
+    code, err = x402_proxy("devnet", "--demo", "--port", str(free_port()), env=env)
+    assert code == 1 and err.startswith("x402-proxy devnet: redis-server not found and the dev extra")

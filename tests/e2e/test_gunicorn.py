@@ -248,3 +248,21 @@ def test_long_streams_do_not_starve_short_paid_calls(
         process.terminate()
         process.wait(timeout=20)
     assert [s.status for s in streams] == [200] * len(streams)
+
+
+def test_the_gunicorn_settings_load_before_any_metric_exists(tmp_path: Path) -> None:
+    """prometheus-client reads PROMETHEUS_MULTIPROC_DIR when a metric is created: the settings set it
+    (to a fresh directory unless given one), so loading them, and the package they live in, must not
+    import prometheus_client."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    check = "import sys, app.gunicorn_conf; assert 'prometheus_client' not in sys.modules, 'imported'"
+    for settings in (check, check.replace("app.gunicorn_conf", "runpy; runpy.run_path('gunicorn.conf.py')")):
+        done = subprocess.run(
+            [sys.executable, "-c", settings],
+            cwd=PROJECT_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]

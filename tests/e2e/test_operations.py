@@ -3,6 +3,7 @@ workers, readiness that follows its dependencies, reconciliation, revenue, and c
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -15,6 +16,7 @@ import requests
 from app.cli import main
 from app.devnet import Service, Wallets, free_port, start_anvil
 from app.devnet.standin import StandinModel
+from app.logs import JsonFormatter
 from app.payments.ledger import payment_key
 from app.web.ops import READY_CACHE_SECONDS
 from tests.e2e.test_gunicorn import gunicorn_env, start_gunicorn, wait_until_up
@@ -153,9 +155,10 @@ def test_reconcile_finds_a_tampered_amount_and_resolves_a_pending_payment(
         proxy.chain.rpc.call("evm_setAutomine", [True])
         proxy.chain.rpc.call("evm_mine", [])
     assert main(["reconcile", "--since", "1h"]) == 0
-    assert "→ settled" in capsys.readouterr().out
+    assert "→ redeemable" in capsys.readouterr().out  # its request was answered 503: never served
     late_key = payment_key(8453, proxy.settings.asset, late.authorization.from_, late.authorization.nonce)
-    assert client.hget(late_key, "state") == b"settled"
+    assert client.hget(late_key, "state") == b"redeemable"
+    assert proxy.pay(late).status_code == 200  # the buyer's retry is served, not refused
 
 
 def test_revenue_reports_settled_amounts(
@@ -188,12 +191,14 @@ def test_a_paid_call_logs_one_clean_line(
         response = proxy.pay(payment, body)
         time.sleep(0.1)
     assert response.status_code == 200
-    lines = [r.getMessage() for r in caplog.records if r.name == "x402.access"]
-    (line,) = [entry for entry in lines if '"outcome":"served"' in entry]
-    assert f'"payer":"{proxy.wallets.payer.lower()}"' in line and '"tx":"0x' in line
-    assert f'"amount":{payment.authorization.value}' in line and '"route":"/v1/chat/completions"' in line
-    everything = "\n".join(r.getMessage() for r in caplog.records)
-    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("x402"))
+    formatter = JsonFormatter()
+    lines = [json.loads(formatter.format(r)) for r in caplog.records if r.name == "x402.access"]
+    (line,) = [entry for entry in lines if entry.get("outcome") == "served"]
+    assert line["payer"] == proxy.wallets.payer.lower() and line["tx"].startswith("0x")
+    assert line["amount"] == payment.authorization.value and line["route"] == "/v1/chat/completions"
+    assert line["request_id"] == response.headers["X-Request-Id"] and line["logger"] == "x402.access"
+    everything = "\n".join(r.getMessage() + formatter.format(r) for r in caplog.records)
+    ours = "\n".join(formatter.format(r) for r in caplog.records if r.name.startswith("x402"))
     from app.x402.codec import encode_header
 
     for forbidden in (marker, encode_header(payment.to_wire()), proxy.settings.relayer_key[2:]):

@@ -18,14 +18,13 @@ import redis
 import requests
 from eth_account import Account
 
-from app.backends.chain import (
+from app.backends.rpc import Broadcast, RpcClient
+from app.backends.token import (
     AUTHORIZATION_USED_TOPIC,
     SEL_AUTHORIZATION_STATE,
     SEL_BALANCE_OF,
     SEL_NAME,
     TRANSFER_TOPIC,
-    Broadcast,
-    RpcClient,
 )
 from app.devnet import Service, free_port
 from app.devnet.standin import StandinModel

@@ -16,7 +16,7 @@ import pytest
 from eth_account import Account
 from flask import Flask, Response, jsonify
 
-from app.backends.chain import transfer_calldata
+from app.backends.token import transfer_calldata
 from app.devnet.standin import StandinModel
 from tests.facilitator_server import start_facilitator
 from tests.integration.test_facilitator import proxy_via

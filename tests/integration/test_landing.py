@@ -190,7 +190,9 @@ def test_catalog_text_is_escaped_and_the_public_url_is_used(
     catalog = tmp_path / "catalog.toml"
     catalog.write_text(HOSTILE_CATALOG, encoding="utf-8")
     server = serve(
-        create_checked_app(settings.with_overrides(catalog_path=catalog, public_url="https://pay.example.org"))
+        create_checked_app(
+            settings.with_overrides(catalog_path=catalog, public_url="https://pay.example.org")
+        )
     )
     try:
         url = f"http://127.0.0.1:{server.server_port}/"

@@ -242,7 +242,7 @@ def test_payer_without_funds_is_refused_and_may_pay_once_funded(proxy: Proxy, st
     broke = proxy.payment(requirement)
     # empty the payer's wallet with an authorization of its whole balance, submitted directly
     drain = proxy.payment({**requirement, "amount": str(payer_balance)})
-    from app.backends.chain import transfer_calldata
+    from app.backends.token import transfer_calldata
 
     proxy.chain.transact(proxy.chain.token, transfer_calldata(drain.authorization, drain.signature, True))
     assert proxy.balances()[0] == 0
@@ -257,7 +257,7 @@ def test_payer_without_funds_is_refused_and_may_pay_once_funded(proxy: Proxy, st
 
 def test_payment_submitted_first_by_someone_else_is_served_once(proxy: Proxy, standin) -> None:
     """Preemption: anyone can submit a signed authorization. If it paid us, we serve it, once."""
-    from app.backends.chain import transfer_calldata
+    from app.backends.token import transfer_calldata
 
     payment = proxy.payment(proxy.requirement())
     proxy.chain.transact(proxy.chain.token, transfer_calldata(payment.authorization, payment.signature, True))

@@ -23,7 +23,7 @@ import redis
 
 import app.payments.gate
 from app import create_checked_app
-from app.backends.chain import transfer_calldata
+from app.backends.token import transfer_calldata
 from app.devnet import Service
 from app.devnet.standin import Behaviour, StandinModel
 from app.payments.ledger import RELEASED_GRACE, Ledger, payment_key

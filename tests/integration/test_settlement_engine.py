@@ -110,7 +110,7 @@ def test_payment_preempted_between_verification_and_our_send_is_served_once(
 ) -> None:
     """Someone submits the same authorization just before our transaction: ours reverts, theirs
     moved the money to us; the call is served once, under our claim, with their transaction."""
-    from app.backends.chain import transfer_calldata
+    from app.backends.token import transfer_calldata
 
     proxy = via_faulty_rpc
     payment = proxy.payment(proxy.requirement())

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import redis
 from eth_abi import encode
 
-from app.backends.chain import selector
+from app.backends.token import selector
 from app.devnet import BASE_USDC
 from app.x402.codec import encode_header
 from app.x402.eip712 import address_of_key, authorization_digest, domain_separator, sign_digest

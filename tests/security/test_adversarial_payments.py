@@ -21,7 +21,8 @@ import pytest
 import requests
 from eth_hash.auto import keccak
 
-from app.backends.chain import ASSET_PAUSED, transfer_calldata
+from app.backends.chain import ASSET_PAUSED
+from app.backends.token import transfer_calldata
 from app.devnet import BASE_USDC, PROJECT_ROOT
 from app.devnet.standin import StandinModel
 from app.x402.codec import decode_header

@@ -28,6 +28,7 @@ from requests.adapters import HTTPAdapter
 from app import create_checked_app
 from app.devnet import DevChain, Wallets
 from app.devnet.standin import StandinModel
+from app.logs import JsonFormatter
 from app.settings import Settings
 from app.x402.codec import encode_header
 from app.x402.wire import V2_HEADER
@@ -114,9 +115,13 @@ def all_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixt
 
 
 def log_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
-    """(logger name, everything the record holds: message, arguments, traceback, extra fields)."""
-    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
-    return [(r.name, formatter.format(r) + " " + repr(r.__dict__)) for r in caplog.records]
+    """(logger name, everything the record holds: message, arguments, traceback, extra fields, and the
+    JSON line the deployed log format writes of it)."""
+    formatter, written = logging.Formatter("%(name)s %(levelname)s %(message)s"), JsonFormatter()
+    return [
+        (r.name, formatter.format(r) + " " + written.format(r) + " " + repr(r.__dict__))
+        for r in caplog.records
+    ]
 
 
 def redis_contents(proxy: Proxy) -> list[bytes]:

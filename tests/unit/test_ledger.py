@@ -462,3 +462,12 @@ def test_a_released_payment_expires_with_its_authorization(
     assert client.ttl(KEY) > RETENTION_SECONDS
     assert ledger.transition(KEY, ("claimed",), "released")
     assert 100 < client.ttl(KEY) <= 100 + ledger_module.RELEASED_GRACE
+
+
+def test_a_redeemed_payment_settled_again_for_its_stream_is_one_settled_event(ledger: Ledger) -> None:
+    """Revenue sums settled events: a redemption must not add a second one."""
+    redeemable(ledger)
+    assert claim(ledger).outcome == "redeem"  # now settled again, for the retry
+    assert ledger.transition(KEY, ("settling", "settled"), "settled")  # the stream starts
+    assert ledger.transition(KEY, ("settled",), "served")
+    assert [e["event"] for e in ledger.events()] == ["served", "redeemable", "settled"]

@@ -33,6 +33,7 @@ def test_the_lua_moves_are_transitions_of_the_table() -> None:
     settling (claimed → settling); each of these is in the table."""
     for from_state, to_state in [
         (State.RELEASED, State.CLAIMED),
+        (State.CLAIMED, State.CLAIMED),  # an abandoned claim taken over
         (State.FAILED, State.CLAIMED),
         (State.REDEEMABLE, State.SETTLED),
         (State.SETTLED, State.SETTLED),
