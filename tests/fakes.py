@@ -13,7 +13,7 @@ import requests
 from app.backends.chain import Preflight
 from app.backends.token import AUTHORIZATION_USED_TOPIC, TRANSFER_TOPIC
 from app.backends.upstream import UpstreamAnswer, UpstreamFailed
-from app.payments.settlement import FAILED, SETTLED, Settlement
+from app.payments.settlement import FAILED, SETTLED, Settlement, SettlementJob
 from app.x402.verdict import ACCEPTED
 from app.x402.wire import Authorization
 
@@ -74,11 +74,9 @@ class ModelSettler:
         self.reverted: Counter[bytes] = Counter()
         self.sent: dict[str, Authorization] = {}
 
-    def settle(
-        self, payment: Any, requirement: Any, preflight: Preflight, start: Any, replaced: Any
-    ) -> Settlement:
-        auth = payment.authorization
-        start((8453, self.address, 0))
+    def settle(self, job: SettlementJob) -> Settlement:
+        auth = job.payment.authorization
+        job.start((8453, self.address, 0))
         tx_hash = "0x" + os.urandom(32).hex()
         self.broadcasts[auth.nonce] += 1
         self.sent[tx_hash] = auth

@@ -30,7 +30,7 @@ from app.payments.answers import Answer
 from app.payments.errors import ApiError
 from app.payments.ledger import NEW, REDEEM, RESUME, Claim, Ledger, payment_key
 from app.payments.outcomes import Offer, Paid, PaymentRequired, Ticket, payment_header
-from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED, Settler
+from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED, SettlementJob, Settler
 from app.payments.states import State
 from app.settings import Settings
 from app.x402.challenge import Resource, build_challenge
@@ -291,7 +291,7 @@ class Gate:
 
         started = time.perf_counter()
         try:
-            settlement = self.settler.settle(payment, requirement, preflight, start, replaced)
+            settlement = self.settler.settle(SettlementJob(payment, requirement, preflight, start, replaced))
         except ApiError:
             raise
         except ChainUnavailable as exc:

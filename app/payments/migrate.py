@@ -31,11 +31,12 @@ def _migrations_package() -> Traversable:
 
 
 MIGRATIONS_DIR = _migrations_package()
-NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.py$")
 
 
 @dataclass(frozen=True)
 class Migration:
+    """One keyspace migration: its number, its name and its file (``NNNN_name.py``)."""
+
     number: int
     name: str
     path: Traversable
@@ -47,6 +48,9 @@ class Migration:
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         return module
+
+
+NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.py$")
 
 
 def discover(directory: Traversable = MIGRATIONS_DIR) -> list[Migration]:

@@ -110,20 +110,26 @@ def preempted_or_failed(chain: Chain, auth: Authorization, tx_hash: str) -> Sett
     return Settlement(FAILED, tx_hash, TRANSACTION_FAILED)
 
 
+@dataclass(frozen=True)
+class SettlementJob:
+    """One verified payment to settle: the payload, the requirement it was checked against, the
+    on-chain preflight, and the ledger hooks: ``start`` moves the payment to settling right before
+    anything is sent (and reserves the relayer nonce), ``on_replaced`` records a fee-bumped tx hash."""
+
+    payment: PaymentPayload
+    requirement: Requirement
+    preflight: Preflight
+    start: StartSettling
+    on_replaced: RecordReplacement
+
+
 class Settler(Protocol):
     """Submits a verified payment and confirms it on chain; ``address`` is the account the
     pre-settlement simulation runs from."""
 
     address: str
 
-    def settle(
-        self,
-        payment: PaymentPayload,
-        requirement: Requirement,
-        preflight: Preflight,
-        start: StartSettling,
-        on_replaced: RecordReplacement,
-    ) -> Settlement: ...
+    def settle(self, job: SettlementJob) -> Settlement: ...
 
 
 class LocalSettler:
@@ -136,15 +142,9 @@ class LocalSettler:
         self.account = Account.from_key(settings.relayer_key)
         self.address = str(self.account.address)
 
-    def settle(
-        self,
-        payment: PaymentPayload,
-        requirement: Requirement,
-        preflight: Preflight,
-        start: StartSettling,
-        on_replaced: RecordReplacement,
-    ) -> Settlement:
+    def settle(self, job: SettlementJob) -> Settlement:
         """Send the settlement and wait for it, replacing it with higher fees if it is stuck."""
+        payment, preflight, start, on_replaced = job.payment, job.preflight, job.start, job.on_replaced
         auth = payment.authorization
         chain_id = self.settings.network.chain_id
         nonce = start((chain_id, self.address, preflight.relayer_nonce))
@@ -239,14 +239,8 @@ class FacilitatorSettler:
         kinds = response.json().get("kinds", [])
         return [k for k in kinds if isinstance(k, dict)]
 
-    def settle(
-        self,
-        payment: PaymentPayload,
-        requirement: Requirement,
-        preflight: Preflight,
-        start: StartSettling,
-        on_replaced: RecordReplacement,
-    ) -> Settlement:
+    def settle(self, job: SettlementJob) -> Settlement:
+        payment, requirement, start = job.payment, job.requirement, job.start
         auth = payment.authorization
         start(None)  # settling from here on: the facilitator may broadcast at any moment
         if payment.version == 2:
