@@ -186,7 +186,7 @@ def facilitator_app(private_key: str, rpc_url: str) -> Flask:
 def facilitator_main(port: int) -> None:
     from werkzeug.serving import make_server
 
-    from app.cli import quiet_request_handler
+    from app.cli.devnet import quiet_request_handler
 
     app = facilitator_app(os.environ["REF_FACILITATOR_KEY"], os.environ["REF_RPC_URL"])
     server = make_server("127.0.0.1", port, app, threaded=True, request_handler=quiet_request_handler())

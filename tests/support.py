@@ -11,7 +11,7 @@ from typing import Any
 import requests
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from app.cli import quiet_request_handler
+from app.cli.devnet import quiet_request_handler
 from app.devnet import DevChain, Wallets
 from app.settings import Settings
 from app.x402.codec import decode_header, encode_header

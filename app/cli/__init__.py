@@ -13,55 +13,25 @@ import json
 import logging
 import os
 import sys
-import threading
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from app import logs
-from app.amounts import USDC_DECIMALS, USDC_UNIT, amount_text
+from app.amounts import USDC_DECIMALS, amount_text
+from app.cli.common import (
+    DEMO_BODY,
+    EXIT_BAD_INPUT,
+    EXIT_UNREACHABLE,
+    MAX_DECIMALS,
+    atomic_units,
+    parse_amount,
+    parse_usdc,
+    usdc,
+)
+from app.cli.devnet import cmd_devnet
 
-MAX_DECIMALS = 77  # a uint256 has 78 digits
 REDIS_CONNECT_TIMEOUT = 3.0  # seconds, as the proxy's own Redis client (app.payments.ledger.connect)
-EXIT_BAD_INPUT, EXIT_UNREACHABLE = 2, 3
-DEMO_BODY: dict[str, Any] = {
-    "model": "hermes-3-8b-tee",
-    "messages": [{"role": "user", "content": "Say hello from inside the enclave."}],
-    "max_tokens": 64,
-}
-
-
-def usdc(amount: int) -> str:
-    return f"{amount_text(amount)} USDC"
-
-
-def parse_amount(text: str) -> Decimal:
-    """A non-negative decimal number of whole tokens, e.g. '0.10' (exact decimal, no float)."""
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise argparse.ArgumentTypeError(f"not an amount: {text!r}") from None
-    if not value.is_finite() or not 0 <= value < 2**256:
-        raise argparse.ArgumentTypeError(f"not a non-negative uint256 amount: {text!r}")
-    return value
-
-
-def atomic_units(value: Decimal, decimals: int) -> int:
-    """Whole tokens → atomic units of a token with ``decimals`` decimals (0.10, 6 → 100000)."""
-    atomic = value.scaleb(decimals)
-    if atomic != atomic.to_integral_value():
-        raise ValueError(f"amount {value:f} has more than the token's {decimals} decimals")
-    if atomic >= 2**256:
-        raise ValueError(f"amount {value:f} is above any uint256")
-    return int(atomic)
-
-
-def parse_usdc(text: str) -> int:
-    """'0.10' → 100000 atomic units (exact decimal, no float)."""
-    try:
-        return atomic_units(parse_amount(text), USDC_DECIMALS)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_address(text: str) -> str:
@@ -249,115 +219,6 @@ def cmd_catalog_import(args: argparse.Namespace) -> int:
         return 1
     print(f"wrote {len(models)} models to {args.output}", file=sys.stderr)
     return 0
-
-
-def quiet_request_handler() -> type:
-    from werkzeug.serving import WSGIRequestHandler
-
-    class QuietRequestHandler(WSGIRequestHandler):
-        """No access log: it would print client addresses."""
-
-        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-            return
-
-        def log(self, type: str, message: str, *args: object) -> None:
-            """Server errors, without the client's address."""
-            level = logging.ERROR if type == "error" else logging.INFO
-            logging.getLogger("werkzeug").log(level, message, *args)
-
-    return QuietRequestHandler
-
-
-def cmd_devnet(args: argparse.Namespace) -> int:
-    from werkzeug.serving import make_server
-
-    from app import create_checked_app
-    from app.cli.wallet import pay
-    from app.devnet import (
-        DevChain,
-        DevnetError,
-        Wallets,
-        fake_redis_or_none,
-        prepare_chain,
-        require_checkout,
-        start_anvil,
-        start_redis,
-    )
-    from app.devnet.standin import StandinModel
-    from app.settings import Settings, SettingsError
-
-    services: list[Any] = []
-    try:
-        require_checkout()
-        fake_redis = fake_redis_or_none()  # checked before anything starts
-        anvil = start_anvil()
-        services.append(anvil)
-        wallets = Wallets.fresh()
-        chain = DevChain(anvil.url)
-        prepare_chain(chain, wallets, 100 * USDC_UNIT)
-        redis_service = start_redis()
-        overrides = {
-            "X402_PAY_TO": wallets.pay_to,
-            "X402_RPC_URLS": anvil.url,
-            "X402_RELAYER_KEY": wallets.relayer_key,
-            "REDIS_URL": redis_service.url if redis_service else "redis://in-process",
-            "X402_NETWORK": "eip155:8453",
-        }
-        settings = Settings.from_env(overrides=overrides)
-        if redis_service:
-            services.append(redis_service)
-        else:
-            print(
-                "WARNING: redis-server not found; using an in-process fake Redis (one process only, "
-                "nothing persists). Install redis-server for a real set-up.",
-                file=sys.stderr,
-            )
-            settings = settings.with_overrides(redis_client=fake_redis)
-        if not settings.upstream_api_key:
-            standin = StandinModel().start()
-            services.append(standin)
-            settings = settings.with_overrides(upstream_url=standin.url)
-        app = create_checked_app(settings)
-        server = make_server(
-            "127.0.0.1", args.port, app, threaded=True, request_handler=quiet_request_handler()
-        )
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        services.append(server)
-    except (DevnetError, SettingsError, OSError) as exc:
-        print(f"x402-proxy devnet: {exc}", file=sys.stderr)
-        _stop(services)
-        return 1
-    except BaseException:  # e.g. anvil stopped answering: main says so; no child process outlives us
-        _stop(services)
-        raise
-
-    url = f"http://127.0.0.1:{args.port}/v1/chat/completions"
-    print(f"devnet up: chain {anvil.url} (id 8453, USDC at {chain.token}) · proxy {url}")
-    print(f"demo payer {wallets.payer} holds {usdc(chain.balance(wallets.payer))}; payee {wallets.pay_to}")
-    print(f"demo payer key (devnet only): {wallets.payer_key}")
-    print(f"try: x402-proxy pay {url} --key {wallets.payer_key}")
-    try:
-        if args.demo:
-            before = chain.balance(wallets.pay_to)
-            result = pay(url, bytes.fromhex(wallets.payer_key[2:]), DEMO_BODY, parse_usdc("0.10"))
-            answer = json.loads(result.body)
-            print(f"paid call → HTTP {result.status}: {answer['choices'][0]['message']['content']!r}")
-            print(f"settlement: {result.settlement}")
-            after = chain.balance(wallets.pay_to)
-            print(f"payee balance {usdc(before)} → {usdc(after)} (price {usdc(result.amount)})")
-            return 0 if result.status == 200 else 1
-        print("serving; Ctrl-C to stop")
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        _stop(services)
-    return 0
-
-
-def _stop(services: list[Any]) -> None:
-    for service in reversed(services):
-        (getattr(service, "shutdown", None) or service.stop)()
 
 
 def build_parser() -> argparse.ArgumentParser:

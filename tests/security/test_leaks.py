@@ -356,7 +356,7 @@ def test_the_client_cannot_choose_the_upstream_host(
 def test_a_request_the_http_server_refuses_logs_no_client_address(
     proxy: Proxy, all_logs: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """The devnet/test server (``app.cli.quiet_request_handler``) drops access lines; its error
+    """The devnet/test server (``app.cli.devnet.quiet_request_handler``) drops access lines; its error
     lines (a header line over 64 KB, a garbled request line) must not name the client either."""
     host, port = proxy.url.removeprefix("http://").split(":")
     for request in (
