@@ -64,6 +64,8 @@ class JsonFormatter(logging.Formatter):
     """A record → one JSON object on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """One JSON line: time, level, logger, message, pid, the request id within a request, the record's
+        ``fields`` (never overriding those keys), and ``exc`` / ``stack`` when the record has them."""
         line: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,

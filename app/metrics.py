@@ -43,4 +43,5 @@ OPEN_PAYMENTS = Gauge(
 
 
 def payment_outcome(outcome: str, reason: str = "") -> None:
+    """Count one payment in ``x402_payments_total`` under ``outcome`` and the reason code ``reason``."""
     PAYMENTS.labels(outcome, reason).inc()

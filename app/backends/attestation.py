@@ -39,6 +39,7 @@ class AttestationCheck:
     reason: str = ""
 
     def public(self) -> dict[str, object]:
+        """This check as a plain dict of its fields (what ``GET /v1/attestation/<name>`` shows)."""
         return asdict(self)
 
 

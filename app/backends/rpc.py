@@ -240,6 +240,7 @@ def word_value(answer: Any) -> int:
 
 
 def is_quantity(answer: Any) -> bool:
+    """A JSON-RPC quantity: ``0x`` + 1 to 64 hex digits without leading zeros (Ethereum execution API)."""
     return isinstance(answer, str) and QUANTITY_RE.fullmatch(answer) is not None
 
 
@@ -265,4 +266,5 @@ def is_flag_or_refused(answer: Any) -> bool:
 
 
 def is_quantity_or_refused(answer: Any) -> bool:
+    """A well-formed quantity, or an ``RpcError`` (the endpoint answered and refused the call)."""
     return isinstance(answer, RpcError) or is_quantity(answer)

@@ -58,6 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    """``x402-proxy migrate [--dry-run]``: apply (or only list) the pending Redis keyspace migrations and
+    print them. Exit 0; 2 when ``REDIS_URL`` is missing or malformed; 3 (from ``main``) when Redis is down."""
     import redis
 
     from app.payments.migrate import migrate
@@ -85,6 +87,8 @@ def _books_parts() -> tuple[Any, Any, Any]:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
+    """``x402-proxy reconcile [--since]``: check recent payments against the chain, resolve the open ones
+    and print the findings. Exit 0 when all match, 1 when one has a problem, 2 for bad settings or --since."""
     from app.payments.books import parse_duration, reconcile, render_findings
     from app.settings import SettingsError
 
@@ -99,6 +103,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_revenue(args: argparse.Namespace) -> int:
+    """``x402-proxy revenue [--by] [--since] [--csv]``: settled revenue from the ledger stream per model,
+    day (UTC) or payer, as a table or CSV. Exit 0; 2 for bad settings or --since."""
     from app.payments.books import parse_duration, render_revenue, revenue
     from app.settings import SettingsError
 
@@ -159,6 +165,8 @@ def cmd_verify_receipt(args: argparse.Namespace) -> int:
 
 
 def cmd_pay(args: argparse.Namespace) -> int:
+    """``x402-proxy pay URL``: call a paid URL, paying its 402 (at most ``--max-amount`` whole tokens). Exit 0
+    below HTTP 400; 1 when refused, HTTP 400+ or a bad key or --json; 2 for missing or conflicting options."""
     from app.cli.wallet import PaymentRefused, pay
 
     try:
@@ -222,6 +230,8 @@ def cmd_catalog_import(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``x402-proxy`` argument parser: one subcommand per entry of ``COMMANDS`` (``catalog`` has
+    ``import``)."""
     parser = argparse.ArgumentParser(prog="x402-proxy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the proxy under gunicorn (configuration from X402_* variables)")

@@ -18,6 +18,7 @@ DEMO_BODY: dict[str, Any] = {
 
 
 def usdc(amount: int) -> str:
+    """Atomic units of USDC (6 decimals) as text: 100000 → "0.100000 USDC"."""
     return f"{amount_text(amount)} USDC"
 
 

@@ -15,6 +15,8 @@ from app.cli.common import DEMO_BODY, parse_usdc, usdc
 
 
 def quiet_request_handler() -> type:
+    """A werkzeug ``WSGIRequestHandler`` class that writes no access lines and logs its other messages to
+    the ``werkzeug`` logger without the client's address (the devnet's and the tests' servers use it)."""
     from werkzeug.serving import WSGIRequestHandler
 
     class QuietRequestHandler(WSGIRequestHandler):
@@ -32,6 +34,9 @@ def quiet_request_handler() -> type:
 
 
 def cmd_devnet(args: argparse.Namespace) -> int:
+    """``x402-proxy devnet [--port] [--demo]``: anvil, Redis (or an in-process fake), the stand-in model
+    (without an upstream key) and the proxy on 127.0.0.1; serves until Ctrl-C, or ``--demo`` pays one call.
+    Exit 0; 1 when a part cannot start or the demo call does not answer 200."""
     from werkzeug.serving import make_server
 
     from app import create_checked_app

@@ -66,6 +66,8 @@ def fake_redis_or_none() -> Any:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that the OS found free; it is released again, so another process may
+    take it first."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -106,6 +108,8 @@ class Service:
     workdir: str = ""
 
     def stop(self) -> None:
+        """Terminate the process (kill it when it has not exited after 5 seconds) and remove its work
+        directory, if any."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -118,6 +122,8 @@ class Service:
 
 
 def start_anvil(port: int | None = None, chain_id: int = 8453) -> Service:
+    """anvil on 127.0.0.1 (``port``, else a free one) with ``chain_id`` (Base's 8453 by default), once it
+    answers ``eth_chainId``. Raises ``DevnetError`` when it is not found, exits, or is not up within 20 s."""
     port = port or free_port()
     process = subprocess.Popen(
         [find_anvil(), "--host", "127.0.0.1", "--port", str(port), "--chain-id", str(chain_id), "--silent"],
@@ -163,6 +169,8 @@ def start_redis(port: int | None = None) -> Service | None:
 
 
 def token_runtime_code() -> str:
+    """The test token's deployed bytecode (0x-hex) from ``contracts/EIP3009Token.json``; raises ``OSError``
+    when the file is missing (not a checkout)."""
     artifact = json.loads(TOKEN_ARTIFACT.read_text())
     return str(artifact["deployedBytecode"])
 
@@ -179,9 +187,13 @@ class DevChain:
         self.rpc = RpcClient((self.url,))
 
     def place_token(self) -> None:
+        """Put the test token's runtime code at ``token`` (Base's USDC address by default) with
+        ``anvil_setCode``; raises ``RpcFailure`` or ``ChainUnavailable``."""
         self.rpc.call("anvil_setCode", [self.token, token_runtime_code()])
 
     def set_eth(self, address: str, wei: int) -> None:
+        """Set the ETH balance of ``address`` to ``wei`` with ``anvil_setBalance``; raises ``RpcFailure`` or
+        ``ChainUnavailable``."""
         self.rpc.call("anvil_setBalance", [address, hex(wei)])
 
     def transact(self, to: str, data: bytes) -> dict[str, Any]:
@@ -201,12 +213,17 @@ class DevChain:
             time.sleep(0.01)
 
     def token_call(self, signature: str, types: list[str], args: list[Any]) -> dict[str, Any]:
+        """Send the token ``signature``'s selector with ``args`` ABI-encoded as ``types``; returns the receipt
+        (``transact``)."""
         return self.transact(self.token, selector(signature) + encode(types, args))
 
     def mint(self, to: str, amount: int) -> None:
+        """Mint ``amount`` atomic units of the test token to ``to`` with the token's open ``mint``."""
         self.token_call("mint(address,uint256)", ["address", "uint256"], [to, amount])
 
     def balance(self, address: str) -> int:
+        """The token balance of ``address`` in atomic units (``balanceOf``); raises ``ChainUnavailable`` when
+        anvil does not answer."""
         (answer,) = self.rpc.batch(
             [eth_call(self.token, selector("balanceOf(address)") + encode(["address"], [address]))]
         )
@@ -223,6 +240,7 @@ class Wallets:
 
     @classmethod
     def fresh(cls) -> Wallets:
+        """New random 32-byte keys (0x-hex) for the relayer and the demo payer, and a new payee address."""
         return cls(
             relayer_key="0x" + os.urandom(32).hex(),
             payer_key="0x" + os.urandom(32).hex(),
@@ -231,14 +249,18 @@ class Wallets:
 
     @property
     def relayer(self) -> str:
+        """The relayer's address (checksummed), from ``relayer_key``."""
         return str(Account.from_key(self.relayer_key).address)
 
     @property
     def payer(self) -> str:
+        """The demo payer's address (checksummed), from ``payer_key``."""
         return str(Account.from_key(self.payer_key).address)
 
 
 def prepare_chain(chain: DevChain, wallets: Wallets, payer_usdc: int) -> None:
+    """Place the test token, give the relayer 100 ETH (10**20 wei) for gas and mint ``payer_usdc`` atomic
+    units of USDC to the demo payer."""
     chain.place_token()
     chain.set_eth(wallets.relayer, 10**20)
     chain.mint(wallets.payer, payer_usdc)

@@ -137,6 +137,8 @@ def _checked(
 
 
 def render_findings(findings: list[Finding]) -> str:
+    """The reconcile report as text: a row (state, result, tx, key) per mismatched, resolved or open payment,
+    followed by its problem or why it is open; one all-clear line when there is none."""
     rows = [f for f in findings if f.problem or f.resolved or f.open]
     if not rows:
         return "reconcile: every checked payment matches the chain\n"
@@ -167,10 +169,13 @@ def revenue(ledger: Ledger, since_seconds: int, by: str) -> dict[str, int]:
 
 
 def dollars(atomic: int, decimals: int = 6) -> str:
+    """Atomic units as "$" and the amount, thousands grouped: "$1,234.500000" for 1234500000 at 6 decimals."""
     return f"${amount_text(atomic, decimals, grouped=True)}"
 
 
 def render_revenue(totals: dict[str, int], by: str, as_csv: bool) -> str:
+    """The revenue report: with ``as_csv`` CSV rows (group, atomic_units, usdc), else one dollar amount per
+    group and a total line."""
     out = io.StringIO()
     if as_csv:
         writer = csv.writer(out)

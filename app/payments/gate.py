@@ -97,6 +97,8 @@ class Gate:
             return self._pool
 
     def requirement(self, quote: Quote) -> Requirement:
+        """Our x402 ``exact`` requirement for this quote: its price (atomic units) paid to ``pay_to`` in the
+        configured asset, on the configured network."""
         s = self.settings
         return Requirement(
             network=s.network.caip2,
@@ -135,6 +137,8 @@ class Gate:
     def settle_header(
         self, version: int, success: bool, tx_hash: str, payer: str, reason: str = ""
     ) -> tuple[str, str]:
+        """(header name, base64 value) of the settlement response: ``PAYMENT-RESPONSE`` with the CAIP-2
+        network for v2, ``X-PAYMENT-RESPONSE`` with the v1 network name for v1; ``KeyError`` otherwise."""
         network = self.settings.network.caip2 if version == 2 else self.settings.network.v1_name
         return RESPONSE_HEADERS[version], SettleResponse(success, tx_hash, network, payer, reason).to_header()
 
@@ -411,6 +415,8 @@ class Gate:
         self._record(paid, State.SETTLED)
 
     def served(self, paid: Paid) -> None:
+        """Before a whole answer below HTTP 400 is handed over: record the payment served; raises ``ApiError``
+        (503) when Redis fails."""
         self._record(paid, State.SERVED)
 
     def redeemable(self, paid: Paid) -> None:

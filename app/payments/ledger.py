@@ -149,6 +149,8 @@ class Claim:
 
 
 def payment_key(chain_id: int, asset: str, payer: str, nonce: bytes) -> str:
+    """The Redis key of one authorization, lower-case: ``x402:{auth:<chain id>:<asset>:<payer>:0x<nonce>}``
+    (the braces are the Cluster hash tag)."""
     return f"x402:{{auth:{chain_id}:{asset.lower()}:{payer.lower()}:0x{nonce.hex()}}}"
 
 
@@ -250,6 +252,7 @@ class Ledger:
         return counts
 
     def get(self, key: str) -> dict[str, str]:
+        """A payment's record (its Redis hash) as text fields; empty when the key does not exist."""
         return {text_of(k): text_of(v) for k, v in self.redis.hgetall(key).items()}
 
     def reserve_relayer_nonce(
@@ -265,6 +268,7 @@ class Ledger:
         self.redis.set(relayer_nonce_key(chain_id, relayer), chain_pending)
 
     def events(self, count: int = 100) -> list[dict[str, str]]:
+        """The newest ``count`` entries of the ledger stream, newest first, as text fields."""
         return [
             {text_of(k): text_of(v) for k, v in fields.items()}
             for _id, fields in self.redis.xrevrange(LEDGER_STREAM, count=count)
@@ -272,10 +276,12 @@ class Ledger:
 
 
 def relayer_nonce_key(chain_id: int, relayer: str) -> str:
+    """The Redis key of a relayer's account-nonce counter: ``x402:{relayer:<chain id>:<address>}:nonce``."""
     return f"x402:{{relayer:{chain_id}:{relayer.lower()}}}:nonce"
 
 
 def text_of(value: Any) -> str:
+    """A Redis reply as text: bytes decoded as UTF-8, anything else through ``str``."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -287,11 +293,14 @@ def _cluster_enabled(client: redis.Redis) -> bool:
 
 
 def keyspace_version(client: redis.Redis) -> int | None:
+    """The keyspace version stamped in Redis (``KEYSPACE_KEY``), or None when there is none; ``ValueError``
+    when it is not an integer."""
     value = client.get(KEYSPACE_KEY)
     return None if value is None else int(value)
 
 
 def has_payment_keys(client: redis.Redis) -> bool:
+    """Whether Redis holds any ``x402:*`` key (the scan stops at the first one)."""
     return next(iter(client.scan_iter(match="x402:*", count=1000)), None) is not None
 
 
@@ -313,6 +322,8 @@ def check_keyspace(client: redis.Redis) -> None:
 
 
 def connect(settings: Settings) -> redis.Redis:
+    """``settings.redis_client`` when set (e.g. the devnet's fake Redis), else a client for ``redis_url`` (5 s
+    socket timeout, 3 s to connect); redis-py raises ``ValueError`` for a URL of another scheme."""
     if settings.redis_client is not None:
         return settings.redis_client  # type: ignore[return-value]
     return redis.Redis.from_url(

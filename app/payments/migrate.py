@@ -42,6 +42,8 @@ class Migration:
     path: Traversable
 
     def load(self) -> ModuleType:
+        """The migration's file imported as a module (its code runs now; ``migrate`` then calls its
+        ``up(redis)``)."""
         with importlib.resources.as_file(self.path) as path:
             spec = importlib.util.spec_from_file_location(f"x402_migration_{self.number:04d}", path)
             assert spec is not None and spec.loader is not None
@@ -54,6 +56,7 @@ NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.py$")
 
 
 def discover(directory: Traversable = MIGRATIONS_DIR) -> list[Migration]:
+    """The migrations in ``directory`` (files named ``NNNN_name.py``), in number order."""
     found = [
         Migration(int(m.group(1)), m.group(2), path)
         for path in directory.iterdir()
@@ -63,6 +66,7 @@ def discover(directory: Traversable = MIGRATIONS_DIR) -> list[Migration]:
 
 
 def pending(client: redis.Redis, directory: Traversable = MIGRATIONS_DIR) -> list[Migration]:
+    """The migrations numbered above the keyspace version in Redis (all of them when none is stamped)."""
     current = keyspace_version(client) or 0
     return [m for m in discover(directory) if m.number > current]
 

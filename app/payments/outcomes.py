@@ -65,6 +65,8 @@ class Ticket:
         self._paid = paid
 
     def result(self) -> Paid:
+        """The ``Paid`` payment, waiting for its settlement when one is running; raises what the settlement
+        raised (``PaymentRequired``, ``ApiError``)."""
         if self._paid is None:
             assert self._future is not None
             self._paid = self._future.result()
@@ -72,6 +74,8 @@ class Ticket:
 
 
 def payment_header(headers: Mapping[str, str]) -> tuple[str | None, int]:
+    """(header value, x402 version): ``PAYMENT-SIGNATURE`` (2) when sent, else ``X-PAYMENT`` (1), whose
+    value is None when it is not sent either."""
     value = headers.get(V2_HEADER)
     if value is not None:
         return value, 2

@@ -26,6 +26,7 @@ FIELDS = ("tx", "payer", "amount", "model", "network", "request_sha256", "respon
 
 
 def sha256_hex(data: bytes) -> str:
+    """The SHA-256 of ``data`` as 64 lower-case hex digits (no 0x)."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -55,20 +56,27 @@ class Receipt:
         return "\n".join(lines).encode("utf-8")
 
     def signed(self, key: str) -> Receipt:
+        """A copy signed with ``key`` (hex private key) by EIP-191 ``personal_sign`` of ``message()``, the
+        signature 0x-hex; raises ``ValueError`` for a malformed key."""
         signature = Account.sign_message(encode_defunct(self.message()), key).signature
         return replace(self, signature="0x" + bytes(signature).hex())
 
     def signer(self) -> str | None:
+        """The checksummed address that signed ``message()``, or None when the signature does not recover."""
         try:
             return str(Account.recover_message(encode_defunct(self.message()), signature=self.signature))
         except Exception:
             return None
 
     def to_header(self) -> str:
+        """The ``X-Receipt`` value: base64 of the compact JSON of every field, the signature included."""
         return encode_header(asdict(self))
 
     @classmethod
     def from_header(cls, text: str) -> Receipt:
+        """Parse an ``X-Receipt`` value; raises ``ValueError`` (``MalformedInput`` included) unless it is
+        strict base64 JSON with exactly the receipt's fields, ``TypeError`` when amount or time is null, a
+        list or an object."""
         value: Any = decode_header(text)
         if not isinstance(value, dict) or set(value) != {*FIELDS, "signature"}:
             raise ValueError("not an x402-tee-proxy receipt")

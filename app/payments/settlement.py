@@ -129,7 +129,10 @@ class Settler(Protocol):
 
     address: str
 
-    def settle(self, job: SettlementJob) -> Settlement: ...
+    def settle(self, job: SettlementJob) -> Settlement:
+        """Submit the job's payment and confirm it on chain: a ``Settlement`` (settled, failed, pending
+        or not_sent)."""
+        ...
 
 
 class LocalSettler:
@@ -240,6 +243,9 @@ class FacilitatorSettler:
         return [k for k in kinds if isinstance(k, dict)]
 
     def settle(self, job: SettlementJob) -> Settlement:
+        """``POST /settle`` with our requirement, then check the named transaction on chain: settled only
+        when the chain shows this payment; failed on an explicit refusal (or a reported revert); else
+        pending."""
         payment, requirement, start = job.payment, job.requirement, job.start
         auth = payment.authorization
         start(None)  # settling from here on: the facilitator may broadcast at any moment

@@ -58,6 +58,8 @@ class CanonicalPaths:
 
 
 def init_app(app: Flask) -> None:
+    """Wrap the WSGI app in ``CanonicalPaths``; register a before_request hook answering every CORS
+    preflight (OPTIONS) with 204, free, and an after_request hook adding the CORS headers a response lacks."""
     app.wsgi_app = CanonicalPaths(app.wsgi_app)  # type: ignore[method-assign]
 
     @app.before_request

@@ -30,6 +30,9 @@ def _http_code(exc: HTTPException) -> str:
 
 
 def init_app(app: Flask) -> None:
+    """Register the error handlers: ``ApiError``, any ``HTTPException`` and any other exception (500
+    ``internal_error``) are all answered in the one JSON error shape."""
+
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
         note(outcome="error", reason=exc.code)

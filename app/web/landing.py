@@ -262,4 +262,5 @@ def index() -> Response:
 
 
 def init_app(app: Flask) -> None:
+    """Register the landing blueprint: ``GET /`` (free)."""
     app.register_blueprint(bp)

@@ -11,6 +11,8 @@ from app.metrics import REQUESTS
 
 
 def exposition(multiprocess_dir: str) -> Response:
+    """The Prometheus text exposition: summed over the gunicorn workers' files in ``multiprocess_dir``
+    when it is set, else this process's default registry."""
     if multiprocess_dir:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)
@@ -20,6 +22,9 @@ def exposition(multiprocess_dir: str) -> Response:
 
 
 def init_app(app: Flask) -> None:
+    """Register a before_request hook starting the request's clock (``g.x402_started``, perf_counter seconds)
+    and an after_request hook counting ``x402_requests_total`` by URL rule and status."""
+
     @app.before_request
     def _start_clock() -> None:
         g.x402_started = time.perf_counter()

@@ -112,6 +112,7 @@ def _open_payments() -> dict[str, Any]:
 
 @bp.get("/healthz")
 def healthz() -> Response:
+    """``GET /healthz``, free: ``{"status": "ok"}`` whenever the process answers."""
     return jsonify({"status": "ok"})
 
 
@@ -130,6 +131,8 @@ def _evaluate(settings: Settings) -> tuple[bool, dict[str, Any]]:
 
 @bp.get("/readyz")
 def readyz() -> Response:
+    """``GET /readyz``, free: ``{"ready", "checks"}`` (one entry per check), 200 when ready, else 503;
+    evaluated at most once per ``READY_CACHE_SECONDS`` (2 s) per process."""
     settings: Settings = current_app.config["X402_SETTINGS"]
     readiness: Readiness = current_app.extensions["x402.readiness"]
     ready, checks = readiness.get(lambda: _evaluate(settings))
@@ -140,9 +143,12 @@ def readyz() -> Response:
 
 @bp.get("/metrics")
 def metrics_endpoint() -> Response:
+    """``GET /metrics``, free: the Prometheus text exposition (``exposition``)."""
     return exposition(current_app.config["X402_SETTINGS"].metrics_dir)
 
 
 def init_app(app: Flask) -> None:
+    """Register the ops blueprint (``/healthz``, ``/readyz``, ``/metrics``) and this app's ``Readiness``
+    cache as ``app.extensions["x402.readiness"]``."""
     app.extensions["x402.readiness"] = Readiness()
     app.register_blueprint(bp)

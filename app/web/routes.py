@@ -183,11 +183,15 @@ def no_blind_retries(response: Response) -> Response:
 
 @bp.post("/v1/chat/completions")
 def chat_completions() -> Response:
+    """``POST /v1/chat/completions``, paid: prices the body; the model's answer (streamed with
+    ``"stream": true``) once the payment is confirmed, else the 402 challenge or a JSON error."""
     return _paid_call("chat")
 
 
 @bp.post("/v1/completions")
 def completions() -> Response:
+    """``POST /v1/completions``, paid: prices the body; the model's answer (streamed with
+    ``"stream": true``) once the payment is confirmed, else the 402 challenge or a JSON error."""
     return _paid_call("completions")
 
 
@@ -275,6 +279,8 @@ def well_known() -> Response:
 
 @bp.get("/v1/models")
 def models() -> Response:
+    """``GET /v1/models``, free: ``{"object": "list", "data"}``, one entry per listed model, its pricing
+    naming our asset and network."""
     settings = current_app.config["X402_SETTINGS"]
     entries = [m.public() for m in services().catalog.listed()]
     for entry in entries:
@@ -283,4 +289,6 @@ def models() -> Response:
 
 
 def init_app(app: Flask) -> None:
+    """Register the routes blueprint: paid ``/v1/chat/completions``, ``/v1/completions`` and
+    ``/v1/models/<name>/ping``; free ``/v1/models``, ``/v1/attestation/<name>`` and ``/.well-known/x402``."""
     app.register_blueprint(bp)

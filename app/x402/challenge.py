@@ -30,6 +30,8 @@ class Challenge:
     header: str  # the v2 PAYMENT-REQUIRED header value
 
     def headers(self) -> dict[str, str]:
+        """The 402's headers: ``PAYMENT-REQUIRED`` (v2, base64 JSON), ``Cache-Control: no-store`` and
+        ``Access-Control-Expose-Headers``."""
         return {
             "PAYMENT-REQUIRED": self.header,
             "Cache-Control": "no-store",

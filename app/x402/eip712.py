@@ -81,6 +81,8 @@ def is_canonical_ecdsa(signature: bytes) -> bool:
 
 
 def address_of_public_key(public_key: PublicKey) -> str:
+    """The lower-case 0x address of a secp256k1 public key: the last 20 bytes of the keccak-256 of its
+    uncompressed 64-byte form."""
     return "0x" + keccak(public_key.format(compressed=False)[1:])[-20:].hex()
 
 
@@ -103,4 +105,6 @@ def sign_digest(private_key: bytes, digest: bytes) -> bytes:
 
 
 def address_of_key(private_key: bytes) -> str:
+    """The lower-case 0x address of a 32-byte private key; raises ``ValueError`` for a key coincurve refuses
+    (zero, or not below the curve order)."""
     return address_of_public_key(PrivateKey(private_key).public_key)

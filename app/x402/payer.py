@@ -33,6 +33,8 @@ def offered_requirements(
 
 
 def requirement_amount(requirement: dict[str, Any], version: int) -> int:
+    """The amount a requirement asks, in atomic units: ``amount`` (v2) or ``maxAmountRequired`` (v1);
+    raises ``KeyError`` when it is missing, ``ValueError`` when it is not an integer."""
     return int(requirement["amount"] if version == 2 else requirement["maxAmountRequired"])
 
 
@@ -74,4 +76,5 @@ def sign_payment(
 
 
 def header_name(version: int) -> str:
+    """The payment header to send: ``PAYMENT-SIGNATURE`` for v2, ``X-PAYMENT`` for any other version."""
     return V2_HEADER if version == 2 else V1_HEADER

@@ -21,6 +21,7 @@ ACCEPTED = Verdict(True)
 
 
 def reject(reason: str, detail: str = "") -> Verdict:
+    """A refusing ``Verdict``: ``reason`` the stable code, ``detail`` in words."""
     return Verdict(False, reason, detail)
 
 

@@ -45,13 +45,18 @@ class Requirement:
 
     @property
     def chain_id(self) -> int:
+        """The chain id of the CAIP-2 ``network`` ("eip155:8453" → 8453); ``IndexError`` / ``ValueError`` when
+        ``network`` is not of that form."""
         return int(self.network.split(":", 1)[1])
 
     @property
     def v1_network(self) -> str:
+        """The x402 v1 network name ("base", "base-sepolia"); the CAIP-2 id itself for any other network."""
         return V1_NETWORK_NAMES.get(self.network, self.network)
 
     def to_v2(self) -> dict[str, Any]:
+        """The x402 v2 ``accepts`` entry: ``amount`` as a decimal string of atomic units, and the token's
+        EIP-712 domain name and version in ``extra``."""
         return {
             "scheme": self.scheme,
             "network": self.network,
@@ -63,6 +68,8 @@ class Requirement:
         }
 
     def to_v1(self, resource_url: str, description: str, mime_type: str) -> dict[str, Any]:
+        """The x402 v1 ``accepts`` entry: ``maxAmountRequired`` in atomic units (decimal string), the v1
+        network name, and the resource's URL, description and MIME type."""
         return {
             "scheme": self.scheme,
             "network": self.v1_network,
@@ -114,6 +121,8 @@ class PaymentPayload:
     extensions: dict[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
+        """The payload as x402 JSON: v1 ``{x402Version, scheme, network, payload}``; v2 with ``accepted`` (and
+        ``resource`` / ``extensions`` when set). The signature is 0x-hex, the addresses EIP-55 checksummed."""
         payload = {"signature": "0x" + self.signature.hex(), "authorization": self.authorization.to_wire()}
         if self.version == 1:
             return {"x402Version": 1, "scheme": self.scheme, "network": self.network, "payload": payload}
@@ -230,6 +239,8 @@ class SettleResponse:
     error_reason: str = ""
 
     def to_header(self) -> str:
+        """The header value: base64 of compact JSON ``{success, transaction, network, payer}``, with
+        ``errorReason`` when there is one."""
         wire: dict[str, Any] = {
             "success": self.success,
             "transaction": self.transaction,
