@@ -16,6 +16,7 @@ from app import create_checked_app
 from app.devnet import DevChain, Service, Wallets, prepare_chain, start_anvil, start_redis
 from app.devnet.standin import Behaviour, StandinModel
 from app.settings import Settings
+from tests.rpc_proxy import FaultyRpc
 from tests.support import OPERATOR_KEY, USDC, Proxy, serve
 
 
@@ -93,3 +94,11 @@ def proxy(settings: Settings, wallets: Wallets, chain: DevChain) -> Iterator[Pro
     server = serve(create_checked_app(settings))
     yield Proxy(f"http://127.0.0.1:{server.server_port}", settings, wallets, chain, server)
     server.shutdown()
+
+
+@pytest.fixture
+def faulty(anvil: Service) -> Iterator[FaultyRpc]:
+    """An RPC stand-in in front of anvil that can delay, hide or falsify answers."""
+    rpc = FaultyRpc(anvil.url)
+    yield rpc
+    rpc.stop()

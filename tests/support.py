@@ -80,6 +80,14 @@ class Proxy:
         return self.chain.balance(self.wallets.payer), self.chain.balance(self.wallets.pay_to)
 
 
+def moved_since(proxy: Proxy, before: tuple[int, int]) -> int:
+    """Atomic units that moved from the payer to the payee since ``before`` (payer, payee balances);
+    the two sides must match."""
+    payer, payee = proxy.balances()
+    assert before[0] - payer == payee - before[1]
+    return payee - before[1]
+
+
 def settle_response(response: requests.Response, version: int = 2) -> dict[str, Any]:
     value = decode_header(response.headers["PAYMENT-RESPONSE" if version == 2 else "X-PAYMENT-RESPONSE"])
     assert isinstance(value, dict)

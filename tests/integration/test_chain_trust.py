@@ -40,13 +40,6 @@ TRANSFER = "0x" + TRANSFER_TOPIC.hex()
 
 
 @pytest.fixture
-def faulty(anvil: Service) -> Iterator[FaultyRpc]:
-    rpc = FaultyRpc(anvil.url)
-    yield rpc
-    rpc.stop()
-
-
-@pytest.fixture
 def second(anvil: Service) -> Iterator[FaultyRpc]:
     """Another endpoint on the same chain (honest unless told otherwise)."""
     rpc = FaultyRpc(anvil.url)

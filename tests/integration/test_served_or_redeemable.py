@@ -22,17 +22,16 @@ import pytest
 import redis
 
 import app.payments.gate
-from app import create_checked_app
 from app.backends.token import transfer_calldata
-from app.devnet import Service
 from app.devnet.standin import Behaviour, StandinModel
 from app.payments.ledger import RELEASED_GRACE, Ledger, payment_key
 from app.x402.checks import MAX_CLOCK_SKEW
 from app.x402.codec import encode_header
 from app.x402.payer import header_name
 from app.x402.wire import PaymentPayload
+from tests.integration.test_settlement_engine import proxy_with
 from tests.rpc_proxy import FaultyRpc
-from tests.support import CHAT_BODY, OPERATOR_KEY, Proxy, serve, settle_response
+from tests.support import CHAT_BODY, OPERATOR_KEY, Proxy, moved_since, settle_response
 
 pytestmark = pytest.mark.integration
 
@@ -44,13 +43,6 @@ def state_of(proxy: Proxy, payment: PaymentPayload) -> dict[str, str]:
     auth = payment.authorization
     key = payment_key(8453, proxy.settings.asset, auth.from_, auth.nonce)
     return Ledger(redis.Redis.from_url(proxy.settings.redis_url)).get(key)
-
-
-def charged(proxy: Proxy, before: tuple[int, int]) -> int:
-    """What moved from the payer to the payee since ``before`` (they must match)."""
-    payer, payee = proxy.balances()
-    assert before[0] - payer == payee - before[1]
-    return payee - before[1]
 
 
 # --- the host refuses: its reason, and a payment that buys another body --------------------------
@@ -84,7 +76,7 @@ def test_a_host_4xx_is_told_scrubbed_and_the_payment_buys_any_cheaper_body(
     assert served.status_code == 200, served.text
     assert standin.received[-1].body["max_tokens"] == 16
     assert proxy.pay(payment, CHEAP).status_code == 402  # served once
-    assert charged(proxy, before) == payment.authorization.value
+    assert moved_since(proxy, before) == payment.authorization.value
 
 
 def test_a_host_4xx_about_the_operator_is_a_502_without_its_message(
@@ -109,7 +101,7 @@ def test_a_host_that_fails_once_is_tried_again_and_the_call_is_served(
     response = proxy.pay(payment)
     assert response.status_code == 200, response.text
     assert len(standin.received) == 2
-    assert charged(proxy, before) == payment.authorization.value
+    assert moved_since(proxy, before) == payment.authorization.value
 
 
 def test_a_host_that_keeps_failing_leaves_a_redeemable_payment_and_says_do_not_retry(
@@ -151,7 +143,7 @@ def test_a_redeemable_payment_is_served_after_its_authorization_expired(
     wait_past(payment)
     served = proxy.pay(payment)
     assert served.status_code == 200, served.text
-    assert charged(proxy, before) == payment.authorization.value
+    assert moved_since(proxy, before) == payment.authorization.value
 
 
 def test_an_expired_header_with_nothing_recorded_is_refused(proxy: Proxy, standin: StandinModel) -> None:
@@ -212,25 +204,15 @@ def test_a_buyer_who_hangs_up_before_the_answer_keeps_a_redeemable_payment(
     assert state_of(proxy, payment)["state"] == "redeemable"
     standin.behaviour = Behaviour()
     assert proxy.pay(payment).status_code == 200
-    assert charged(proxy, before) == payment.authorization.value
+    assert moved_since(proxy, before) == payment.authorization.value
 
 
 # --- a reverted settlement leaves the authorization live --------------------------------------------
 
 
 @pytest.fixture
-def faulty(anvil: Service) -> Iterator[FaultyRpc]:
-    rpc = FaultyRpc(anvil.url)
-    yield rpc
-    rpc.stop()
-
-
-@pytest.fixture
 def via_faulty(proxy: Proxy, faulty: FaultyRpc) -> Iterator[Proxy]:
-    settings = proxy.settings.with_overrides(rpc_urls=(faulty.url,), receipt_timeout=2.0)
-    server = serve(create_checked_app(settings))
-    yield Proxy(f"http://127.0.0.1:{server.server_port}", settings, proxy.wallets, proxy.chain, server)
-    server.shutdown()
+    yield from proxy_with(proxy, rpc_urls=(faulty.url,), receipt_timeout=2.0)
 
 
 def reverted(proxy: Proxy, faulty: FaultyRpc, payment: PaymentPayload) -> None:
@@ -253,10 +235,10 @@ def test_after_our_settlement_reverted_the_same_header_settles_once(
     payment = via_faulty.payment(via_faulty.requirement())
     before = via_faulty.balances()
     reverted(via_faulty, faulty, payment)
-    assert charged(via_faulty, before) == 0
+    assert moved_since(via_faulty, before) == 0
     served = via_faulty.pay(payment)
     assert served.status_code == 200, served.text
-    assert charged(via_faulty, before) == payment.authorization.value
+    assert moved_since(via_faulty, before) == payment.authorization.value
     assert via_faulty.pay(payment).status_code == 402
 
 
@@ -271,7 +253,7 @@ def test_after_our_settlement_reverted_someone_elses_settlement_is_served(
     served = via_faulty.pay(payment)
     assert served.status_code == 200, served.text
     assert settle_response(served)["transaction"] == theirs
-    assert charged(via_faulty, before) == payment.authorization.value
+    assert moved_since(via_faulty, before) == payment.authorization.value
 
 
 # --- what an unfunded payment may cost --------------------------------------------------------------

@@ -23,13 +23,6 @@ from tests.support import CHAT_BODY, Proxy, serve, settle_response
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def faulty(anvil: Service) -> Iterator[FaultyRpc]:
-    rpc = FaultyRpc(anvil.url)
-    yield rpc
-    rpc.stop()
-
-
 def proxy_with(proxy: Proxy, **changes: object) -> Iterator[Proxy]:
     settings = proxy.settings.with_overrides(**changes)
     server = serve(create_checked_app(settings))

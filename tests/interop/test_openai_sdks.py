@@ -29,7 +29,7 @@ from app.catalog import load_catalog, quote_for
 from app.devnet.standin import Behaviour, StandinModel
 from app.settings import DEFAULT_CATALOG
 from tests.interop.paid import PROJECT_ROOT, decode_settlement, run_node, token_transfers
-from tests.support import Proxy
+from tests.support import Proxy, moved_since
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +68,16 @@ def paid_once(proxy: Proxy, settlement: dict[str, Any], amount: int) -> None:
     payer, payee = proxy.wallets.payer.lower(), proxy.wallets.pay_to.lower()
     assert settlement["success"] is True, settlement
     assert token_transfers(proxy, settlement["transaction"]) == [(payer, payee, amount)]
+
+
+def npm_chat(proxy: Proxy, body: dict[str, Any]) -> dict[str, Any]:
+    """One chat call through the ``openai`` npm package over ``@x402/fetch`` (its printed line)."""
+    env = {
+        "X402_URL": proxy.url + "/v1",
+        "X402_PAYER_KEY": proxy.wallets.payer_key,
+        "X402_BODY": json.dumps(body),
+    }
+    return run_node(PROJECT_ROOT / "tests" / "interop" / "js" / "openai_chat.mjs", env)
 
 
 async def _python_sdk_call(
@@ -111,14 +121,7 @@ def test_openai_npm_sdk_over_x402_fetch_is_charged_for_its_work(
     body = {"model": M, "messages": MESSAGES, **extra}
     amount = quote_for(HERMES, "chat", body).amount
     covers_the_work(amount, body)
-    line = run_node(
-        PROJECT_ROOT / "tests" / "interop" / "js" / "openai_chat.mjs",
-        {
-            "X402_URL": proxy.url + "/v1",
-            "X402_PAYER_KEY": proxy.wallets.payer_key,
-            "X402_BODY": json.dumps(body),
-        },
-    )
+    line = npm_chat(proxy, body)
     assert line["status"] == 200, line
     assert line["paymentResponse"]["success"] is True
     paid_once(proxy, line["paymentResponse"], amount)
@@ -132,12 +135,6 @@ SIMPLE = {"model": M, "messages": MESSAGES, "max_completion_tokens": 64}
 DEFAULT_RETRIES = 2  # both SDKs' default
 
 
-def paid_since(proxy: Proxy, before: tuple[int, int]) -> int:
-    payer, payee = proxy.balances()
-    assert before[0] - payer == payee - before[1]
-    return payee - before[1]
-
-
 @pytest.mark.parametrize("sdk", ["python", "npm"])
 def test_a_host_that_fails_once_costs_one_payment_for_one_answer(
     proxy: Proxy, standin: StandinModel, sdk: str
@@ -149,16 +146,9 @@ def test_a_host_that_fails_once_costs_one_payment_for_one_answer(
         settlement, answers = asyncio.run(_python_sdk_call(proxy, SIMPLE, DEFAULT_RETRIES))
         assert settlement["success"] is True and answers == 1
     else:
-        line = run_node(
-            PROJECT_ROOT / "tests" / "interop" / "js" / "openai_chat.mjs",
-            {
-                "X402_URL": proxy.url + "/v1",
-                "X402_PAYER_KEY": proxy.wallets.payer_key,
-                "X402_BODY": json.dumps(SIMPLE),
-            },
-        )
+        line = npm_chat(proxy, SIMPLE)
         assert line["status"] == 200 and line["choices"] == 1, line
-    assert paid_since(proxy, before) == price
+    assert moved_since(proxy, before) == price
     assert len(standin.received) == 2  # the proxy tried the host once more itself
 
 
@@ -174,14 +164,7 @@ def test_a_host_that_keeps_failing_costs_one_payment_not_one_per_sdk_retry(
             asyncio.run(_python_sdk_call(proxy, SIMPLE, DEFAULT_RETRIES))
         assert raised.value.status_code == 502
     else:
-        line = run_node(
-            PROJECT_ROOT / "tests" / "interop" / "js" / "openai_chat.mjs",
-            {
-                "X402_URL": proxy.url + "/v1",
-                "X402_PAYER_KEY": proxy.wallets.payer_key,
-                "X402_BODY": json.dumps(SIMPLE),
-            },
-        )
+        line = npm_chat(proxy, SIMPLE)
         assert line["status"] == 502, line
-    assert paid_since(proxy, before) == price  # one payment, kept redeemable
+    assert moved_since(proxy, before) == price  # one payment, kept redeemable
     assert len(standin.received) == 2  # one SDK request, tried twice by the proxy
