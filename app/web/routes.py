@@ -66,7 +66,8 @@ def _request_body() -> object:
     try:
         return strict_json_loads(raw, max_depth=BODY_JSON_DEPTH)
     except MalformedInput as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        reason = str(exc).removeprefix("not JSON: ")
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {reason}") from None
 
 
 UpstreamCall = Callable[[], UpstreamAnswer]
