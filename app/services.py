@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis
-
 from app.backends.attestation import Attestor
 from app.backends.chain import Chain, check_startup
+from app.backends.store import STORE_ERRORS
 from app.backends.upstream import Upstream
 from app.catalog import Catalog, catalog_models
 from app.payments.gate import Gate
@@ -48,14 +47,14 @@ def build(settings: Settings) -> Services:
 
 
 def check(services: Services) -> None:
-    """Refuse to serve on a wrong set-up (``SettingsError`` naming the variable to fix): Redis answers
-    and its keyspace is current; each RPC is on the right chain and the token's EIP-712 domain is
-    the one configured; a facilitator settles ``exact`` on our network."""
+    """Refuse to serve on a wrong set-up (``SettingsError`` naming the variable to fix): Redis
+    answers (every master of a cluster) and its keyspace is current; each RPC is on the right chain
+    and the token's EIP-712 domain is the one configured; a facilitator settles ``exact`` on our
+    network."""
     settings = services.settings
     try:
-        services.ledger.redis.ping()
-        check_keyspace(services.ledger.redis)
-    except redis.RedisError as exc:
+        check_keyspace(services.ledger.store)
+    except STORE_ERRORS as exc:
         raise SettingsError("REDIS_URL", f"Redis does not answer at {settings.redis_url}: {exc}") from None
     check_startup(services.chain, settings)
     if isinstance(services.settler, FacilitatorSettler):

@@ -43,6 +43,7 @@ NETWORKS: dict[str, Network] = {
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog") / "catalog.toml"
 UPSTREAM_KEY_PREFIX = "X402_UPSTREAM_API_KEY_"
+REDIS_CLUSTER_MODES = ("auto", "yes", "no")  # REDIS_CLUSTER: ask the node, or say
 
 
 class SettingsError(ValueError):
@@ -85,6 +86,7 @@ class Settings:
     metrics_dir: str = ""  # PROMETHEUS_MULTIPROC_DIR: metrics summed over gunicorn workers
     receipt_key: str = field(default="", repr=False)  # signs X-Receipt; "" means no receipts
     settle_first: bool = False
+    redis_cluster: str = "auto"  # REDIS_CLUSTER: auto (ask the node), yes, no
     # Tests and the devnet pass their own Redis client (fakeredis or a prepared pool).
     redis_client: object | None = field(default=None, repr=False, compare=False)
 
@@ -131,6 +133,9 @@ class Settings:
         redis_url = get("REDIS_URL")
         if not redis_url:
             raise SettingsError("REDIS_URL", "required, e.g. redis://127.0.0.1:6379/0")
+        redis_cluster = get("REDIS_CLUSTER", "auto").lower()
+        if redis_cluster not in REDIS_CLUSTER_MODES:
+            raise SettingsError("REDIS_CLUSTER", f"must be one of {', '.join(REDIS_CLUSTER_MODES)}")
         rpc_urls = tuple(
             u.strip() for u in get("X402_RPC_URLS", "https://mainnet.base.org").split(",") if u.strip()
         )
@@ -150,6 +155,7 @@ class Settings:
             pay_to=pay_to,
             relayer_key=relayer_key if relayer_key.startswith("0x") else "0x" + relayer_key,
             redis_url=redis_url,
+            redis_cluster=redis_cluster,
             network=network,
             rpc_urls=rpc_urls,
             asset=asset,
@@ -180,12 +186,17 @@ class Settings:
         )
 
 
-def redis_url_from_env(env: Mapping[str, str] | None = None) -> str:
-    """``REDIS_URL`` alone, for commands that need only Redis (``x402-proxy migrate``)."""
-    url = (os.environ if env is None else env).get("REDIS_URL", "").strip()
+def redis_from_env(env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """``REDIS_URL`` and ``REDIS_CLUSTER`` alone, for commands that need only Redis (``x402-proxy
+    migrate``); raises ``SettingsError`` naming the variable to fix."""
+    env = os.environ if env is None else env
+    url = env.get("REDIS_URL", "").strip()
     if not url:
         raise SettingsError("REDIS_URL", "required, e.g. redis://127.0.0.1:6379/0")
-    return url
+    mode = env.get("REDIS_CLUSTER", "auto").strip().lower()
+    if mode not in REDIS_CLUSTER_MODES:
+        raise SettingsError("REDIS_CLUSTER", f"must be one of {', '.join(REDIS_CLUSTER_MODES)}")
+    return url, mode
 
 
 def _address(variable: str, value: str, *, required: bool) -> str:

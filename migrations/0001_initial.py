@@ -7,8 +7,8 @@ to rewrite: applying it records keyspace version 1, which the proxy checks at st
 
 from __future__ import annotations
 
-import redis
+from app.backends.store import Store
 
 
-def up(client: redis.Redis) -> None:
+def up(store: Store) -> None:
     """Nothing to transform in the first keyspace; the runner records the version."""

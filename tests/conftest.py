@@ -14,6 +14,7 @@ import redis
 
 from app import create_checked_app
 from app.devnet import DevChain, Service, Wallets, prepare_chain, start_anvil, start_redis
+from app.devnet.cluster import RedisClusterProcesses, start_redis_cluster
 from app.devnet.standin import Behaviour, StandinModel
 from app.settings import Settings
 from tests.rpc_proxy import FaultyRpc
@@ -102,3 +103,20 @@ def faulty(anvil: Service) -> Iterator[FaultyRpc]:
     rpc = FaultyRpc(anvil.url)
     yield rpc
     rpc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_processes() -> Iterator[RedisClusterProcesses]:
+    """A real Redis Cluster: three redis-server masters, no replicas (``app.devnet.cluster``)."""
+    with start_redis_cluster(masters=3) as processes:
+        yield processes
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_processes: RedisClusterProcesses) -> RedisClusterProcesses:
+    """The cluster with every master running and no keys."""
+    for index in range(len(redis_cluster_processes.ports)):
+        if not redis_cluster_processes.alive(index):
+            redis_cluster_processes.restart(index)
+    redis_cluster_processes.flushall()
+    return redis_cluster_processes

@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import requests
+from redis.cluster import RedisCluster
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from app.cli.devnet import quiet_request_handler
-from app.devnet import DevChain, Wallets
+from app.devnet import DevChain, Wallets, prepare_chain
+from app.devnet.cluster import RedisClusterProcesses
+from app.payments.keys import LEDGER_STREAM, payment_key, relayer_nonce_key
 from app.settings import Settings
 from app.x402.codec import decode_header, encode_header
 from app.x402.payer import header_name, offered_requirements, sign_payment
@@ -98,3 +102,48 @@ def serve(app: Any) -> BaseWSGIServer:
     server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=quiet_request_handler())
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+# -- Redis Cluster -------------------------------------------------------------------------------------
+
+
+def cluster_client(cluster: RedisClusterProcesses) -> RedisCluster:
+    return RedisCluster.from_url(cluster.url)
+
+
+def funded_wallets(chain: DevChain, accept: Callable[[Wallets], bool] = lambda _w: True) -> Wallets:
+    """Fresh wallets whose relayer passes ``accept`` (where its nonce counter lives matters to a test)."""
+    while not accept(wallets := Wallets.fresh()):
+        pass
+    prepare_chain(chain, wallets, 10 * USDC)
+    return wallets
+
+
+def key_of(proxy: Proxy, payment: PaymentPayload) -> str:
+    """The ledger key of a payment to ``proxy``."""
+    auth = payment.authorization
+    return payment_key(proxy.settings.network.chain_id, proxy.settings.asset, auth.from_, auth.nonce)
+
+
+def payment_on(
+    proxy: Proxy, cluster: RedisClusterProcesses, master: int, requirement: dict[str, Any]
+) -> PaymentPayload:
+    """A signed payment whose ledger key lives on cluster node ``master``."""
+    while True:
+        payment = proxy.payment(requirement, nonce=os.urandom(32))
+        if cluster.node_for_key(key_of(proxy, payment)) == master:
+            return payment
+
+
+def relayer_master(cluster: RedisClusterProcesses, wallets: Wallets) -> int:
+    """The cluster node holding the relayer's account-nonce counter."""
+    return cluster.node_for_key(relayer_nonce_key(8453, wallets.relayer))
+
+
+def ledger_events(cluster: RedisClusterProcesses) -> list[dict[str, str]]:
+    """Every entry of the ledger stream, oldest first, as text fields."""
+    client = cluster_client(cluster)
+    try:
+        return [{k.decode(): v.decode() for k, v in f.items()} for _id, f in client.xrange(LEDGER_STREAM)]
+    finally:
+        client.close()

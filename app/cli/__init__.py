@@ -31,8 +31,6 @@ from app.cli.common import (
 )
 from app.cli.devnet import cmd_devnet
 
-REDIS_CONNECT_TIMEOUT = 3.0  # seconds, as the proxy's own Redis client (app.payments.ledger.connect)
-
 
 def parse_address(text: str) -> str:
     """A 0x-prefixed 20-byte hex address, checksummed; a mixed-case one must carry a valid checksum."""
@@ -59,18 +57,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """``x402-proxy migrate [--dry-run]``: apply (or only list) the pending Redis keyspace migrations and
-    print them. Exit 0; 2 when ``REDIS_URL`` is missing or malformed; 3 (from ``main``) when Redis is down."""
-    import redis
-
+    print them, on one Redis or on every master of a cluster. Exit 0; 2 when ``REDIS_URL`` or
+    ``REDIS_CLUSTER`` is missing or malformed; 3 (from ``main``) when Redis is down."""
+    from app.backends.store import Store
     from app.payments.migrate import migrate
-    from app.settings import SettingsError, redis_url_from_env
+    from app.settings import SettingsError, redis_from_env
 
     try:
-        client = redis.Redis.from_url(redis_url_from_env(), socket_connect_timeout=REDIS_CONNECT_TIMEOUT)
+        store = Store(*redis_from_env())
+        store.client  # noqa: B018 - connects now: a malformed URL is exit 2, not 3
     except (SettingsError, ValueError) as exc:
         print(f"x402-proxy migrate: {exc}", file=sys.stderr)
         return 2
-    done = migrate(client, dry_run=args.dry_run)
+    done = migrate(store, dry_run=args.dry_run)
     verb = "would apply" if args.dry_run else "applied"
     print(f"{verb}: {', '.join(f'{m.number:04d}_{m.name}' for m in done) or 'nothing (keyspace is current)'}")
     return 0
@@ -315,19 +314,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _unreachable() -> tuple[type[Exception], ...]:
     """What a command raises when Redis, the RPC endpoints or an HTTP server does not answer."""
-    import redis
     import requests
 
     from app.backends.rpc import ChainUnavailable, RpcFailure
+    from app.backends.store import STORE_ERRORS
 
-    return (redis.RedisError, requests.RequestException, ChainUnavailable, RpcFailure)
+    return (*STORE_ERRORS, requests.RequestException, ChainUnavailable, RpcFailure)
 
 
 def _what_did_not_answer(exc: Exception) -> str:
-    import redis
     import requests
 
-    if isinstance(exc, redis.RedisError):
+    from app.backends.store import STORE_ERRORS
+
+    if isinstance(exc, STORE_ERRORS):
         return f"Redis: {exc}"
     if isinstance(exc, requests.RequestException):
         url = exc.request.url if exc.request is not None else "the server"

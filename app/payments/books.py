@@ -18,12 +18,15 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+import redis
+
 from app.amounts import amount_text
 from app.backends.chain import Chain
 from app.backends.rpc import ChainUnavailable, RpcFailure
 from app.backends.token import transfer_logged
 from app.backends.upstream import abandoned_after
-from app.payments.ledger import LEDGER_STREAM, STALE_SETTLED, Ledger, text_of
+from app.payments.keys import LEDGER_STREAM, PAYMENT_KEY_RE, PAYMENT_KEYS
+from app.payments.ledger import STALE_SETTLED, Ledger, text_of
 from app.payments.states import OPEN, State
 from app.settings import Settings
 from app.x402.wire import Authorization
@@ -33,7 +36,10 @@ CHECKED = (*MONEY_MOVED, *OPEN)
 DONE = (State.SERVED, State.REDEEMABLE)
 DURATION_RE = re.compile(r"([0-9]+)([smhd])")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-KEY_RE = re.compile(r"^x402:\{auth:([0-9]+):(0x[0-9a-f]{40}):(0x[0-9a-f]{40}):0x([0-9a-f]{64})\}$")
+
+
+class RevenueIncomplete(redis.ConnectionError):
+    """Some ledger events cannot be read now (a Redis master is down), so a total would be short."""
 
 
 def parse_duration(text: str) -> int:
@@ -55,7 +61,7 @@ class Finding:
 
 
 def _authorization(key: str, record: dict[str, str], pay_to: str) -> Authorization | None:
-    match = KEY_RE.match(key)
+    match = PAYMENT_KEY_RE.match(key)
     if not match or not record.get("amount", "").isdigit():
         return None
     return Authorization(
@@ -70,7 +76,7 @@ def _authorization(key: str, record: dict[str, str], pay_to: str) -> Authorizati
 
 def reconcile(ledger: Ledger, chain: Chain, settings: Settings, since_seconds: int) -> list[Finding]:
     """Check every payment that claims money moved within the window (``since_seconds``) and every
-    open one, whatever its age, resolving the open ones from the chain:
+    open one, whatever its age, on every master, resolving the open ones from the chain:
 
     - pending → redeemable (the chain shows the transfer; its request was answered 503, so the
       header buys its call) or failed (reverted);
@@ -81,8 +87,7 @@ def reconcile(ledger: Ledger, chain: Chain, settings: Settings, since_seconds: i
     """
     cutoff = time.time() - since_seconds
     findings = []
-    for raw_key in ledger.redis.scan_iter(match="x402:{auth:*", count=1000):
-        key = text_of(raw_key)
+    for key in ledger.store.scan(PAYMENT_KEYS):
         record = ledger.get(key)
         state, tx = record.get("state", ""), record.get("tx", "")
         if state not in CHECKED or (state in DONE and float(record.get("updated") or 0) < cutoff):
@@ -153,17 +158,25 @@ def render_findings(findings: list[Finding]) -> str:
 
 
 def revenue(ledger: Ledger, since_seconds: int, by: str) -> dict[str, int]:
-    """Settled amounts (atomic units) grouped by model, day (UTC) or payer, from the ledger stream."""
-    start = f"{int((time.time() - since_seconds) * 1000)}-0"
+    """Settled amounts (atomic units) grouped by model, day (UTC) or payer, from the ledger stream.
+
+    On a cluster the events still in outboxes are moved into the stream first; ``RevenueIncomplete``
+    is raised when some cannot be (a master is down), rather than a total that is short. An event
+    counts at the time it happened (its ``at`` field, unix seconds), not when it reached the stream;
+    events written before that field existed count at their stream id's time."""
+    missing = ledger.flush_events()
+    if missing:
+        raise RevenueIncomplete(f"{len(missing)} ledger outboxes cannot be read now (a Redis master is down)")
+    since = time.time() - since_seconds
     totals: dict[str, int] = defaultdict(int)
-    for entry_id, fields in ledger.redis.xrange(LEDGER_STREAM, min=start, max="+"):
+    for entry_id, fields in ledger.redis.xrange(LEDGER_STREAM, min=f"{int(since * 1000)}-0", max="+"):
         entry = {text_of(k): text_of(v) for k, v in fields.items()}
         if entry.get("event") != State.SETTLED or not entry.get("amount", "").isdigit():
             continue
-        if by == "day":
-            group = time.strftime("%Y-%m-%d", time.gmtime(int(text_of(entry_id).split("-")[0]) / 1000))
-        else:
-            group = entry.get(by, "")
+        at = int(entry.get("at") or int(text_of(entry_id).split("-")[0]) // 1000)  # older events: no "at"
+        if at < since:
+            continue
+        group = time.strftime("%Y-%m-%d", time.gmtime(at)) if by == "day" else entry.get(by, "")
         totals[group] += int(entry["amount"])
     return dict(sorted(totals.items()))
 

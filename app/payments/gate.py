@@ -22,13 +22,15 @@ from typing import Any
 from app import metrics
 from app.backends.chain import UNPAYABLE, Chain, Preflight
 from app.backends.rpc import ChainUnavailable, RpcFailure
+from app.backends.store import STORE_ERRORS
 from app.backends.token import ReceiptContradiction, transfer_logged
 from app.backends.upstream import abandoned_after
 from app.catalog import Catalog, Quote
 from app.logs import note
 from app.payments.answers import Answer
 from app.payments.errors import ApiError
-from app.payments.ledger import NEW, REDEEM, RESUME, Claim, Ledger, payment_key
+from app.payments.keys import payment_key
+from app.payments.ledger import NEW, REDEEM, RESUME, Claim, Ledger
 from app.payments.outcomes import Offer, Paid, PaymentRequired, Ticket, payment_header
 from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED, SettlementJob, Settler
 from app.payments.states import State
@@ -235,6 +237,7 @@ class Gate:
                 quote.amount,
             )
         except Exception as exc:
+            log.warning("ledger unavailable at claim: %s: %s", type(exc).__name__, exc)
             raise ApiError(
                 503,
                 "ledger_unavailable",
@@ -302,6 +305,17 @@ class Gate:
             self._forget_or_keep(key, sent)
             raise ApiError(
                 503, "rpc_unavailable", "no RPC endpoint answers; nothing was charged", {"Retry-After": "5"}
+            ) from exc
+        except STORE_ERRORS as exc:
+            self._forget_or_keep(key, sent)
+            log.warning("ledger unavailable at settlement: %s: %s", type(exc).__name__, exc)
+            if sent:
+                raise self._pending_error(version, "", auth.from_) from exc
+            raise ApiError(
+                503,
+                "ledger_unavailable",
+                "payment ledger unavailable; nothing was charged",
+                {"Retry-After": RETRY_AFTER_PENDING},
             ) from exc
         except Exception as exc:
             self._forget_or_keep(key, sent)
@@ -400,6 +414,7 @@ class Gate:
         try:
             self.ledger.transition(paid.key, (State.SETTLING, State.SETTLED), to_state, tx=paid.tx_hash)
         except Exception as exc:
+            log.warning("ledger unavailable after settlement: %s: %s", type(exc).__name__, exc)
             name, value = paid.response_header
             raise ApiError(
                 503,

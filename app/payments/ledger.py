@@ -1,27 +1,41 @@
-"""Payment state in Redis: atomic claims, state transitions, relayer nonces and the ledger stream.
+"""Payment state in Redis: atomic claims, state transitions, relayer nonces and ledger events.
 
-One hash per authorization ``(chain, asset, from, nonce)``; the hash tag keeps each key in one
-Cluster slot. Transitions are Lua scripts, so concurrent copies of one payment on any worker or host
-see exactly one winner. The states and their transitions are the table in ``app.payments.states``
-(every transition is checked against it); ``docs/states.md`` says who makes each and why.
+One hash per authorization ``(chain, asset, from, nonce)`` (key layout: ``app.payments.keys``).
+Transitions are Lua scripts, so concurrent copies of one payment on any worker or host see exactly
+one winner. The states and their transitions are the table in ``app.payments.states`` (every
+transition is checked against it); ``docs/states.md`` says who makes each and why.
+
+A transition writes its ledger events in the same script: into the ledger stream on one Redis node,
+into the outbox in the payment's own slot on a Redis Cluster (``app.payments.outbox`` moves them
+into the stream), so on a cluster nothing in another slot can fail a payment after it changed.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 from string import Template
 from typing import Any
 
-import redis
-
+from app.backends.store import STORE_ERRORS, Script, Store, as_store
+from app.payments.keys import (
+    KEYSPACE_KEY,
+    KEYSPACE_VERSION,
+    LEDGER_STREAM,
+    PAYMENT_KEYS,
+    outbox_key,
+    outbox_keys,
+    relayer_nonce_key,
+)
+from app.payments.outbox import Outbox
+from app.payments.states import State
 from app.payments.states import allowed as transition_allowed
 from app.settings import Settings, SettingsError
 
-KEYSPACE_VERSION = 1
-KEYSPACE_KEY = "x402:{meta}:keyspace"
-LEDGER_STREAM = "x402:{ledger}"
+log = logging.getLogger(__name__)
+
 LEDGER_MAXLEN = 1_000_000
 RETENTION_SECONDS = 7 * 24 * 3600
 CLAIM_TIMEOUT = 30  # seconds a payment may stay "claimed" (verification takes milliseconds)
@@ -41,7 +55,7 @@ NEW, RESUME, REDEEM = "new", "resume", "redeem"  # claim modes (see _CLAIM)
 # Returns {outcome, state, tx, updated}: outcome "claimed", "redeem" (now "settled" for this
 # retry), "taken" (someone holds it; state says where it is), "expired" (nothing recorded to
 # resume) or "mismatch" (not redeemable for this call).
-_CLAIM = """
+_CLAIM = Script("""
 local state = redis.call('HGET', KEYS[1], 'state')
 local seen = redis.call('HMGET', KEYS[1], 'tx', 'updated', 'model', 'amount')
 local tx, updated = seen[1] or '', seen[2] or '0'
@@ -64,19 +78,20 @@ redis.call('HSET', KEYS[1], 'state', 'claimed', 'payer', ARGV[3], 'amount', ARGV
            'network', ARGV[6], 'tx', '', 'created', ARGV[2], 'updated', ARGV[2], 'valid_before', ARGV[11])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return {'claimed', 'claimed', '', ARGV[2]}
-"""
+""")
 
-# KEYS[1] payment hash, KEYS[2] (single-node Redis only) the ledger stream.
-# ARGV: allowed from-states (space separated), to-state, now, stream maxlen, field, value, ...
-# Moves the payment and derives its ledger events: "settled" when the money is confirmed (also when
-# a settling payment goes straight to served/redeemable), and each of served/redeemable/failed.
-# With KEYS[2] the events are appended here, in the same round trip; on Redis Cluster the stream
-# lives in another slot, so they are returned for the caller to append. A released payment (refused
-# before any transaction) is kept only until its authorization expires, plus RELEASED_GRACE seconds.
-_TRANSITION = """
+# KEYS[1] payment hash, KEYS[2] where its events go: the ledger stream (one Redis node) or the
+# payment's outbox (Redis Cluster: same slot). ARGV: allowed from-states (space separated), to-state,
+# now, stream maxlen (0: none, for an outbox, whose events must all reach the stream), field, value...
+# Moves the payment and writes its ledger events: "settled" when the money is confirmed (also when a
+# settling payment goes straight to served/redeemable), and each of served/redeemable/failed.
+# A released payment (refused before any transaction) is kept only until its authorization expires,
+# plus RELEASED_GRACE seconds. Returns {outcome, number of events written}.
+_TRANSITION = Script(
+    """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state or not string.find(' ' .. ARGV[1] .. ' ', ' ' .. state .. ' ', 1, true) then
-  return {'refused', {}, {}}
+  return {'refused', 0}
 end
 local to = ARGV[2]
 redis.call('HSET', KEYS[1], 'state', to, 'updated', ARGV[3])
@@ -92,15 +107,18 @@ if state ~= to and (to == 'settled' or to == 'served' or to == 'redeemable' or t
 end
 local r = redis.call('HMGET', KEYS[1], 'payer', 'amount', 'model', 'network', 'tx')
 for i = 1, 5 do r[i] = r[i] or '' end
-if #KEYS > 1 then
-  for _, event in ipairs(events) do
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', event, 'key', KEYS[1],
-               'payer', r[1], 'amount', r[2], 'model', r[3], 'network', r[4], 'tx', r[5])
+for _, event in ipairs(events) do
+  local command = {'XADD', KEYS[2]}
+  if ARGV[4] ~= '0' then command = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[4]} end
+  for _, part in ipairs({'*', 'event', event, 'key', KEYS[1], 'payer', r[1], 'amount', r[2],
+                         'model', r[3], 'network', r[4], 'tx', r[5], 'at', ARGV[3]}) do
+    table.insert(command, part)
   end
-  return {'ok', {}, r}
+  redis.call(unpack(command))
 end
-return {'ok', events, r}
+return {'ok', #events}
 """.replace("RELEASED_GRACE", str(RELEASED_GRACE))
+)
 
 # Reserve the relayer account nonce for the next settlement: hand out max(counter, chain) and move
 # the counter past it, so no two workers share a nonce. A counter ahead of the chain's pending nonce
@@ -119,7 +137,7 @@ redis.call('SET', $at, now)
 """)
 
 # KEYS[1] counter, KEYS[2] time of the last reservation. ARGV: chain pending nonce, now, gap_after.
-_RESERVE_NONCE = (
+_RESERVE_NONCE = Script(
     _RESERVE_FRAGMENT.substitute(nonce="KEYS[1]", at="KEYS[2]", chain=1, now=2, gap=3) + "return current\n"
 )
 
@@ -127,7 +145,7 @@ _RESERVE_NONCE = (
 # relayer only). ARGV: now, chain pending nonce, gap_after. Moves claimed → settling and, in the
 # same round trip, reserves the relayer nonce. Returns the nonce, -1 (no nonce asked), -2 (the
 # payment was not claimed).
-_START = (
+_START = Script(
     """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'claimed' then return -2 end
@@ -148,29 +166,23 @@ class Claim:
     updated: float = 0.0  # when the payment last changed state (unix time)
 
 
-def payment_key(chain_id: int, asset: str, payer: str, nonce: bytes) -> str:
-    """The Redis key of one authorization, lower-case: ``x402:{auth:<chain id>:<asset>:<payer>:0x<nonce>}``
-    (the braces are the Cluster hash tag)."""
-    return f"x402:{{auth:{chain_id}:{asset.lower()}:{payer.lower()}:0x{nonce.hex()}}}"
-
-
 class Ledger:
-    """All Redis I/O of the payment path."""
+    """All Redis I/O of the payment path. ``store`` is a ``Store`` (one node or a cluster), or a
+    ready client (tests: fakeredis)."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-        self._single_node: bool | None = None  # asked of Redis on first use, not at construction
-        self._claim = client.register_script(_CLAIM)
-        self._transition = client.register_script(_TRANSITION)
-        self._reserve_nonce = client.register_script(_RESERVE_NONCE)
-        self._start = client.register_script(_START)
+    def __init__(self, store: Store | Any) -> None:
+        self.store = as_store(store)
+        self.outbox = Outbox(lambda: self.redis, LEDGER_MAXLEN)
+
+    @property
+    def redis(self) -> Any:
+        """The connected client (``redis.Redis`` or ``RedisCluster``); connects on first use."""
+        return self.store.client
 
     @property
     def single_node(self) -> bool:
-        """Whether Redis is one node (the ledger stream can be written in the same script)."""
-        if self._single_node is None:
-            self._single_node = not _cluster_enabled(self.redis)
-        return self._single_node
+        """Whether Redis is one node (events go straight into the stream) rather than a cluster."""
+        return not self.store.cluster
 
     def claim(
         self,
@@ -187,59 +199,69 @@ class Ledger:
 
         ``amount`` is what the authorization pays, ``price`` what this call costs (both atomic
         units; ``price`` defaults to ``amount``); ``mode`` is NEW, RESUME or REDEEM (see ``_CLAIM``).
-        A payment is kept ``validBefore`` + ``RETENTION_SECONDS`` (7 days) from its claim.
+        A payment is kept ``validBefore`` + ``RETENTION_SECONDS`` (7 days) from its claim. Raises
+        ``redis.RedisError`` when the payment's master does not answer.
         """
         now = int(time.time())
         ttl = max(valid_before - now, 0) + RETENTION_SECONDS
         args = [ttl, now, payer, amount, model, network, CLAIM_TIMEOUT, mode]
         args += [amount if price is None else price, STALE_SETTLED, valid_before]
-        outcome, state, tx, updated = self._claim(keys=[key], args=args)
+        outcome, state, tx, updated = _CLAIM(self.redis, [key], args)
+        if not self.single_node:
+            self.outbox.ensure_running()  # sweeps what dead processes left in the outboxes
         return Claim(text_of(outcome), text_of(state), text_of(tx), float(text_of(updated) or 0))
 
     def transition(self, key: str, allowed: tuple[str, ...], to_state: str, **fields: str) -> bool:
-        """Move the payment from one of ``allowed`` to ``to_state`` and append its ledger events,
-        in one round trip on a single Redis; False if the payment was elsewhere."""
+        """Move the payment from one of ``allowed`` to ``to_state`` and write its ledger events, in
+        one atomic step in the payment's slot; False if the payment was elsewhere. Raises
+        ``ValueError`` for a transition missing from ``app.payments.states``, ``redis.RedisError``
+        when the payment's master does not answer (then nothing changed)."""
         for from_state in allowed:
             if not transition_allowed(from_state, to_state):
                 raise ValueError(f"no transition {from_state} → {to_state} in app.payments.states")
-        args: list[Any] = [" ".join(allowed), to_state, int(time.time()), LEDGER_MAXLEN]
+        single = self.single_node
+        sink = LEDGER_STREAM if single else outbox_key(key)
+        args: list[Any] = [" ".join(allowed), to_state, int(time.time()), LEDGER_MAXLEN if single else 0]
         for name, value in fields.items():
             args += [name, value]
-        keys = [key, LEDGER_STREAM] if self.single_node else [key]
-        outcome, events, record = self._transition(keys=keys, args=args)
+        outcome, written = _TRANSITION(self.redis, [key, sink], args)
         if text_of(outcome) != "ok":
             return False
-        values = dict(zip(("payer", "amount", "model", "network", "tx"), map(text_of, record), strict=True))
-        for event in events:  # Redis Cluster: the stream is in another slot
-            entry = {"event": text_of(event), "key": key, **values}
-            self.redis.xadd(LEDGER_STREAM, entry, maxlen=LEDGER_MAXLEN, approximate=True)
+        if written and not single:
+            self.outbox.written(sink)
         return True
 
     def start_settlement(self, key: str, relayer_nonce_of: tuple[int, str, int] | None) -> int | None:
         """Move claimed → settling; with ``(chain_id, relayer, chain_pending_nonce)`` also reserve
-        the relayer's next account nonce (same round trip on a single Redis). Returns the nonce, or
-        -1 when none was asked; None when the payment was not in ``claimed``."""
+        the relayer's next account nonce (same script on one Redis node). Returns the nonce, or -1
+        when none was asked; None when the payment was not in ``claimed``. On a cluster the counter
+        lives in another slot: when it cannot be reserved the payment goes back to ``released``
+        (nothing was sent, the same header may be retried) and the ``redis.RedisError`` is raised."""
         now = int(time.time())
         if relayer_nonce_of is not None and self.single_node:
             chain_id, relayer, chain_pending = relayer_nonce_of
             counter = relayer_nonce_key(chain_id, relayer)
-            nonce = int(
-                self._start(
-                    keys=[key, counter, counter + ":reserved_at"], args=[now, chain_pending, NONCE_GAP_AFTER]
-                )
-            )
+            keys = [key, counter, counter + ":reserved_at"]
+            nonce = int(_START(self.redis, keys, [now, chain_pending, NONCE_GAP_AFTER]))
             return None if nonce == -2 else nonce
-        if int(self._start(keys=[key], args=[now, 0, NONCE_GAP_AFTER])) == -2:
+        if int(_START(self.redis, [key], [now, 0, NONCE_GAP_AFTER])) == -2:
             return None
         if relayer_nonce_of is None:
             return -1
-        return self.reserve_relayer_nonce(*relayer_nonce_of)
+        try:
+            return self.reserve_relayer_nonce(*relayer_nonce_of)
+        except STORE_ERRORS:
+            try:
+                self.transition(key, (State.SETTLING,), State.RELEASED)
+            except STORE_ERRORS as exc:  # the payment's master too: the claim times out instead
+                log.error("payment left settling, nothing sent: %s: %s", type(exc).__name__, exc)
+            raise
 
     def count_open(self, limit: int = 20_000) -> dict[str, int]:
-        """How many payments are pending or redeemable (scans at most ``limit`` payment keys, their
-        states read a thousand per round trip)."""
+        """How many payments are pending or redeemable (scans at most ``limit`` payment keys on
+        every master, their states read a thousand per round trip)."""
         counts = {"pending": 0, "redeemable": 0, "scanned": 0}
-        keys = list(itertools.islice(self.redis.scan_iter(match="x402:{auth:*", count=1000), limit))
+        keys = list(itertools.islice(self.store.scan(PAYMENT_KEYS), limit))
         for start in range(0, len(keys), 1000):
             pipeline = self.redis.pipeline(transaction=False)
             for key in keys[start : start + 1000]:
@@ -261,23 +283,26 @@ class Ledger:
         """The account nonce for the next settlement transaction of this relayer."""
         key = relayer_nonce_key(chain_id, relayer)
         args = [chain_pending, int(time.time() if now is None else now), NONCE_GAP_AFTER]
-        return int(self._reserve_nonce(keys=[key, key + ":reserved_at"], args=args))
+        return int(_RESERVE_NONCE(self.redis, [key, key + ":reserved_at"], args))
 
     def resync_relayer_nonce(self, chain_id: int, relayer: str, chain_pending: int) -> None:
         """After a send the node refused, restart the counter from the chain's view."""
         self.redis.set(relayer_nonce_key(chain_id, relayer), chain_pending)
 
     def events(self, count: int = 100) -> list[dict[str, str]]:
-        """The newest ``count`` entries of the ledger stream, newest first, as text fields."""
+        """The newest ``count`` entries of the ledger stream, newest first, as text fields (on a
+        cluster, events still in an outbox are not there yet: ``flush_events`` moves them)."""
         return [
             {text_of(k): text_of(v) for k, v in fields.items()}
             for _id, fields in self.redis.xrevrange(LEDGER_STREAM, count=count)
         ]
 
-
-def relayer_nonce_key(chain_id: int, relayer: str) -> str:
-    """The Redis key of a relayer's account-nonce counter: ``x402:{relayer:<chain id>:<address>}:nonce``."""
-    return f"x402:{{relayer:{chain_id}:{relayer.lower()}}}:nonce"
+    def flush_events(self) -> set[str]:
+        """Move every event still in an outbox into the stream now (a cluster; nothing to do on one
+        node). Returns the outboxes that could not be drained (their master, or the stream's, is down)."""
+        if self.single_node:
+            return set()
+        return self.outbox.drain(outbox_keys())
 
 
 def text_of(value: Any) -> str:
@@ -285,30 +310,25 @@ def text_of(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _cluster_enabled(client: redis.Redis) -> bool:
-    try:
-        return bool(client.info("cluster").get("cluster_enabled"))
-    except redis.RedisError:
-        return False
-
-
-def keyspace_version(client: redis.Redis) -> int | None:
+def keyspace_version(client: Any) -> int | None:
     """The keyspace version stamped in Redis (``KEYSPACE_KEY``), or None when there is none; ``ValueError``
     when it is not an integer."""
     value = client.get(KEYSPACE_KEY)
     return None if value is None else int(value)
 
 
-def has_payment_keys(client: redis.Redis) -> bool:
-    """Whether Redis holds any ``x402:*`` key (the scan stops at the first one)."""
-    return next(iter(client.scan_iter(match="x402:*", count=1000)), None) is not None
+def has_payment_keys(store_or_client: Store | Any) -> bool:
+    """Whether any master holds an ``x402:*`` key (each scan stops at the first one)."""
+    return next(iter(as_store(store_or_client).scan("x402:*")), None) is not None
 
 
-def check_keyspace(client: redis.Redis) -> None:
-    """Refuse a keyspace older than this code; stamp a fresh one with the current version."""
-    version = keyspace_version(client)
-    if version is None and not has_payment_keys(client):
-        client.set(KEYSPACE_KEY, KEYSPACE_VERSION, nx=True)
+def check_keyspace(store_or_client: Store | Any) -> None:
+    """Refuse a keyspace older than this code; stamp a fresh one with the current version. Raises
+    ``SettingsError`` (REDIS_URL), or ``redis.RedisError`` when a master does not answer."""
+    store = as_store(store_or_client)
+    version = keyspace_version(store.client)
+    if version is None and not has_payment_keys(store):
+        store.client.set(KEYSPACE_KEY, KEYSPACE_VERSION, nx=True)
         return
     if version is None or version < KEYSPACE_VERSION:
         raise SettingsError(
@@ -321,11 +341,9 @@ def check_keyspace(client: redis.Redis) -> None:
         )
 
 
-def connect(settings: Settings) -> redis.Redis:
-    """``settings.redis_client`` when set (e.g. the devnet's fake Redis), else a client for ``redis_url`` (5 s
-    socket timeout, 3 s to connect); redis-py raises ``ValueError`` for a URL of another scheme."""
+def connect(settings: Settings) -> Store:
+    """The store for ``settings``: ``settings.redis_client`` when set (e.g. the devnet's fake Redis),
+    else ``redis_url`` in ``redis_cluster`` mode (auto, yes, no); connects on first use."""
     if settings.redis_client is not None:
-        return settings.redis_client  # type: ignore[return-value]
-    return redis.Redis.from_url(
-        settings.redis_url, socket_timeout=5, socket_connect_timeout=3, health_check_interval=30
-    )
+        return Store(client=settings.redis_client)
+    return Store(settings.redis_url, settings.redis_cluster)

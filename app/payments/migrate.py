@@ -4,7 +4,8 @@ The repository's ``migrations/`` is installed as the package ``app.migrations`` 
 wheel, or an editable install); a checkout that is not installed has it as the top-level package
 ``migrations`` (the repository root is on ``sys.path``). Both are read with ``importlib.resources``.
 
-Each migration's ``up(redis)`` must be idempotent; the version is written after it succeeds, so an
+Each migration's ``up(store)`` (an ``app.backends.store.Store``: one Redis, or every master of a
+cluster) must be idempotent; the version is written after it succeeds, so an
 interrupted run simply resumes.
 """
 
@@ -16,10 +17,11 @@ import re
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from types import ModuleType
+from typing import Any
 
-import redis
-
-from app.payments.ledger import KEYSPACE_KEY, keyspace_version
+from app.backends.store import Store, as_store
+from app.payments.keys import KEYSPACE_KEY
+from app.payments.ledger import keyspace_version
 
 
 def _migrations_package() -> Traversable:
@@ -43,7 +45,7 @@ class Migration:
 
     def load(self) -> ModuleType:
         """The migration's file imported as a module (its code runs now; ``migrate`` then calls its
-        ``up(redis)``)."""
+        ``up(store)``)."""
         with importlib.resources.as_file(self.path) as path:
             spec = importlib.util.spec_from_file_location(f"x402_migration_{self.number:04d}", path)
             assert spec is not None and spec.loader is not None
@@ -65,19 +67,22 @@ def discover(directory: Traversable = MIGRATIONS_DIR) -> list[Migration]:
     return sorted(found, key=lambda m: m.number)
 
 
-def pending(client: redis.Redis, directory: Traversable = MIGRATIONS_DIR) -> list[Migration]:
+def pending(store_or_client: Store | Any, directory: Traversable = MIGRATIONS_DIR) -> list[Migration]:
     """The migrations numbered above the keyspace version in Redis (all of them when none is stamped)."""
-    current = keyspace_version(client) or 0
+    current = keyspace_version(as_store(store_or_client).client) or 0
     return [m for m in discover(directory) if m.number > current]
 
 
 def migrate(
-    client: redis.Redis, dry_run: bool = False, directory: Traversable = MIGRATIONS_DIR
+    store_or_client: Store | Any, dry_run: bool = False, directory: Traversable = MIGRATIONS_DIR
 ) -> list[Migration]:
-    """Apply what is pending (or only list it with ``dry_run``); returns the migrations concerned."""
-    todo = pending(client, directory)
+    """Apply what is pending (or only list it with ``dry_run``); returns the migrations concerned.
+    ``store_or_client`` is a ``Store`` or a ready client (tests); raises ``redis.RedisError`` when
+    a master does not answer (what was applied stays recorded)."""
+    store = as_store(store_or_client)
+    todo = pending(store, directory)
     if not dry_run:
         for migration in todo:
-            migration.load().up(client)
-            client.set(KEYSPACE_KEY, migration.number)
+            migration.load().up(store)
+            store.client.set(KEYSPACE_KEY, migration.number)
     return todo

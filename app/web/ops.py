@@ -15,8 +15,10 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from app import metrics
+from app.backends.store import STORE_ERRORS
 from app.backends.upstream import UpstreamFailed
-from app.payments.ledger import KEYSPACE_VERSION, keyspace_version
+from app.payments.keys import KEYSPACE_VERSION, relayer_nonce_key, used_keys
+from app.payments.ledger import keyspace_version
 from app.settings import Settings
 from app.web import services
 from app.web.metrics import exposition
@@ -56,11 +58,30 @@ def _check(run: Any) -> dict[str, Any]:
     return result
 
 
-def _redis() -> dict[str, Any]:
-    client = services().ledger.redis
-    client.ping()
-    version = keyspace_version(client)
-    return {"ok": version == KEYSPACE_VERSION, "keyspace": version, "expected": KEYSPACE_VERSION}
+def _redis(settings: Settings) -> dict[str, Any]:
+    """Redis answers for every slot the payment path writes (on a cluster: each master holding one
+    answers, and the cluster says its state is ok), and the keyspace is this code's version."""
+    store = services().ledger.store
+    relayer = relayer_nonce_key(settings.network.chain_id, services().settler.address)
+    coverage = store.coverage((*used_keys(), relayer))
+    try:
+        version = keyspace_version(store.client)
+    except STORE_ERRORS:  # the master of the keyspace key is down: reported in the coverage
+        version = None
+    result: dict[str, Any] = {
+        "ok": coverage.ok and version == KEYSPACE_VERSION,
+        "mode": "cluster" if store.cluster else "single",
+        "keyspace": version,
+        "expected": KEYSPACE_VERSION,
+    }
+    if store.cluster:
+        result.update(
+            cluster_state=coverage.state,
+            masters=len(coverage.masters),
+            masters_down=list(coverage.down),
+            slots_unserved=coverage.unserved,
+        )
+    return result
 
 
 def _rpc(url: str) -> dict[str, Any]:
@@ -118,7 +139,7 @@ def healthz() -> Response:
 
 def _evaluate(settings: Settings) -> tuple[bool, dict[str, Any]]:
     """Every readiness check, run now: (ready, one entry per check)."""
-    checks = {"redis": _check(_redis)}
+    checks = {"redis": _check(lambda: _redis(settings))}
     for index, url in enumerate(settings.rpc_urls):
         checks[f"rpc_{index}"] = _check(lambda url=url: _rpc(url))
     checks["asset"] = _check(lambda: _asset(settings))

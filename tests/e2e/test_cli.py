@@ -88,7 +88,7 @@ def test_pay_refuses_to_pay_above_max_amount(proxy: Proxy, capsys: pytest.Captur
 def test_migrate_command_dry_run_then_apply(
     redis_client, redis_service, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from app.payments.ledger import KEYSPACE_KEY, KEYSPACE_VERSION
+    from app.payments.keys import KEYSPACE_KEY, KEYSPACE_VERSION
 
     redis_client.hset("x402:{auth:8453:0xa:0xb:0xc}", "state", "served")  # written before versioning
     monkeypatch.setenv("REDIS_URL", redis_service.url)

@@ -17,7 +17,7 @@ from app.cli import main
 from app.devnet import Service, Wallets, free_port, start_anvil
 from app.devnet.standin import StandinModel
 from app.logs import JsonFormatter
-from app.payments.ledger import payment_key
+from app.payments.keys import KEYSPACE_KEY, KEYSPACE_VERSION, payment_key
 from app.web.ops import READY_CACHE_SECONDS
 from tests.e2e.test_gunicorn import gunicorn_env, start_gunicorn, wait_until_up
 from tests.integration.test_failing_parts import RestartableRedis
@@ -95,7 +95,7 @@ def test_readyz_follows_redis_the_token_and_the_rpc_chain(
     status, body = ready(proxy)
     assert status == 503 and body["checks"]["redis"]["ok"] is False
     own_redis.start()
-    redis.Redis.from_url(own_redis.url).set("x402:{meta}:keyspace", 1)  # a fresh Redis after the loss
+    redis.Redis.from_url(own_redis.url).set(KEYSPACE_KEY, KEYSPACE_VERSION)  # a fresh Redis after the loss
     assert ready(proxy)[0] == 200
 
     proxy.chain.token_call("pause()", [], [])

@@ -18,7 +18,7 @@ import requests
 
 from app.devnet import Service, Wallets, free_port
 from app.devnet.standin import StandinModel
-from app.payments.ledger import KEYSPACE_KEY
+from app.payments.keys import KEYSPACE_KEY
 from tests.e2e.test_gunicorn import gunicorn_env, wait_until_up
 from tests.e2e.test_logs import parsed
 
@@ -132,7 +132,7 @@ def test_migrate_dry_run_from_the_wheel(
         env=installed.env(REDIS_URL=redis_service.url),
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "would apply: 0001_initial"
+    assert done.stdout.strip() == "would apply: 0001_initial, 0002_payment_shards"
     assert redis_client.get(KEYSPACE_KEY) is None  # a dry run writes nothing
 
 

@@ -25,7 +25,7 @@ import requests
 from app.cli import main
 from app.devnet import DevChain, Service, Wallets, free_port
 from app.devnet.standin import Behaviour, StandinModel
-from app.payments.ledger import payment_key
+from app.payments.keys import payment_key
 from app.settings import Settings
 from app.x402.wire import PaymentPayload
 from tests.e2e.test_gunicorn import gunicorn_env, start_gunicorn, wait_until_up

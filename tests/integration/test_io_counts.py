@@ -83,7 +83,7 @@ def test_an_unfunded_payment_costs_two_redis_round_trips_one_rpc_round_trip_and_
     assert (client.round_trips, len(rpc.requests)) == (2, 1)  # claim + release; the preflight batch
     assert standin.received == [standin.received[0]]  # only the warm-up reached the model host
     auth = unfunded.authorization
-    key = next(client.scan_iter(match=f"x402:{{auth:*{auth.from_.lower()}*"))
+    key = next(client.scan_iter(match=f"x402:{{p*}}:auth:*{auth.from_.lower()}*"))
     assert client.memory_usage(key) < 512  # bytes
     assert client.ttl(key) <= 120 + 60  # maxTimeoutSeconds + the released grace (seconds)
 

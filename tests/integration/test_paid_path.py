@@ -9,7 +9,8 @@ import pytest
 import requests
 
 from app.catalog import load_catalog, quote_for
-from app.payments.ledger import LEDGER_STREAM, Ledger, payment_key
+from app.payments.keys import LEDGER_STREAM, PAYMENT_KEYS, payment_key
+from app.payments.ledger import Ledger
 from app.settings import DEFAULT_CATALOG
 from app.x402.codec import decode_header
 from tests.support import CHAT_BODY, OPERATOR_KEY, Proxy, settle_response
@@ -186,7 +187,7 @@ def test_wrong_payments_are_refused_with_a_reason_and_change_nothing(
     assert response.status_code == 402
     assert response.json()["error"] == reason
     assert proxy.balances() == balances and standin.received == []
-    assert _redis(proxy).keys("x402:{auth:*") == []
+    assert _redis(proxy).keys(PAYMENT_KEYS) == []
 
 
 def test_v1_payment_for_the_wrong_value_is_refused(proxy: Proxy, standin) -> None:

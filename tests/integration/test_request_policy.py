@@ -17,6 +17,7 @@ import requests
 from app.catalog import load_catalog, quote_for
 from app.catalog.policy import ROUTE_FIELDS, Rule
 from app.devnet.standin import StandinModel
+from app.payments.keys import PAYMENT_KEYS
 from app.settings import DEFAULT_CATALOG
 from app.x402.codec import decode_header
 from tests.support import Proxy, settle_response
@@ -161,7 +162,7 @@ def test_refused_before_any_402(
     assert response.json()["error"]["code"] == code
     assert "PAYMENT-REQUIRED" not in response.headers
     assert standin.received == []
-    assert redis_client.keys("x402:{auth:*") == []
+    assert redis_client.keys(PAYMENT_KEYS) == []
     assert proxy.balances() == before
 
 

@@ -24,7 +24,8 @@ import redis
 import app.payments.gate
 from app.backends.token import transfer_calldata
 from app.devnet.standin import Behaviour, StandinModel
-from app.payments.ledger import RELEASED_GRACE, Ledger, payment_key
+from app.payments.keys import payment_key
+from app.payments.ledger import RELEASED_GRACE, Ledger
 from app.x402.checks import MAX_CLOCK_SKEW
 from app.x402.codec import encode_header
 from app.x402.payer import header_name

@@ -14,7 +14,8 @@ import requests
 from app import create_checked_app
 from app.devnet import Service, free_port, start_anvil
 from app.devnet.standin import StandinModel
-from app.payments.ledger import Ledger, payment_key
+from app.payments.keys import payment_key
+from app.payments.ledger import Ledger
 from app.settings import Settings
 from app.x402.wire import PaymentPayload
 from tests.rpc_proxy import FaultyRpc

@@ -9,7 +9,7 @@ import redis
 
 from app import create_app, create_checked_app
 from app.devnet import Service, free_port, start_anvil
-from app.payments.ledger import KEYSPACE_KEY, KEYSPACE_VERSION
+from app.payments.keys import KEYSPACE_KEY, KEYSPACE_VERSION
 from app.settings import Settings, SettingsError
 
 pytestmark = pytest.mark.integration

@@ -19,6 +19,7 @@ from eth_abi import encode
 
 from app.backends.token import selector
 from app.devnet import BASE_USDC
+from app.payments.keys import PAYMENT_KEYS
 from app.x402.codec import encode_header
 from app.x402.eip712 import address_of_key, authorization_digest, domain_separator, sign_digest
 from app.x402.wire import V1_HEADER, V2_HEADER, Authorization, PaymentPayload
@@ -30,7 +31,6 @@ PING = "/v1/models/hermes-3-8b-tee/ping"
 SEPOLIA_USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
 STRANGER = "0x000000000000000000000000000000000000dEaD"
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-PAYMENT_KEYS = "x402:{auth:*"
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,15 @@ import pytest
 
 from app.payments import ledger as ledger_module
 from app.payments import migrate as migrate_module
-from app.payments.ledger import (
+from app.payments.keys import (
     KEYSPACE_KEY,
     KEYSPACE_VERSION,
     LEDGER_STREAM,
-    RETENTION_SECONDS,
-    Claim,
-    Ledger,
-    check_keyspace,
-    keyspace_version,
+    PAYMENT_KEY_RE,
     payment_key,
     relayer_nonce_key,
 )
+from app.payments.ledger import RETENTION_SECONDS, Claim, Ledger, check_keyspace, keyspace_version
 from app.payments.states import EVENTS
 from app.settings import SettingsError
 
@@ -59,7 +56,8 @@ def claim(ledger: Ledger, key: str = KEY, valid_before: int | None = None) -> Cl
 def test_payment_key_is_normalised_and_hash_tagged() -> None:
     upper = payment_key(8453, ASSET.upper().replace("0X", "0x"), PAYER.upper().replace("0X", "0x"), NONCE)
     assert upper == KEY
-    assert f"x402:{{auth:8453:{ASSET.lower()}:{PAYER}:0x{NONCE.hex()}}}" == KEY
+    assert KEY.endswith(f"}}:auth:8453:{ASSET.lower()}:{PAYER}:0x{NONCE.hex()}")
+    assert PAYMENT_KEY_RE.match(KEY)
     assert payment_key(84532, ASSET, PAYER, NONCE) != KEY
     assert payment_key(8453, ASSET, PAYER, bytes(32)) != KEY
     assert relayer_nonce_key(8453, RELAYER) == relayer_nonce_key(8453, RELAYER.lower())
@@ -122,9 +120,13 @@ def test_transition_does_not_match_state_substrings(ledger: Ledger) -> None:
     with pytest.raises(ValueError):  # not states of the table: refused before Redis is asked
         ledger.transition(KEY, ("claim", "laimed"), "settling")
     # and the script itself matches whole state names only
-    outcome, _, _ = ledger._transition(keys=[KEY], args=["claim laimed", "settling", 0, 10])
+    outcome, _ = ledger_module._TRANSITION(
+        ledger.redis, [KEY, LEDGER_STREAM], ["claim laimed", "settling", 0, 10]
+    )
     assert outcome == b"refused"
-    outcome, _, _ = ledger._transition(keys=[KEY], args=["unclaimed", "settling", 0, 10])
+    outcome, _ = ledger_module._TRANSITION(
+        ledger.redis, [KEY, LEDGER_STREAM], ["unclaimed", "settling", 0, 10]
+    )
     assert outcome == b"refused"
     assert ledger.get(KEY)["state"] == "claimed"
 
@@ -142,7 +144,7 @@ def test_transition_writes_fields(ledger: Ledger) -> None:
     assert (record["state"], record["tx"], record["reason"]) == ("settling", "0x" + "aa" * 32, "x")
 
 
-LEDGER_FIELDS = {"event", "key", "payer", "amount", "model", "network", "tx"}
+LEDGER_FIELDS = {"event", "key", "payer", "amount", "model", "network", "tx", "at"}
 
 
 def test_terminal_transitions_append_to_the_ledger(ledger: Ledger) -> None:
@@ -164,7 +166,9 @@ def test_terminal_transitions_append_to_the_ledger(ledger: Ledger) -> None:
             "model": "hermes-3-8b-tee",
             "network": "eip155:8453",
             "tx": "0xabc",
+            "at": entry["at"],
         }
+        assert abs(int(entry["at"]) - time.time()) < 5  # when it happened (unix seconds)
 
 
 @pytest.mark.parametrize("state", ["released", "settling", "pending"])
@@ -335,27 +339,50 @@ def test_every_migration_has_up() -> None:
         assert callable(migration.load().up)
 
 
-def test_migrate_old_keyspace(client: fakeredis.FakeRedis, ledger: Ledger) -> None:
+V1_KEY = f"x402:{{auth:8453:{ASSET.lower()}:{PAYER}:0x{NONCE.hex()}}}"  # where version 1 kept KEY
+
+
+def test_migrate_moves_version_1_payments_with_their_ttl(client: fakeredis.FakeRedis, ledger: Ledger) -> None:
     claim(ledger)
-    before = ledger.get(KEY)
+    client.rename(KEY, V1_KEY)  # the payment as version 1 kept it
+    client.set(KEYSPACE_KEY, 1)
+    before, ttl = client.hgetall(V1_KEY), client.ttl(V1_KEY)
+    client.hset("x402:{auth:not-a-payment}", "state", "served")  # not ours: left alone
     applied = migrate_module.migrate(client)
-    assert [m.number for m in applied] == [1]
+    assert [m.number for m in applied] == [2]
     assert keyspace_version(client) == KEYSPACE_VERSION
-    assert ledger.get(KEY) == before  # 0001 rewrites nothing
+    assert client.hgetall(KEY) == before and not client.exists(V1_KEY)
+    assert ttl - 2 <= client.ttl(KEY) <= ttl
+    assert client.exists("x402:{auth:not-a-payment}")
     check_keyspace(client)  # the proxy now starts
+    assert claim(ledger).outcome == "taken"  # and finds the payment where it is now
+
+
+def test_migration_0002_resumes_after_a_copy_without_delete(
+    client: fakeredis.FakeRedis, ledger: Ledger
+) -> None:
+    claim(ledger)
+    client.copy(KEY, V1_KEY)  # cut short after the copy: both names exist
+    assert ledger.transition(KEY, ("claimed",), "released")  # the new one moved on meanwhile
+    client.set(KEYSPACE_KEY, 1)
+    migrate_module.migrate(client)
+    assert ledger.get(KEY)["state"] == "released"  # not overwritten by the old copy
+    assert not client.exists(V1_KEY)
 
 
 def test_migrate_dry_run_changes_nothing(client: fakeredis.FakeRedis, ledger: Ledger) -> None:
     claim(ledger)
+    client.rename(KEY, V1_KEY)
     listed = migrate_module.migrate(client, dry_run=True)
-    assert [m.number for m in listed] == [1]
+    assert [m.number for m in listed] == [1, 2]
     assert keyspace_version(client) is None
+    assert client.exists(V1_KEY) and not client.exists(KEY)
     with pytest.raises(SettingsError):
         check_keyspace(client)
 
 
 def test_second_migrate_applies_nothing(client: fakeredis.FakeRedis) -> None:
-    assert [m.number for m in migrate_module.migrate(client)] == [1]
+    assert [m.number for m in migrate_module.migrate(client)] == [1, 2]
     assert migrate_module.migrate(client) == []
     assert migrate_module.pending(client) == []
     assert keyspace_version(client) == KEYSPACE_VERSION
@@ -367,9 +394,9 @@ def test_migrate_on_current_keyspace_is_a_no_op(client: fakeredis.FakeRedis) -> 
 
 
 def test_interrupted_migration_resumes(client: fakeredis.FakeRedis, tmp_path: Path) -> None:
-    (tmp_path / "0001_first.py").write_text("def up(client):\n    client.set('m1', 1)\n")
-    (tmp_path / "0002_breaks.py").write_text("def up(client):\n    raise RuntimeError('boom')\n")
-    (tmp_path / "0003_later.py").write_text("def up(client):\n    client.set('m3', 1)\n")
+    (tmp_path / "0001_first.py").write_text("def up(store):\n    store.client.set('m1', 1)\n")
+    (tmp_path / "0002_breaks.py").write_text("def up(store):\n    raise RuntimeError('boom')\n")
+    (tmp_path / "0003_later.py").write_text("def up(store):\n    store.client.set('m3', 1)\n")
     (tmp_path / "notes.txt").write_text("ignored")
     (tmp_path / "4_bad_name.py").write_text("ignored")
     assert [m.number for m in migrate_module.discover(tmp_path)] == [1, 2, 3]
@@ -377,7 +404,7 @@ def test_interrupted_migration_resumes(client: fakeredis.FakeRedis, tmp_path: Pa
         migrate_module.migrate(client, directory=tmp_path)
     assert keyspace_version(client) == 1  # recorded after 0001 only
     assert client.get("m3") is None
-    (tmp_path / "0002_breaks.py").write_text("def up(client):\n    client.set('m2', 1)\n")
+    (tmp_path / "0002_breaks.py").write_text("def up(store):\n    store.client.set('m2', 1)\n")
     assert [m.number for m in migrate_module.migrate(client, directory=tmp_path)] == [2, 3]
     assert keyspace_version(client) == 3
     assert client.get("m2") == b"1" and client.get("m3") == b"1"

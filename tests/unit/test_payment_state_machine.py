@@ -25,7 +25,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from app.catalog import Catalog, load_catalog
 from app.payments.errors import ApiError
 from app.payments.gate import Gate
-from app.payments.ledger import Ledger, payment_key
+from app.payments.keys import payment_key
+from app.payments.ledger import Ledger
 from app.payments.outcomes import PaymentRequired
 from app.payments.serve import PaidCall, serve
 from app.payments.settlement import FAILED, PENDING, SETTLED

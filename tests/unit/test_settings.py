@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from eth_utils import to_checksum_address
 
-from app.settings import DEFAULT_CATALOG, NETWORKS, Settings, SettingsError, redis_url_from_env
+from app.settings import DEFAULT_CATALOG, NETWORKS, Settings, SettingsError, redis_from_env
 
 PAY_TO = "0x209693bc6afc0c5328ba36faf03c514ef312287c"
 PAY_TO_CHECKSUM = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C"
@@ -267,11 +267,21 @@ def test_with_overrides_returns_a_changed_copy() -> None:
         settings.max_timeout_seconds = 1  # type: ignore[misc]
 
 
-def test_redis_url_from_env() -> None:
-    assert redis_url_from_env({"REDIS_URL": " redis://a/0 "}) == "redis://a/0"
+def test_redis_from_env() -> None:
+    assert redis_from_env({"REDIS_URL": " redis://a/0 "}) == ("redis://a/0", "auto")
+    assert redis_from_env({"REDIS_URL": "redis://a/0", "REDIS_CLUSTER": " YES "}) == ("redis://a/0", "yes")
     with pytest.raises(SettingsError) as info:
-        redis_url_from_env({})
+        redis_from_env({})
     assert info.value.variable == "REDIS_URL"
+    with pytest.raises(SettingsError) as info:
+        redis_from_env({"REDIS_URL": "redis://a/0", "REDIS_CLUSTER": "maybe"})
+    assert info.value.variable == "REDIS_CLUSTER"
+
+
+def test_redis_cluster_mode_is_read_and_checked() -> None:
+    assert Settings.from_env(base_env()).redis_cluster == "auto"
+    assert Settings.from_env(base_env(REDIS_CLUSTER="No")).redis_cluster == "no"
+    assert error_for(base_env(REDIS_CLUSTER="sometimes")).variable == "REDIS_CLUSTER"
 
 
 # -- secrets -----------------------------------------------------------------------------------------------

@@ -9,17 +9,20 @@ import fakeredis
 import pytest
 
 from app.payments import ledger
-from app.payments.ledger import Ledger, payment_key
+from app.payments.keys import payment_key
+from app.payments.ledger import Ledger
 from app.payments.states import EVENTS, OPEN, TRANSITIONS, State, allowed
 
 # Words a Lua script quotes that are not states: Redis commands, hash fields, script outcomes.
 NOT_STATES = {
     "HGET", "HSET", "HMGET", "EXPIRE", "XADD", "SET", "GET", "MAXLEN", "~", "*",
     "state", "tx", "updated", "model", "amount", "payer", "network", "created", "valid_before",
-    "relayer_nonce", "event", "key", "redeem", "taken", "mismatch", "expired", "ok", "refused",
+    "relayer_nonce", "event", "key", "at", "redeem", "taken", "mismatch", "expired", "ok", "refused",
     "new",
 }  # fmt: skip
-SCRIPTS = {name: getattr(ledger, name) for name in ("_CLAIM", "_TRANSITION", "_START", "_RESERVE_NONCE")}
+SCRIPTS = {
+    name: getattr(ledger, name).source for name in ("_CLAIM", "_TRANSITION", "_START", "_RESERVE_NONCE")
+}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

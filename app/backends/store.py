@@ -1,0 +1,216 @@
+"""The Redis the ledger lives in: one node, or a Redis Cluster reached through any of its masters.
+
+``Store`` connects on first use, never at construction (``create_app`` stays free of network I/O).
+With ``REDIS_CLUSTER=auto`` (the default) it asks the node named by ``REDIS_URL`` whether cluster
+mode is on (``INFO cluster``) and then uses redis-py's ``RedisCluster`` client, which learns the slot
+map from that node and follows ``MOVED``/``ASK`` itself; ``yes`` and ``no`` skip the question.
+Anything that goes wrong while connecting is raised as ``redis.RedisError``, so every caller fails
+closed the same way for one node and for a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
+from redis.retry import Retry
+
+from app.settings import REDIS_CLUSTER_MODES
+
+SOCKET_TIMEOUT = 5.0  # seconds a command may take
+CONNECT_TIMEOUT = 3.0  # seconds to open a connection to one node
+CLUSTER_CONNECT_TIMEOUT = 1.0  # seconds, per node of a cluster: a dead master is found out quickly
+PROBE_TIMEOUT = 1.0  # seconds a readiness PING of one master may take
+# What a Redis that does not answer raises: redis-py's cluster client has errors of its own
+# (no reachable node, a slot not covered) outside RedisError.
+STORE_ERRORS = (redis.RedisError, RedisClusterException)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Who serves the slots a set of keys hashes to, as seen by ``Store.coverage``.
+
+    ``masters`` and ``down`` are ``host:port`` addresses; ``unserved`` counts the keys' slots that no
+    answering master holds; ``state`` is the cluster's own ``cluster_state`` (``ok``/``fail``), or
+    ``standalone`` for one node."""
+
+    masters: tuple[str, ...]
+    down: tuple[str, ...]
+    unserved: int
+    state: str
+
+    @property
+    def ok(self) -> bool:
+        """Every slot is held by a master that answers."""
+        return not self.down and not self.unserved and self.state in ("ok", "standalone")
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script (``source``), run by its SHA1 (``EVALSHA``) and sent whole (``EVAL``, which also
+    caches it there) to a node that does not know it yet.
+
+    Hand-written instead of redis-py's ``Script``: that one loads a missing script with ``SCRIPT
+    LOAD``, which its cluster client sends to every master, so while one master is down every
+    script call on the healthy ones fails too. ``EVAL`` goes only to the node of the keys."""
+
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+    def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run on ``client`` (one node or a cluster, routed by ``keys``); raises ``redis.RedisError``."""
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return client.eval(self.source, len(keys), *keys, *args)
+
+
+def as_store(store_or_client: Any) -> Store:
+    """``store_or_client`` itself when it is a ``Store``, else a store around that ready client."""
+    return store_or_client if isinstance(store_or_client, Store) else Store(client=store_or_client)
+
+
+class Store:
+    """A lazily connected Redis client: ``redis.Redis`` for one node, ``RedisCluster`` for a cluster.
+
+    ``url`` is a ``redis://`` or ``rediss://`` URL of the node (any master of a cluster); ``mode`` is
+    one of ``REDIS_CLUSTER_MODES``; ``client`` is a ready client (tests and the devnet's fake
+    Redis), used as given.
+    """
+
+    def __init__(self, url: str = "", mode: str = "auto", client: Any = None) -> None:
+        if mode not in REDIS_CLUSTER_MODES:
+            raise ValueError(f"REDIS_CLUSTER must be one of {', '.join(REDIS_CLUSTER_MODES)}")
+        self.url = url
+        self.mode = mode
+        self._client: Any = client
+        self._cluster: bool | None = None if client is None else isinstance(client, RedisCluster)
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        """The connected client (``redis.Redis`` or ``RedisCluster``); the first call connects.
+        Raises ``redis.RedisError`` when the node does not answer or is not what ``mode`` says."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._connect()
+        return self._client
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the store is a Redis Cluster (connects first when it has not yet)."""
+        client = self.client
+        if self._cluster is None:
+            self._cluster = isinstance(client, RedisCluster)
+        return self._cluster
+
+    def _connect(self) -> Any:
+        cluster = self.mode == "yes"
+        if self.mode == "auto":
+            probe = redis.Redis.from_url(
+                self.url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT
+            )
+            try:
+                cluster = bool(probe.info("cluster").get("cluster_enabled"))
+            finally:
+                probe.close()
+        if not cluster:
+            self._cluster = False
+            return redis.Redis.from_url(
+                self.url,
+                socket_timeout=SOCKET_TIMEOUT,
+                socket_connect_timeout=CONNECT_TIMEOUT,
+                health_check_interval=30,
+            )
+        try:
+            client = RedisCluster.from_url(
+                self.url,
+                socket_timeout=SOCKET_TIMEOUT,
+                socket_connect_timeout=CLUSTER_CONNECT_TIMEOUT,
+                require_full_coverage=False,
+            )
+        except RedisClusterException as exc:  # redis-py's own class, outside RedisError
+            raise redis.ConnectionError(f"Redis Cluster at {self.url}: {exc}") from exc
+        self._cluster = True
+        return client
+
+    def primaries(self) -> list[Any]:
+        """One client per master: the cluster's primaries, or the one node."""
+        client = self.client
+        if not self.cluster:
+            return [client]
+        return [client.get_redis_connection(node) for node in client.get_primaries()]
+
+    def scan(self, match: str, count: int = 1000) -> Iterator[str]:
+        """Every key matching ``match`` on every master, as text (``SCAN`` on each primary in turn;
+        raises ``redis.RedisError`` when one does not answer, so no master is silently skipped)."""
+        for node in self.primaries():
+            for key in node.scan_iter(match=match, count=count):
+                yield key.decode() if isinstance(key, bytes) else str(key)
+
+    def coverage(self, keys: Iterable[str]) -> Coverage:
+        """Whether every slot ``keys`` hash to is held by a master that answers a ``PING`` (one
+        ``CLUSTER SLOTS`` and one ``PING`` per master, each bounded by ``PROBE_TIMEOUT`` seconds).
+        On one node: that node answers. Raises ``redis.RedisError`` when no node answers at all."""
+        client = self.client
+        if not self.cluster:
+            client.ping()
+            return Coverage((self.url,), (), 0, "standalone")
+        slots = {key_slot(key.encode()) for key in keys}
+        todo = [node.name for node in client.get_primaries()]
+        seen: set[str] = set()
+        down: list[str] = []
+        owner: dict[int, str] = {}
+        state = "fail"
+        while todo:
+            address = todo.pop(0)
+            if address in seen:
+                continue
+            seen.add(address)
+            try:
+                info, shards = _probe(address, need_slots=not owner)
+            except redis.RedisError:
+                down.append(address)
+                continue
+            state = "ok" if state == "ok" or info.get("cluster_state") == "ok" else state
+            for start, end, primary in shards:
+                owner.update((slot, primary) for slot in slots if start <= slot <= end)
+                todo.append(primary)
+        if len(down) == len(seen):
+            raise redis.ConnectionError(f"no master of the Redis Cluster at {self.url} answers")
+        unserved = sum(1 for slot in slots if owner.get(slot) is None or owner[slot] in down)
+        return Coverage(tuple(sorted(seen)), tuple(sorted(down)), unserved, state)
+
+
+def _probe(address: str, need_slots: bool) -> tuple[dict[str, Any], list[tuple[int, int, str]]]:
+    """``CLUSTER INFO`` of one master (``host:port``) and, with ``need_slots``, its ``CLUSTER SLOTS``
+    as ``(first slot, last slot, primary host:port)``; a fresh connection with ``PROBE_TIMEOUT``."""
+    host, port = address.rsplit(":", 1)
+    node = redis.Redis(
+        host=host,
+        port=int(port),
+        socket_timeout=PROBE_TIMEOUT,
+        socket_connect_timeout=PROBE_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),  # one try: a probe reports, it does not wait
+    )
+    try:
+        info = node.cluster("info")
+        shards = []
+        for start, end, primary, *_replicas in node.execute_command("CLUSTER SLOTS") if need_slots else ():
+            host_of = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
+            shards.append((int(start), int(end), f"{host_of}:{int(primary[1])}"))
+        return info, shards
+    finally:
+        node.close()

@@ -1,0 +1,79 @@
+"""The Redis keyspace of the ledger (version ``KEYSPACE_VERSION``): every key name, in one place.
+
+Redis Cluster runs a Lua script only on keys of one hash slot, so what must change together shares a
+hash tag (the part in braces):
+
+- Payments are spread over ``SHARDS`` hash tags, one per run of ``SLOTS_PER_SHARD`` slots; a
+  payment's tag is chosen by the slot of its identity, so payments spread over the masters as
+  evenly as the slots do. A payment ``x402:{p<n>}:auth:<chain id>:<asset>:<payer>:0x<nonce>`` and
+  the outbox of its ledger events ``x402:{p<n>}:outbox`` share a slot: a transition writes both in
+  one atomic step, and no write to another slot can decide a payment's fate.
+- The ledger stream ``x402:{ledger}``, what was moved into it from each outbox
+  ``x402:{ledger}:drained``, the keyspace version ``x402:{meta}:keyspace``, and each relayer's
+  account-nonce counter ``x402:{relayer:<chain id>:<address>}:nonce`` each have their own tag.
+
+Addresses and nonces are lower-case hex. The slot of a key is CRC16 of its tag modulo 16384 (the
+Redis Cluster specification), computed by redis-py's ``key_slot``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
+KEYSPACE_VERSION = 2
+KEYSPACE_KEY = "x402:{meta}:keyspace"
+LEDGER_STREAM = "x402:{ledger}"
+DRAINED_KEY = "x402:{ledger}:drained"  # hash: outbox key → id of the last entry moved into the stream
+SHARDS = 256
+SLOTS_PER_SHARD = REDIS_CLUSTER_HASH_SLOTS // SHARDS  # 64
+PAYMENT_KEYS = "x402:{p*}:auth:*"  # SCAN pattern of every payment
+PAYMENT_KEY_RE = re.compile(
+    r"^x402:\{p[0-9]+\}:auth:([0-9]+):(0x[0-9a-f]{40}):(0x[0-9a-f]{40}):0x([0-9a-f]{64})$"
+)
+
+
+@functools.cache
+def shard_tags() -> tuple[str, ...]:
+    """The hash tag of each shard: ``tags[i]`` is the first of ``p0, p1, …`` whose slot lies in
+    ``[i * SLOTS_PER_SHARD, (i + 1) * SLOTS_PER_SHARD)`` (a few hundred CRC16s, once per process)."""
+    tags: list[str | None] = [None] * SHARDS
+    missing, candidate = SHARDS, 0
+    while missing:
+        tag = f"p{candidate}"
+        shard = key_slot(tag.encode()) // SLOTS_PER_SHARD
+        if tags[shard] is None:
+            tags[shard], missing = tag, missing - 1
+        candidate += 1
+    return tuple(tag for tag in tags if tag is not None)
+
+
+def payment_key(chain_id: int, asset: str, payer: str, nonce: bytes) -> str:
+    """The Redis key of one EIP-3009 authorization ``(chain, asset, from, nonce)``:
+    ``x402:{p<n>}:auth:<chain id>:<asset>:<payer>:0x<nonce>``, lower-case."""
+    identity = f"auth:{chain_id}:{asset.lower()}:{payer.lower()}:0x{nonce.hex()}"
+    tag = shard_tags()[key_slot(identity.encode()) // SLOTS_PER_SHARD]
+    return f"x402:{{{tag}}}:{identity}"
+
+
+def outbox_key(payment: str) -> str:
+    """The outbox that holds a payment's ledger events until they are in the stream (same slot)."""
+    return payment[: payment.index("}") + 1] + ":outbox"
+
+
+def outbox_keys() -> tuple[str, ...]:
+    """Every shard's outbox key, in shard order."""
+    return tuple(f"x402:{{{tag}}}:outbox" for tag in shard_tags())
+
+
+def relayer_nonce_key(chain_id: int, relayer: str) -> str:
+    """The Redis key of a relayer's account-nonce counter: ``x402:{relayer:<chain id>:<address>}:nonce``."""
+    return f"x402:{{relayer:{chain_id}:{relayer.lower()}}}:nonce"
+
+
+def used_keys() -> tuple[str, ...]:
+    """One key in every slot the proxy writes, except the relayer counters (``/readyz`` checks that
+    a master answers for each of them)."""
+    return (*outbox_keys(), LEDGER_STREAM, KEYSPACE_KEY)
