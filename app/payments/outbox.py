@@ -8,8 +8,9 @@ newer than the last one it recorded for that outbox (``DRAINED_KEY``), so any nu
 hosts may drain the same outbox at once, and a drain cut short is simply done again. Outbox entry ids
 only grow (a Redis stream keeps its last id even when emptied), which is what makes them the marks.
 
-Each process drains the outboxes it wrote to right after each write, and every outbox every
-``SWEEP_SECONDS`` (events left by a process that died). While the stream's master is down events
+Each process drains the outboxes it wrote to within ``GATHER_SECONDS`` of a write (one pass for
+the writes of that window), and every outbox every ``SWEEP_SECONDS`` (events left by a process that
+died); after a pass that failed it waits ``RETRY_SECONDS``. While the stream's master is down events
 wait in their outboxes; payments are not held up.
 """
 
@@ -28,6 +29,8 @@ from app.payments.keys import DRAINED_KEY, LEDGER_STREAM, outbox_keys
 log = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 10.0  # every outbox is looked at this often (seconds)
+GATHER_SECONDS = 0.05  # after a write, how long the drainer waits for more before it moves them
+RETRY_SECONDS = 1.0  # after a pass that failed (a master down), the pause before the next one
 BATCH = 500  # outbox entries moved per script call
 EVENT_FIELDS = ("event", "key", "payer", "amount", "model", "network", "tx", "at")
 
@@ -111,7 +114,9 @@ class Outbox:
             if failed:
                 with self._lock:
                     self._dirty |= targets & failed
-            self._wake.wait(SWEEP_SECONDS)
+                time.sleep(RETRY_SECONDS)
+            if self._wake.wait(SWEEP_SECONDS):
+                time.sleep(GATHER_SECONDS)  # one drain for the events of many calls, not one per call
 
     def drain(self, outboxes: Iterable[str]) -> set[str]:
         """Move every event waiting in ``outboxes`` into the stream; returns the outboxes that could
