@@ -250,6 +250,53 @@ contract EIP3009Token {
     }
 
     // ---------------------------------------------------------------------
+    // EIP-2612 (same EIP-712 domain as EIP-3009: "USD Coin", version "2")
+    // ---------------------------------------------------------------------
+
+    bytes32 public constant PERMIT_TYPEHASH =
+        keccak256("Permit(address owner,address spender,uint256 value,uint256 nonce,uint256 deadline)");
+
+    /// @dev Declared after every earlier state variable, so the existing slots do not move.
+    mapping(address => uint256) private _permitNonces;
+
+    /// @notice The next EIP-2612 nonce of `owner`.
+    function nonces(address owner) external view returns (uint256) {
+        return _permitNonces[owner];
+    }
+
+    /// @notice Set `spender`'s allowance over `owner`'s tokens to `value`, by `owner`'s signature.
+    function permit(address owner, address spender, uint256 value, uint256 deadline, uint8 v, bytes32 r, bytes32 s)
+        external
+        whenNotPaused
+        notBlacklisted(owner)
+        notBlacklisted(spender)
+    {
+        _permit(owner, spender, value, deadline, _pack(v, r, s));
+    }
+
+    function permit(address owner, address spender, uint256 value, uint256 deadline, bytes memory signature)
+        external
+        whenNotPaused
+        notBlacklisted(owner)
+        notBlacklisted(spender)
+    {
+        _permit(owner, spender, value, deadline, signature);
+    }
+
+    /// @dev A deadline of type(uint256).max never expires; otherwise it is valid up to and
+    ///      including `deadline`. The nonce is consumed only by a valid permit.
+    function _permit(address owner, address spender, uint256 value, uint256 deadline, bytes memory signature)
+        private
+    {
+        require(deadline == type(uint256).max || deadline >= block.timestamp, "FiatTokenV2: permit is expired");
+        uint256 nonce = _permitNonces[owner];
+        bytes32 structHash = keccak256(abi.encode(PERMIT_TYPEHASH, owner, spender, value, nonce, deadline));
+        require(_signedBy(owner, _digest(structHash), signature), "EIP2612: invalid signature");
+        _permitNonces[owner] = nonce + 1;
+        _setAllowance(owner, spender, value);
+    }
+
+    // ---------------------------------------------------------------------
     // Test controls (deliberately unrestricted)
     // ---------------------------------------------------------------------
 

@@ -264,3 +264,17 @@ def prepare_chain(chain: DevChain, wallets: Wallets, payer_usdc: int) -> None:
     chain.place_token()
     chain.set_eth(wallets.relayer, 10**20)
     chain.mint(wallets.payer, payer_usdc)
+
+
+def place_upto_contracts(chain: DevChain) -> dict[str, str]:
+    """Put our Permit2 and x402UptoPermit2Proxy (runtime code from ``contracts/<name>.json``) at their
+    canonical addresses with ``anvil_setCode``, for the x402 ``upto`` scheme; returns {name: address}.
+    Raises ``OSError`` outside a checkout, ``RpcFailure`` or ``ChainUnavailable`` from anvil."""
+    placed = {
+        "Permit2": "0x000000000022D473030F116dDEE9F6B43aC78BA3",
+        "x402UptoPermit2Proxy": "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002",
+    }
+    for name, address in placed.items():
+        artifact = json.loads((PROJECT_ROOT / "contracts" / f"{name}.json").read_text())
+        chain.rpc.call("anvil_setCode", [address, artifact["deployedBytecode"]])
+    return placed
