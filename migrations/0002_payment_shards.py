@@ -4,7 +4,8 @@ Version 1 kept each payment at ``x402:{auth:<chain id>:<asset>:<payer>:0x<nonce>
 slot, so on a Redis Cluster a transition could not write its ledger event atomically. Version 2 keeps
 it at ``x402:{p<n>}:auth:…`` (``app.payments.keys.payment_key``). Each old hash is copied to its new
 name with its remaining time to live (``DUMP``/``RESTORE``: the two names are in different slots,
-where ``RENAME`` is refused) and then deleted. Run it with the proxies stopped; a run cut short is
+where ``RENAME`` is refused) and then deleted. The relayer counters' ``…:nonce:reserved_at`` keys,
+replaced by ``…:nonce:chain``, are deleted. Run it with the proxies stopped; a run cut short is
 resumed by running it again (a payment already copied is not overwritten).
 """
 
@@ -31,3 +32,5 @@ def up(store: Store) -> None:
         if dump is not None and not client.exists(new):
             client.restore(new, max(ttl, 0), dump)
         client.delete(old)
+    for obsolete in list(store.scan("x402:{relayer:*}:nonce:reserved_at")):
+        client.delete(obsolete)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from app.cli.devnet import quiet_request_handler
@@ -108,7 +108,9 @@ def serve(app: Any) -> BaseWSGIServer:
 
 
 def cluster_client(cluster: RedisClusterProcesses) -> RedisCluster:
-    return RedisCluster.from_url(cluster.url)
+    """A cluster client that starts from every master, so a killed one does not stop it."""
+    nodes = [ClusterNode("127.0.0.1", port) for port in cluster.ports]
+    return RedisCluster(startup_nodes=nodes, require_full_coverage=False)
 
 
 def funded_wallets(chain: DevChain, accept: Callable[[Wallets], bool] = lambda _w: True) -> Wallets:

@@ -1,10 +1,11 @@
 """The Redis the ledger lives in: one node, or a Redis Cluster reached through any of its masters.
 
 ``Store`` connects on first use, never at construction (``create_app`` stays free of network I/O).
-With ``REDIS_CLUSTER=auto`` (the default) it asks the node named by ``REDIS_URL`` whether cluster
-mode is on (``INFO cluster``) and then uses redis-py's ``RedisCluster`` client, which learns the slot
-map from that node and follows ``MOVED``/``ASK`` itself; ``yes`` and ``no`` skip the question.
-Anything that goes wrong while connecting is raised as ``redis.RedisError``, so every caller fails
+It asks the node named by ``REDIS_URL`` whether cluster mode is on (``INFO cluster``) and then
+uses redis-py's ``RedisCluster`` client, which learns the slot map from that node and follows
+``MOVED``/``ASK`` itself. ``REDIS_CLUSTER=auto`` (the default) takes the node's word; ``yes`` and
+``no`` say what the operator expects, and a node that is otherwise is a ``SettingsError``. A node
+that does not answer is raised as ``redis.RedisError`` (``STORE_ERRORS``), so every caller fails
 closed the same way for one node and for a cluster.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +25,16 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
-from app.settings import REDIS_CLUSTER_MODES
+from app.settings import REDIS_CLUSTER_MODES, SettingsError
 
-SOCKET_TIMEOUT = 5.0  # seconds a command may take
+SOCKET_TIMEOUT = 5.0  # seconds a command may take (one node)
 CONNECT_TIMEOUT = 3.0  # seconds to open a connection to one node
+# A cluster's masters fail one at a time: a stalled one must cost the calls waiting on it little, so
+# its commands get less time and one retry (redis-py's default is three, each a full timeout).
+CLUSTER_SOCKET_TIMEOUT = 2.0  # seconds a command may take on a cluster
 CLUSTER_CONNECT_TIMEOUT = 1.0  # seconds, per node of a cluster: a dead master is found out quickly
+CLUSTER_RETRIES = 1
+FENCE_MARGIN = 1.0  # seconds: a script runs only if it starts this long before the caller gives up
 PROBE_TIMEOUT = 1.0  # seconds a readiness PING of one master may take
 # What a Redis that does not answer raises: redis-py's cluster client has errors of its own
 # (no reachable node, a slot not covered) outside RedisError.
@@ -53,27 +60,46 @@ class Coverage:
         return not self.down and not self.unserved and self.state in ("ok", "standalone")
 
 
+# Prepended to a fenced script: its last argument is a deadline (unix milliseconds); a script that
+# starts after it changes nothing and answers an error. A command whose answer the caller stopped
+# waiting for (a master stalled, then resumed) would otherwise take effect long after the caller
+# acted on its failure, e.g. mark "served" an answer that was withheld. Needs the hosts' clocks and
+# Redis's within FENCE_MARGIN of each other (NTP).
+_FENCE = """local deadline = tonumber(table.remove(ARGV))
+local clock = redis.call('TIME')
+if tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) > deadline then
+  return redis.error_reply('LATE the caller stopped waiting; nothing was changed')
+end
+"""
+
+
 @dataclass(frozen=True)
 class Script:
     """A Lua script (``source``), run by its SHA1 (``EVALSHA``) and sent whole (``EVAL``, which also
-    caches it there) to a node that does not know it yet.
+    caches it there) to a node that does not know it yet; ``fenced`` scripts take a deadline.
 
     Hand-written instead of redis-py's ``Script``: that one loads a missing script with ``SCRIPT
     LOAD``, which its cluster client sends to every master, so while one master is down every
     script call on the healthy ones fails too. ``EVAL`` goes only to the node of the keys."""
 
     source: str
+    fenced: bool = True
+    text: str = field(init=False)
     sha: str = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+        object.__setattr__(self, "text", (_FENCE if self.fenced else "") + self.source)
+        object.__setattr__(self, "sha", hashlib.sha1(self.text.encode()).hexdigest())
 
-    def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run on ``client`` (one node or a cluster, routed by ``keys``); raises ``redis.RedisError``."""
+    def __call__(self, client: Any, keys: list[str], args: list[Any], deadline_ms: int = 0) -> Any:
+        """Run on ``client`` (one node or a cluster, routed by ``keys``); a fenced script does
+        nothing after ``deadline_ms`` (unix milliseconds; ``Store.deadline_ms``). Raises
+        ``redis.RedisError`` (``ResponseError`` "LATE …" when the deadline had passed)."""
+        argv = [*args, deadline_ms] if self.fenced else args
         try:
-            return client.evalsha(self.sha, len(keys), *keys, *args)
+            return client.evalsha(self.sha, len(keys), *keys, *argv)
         except redis.exceptions.NoScriptError:
-            return client.eval(self.source, len(keys), *keys, *args)
+            return client.eval(self.text, len(keys), *keys, *argv)
 
 
 def as_store(store_or_client: Any) -> Store:
@@ -101,7 +127,8 @@ class Store:
     @property
     def client(self) -> Any:
         """The connected client (``redis.Redis`` or ``RedisCluster``); the first call connects.
-        Raises ``redis.RedisError`` when the node does not answer or is not what ``mode`` says."""
+        Raises ``redis.RedisError`` when the node does not answer, ``SettingsError`` (REDIS_CLUSTER,
+        REDIS_URL) when it is not what ``mode`` says or a cluster URL names a database other than 0."""
         if self._client is None:
             with self._lock:
                 if self._client is None:
@@ -116,16 +143,27 @@ class Store:
             self._cluster = isinstance(client, RedisCluster)
         return self._cluster
 
+    def deadline_ms(self) -> int:
+        """The deadline for a fenced script sent now (unix milliseconds): before this client can give
+        up on its answer (its socket timeout), by ``FENCE_MARGIN`` seconds."""
+        timeout = CLUSTER_SOCKET_TIMEOUT if self._cluster else SOCKET_TIMEOUT
+        return int((time.time() + timeout - FENCE_MARGIN) * 1000)
+
     def _connect(self) -> Any:
-        cluster = self.mode == "yes"
-        if self.mode == "auto":
-            probe = redis.Redis.from_url(
-                self.url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT
-            )
-            try:
-                cluster = bool(probe.info("cluster").get("cluster_enabled"))
-            finally:
-                probe.close()
+        probe = redis.Redis.from_url(
+            self.url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT
+        )
+        try:
+            cluster = bool(probe.info("cluster").get("cluster_enabled"))
+        except redis.ResponseError as exc:  # SELECT of a database other than 0, on a cluster node
+            raise SettingsError(
+                "REDIS_URL", f"a Redis Cluster has only database 0, end the URL with /0 ({exc})"
+            ) from None
+        finally:
+            probe.close()
+        if self.mode != "auto" and cluster != (self.mode == "yes"):
+            what = "a Redis Cluster node" if cluster else "a single Redis, not a cluster node"
+            raise SettingsError("REDIS_CLUSTER", f"is {self.mode}, but {self.url} is {what}")
         if not cluster:
             self._cluster = False
             return redis.Redis.from_url(
@@ -137,9 +175,10 @@ class Store:
         try:
             client = RedisCluster.from_url(
                 self.url,
-                socket_timeout=SOCKET_TIMEOUT,
+                socket_timeout=CLUSTER_SOCKET_TIMEOUT,
                 socket_connect_timeout=CLUSTER_CONNECT_TIMEOUT,
                 require_full_coverage=False,
+                retry=Retry(NoBackoff(), CLUSTER_RETRIES),
             )
         except RedisClusterException as exc:  # redis-py's own class, outside RedisError
             raise redis.ConnectionError(f"Redis Cluster at {self.url}: {exc}") from exc

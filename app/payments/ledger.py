@@ -121,24 +121,34 @@ return {'ok', #events}
 )
 
 # Reserve the relayer account nonce for the next settlement: hand out max(counter, chain) and move
-# the counter past it, so no two workers share a nonce. A counter ahead of the chain's pending nonce
-# long after the last reservation means nonces were reserved but never reached the node (a crash
-# between reserving and sending): every later transaction would wait behind that gap, so the
-# counter restarts from the chain. (A Lua fragment: $nonce and $at are the counter keys, $chain,
-# $now and $gap the argument positions.)
+# the counter past it, so no two workers share a nonce. The counter runs ahead of the chain's pending
+# nonce while reserved transactions are on their way, and the chain's nonce keeps moving. A counter
+# ahead of a chain nonce that has not moved for the gap time means a nonce was reserved but never
+# reached the node (a crash or a stalled Redis between reserving and sending): every later
+# transaction would wait behind that gap, however busy the relayer, so the counter restarts from the
+# chain and the clock restarts with it. (A Lua fragment: $nonce is the counter key, $mark the hash of
+# the chain nonce last seen and since when; $chain, $now and $gap the argument positions.)
 _RESERVE_FRAGMENT = Template("""
 local chain = tonumber(ARGV[$chain])
 local now = tonumber(ARGV[$now])
 local current = tonumber(redis.call('GET', $nonce) or '-1')
-local last = tonumber(redis.call('GET', $at) or '0')
-if current < chain or (current > chain and now - last > tonumber(ARGV[$gap])) then current = chain end
+local seen = redis.call('HMGET', $mark, 'chain', 'since')
+local since = tonumber(seen[2] or '0')
+if tonumber(seen[1] or '-1') ~= chain then
+  since = now
+  redis.call('HSET', $mark, 'chain', chain, 'since', now)
+end
+if current < chain then current = chain end
+if current > chain and now - since > tonumber(ARGV[$gap]) then
+  current = chain
+  redis.call('HSET', $mark, 'since', now)
+end
 redis.call('SET', $nonce, current + 1)
-redis.call('SET', $at, now)
 """)
 
-# KEYS[1] counter, KEYS[2] time of the last reservation. ARGV: chain pending nonce, now, gap_after.
+# KEYS[1] counter, KEYS[2] the chain nonce last seen. ARGV: chain pending nonce, now, gap_after.
 _RESERVE_NONCE = Script(
-    _RESERVE_FRAGMENT.substitute(nonce="KEYS[1]", at="KEYS[2]", chain=1, now=2, gap=3) + "return current\n"
+    _RESERVE_FRAGMENT.substitute(nonce="KEYS[1]", mark="KEYS[2]", chain=1, now=2, gap=3) + "return current\n"
 )
 
 # KEYS[1] payment hash; KEYS[2], KEYS[3] the relayer's counter keys (single-node Redis and a local
@@ -152,7 +162,7 @@ if state ~= 'claimed' then return -2 end
 redis.call('HSET', KEYS[1], 'state', 'settling', 'updated', ARGV[1])
 if #KEYS < 3 then return -1 end
 """
-    + _RESERVE_FRAGMENT.substitute(nonce="KEYS[2]", at="KEYS[3]", chain=2, now=1, gap=3)
+    + _RESERVE_FRAGMENT.substitute(nonce="KEYS[2]", mark="KEYS[3]", chain=2, now=1, gap=3)
     + "redis.call('HSET', KEYS[1], 'relayer_nonce', current)\nreturn current\n"
 )
 NONCE_GAP_AFTER = 30  # seconds: far longer than reserving-to-sending takes
@@ -184,6 +194,10 @@ class Ledger:
         """Whether Redis is one node (events go straight into the stream) rather than a cluster."""
         return not self.store.cluster
 
+    def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        """Run a fenced script: it changes nothing once this client may have stopped waiting."""
+        return script(self.redis, keys, args, self.store.deadline_ms())
+
     def claim(
         self,
         key: str,
@@ -206,7 +220,7 @@ class Ledger:
         ttl = max(valid_before - now, 0) + RETENTION_SECONDS
         args = [ttl, now, payer, amount, model, network, CLAIM_TIMEOUT, mode]
         args += [amount if price is None else price, STALE_SETTLED, valid_before]
-        outcome, state, tx, updated = _CLAIM(self.redis, [key], args)
+        outcome, state, tx, updated = self._run(_CLAIM, [key], args)
         if not self.single_node:
             self.outbox.ensure_running()  # sweeps what dead processes left in the outboxes
         return Claim(text_of(outcome), text_of(state), text_of(tx), float(text_of(updated) or 0))
@@ -224,7 +238,7 @@ class Ledger:
         args: list[Any] = [" ".join(allowed), to_state, int(time.time()), LEDGER_MAXLEN if single else 0]
         for name, value in fields.items():
             args += [name, value]
-        outcome, written = _TRANSITION(self.redis, [key, sink], args)
+        outcome, written = self._run(_TRANSITION, [key, sink], args)
         if text_of(outcome) != "ok":
             return False
         if written and not single:
@@ -241,10 +255,10 @@ class Ledger:
         if relayer_nonce_of is not None and self.single_node:
             chain_id, relayer, chain_pending = relayer_nonce_of
             counter = relayer_nonce_key(chain_id, relayer)
-            keys = [key, counter, counter + ":reserved_at"]
-            nonce = int(_START(self.redis, keys, [now, chain_pending, NONCE_GAP_AFTER]))
+            keys = [key, counter, counter + ":chain"]
+            nonce = int(self._run(_START, keys, [now, chain_pending, NONCE_GAP_AFTER]))
             return None if nonce == -2 else nonce
-        if int(_START(self.redis, [key], [now, 0, NONCE_GAP_AFTER])) == -2:
+        if int(self._run(_START, [key], [now, 0, NONCE_GAP_AFTER])) == -2:
             return None
         if relayer_nonce_of is None:
             return -1
@@ -283,7 +297,7 @@ class Ledger:
         """The account nonce for the next settlement transaction of this relayer."""
         key = relayer_nonce_key(chain_id, relayer)
         args = [chain_pending, int(time.time() if now is None else now), NONCE_GAP_AFTER]
-        return int(_RESERVE_NONCE(self.redis, [key, key + ":reserved_at"], args))
+        return int(self._run(_RESERVE_NONCE, [key, key + ":chain"], args))
 
     def resync_relayer_nonce(self, chain_id: int, relayer: str, chain_pending: int) -> None:
         """After a send the node refused, restart the counter from the chain's view."""

@@ -37,7 +37,8 @@ EVENT_FIELDS = ("event", "key", "payer", "amount", "model", "network", "tx", "at
 # KEYS[1] ledger stream, KEYS[2] drained marks. ARGV: 1 outbox key, 2 stream maxlen, 3 number of
 # fields n, 4 .. 3+n field names, then per entry its outbox id and n values. Appends the entries
 # newer than the outbox's mark, in order, and moves the mark. Returns {mark, appended}.
-_DRAIN = Script("""
+_DRAIN = Script(
+    """
 local function newer(a, b)
   local am, as = string.match(a, '^(%d+)-(%d+)$')
   local bm, bs = string.match(b, '^(%d+)-(%d+)$')
@@ -61,7 +62,9 @@ for i = 4 + n, #ARGV, n + 1 do
 end
 redis.call('HSET', KEYS[2], ARGV[1], mark)
 return {mark, appended}
-""")
+""",
+    fenced=False,  # idempotent: a late run appends nothing twice
+)
 
 
 def following(entry_id: str) -> str:
@@ -82,6 +85,7 @@ class Outbox:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._pid = 0  # the process whose thread drains (a forked worker starts its own)
+        self.last_error: Exception | None = None
 
     def written(self, outbox: str) -> None:
         """An event was written to ``outbox``: move it to the stream soon (starts the drainer)."""
@@ -108,9 +112,11 @@ class Outbox:
             swept = time.monotonic() if sweep else swept
             try:
                 failed = self.drain(outbox_keys() if sweep else sorted(targets))
+                error = self.last_error
             except Exception as exc:  # the drainer must outlive anything (a cluster that is unreachable)
-                log.warning("ledger outboxes not drained: %s: %s; retried later", type(exc).__name__, exc)
-                failed = set(targets)
+                failed, error = set(targets), exc
+            if error is not None:
+                log.warning("ledger outboxes not drained: %s: %s; retried later", type(error).__name__, error)
             if failed:
                 with self._lock:
                     self._dirty |= targets & failed
@@ -122,7 +128,7 @@ class Outbox:
         """Move every event waiting in ``outboxes`` into the stream; returns the outboxes that could
         not be drained now (their master, or the stream's, did not answer). The outboxes of a master
         that failed once are skipped for the rest of the pass, and all of them once the stream's did;
-        one warning per pass names the first failure."""
+        ``last_error`` keeps the pass's first failure (None when there was none)."""
         client = self._client()
         todo = list(outboxes)
         failed: set[str] = set()
@@ -143,13 +149,7 @@ class Outbox:
                 failed.add(outbox)
                 down.add(node)
                 first = first or exc
-        if first is not None:
-            log.warning(
-                "ledger outboxes not drained: %d (%s: %s); retried later",
-                len(failed),
-                type(first).__name__,
-                first,
-            )
+        self.last_error = first
         return failed
 
     def _drain_one(self, client: Any, outbox: str) -> None:

@@ -10,10 +10,15 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from app import create_checked_app
+from app.backends.store import SOCKET_TIMEOUT
 from app.devnet import Service, free_port, start_redis
 from app.devnet.standin import StandinModel
+from app.payments.keys import payment_key
+from app.payments.ledger import Ledger
 from tests.rpc_proxy import FaultyRpc
 from tests.support import Proxy, serve, settle_response
 
@@ -180,3 +185,27 @@ def test_hanging_rpc_fails_closed_and_the_header_pays_later(
     finally:
         server.shutdown()
         rpc.stop()
+
+
+def test_a_command_sent_to_a_stalled_redis_is_not_applied_when_it_resumes(
+    own_redis: RestartableRedis,
+) -> None:
+    """The proxy gives up on a stalled Redis and answers as if the write failed; when Redis resumes
+    it must not apply that write (here: a payment marked served whose answer was withheld)."""
+    assert own_redis.service is not None
+    client = redis.Redis.from_url(own_redis.url, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    ledger = Ledger(client)
+    key = payment_key(8453, "0x" + "11" * 20, "0x" + "22" * 20, bytes(32))
+    ledger.claim(key, int(time.time()) + 600, "0x" + "22" * 20, 1000, "hermes-3-8b-tee", "eip155:8453")
+    assert ledger.transition(key, ("claimed",), "settling")
+    pid = own_redis.service.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        sent = time.time()
+        with pytest.raises(redis.TimeoutError):
+            ledger.transition(key, ("settling",), "served", tx="0x" + "ab" * 32)
+        time.sleep(max(0.0, sent + SOCKET_TIMEOUT - time.time()))  # past the script's deadline
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert ledger.get(key)["state"] == "settling"  # the queued command ran, late, and changed nothing
+    assert ledger.events() == []

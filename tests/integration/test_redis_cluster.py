@@ -22,7 +22,7 @@ from app.payments.books import reconcile, render_findings, revenue
 from app.payments.keys import DRAINED_KEY, KEYSPACE_KEY, LEDGER_STREAM, outbox_key, outbox_keys, payment_key
 from app.payments.ledger import Ledger
 from app.payments.outbox import _DRAIN, EVENT_FIELDS, Outbox
-from app.settings import Settings
+from app.settings import Settings, SettingsError
 from tests.support import (
     Proxy,
     cluster_client,
@@ -266,15 +266,21 @@ def test_outbox_drains_are_idempotent_when_cut_short_or_run_at_once(
     assert all(ledger.redis.xlen(outbox) == 0 for outbox in outbox_keys())
 
 
-def test_the_store_connects_on_first_use_and_a_forced_mode_is_checked(
+def test_the_store_connects_on_first_use_and_a_mode_or_database_that_does_not_fit_is_refused(
     redis_cluster: RedisClusterProcesses, redis_service: Service
 ) -> None:
     unreachable = Store(f"redis://127.0.0.1:{free_port()}/0")  # building it does no network I/O
     with pytest.raises(redis.ConnectionError):
         unreachable.client  # noqa: B018
-    single = Store(redis_service.url, "yes")
-    with pytest.raises(redis.ConnectionError, match="Redis Cluster"):
-        single.client  # noqa: B018
+    with pytest.raises(SettingsError, match=r"is yes, but .* is a single Redis") as refused:
+        Store(redis_service.url, "yes").client  # noqa: B018
+    assert refused.value.variable == "REDIS_CLUSTER"
+    with pytest.raises(SettingsError, match=r"is no, but .* is a Redis Cluster node") as refused:
+        Store(redis_cluster.urls[1], "no").client  # noqa: B018
+    assert refused.value.variable == "REDIS_CLUSTER"
+    with pytest.raises(SettingsError, match="only database 0") as refused:
+        Store(redis_cluster.urls[1].replace("/0", "/1")).client  # noqa: B018
+    assert refused.value.variable == "REDIS_URL"
     assert Store(redis_service.url).cluster is False
+    assert Store(redis_service.url, "no").cluster is False
     assert Store(redis_cluster.urls[1], "yes").cluster is True
-    assert Store(redis_cluster.urls[1], "no").cluster is False  # as told: the operator's choice

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import fakeredis
 import pytest
+import redis
 
 from app.payments import ledger as ledger_module
 from app.payments import migrate as migrate_module
@@ -120,15 +121,30 @@ def test_transition_does_not_match_state_substrings(ledger: Ledger) -> None:
     with pytest.raises(ValueError):  # not states of the table: refused before Redis is asked
         ledger.transition(KEY, ("claim", "laimed"), "settling")
     # and the script itself matches whole state names only
-    outcome, _ = ledger_module._TRANSITION(
-        ledger.redis, [KEY, LEDGER_STREAM], ["claim laimed", "settling", 0, 10]
+    outcome, _ = ledger._run(
+        ledger_module._TRANSITION, [KEY, LEDGER_STREAM], ["claim laimed", "settling", 0, 10]
     )
     assert outcome == b"refused"
-    outcome, _ = ledger_module._TRANSITION(
-        ledger.redis, [KEY, LEDGER_STREAM], ["unclaimed", "settling", 0, 10]
+    outcome, _ = ledger._run(
+        ledger_module._TRANSITION, [KEY, LEDGER_STREAM], ["unclaimed", "settling", 0, 10]
     )
     assert outcome == b"refused"
     assert ledger.get(KEY)["state"] == "claimed"
+
+
+def test_a_script_that_starts_after_its_deadline_changes_nothing(ledger: Ledger) -> None:
+    """A command whose caller stopped waiting (a stalled Redis that resumes) must not take effect:
+    the gate has already answered as if it failed."""
+    claim(ledger)
+    late = int(time.time() * 1000) - 1
+    with pytest.raises(redis.ResponseError, match=r"^LATE"):
+        ledger_module._TRANSITION(ledger.redis, [KEY, LEDGER_STREAM], ["claimed", "settling", 0, 10], late)
+    assert ledger.get(KEY)["state"] == "claimed" and ledger.events() == []
+    with pytest.raises(redis.ResponseError, match=r"^LATE"):
+        ledger_module._CLAIM(
+            ledger.redis, [KEY + "x"], [60, 0, PAYER, 1, "m", "n", 30, "new", 1, 900, 0], late
+        )
+    assert ledger.get(KEY + "x") == {}
 
 
 def test_transition_of_unknown_payment_creates_nothing(ledger: Ledger, client: fakeredis.FakeRedis) -> None:
@@ -421,6 +437,24 @@ def test_nonces_reserved_but_never_sent_are_reused_once_the_gap_is_old(client: f
     gap_seen = start + 1 + ledger_module.NONCE_GAP_AFTER + 1
     assert ledger.reserve_relayer_nonce(8453, RELAYER, 5, now=gap_seen) == 5  # healed from the chain
     assert ledger.reserve_relayer_nonce(8453, RELAYER, 5, now=gap_seen + 1) == 6
+
+
+def test_a_gap_heals_under_steady_traffic_and_a_moving_chain_is_never_reset(
+    client: fakeredis.FakeRedis,
+) -> None:
+    """Reservations every second keep coming while nonce 5 was reserved and lost: the chain's nonce
+    stays 5, so the gap heals after NONCE_GAP_AFTER however busy the relayer. While the chain's nonce
+    moves, a counter ahead of it (transactions on their way) is always trusted."""
+    ledger = Ledger(client)
+    start, gap = 1_000_000.0, ledger_module.NONCE_GAP_AFTER
+    handed = [ledger.reserve_relayer_nonce(8453, RELAYER, 5, now=start + second) for second in range(gap + 3)]
+    assert handed[:3] == [5, 6, 7] and 5 in handed[gap:]  # reused once the chain stood still for the gap
+    busy = Ledger(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+    seen = [
+        busy.reserve_relayer_nonce(8453, RELAYER, second // 2, now=start + second)
+        for second in range(3 * gap)
+    ]
+    assert len(set(seen)) == len(seen)  # the chain trails the counter but moves: no nonce handed out twice
 
 
 # -- recovery and redemption (claim modes) ------------------------------------------------------------
