@@ -219,6 +219,14 @@ def test_migrate_says_when_redis_is_down_or_unset(dead_url: str) -> None:
     assert code == 2 and err.startswith("x402-proxy migrate: ") and "REDIS_URL" in err
 
 
+def test_migrate_refuses_a_cluster_setting_that_does_not_fit_the_node(redis_service: Service) -> None:
+    env = {"REDIS_URL": redis_service.url, "REDIS_CLUSTER": "yes"}
+    code, err = x402_proxy("migrate", "--dry-run", env=env)
+    assert code == 2 and "REDIS_CLUSTER" in err and "is yes, but" in err
+    code, err = x402_proxy("migrate", "--dry-run", env={**env, "REDIS_CLUSTER": "perhaps"})
+    assert code == 2 and "REDIS_CLUSTER" in err
+
+
 @pytest.mark.parametrize("command", ["reconcile", "revenue"])
 def test_books_commands_say_when_redis_is_down(command: str, books_env: dict[str, str]) -> None:
     code, err = x402_proxy(command, env=books_env)
