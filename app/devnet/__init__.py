@@ -136,9 +136,10 @@ def start_anvil(port: int | None = None, chain_id: int = 8453) -> Service:
     return Service(url, process)
 
 
-def start_redis(port: int | None = None) -> Service | None:
-    """A throw-away ``redis-server`` without persistence, or None when it is not installed."""
-    binary = shutil.which("redis-server")
+def start_redis(port: int | None = None, binary: str | None = None) -> Service | None:
+    """A throw-away ``redis-server`` (or the compatible server at ``binary``, e.g. ``valkey-server``)
+    without persistence, or None when it is not installed."""
+    binary = binary or shutil.which("redis-server")
     if binary is None:
         return None
     port = port or free_port()
