@@ -11,6 +11,7 @@ closed the same way for one node and for a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -47,12 +48,14 @@ class Coverage:
 
     ``masters`` and ``down`` are ``host:port`` addresses; ``unserved`` counts the keys' slots that no
     answering master holds; ``state`` is the cluster's own ``cluster_state`` (``ok``/``fail``), or
-    ``standalone`` for one node."""
+    ``standalone`` for one node; ``full_coverage`` lists the answering masters left at
+    ``cluster-require-full-coverage yes`` (each stops answering while any master is down)."""
 
     masters: tuple[str, ...]
     down: tuple[str, ...]
     unserved: int
     state: str
+    full_coverage: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -213,6 +216,7 @@ class Store:
         down: list[str] = []
         owner: dict[int, str] = {}
         state = "fail"
+        strict: list[str] = []
         while todo:
             address = todo.pop(0)
             if address in seen:
@@ -224,18 +228,21 @@ class Store:
                 down.append(address)
                 continue
             state = "ok" if state == "ok" or info.get("cluster_state") == "ok" else state
+            if info.get("require_full_coverage") == "yes":
+                strict.append(address)
             for start, end, primary in shards:
                 owner.update((slot, primary) for slot in slots if start <= slot <= end)
                 todo.append(primary)
         if len(down) == len(seen):
             raise redis.ConnectionError(f"no master of the Redis Cluster at {self.url} answers")
         unserved = sum(1 for slot in slots if owner.get(slot) is None or owner[slot] in down)
-        return Coverage(tuple(sorted(seen)), tuple(sorted(down)), unserved, state)
+        return Coverage(tuple(sorted(seen)), tuple(sorted(down)), unserved, state, tuple(sorted(strict)))
 
 
 def _probe(address: str, need_slots: bool) -> tuple[dict[str, Any], list[tuple[int, int, str]]]:
-    """``CLUSTER INFO`` of one master (``host:port``) and, with ``need_slots``, its ``CLUSTER SLOTS``
-    as ``(first slot, last slot, primary host:port)``; a fresh connection with ``PROBE_TIMEOUT``."""
+    """``CLUSTER INFO`` of one master (``host:port``), with ``require_full_coverage`` from ``CONFIG GET``
+    when the server allows it, and, with ``need_slots``, its ``CLUSTER SLOTS`` as ``(first slot, last
+    slot, primary host:port)``; a fresh connection with ``PROBE_TIMEOUT``."""
     host, port = address.rsplit(":", 1)
     node = redis.Redis(
         host=host,
@@ -245,7 +252,10 @@ def _probe(address: str, need_slots: bool) -> tuple[dict[str, Any], list[tuple[i
         retry=Retry(NoBackoff(), 0),  # one try: a probe reports, it does not wait
     )
     try:
-        info = node.cluster("info")
+        info = dict(node.cluster("info"))
+        with contextlib.suppress(redis.ResponseError):  # CONFIG is renamed or refused on some services
+            config = node.config_get("cluster-require-full-coverage")
+            info["require_full_coverage"] = config.get("cluster-require-full-coverage", "")
         shards = []
         for start, end, primary, *_replicas in node.execute_command("CLUSTER SLOTS") if need_slots else ():
             host_of = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])

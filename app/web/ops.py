@@ -80,6 +80,7 @@ def _redis(settings: Settings) -> dict[str, Any]:
             masters=len(coverage.masters),
             masters_down=list(coverage.down),
             slots_unserved=coverage.unserved,
+            require_full_coverage=list(coverage.full_coverage),  # README: set it to "no"
         )
     return result
 

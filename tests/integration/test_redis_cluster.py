@@ -19,7 +19,15 @@ from app.cli import main as cli_main
 from app.devnet import DevChain, Service, Wallets, free_port
 from app.devnet.cluster import RedisClusterProcesses
 from app.payments.books import reconcile, render_findings, revenue
-from app.payments.keys import DRAINED_KEY, KEYSPACE_KEY, LEDGER_STREAM, outbox_key, outbox_keys, payment_key
+from app.payments.keys import (
+    DRAINED_KEY,
+    KEYSPACE_KEY,
+    LEDGER_STREAM,
+    outbox_key,
+    outbox_keys,
+    payment_key,
+    used_keys,
+)
 from app.payments.ledger import Ledger
 from app.payments.outbox import _DRAIN, EVENT_FIELDS, Outbox
 from app.settings import Settings, SettingsError
@@ -98,6 +106,7 @@ def test_any_master_url_detects_the_cluster_and_serves_payments_on_every_master(
             "masters": 3,
             "masters_down": [],
             "slots_unserved": 0,
+            "require_full_coverage": [],
         }
         requirement = proxy.requirement()
         for master in range(3):
@@ -284,3 +293,17 @@ def test_the_store_connects_on_first_use_and_a_mode_or_database_that_does_not_fi
     assert Store(redis_service.url).cluster is False
     assert Store(redis_service.url, "no").cluster is False
     assert Store(redis_cluster.urls[1], "yes").cluster is True
+
+
+def test_readiness_names_a_master_left_at_full_coverage(redis_cluster: RedisClusterProcesses) -> None:
+    """With ``cluster-require-full-coverage yes`` a master refuses every command while any master is
+    down, so one dead master would stop every payment: /readyz names such masters."""
+    strict = redis.Redis(port=redis_cluster.ports[2])
+    strict.config_set("cluster-require-full-coverage", "yes")
+    try:
+        coverage = Store(redis_cluster.urls[0]).coverage(used_keys())
+        assert coverage.full_coverage == (f"127.0.0.1:{redis_cluster.ports[2]}",)
+        assert coverage.ok  # a warning for the operator, not a refusal
+    finally:
+        strict.config_set("cluster-require-full-coverage", "no")
+        strict.close()
