@@ -60,6 +60,7 @@ from app.payments.ledger import Ledger, text_of
 
 from .harness import (
     CHAT_PATH,
+    ChainReset,
     CpuMeter,
     Devnet,
     Gunicorn,
@@ -73,8 +74,9 @@ from .harness import (
     reaper,
     sign_headers,
 )
-from .load import LoadResult, paid_load
+from .load import paid_load
 from .throughput import Run as ChainRun
+from .throughput import pooled as pooled_chain_runs
 
 MASTERS = 3
 SECONDS = 10.0  # measured seconds per run
@@ -106,14 +108,14 @@ class Run(ChainRun):
     """A throughput run (its chain check is ``benchmarks.throughput``'s) plus the ledger stream check;
     or, with ``parts``, the runs of one setup pooled (``pooled``), which pass only if each one does."""
 
+    parts: list[Run] = field(default_factory=list)  # the base class's, typed as runs of this class
+
     settled_events: int = -1  # `settled` entries appended to the stream during the run
     distinct_payments: int = -1  # distinct payment keys among them
     drained_after: float | None = None  # seconds until the workers' drainers had them all (None: not in time)
     undrained: int = 0  # outboxes ``flush_events`` could not drain
     outbox_left: int = 0  # entries still in an outbox after the final drain
-    cpu_used: dict[str, float] = field(default_factory=dict)  # CPU seconds by process group
     commands: Counter[str] = field(default_factory=Counter)  # Redis commands during the run, all nodes
-    parts: list[Run] = field(default_factory=list)
 
     @property
     def ledger_once(self) -> bool:
@@ -126,11 +128,6 @@ class Run(ChainRun):
             and not self.undrained
             and not self.outbox_left
         )
-
-    @property
-    def chain_once(self) -> bool:
-        """``settled_once`` of every part (a surplus in one run cannot hide a shortfall in another)."""
-        return all(part.settled_once for part in self.parts) if self.parts else self.settled_once
 
     def ledger_text(self) -> str:
         caught_up = (
@@ -223,33 +220,13 @@ def check_ledger(run: Run, ledger: Ledger, mark: str) -> None:
 # --- one run --------------------------------------------------------------------------------------
 
 
-class Chain:
-    """The devnet's chain put back to the state it had when this was made, before every run."""
-
-    def __init__(self, dev: Devnet) -> None:
-        self.dev = dev
-        self.block = self._block()
-        self.snapshot = dev.chain.rpc.call("evm_snapshot", [])
-
-    def _block(self) -> int:
-        return int(self.dev.chain.rpc.call("eth_blockNumber", []), 16)
-
-    def reset(self) -> None:
-        """``evm_revert`` to the snapshot (which that uses up) and take a new one of the same state."""
-        reverted = self.dev.chain.rpc.call("evm_revert", [self.snapshot])
-        if reverted is not True or self._block() != self.block:
-            raise RuntimeError(f"anvil did not go back to block {self.block} (evm_revert: {reverted!r})")
-        self.snapshot = self.dev.chain.rpc.call("evm_snapshot", [])
-
-
 @contextlib.contextmanager
 def redis_for(dev: Devnet, setup: Setup) -> Iterator[tuple[list[str], list[int]]]:
     """An empty Redis for ``setup``: the URL of each node (the first is ``REDIS_URL``) and the pids of
     its redis-server processes. The devnet's single node is flushed (its relayer nonce counter would
     be ahead of the reverted chain); a cluster is made here and stopped on exit."""
     if not setup.cluster:
-        with redis.Redis.from_url(dev.redis.url) as node:
-            node.flushall()
+        dev.flush_redis()
         yield [dev.redis.url], [dev.redis.process.pid]
         return
     cluster: RedisClusterProcesses = start_redis_cluster(MASTERS)
@@ -314,36 +291,18 @@ def measure(dev: Devnet, setup: Setup, clients: int, seconds: float) -> Run:
 
 
 def pooled(runs: list[Run]) -> Run:
-    """The runs of one setup as one: calls, time, latencies, deltas and CPU added up."""
-    load = LoadResult(
-        ok=sum(r.load.ok for r in runs),
-        elapsed=sum(r.load.elapsed for r in runs),
-        latencies=[t for r in runs for t in r.load.latencies],
-        statuses=sum((r.load.statuses for r in runs), Counter()),
-        errors=[e for r in runs for e in r.load.errors][:5],
-        exhausted=any(r.load.exhausted for r in runs),
-    )
+    """The runs of one setup as one: ``benchmarks.throughput.pooled`` plus the ledger figures and
+    Redis commands added up."""
     waits = [r.drained_after for r in runs]
-    run = Run(
-        runs[0].name,
-        load,
-        runs[0].price,
-        sum(r.paid_delta for r in runs),
-        sum(r.nonce_delta for r in runs),
+    return pooled_chain_runs(
+        runs,
         settled_events=sum(r.settled_events for r in runs),
         distinct_payments=sum(r.distinct_payments for r in runs),
         drained_after=None if None in waits else max(w for w in waits if w is not None),
         undrained=sum(r.undrained for r in runs),
         outbox_left=sum(r.outbox_left for r in runs),
-        cpu_used={name: sum(r.cpu_used.get(name, 0.0) for r in runs) for name in runs[0].cpu_used},
         commands=sum((r.commands for r in runs), Counter()),
-        parts=runs,
     )
-    if load.ok:
-        run.cpu = "CPU ms per call: " + ", ".join(
-            f"{name} {used / load.ok * 1000:.1f}" for name, used in run.cpu_used.items()
-        )
-    return run
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -386,7 +345,7 @@ def comparison(setups: list[Run], clients: int) -> str:
             f"{r.commands_per_call():.1f}",
             str(r.load.ok),
             str(sum(v for k, v in r.load.statuses.items() if k != 200)),
-            yes_no(r.chain_once),
+            yes_no(r.settled_once),
             yes_no(r.ledger_once),
         )
         for r in setups
@@ -442,9 +401,9 @@ def rows(setups: list[Run], clients: int) -> list[Row]:
             Row(
                 "cluster",
                 f"settled once on chain ({r.name})",
-                yes_no(r.chain_once),
+                yes_no(r.settled_once),
                 goal="n x price, nonce +n",
-                passed=r.chain_once,
+                passed=r.settled_once,
                 note=r.check_text(),
             )
         )
@@ -469,12 +428,9 @@ def measure_all(
     setups = [SINGLE, CLUSTER, *([CLUSTER_AOF] if aof else [])]
     done: dict[Setup, list[Run]] = {setup: [] for setup in setups}
     with devnet() as dev:
-        chain = Chain(dev)
-        for round_ in range(rounds):
-            for setup in setups if round_ % 2 == 0 else setups[::-1]:
-                chain.reset()
-                print(f"... {setup.name}, round {round_ + 1} of {rounds}", file=sys.stderr, flush=True)
-                done[setup].append(measure(dev, setup, clients, seconds))
+        for round_, setup in ChainReset(dev).abba(setups, rounds):
+            print(f"... {setup.name}, round {round_ + 1} of {rounds}", file=sys.stderr, flush=True)
+            done[setup].append(measure(dev, setup, clients, seconds))
     return [pooled(done[setup]) for setup in setups]
 
 
