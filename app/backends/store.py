@@ -188,19 +188,25 @@ class Store:
         self._cluster = True
         return client
 
-    def primaries(self) -> list[Any]:
-        """One client per master: the cluster's primaries, or the one node."""
+    def primaries(self) -> list[tuple[str, Any]]:
+        """``(host:port, client)`` per master: the cluster's primaries, or the one node (its URL)."""
         client = self.client
         if not self.cluster:
-            return [client]
-        return [client.get_redis_connection(node) for node in client.get_primaries()]
+            return [(self.url, client)]
+        return [(node.name, client.get_redis_connection(node)) for node in client.get_primaries()]
 
-    def scan(self, match: str, count: int = 1000) -> Iterator[str]:
-        """Every key matching ``match`` on every master, as text (``SCAN`` on each primary in turn;
-        raises ``redis.RedisError`` when one does not answer, so no master is silently skipped)."""
-        for node in self.primaries():
-            for key in node.scan_iter(match=match, count=count):
-                yield key.decode() if isinstance(key, bytes) else str(key)
+    def scan(self, match: str, count: int = 1000, skipped: list[str] | None = None) -> Iterator[str]:
+        """Every key matching ``match`` on every master, as text (``SCAN`` on each primary in turn).
+        A master that does not answer raises ``redis.RedisError`` — unless ``skipped`` is given and
+        this is a cluster: then its address is appended there and the scan goes on with the others."""
+        for name, node in self.primaries():
+            try:
+                for key in node.scan_iter(match=match, count=count):
+                    yield key.decode() if isinstance(key, bytes) else str(key)
+            except STORE_ERRORS:
+                if skipped is None or not self.cluster:
+                    raise
+                skipped.append(name)
 
     def coverage(self, keys: Iterable[str]) -> Coverage:
         """Whether every slot ``keys`` hash to is held by a master that answers a ``PING`` (one

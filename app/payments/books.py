@@ -84,10 +84,13 @@ def reconcile(ledger: Ledger, chain: Chain, settings: Settings, since_seconds: i
       money moved, failed when it reverted; a younger one is listed as in flight;
     - failed, when someone settled the still-live authorization afterwards → redeemable;
     - settled for ``STALE_SETTLED`` seconds (the request died mid-answer) → redeemable.
+
+    On a cluster a master that does not answer is one finding (a problem), not the end of the run.
     """
     cutoff = time.time() - since_seconds
     findings = []
-    for key in ledger.store.scan(PAYMENT_KEYS):
+    skipped: list[str] = []  # cluster masters that did not answer: reported, the others still checked
+    for key in ledger.store.scan(PAYMENT_KEYS, skipped=skipped):
         record = ledger.get(key)
         state, tx = record.get("state", ""), record.get("tx", "")
         if state not in CHECKED or (state in DONE and float(record.get("updated") or 0) < cutoff):
@@ -108,6 +111,10 @@ def reconcile(ledger: Ledger, chain: Chain, settings: Settings, since_seconds: i
             findings.append(Finding(key, state, tx, f"chain unavailable: {type(exc).__name__}"))
             continue
         findings += _checked(ledger, key, state, tx, age, settled_by, receipt is not None)
+    findings += [
+        Finding(master, "", "", "Redis master did not answer: its payments were not checked")
+        for master in skipped
+    ]
     return findings
 
 

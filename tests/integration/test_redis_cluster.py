@@ -307,3 +307,21 @@ def test_readiness_names_a_master_left_at_full_coverage(redis_cluster: RedisClus
     finally:
         strict.config_set("cluster-require-full-coverage", "no")
         strict.close()
+
+
+def test_reconcile_reports_a_dead_master_and_still_checks_the_others(
+    redis_cluster: RedisClusterProcesses, proxies: ClusterProxies, chain: DevChain
+) -> None:
+    wallets = funded_wallets(chain, lambda w: relayer_master(redis_cluster, w) != 2)
+    proxy = proxies.start(redis_cluster.urls[0], wallets)
+    requirement = proxy.requirement()
+    payments = [payment_on(proxy, redis_cluster, master, requirement) for master in (0, 1)]
+    for payment in payments:
+        assert proxy.pay(payment).status_code == 200
+    redis_cluster.kill(2)
+    findings = reconcile(Ledger(Store(redis_cluster.urls[0])), Chain(proxy.settings), proxy.settings, 3600)
+    assert sorted(f.key for f in findings if not f.problem) == sorted(key_of(proxy, p) for p in payments)
+    assert [(f.key, f.problem) for f in findings if f.problem] == [
+        (f"127.0.0.1:{redis_cluster.ports[2]}", "Redis master did not answer: its payments were not checked")
+    ]
+    assert "did not answer" in render_findings(findings)
