@@ -66,7 +66,6 @@ from .harness import (
     Gunicorn,
     Row,
     devnet,
-    failed_answers_row,
     median,
     offered,
     percentile,
@@ -77,6 +76,7 @@ from .harness import (
 from .load import paid_load
 from .throughput import Run as ChainRun
 from .throughput import pooled as pooled_chain_runs
+from .throughput import settlement_rows
 
 MASTERS = 3
 SECONDS = 10.0  # measured seconds per run
@@ -393,20 +393,7 @@ def rows(setups: list[Run], clients: int) -> list[Row]:
             )
         )
     for r in setups:
-        failed = failed_answers_row("cluster", r.load.statuses, r.load.errors)
-        if failed is not None:
-            failed.figure += f" ({r.name})"
-            out.append(failed)
-        out.append(
-            Row(
-                "cluster",
-                f"settled once on chain ({r.name})",
-                yes_no(r.settled_once),
-                goal="n x price, nonce +n",
-                passed=r.settled_once,
-                note=r.check_text(),
-            )
-        )
+        out += settlement_rows("cluster", r)
         out.append(
             Row(
                 "cluster",

@@ -215,20 +215,28 @@ def run(seconds: float = 15.0, clients: int = 16, only: str | None = None, round
         )
     for r in (ours, ref):
         if r is not None:
-            failed = failed_answers_row("throughput", r.load.statuses, r.load.errors)
-            if failed is not None:
-                failed.figure += f" ({r.name})"
-                rows.append(failed)
-            rows.append(
-                Row(
-                    "throughput",
-                    f"settled once on chain ({r.name})",
-                    "yes" if r.settled_once else "NO",
-                    goal="n x price, nonce +n",
-                    passed=r.settled_once,
-                    note=r.check_text(),
-                )
-            )
+            rows += settlement_rows("throughput", r)
+    return rows
+
+
+def settlement_rows(bench: str, r: Run) -> list[Row]:
+    """A FAIL row when some of ``r``'s calls were not answered 200, and whether every answered call
+    was settled exactly once on chain."""
+    rows = []
+    failed = failed_answers_row(bench, r.load.statuses, r.load.errors)
+    if failed is not None:
+        failed.figure += f" ({r.name})"
+        rows.append(failed)
+    rows.append(
+        Row(
+            bench,
+            f"settled once on chain ({r.name})",
+            "yes" if r.settled_once else "NO",
+            goal="n x price, nonce +n",
+            passed=r.settled_once,
+            note=r.check_text(),
+        )
+    )
     return rows
 
 

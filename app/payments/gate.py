@@ -238,12 +238,7 @@ class Gate:
             )
         except Exception as exc:
             log.warning("ledger unavailable at claim: %s: %s", type(exc).__name__, exc)
-            raise ApiError(
-                503,
-                "ledger_unavailable",
-                "payment ledger unavailable; nothing was charged",
-                {"Retry-After": RETRY_AFTER_PENDING},
-            ) from exc
+            raise _nothing_charged_ledger_down() from exc
 
     def _settled_one(self, _future: Future[Paid]) -> None:
         with self._pool_lock:
@@ -311,12 +306,7 @@ class Gate:
             log.warning("ledger unavailable at settlement: %s: %s", type(exc).__name__, exc)
             if sent:
                 raise self._pending_error(version, "", auth.from_) from exc
-            raise ApiError(
-                503,
-                "ledger_unavailable",
-                "payment ledger unavailable; nothing was charged",
-                {"Retry-After": RETRY_AFTER_PENDING},
-            ) from exc
+            raise _nothing_charged_ledger_down() from exc
         except Exception as exc:
             self._forget_or_keep(key, sent)
             log.error("settlement error: %s", type(exc).__name__)
@@ -437,3 +427,13 @@ class Gate:
     def redeemable(self, paid: Paid) -> None:
         """The upstream failed after settlement: the same header, retried, is served without a new charge."""
         self._record(paid, State.REDEEMABLE)
+
+
+def _nothing_charged_ledger_down() -> ApiError:
+    """503 ``ledger_unavailable`` before anything was sent: the same header may be retried."""
+    return ApiError(
+        503,
+        "ledger_unavailable",
+        "payment ledger unavailable; nothing was charged",
+        {"Retry-After": RETRY_AFTER_PENDING},
+    )
