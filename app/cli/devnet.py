@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import threading
+from types import FrameType
 from typing import Any
 
 from app.amounts import USDC_UNIT
@@ -54,6 +56,8 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     from app.devnet.standin import StandinModel
     from app.settings import Settings, SettingsError
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`, supervisors: stop like Ctrl-C
     services: list[Any] = []
     try:
         require_checkout()
@@ -121,6 +125,11 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     finally:
         _stop(services)
     return 0
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM: raise ``KeyboardInterrupt`` in the main thread, so the devnet stops its children."""
+    raise KeyboardInterrupt
 
 
 def _stop(services: list[Any]) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +46,33 @@ def test_devnet_demo_makes_a_paid_call_and_moves_the_price() -> None:
     assert "'success': True" in result.stdout
     assert "payee balance 0.000000 USDC → 0.001000 USDC (price 0.001000 USDC)" in result.stdout
     assert "WARNING" not in result.stderr  # redis-server is installed here, so no fake Redis
+
+
+def test_devnet_stopped_with_sigterm_leaves_no_child_process() -> None:
+    """`kill`, `timeout` and supervisors send SIGTERM: anvil, redis-server and the rest stop too."""
+    devnet = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "devnet", "--port", str(free_port())],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "X402_UPSTREAM_API_KEY": ""},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert devnet.stdout is not None
+        while "serving" not in (line := devnet.stdout.readline()):
+            assert line, "the devnet exited before serving"
+        children = subprocess.run(
+            ["pgrep", "-P", str(devnet.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(children) >= 2  # anvil and redis-server
+        devnet.send_signal(signal.SIGTERM)
+        assert devnet.wait(timeout=30) == 0
+        time.sleep(0.5)
+        assert [pid for pid in children if Path(f"/proc/{pid}").exists()] == []
+    finally:
+        devnet.kill()
+        devnet.wait()
 
 
 def test_devnet_falls_back_to_in_process_redis_when_redis_server_is_missing() -> None:
