@@ -14,6 +14,18 @@ REQUESTS = Counter("x402_requests_total", "HTTP requests by route and status", [
 CHALLENGES = Counter("x402_challenges_total", "402 answers by reason code", ["reason"])
 PAYMENTS = Counter("x402_payments_total", "payments by outcome and reason code", ["outcome", "reason"])
 REVENUE = Counter("x402_revenue_atomic_total", "settled revenue in atomic units of the asset", ["model"])
+UPTO_AUTHORIZED = Counter(
+    "x402_upto_authorized_atomic_total", "upto: maximum authorized by answered calls, atomic units", ["model"]
+)
+UPTO_CHARGED = Counter(
+    "x402_upto_charged_atomic_total", "upto: charged by the host's usage, atomic units", ["model"]
+)
+DEBT_RECORDED = Counter(
+    "x402_upto_debt_atomic_total", "upto: charges answered whose settlement failed, atomic units", ["model"]
+)
+DEBT_COLLECTED = Counter(
+    "x402_upto_debt_collected_atomic_total", "upto: recorded debts collected later, atomic units"
+)
 SETTLEMENT_SECONDS = Histogram(
     "x402_settlement_seconds",
     "time from send to confirmed receipt",

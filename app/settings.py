@@ -87,6 +87,7 @@ class Settings:
     receipt_key: str = field(default="", repr=False)  # signs X-Receipt; "" means no receipts
     settle_first: bool = False
     redis_cluster: str = "auto"  # REDIS_CLUSTER: auto (ask the node), yes, no
+    schemes: tuple[str, ...] = ("exact", "upto")  # X402_SCHEMES: what a call may be paid with
     # Tests and the devnet pass their own Redis client (fakeredis or a prepared pool).
     redis_client: object | None = field(default=None, repr=False, compare=False)
 
@@ -130,6 +131,7 @@ class Settings:
             raise SettingsError(
                 "X402_RELAYER_KEY", "required: 32-byte hex private key of the settling account"
             )
+        schemes = _schemes(get("X402_SCHEMES", "exact" if facilitator_url else "exact,upto"), facilitator_url)
         redis_url = get("REDIS_URL")
         if not redis_url:
             raise SettingsError("REDIS_URL", "required, e.g. redis://127.0.0.1:6379/0")
@@ -183,7 +185,21 @@ class Settings:
             metrics_dir=get("PROMETHEUS_MULTIPROC_DIR"),
             receipt_key=_receipt_key(get("X402_RECEIPT_KEY"), relayer_key, bool(facilitator_url)),
             settle_first=_flag("X402_SETTLE_FIRST", get("X402_SETTLE_FIRST", "0")),
+            schemes=schemes,
         )
+
+
+def _schemes(value: str, facilitator_url: str) -> tuple[str, ...]:
+    """X402_SCHEMES: comma-separated, from "exact" and "upto" (default both; "exact" alone with a
+    facilitator, since ``upto`` is settled by our own relayer, the account its permits name)."""
+    schemes = tuple(dict.fromkeys(part.strip().lower() for part in value.split(",") if part.strip()))
+    if not schemes or not set(schemes) <= {"exact", "upto"}:
+        raise SettingsError("X402_SCHEMES", "comma-separated, from: exact, upto")
+    if "upto" in schemes and facilitator_url:
+        raise SettingsError(
+            "X402_SCHEMES", "upto is settled by the proxy's own relayer: not with X402_FACILITATOR_URL"
+        )
+    return schemes
 
 
 def redis_from_env(env: Mapping[str, str] | None = None) -> tuple[str, str]:

@@ -13,7 +13,15 @@ import pytest
 import redis
 
 from app import create_checked_app
-from app.devnet import DevChain, Service, Wallets, prepare_chain, start_anvil, start_redis
+from app.devnet import (
+    DevChain,
+    Service,
+    Wallets,
+    place_upto_contracts,
+    prepare_chain,
+    start_anvil,
+    start_redis,
+)
 from app.devnet.cluster import RedisClusterProcesses, start_redis_cluster
 from app.devnet.standin import Behaviour, StandinModel
 from app.settings import Settings
@@ -41,6 +49,7 @@ def redis_service() -> Iterator[Service]:
 def chain(anvil: Service) -> DevChain:
     dev = DevChain(anvil.url)
     dev.place_token()
+    place_upto_contracts(dev)
     return dev
 
 

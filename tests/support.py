@@ -10,9 +10,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
+from eth_abi import decode, encode
+from eth_account import Account
 from redis.cluster import ClusterNode, RedisCluster
 from werkzeug.serving import BaseWSGIServer, make_server
+from x402 import x402ClientSync
+from x402.http.clients import wrapRequestsWithPayment
+from x402.http.x402_http_client import x402HTTPClientSync
+from x402.mechanisms.evm import EthAccountSigner
+from x402.mechanisms.evm.upto import UptoEvmClientScheme
+from x402.schemas import PaymentRequired
 
+from app.backends.rpc import RpcClient
+from app.backends.token import selector
 from app.cli.devnet import quiet_request_handler
 from app.devnet import DevChain, Wallets, prepare_chain
 from app.devnet.cluster import RedisClusterProcesses
@@ -20,6 +30,7 @@ from app.payments.keys import LEDGER_STREAM, payment_key, relayer_nonce_key
 from app.settings import Settings
 from app.x402.codec import decode_header, encode_header
 from app.x402.payer import header_name, offered_requirements, sign_payment
+from app.x402.upto import PERMIT2_ADDRESS
 from app.x402.wire import PaymentPayload
 
 USDC = 10**6
@@ -149,3 +160,90 @@ def ledger_events(cluster: RedisClusterProcesses) -> list[dict[str, str]]:
         return [{k.decode(): v.decode() for k, v in f.items()} for _id, f in client.xrange(LEDGER_STREAM)]
     finally:
         client.close()
+
+
+# -- upto ---------------------------------------------------------------------------------------------
+
+MAX_UINT = 2**256 - 1
+
+
+def approve_permit2(chain: DevChain, owner: str, amount: int = MAX_UINT) -> None:
+    """``owner`` approves Permit2 to spend ``amount`` of the token (sent as ``owner`` through anvil's
+    impersonation, with gas money set first)."""
+    chain.set_eth(owner, 10**18)
+    chain.rpc.call("anvil_impersonateAccount", [owner])
+    try:
+        data = selector("approve(address,uint256)") + encode(
+            ["address", "uint256"], [PERMIT2_ADDRESS, amount]
+        )
+        tx_hash = chain.rpc.call(
+            "eth_sendTransaction", [{"from": owner, "to": chain.token, "data": "0x" + data.hex()}]
+        )
+        deadline = time.monotonic() + 10
+        while (receipt := chain.rpc.call("eth_getTransactionReceipt", [tx_hash])) is None:
+            assert time.monotonic() < deadline, "approve was not mined"
+            time.sleep(0.01)
+        assert receipt["status"] == "0x1"
+    finally:
+        chain.rpc.call("anvil_stopImpersonatingAccount", [owner])
+
+
+def upto_session(key: str, rpc: RpcClient | None = None) -> requests.Session:
+    """A requests session that pays with the official PyPI x402 client, ``upto`` scheme only. With
+    ``rpc`` its signer can read the chain, so it signs the EIP-2612 permit the 402's
+    ``eip2612GasSponsoring`` extension offers when the payer has no Permit2 allowance."""
+    client = x402ClientSync()
+    signer = RpcSigner(key, rpc) if rpc is not None else EthAccountSigner(Account.from_key(key))
+    client.register("eip155:*", UptoEvmClientScheme(signer))
+    return wrapRequestsWithPayment(requests.Session(), client)
+
+
+def abi_type(param: dict[str, Any]) -> str:
+    if param["type"].startswith("tuple"):
+        return "(" + ",".join(abi_type(c) for c in param["components"]) + ")" + param["type"][5:]
+    return str(param["type"])
+
+
+def calldata(abi: list[dict[str, Any]], name: str, args: list[Any]) -> bytes:
+    """``name``'s selector and ``args`` encoded as that function's inputs in ``abi`` (x402's own ABI)."""
+    (function,) = [f for f in abi if f.get("name") == name and f["type"] == "function"]
+    types = [abi_type(p) for p in function["inputs"]]
+    return selector(f"{name}({','.join(types)})") + encode(types, args)
+
+
+class RpcSigner(EthAccountSigner):
+    """The official eth_account signer plus ``read_contract`` over our RPC client, which the client's
+    EIP-2612 extension needs (the token's ``nonces``, its ``allowance`` to Permit2). ``address`` may
+    name a contract wallet that ``key`` owns (EIP-1271)."""
+
+    def __init__(self, key: str, rpc: RpcClient, address: str | None = None) -> None:
+        super().__init__(Account.from_key(key))
+        self._rpc = rpc
+        self._wallet = address
+
+    @property
+    def address(self) -> str:
+        return self._wallet or str(self._account.address)
+
+    def read_contract(self, address: str, abi: list[dict[str, Any]], function_name: str, *args: Any) -> Any:
+        (function,) = [f for f in abi if f.get("name") == function_name]
+        data = calldata(abi, function_name, list(args))
+        answer = self._rpc.call("eth_call", [{"to": address, "data": "0x" + data.hex()}, "latest"])
+        return decode([abi_type(o) for o in function["outputs"]], bytes.fromhex(answer[2:]))[0]
+
+
+def upto_header(key: str, challenge: dict[str, Any]) -> str:
+    """The ``PAYMENT-SIGNATURE`` value the official PyPI x402 ``upto`` client makes for a decoded v2
+    402 challenge (pick the ``upto`` entry)."""
+    client = x402ClientSync()
+    client.register("eip155:*", UptoEvmClientScheme(EthAccountSigner(Account.from_key(key))))
+    http = x402HTTPClientSync(client)
+    payload = http.create_payment_payload(PaymentRequired.model_validate(challenge))
+    return str(http.encode_payment_signature_header(payload)["PAYMENT-SIGNATURE"])
+
+
+def offered(response: requests.Response) -> list[dict[str, Any]]:
+    """The v2 ``accepts`` of a 402."""
+    challenge = decode_header(response.headers["PAYMENT-REQUIRED"])
+    assert isinstance(challenge, dict)
+    return list(challenge["accepts"])

@@ -20,6 +20,7 @@ from typing import Any
 
 from eth_abi import encode
 
+from app.backends.permit2 import allowance_calldata, nonce_bitmap_calldata, nonce_used, settle_calldata
 from app.backends.rpc import (
     Broadcast,
     Call,
@@ -53,6 +54,8 @@ from app.backends.token import (
     transfer_topics,
 )
 from app.settings import Settings, SettingsError
+from app.x402.upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPayment
+from app.x402.upto import checks as upto
 from app.x402.verdict import (
     ACCEPTED,
     INSUFFICIENT_BALANCE,
@@ -94,6 +97,37 @@ def _preflight_well_formed(answers: list[Any]) -> bool:
         is_data(code)
         and is_word(balance)
         and is_flag(used)
+        and is_flag_or_refused(paused)
+        and is_flag_or_refused(payee_blocked)
+        and is_quantity_or_refused(gas)
+        and is_quantity(nonce)
+        and is_quantity(gas_price)
+        and is_quantity_or_refused(priority)
+    )
+
+
+def _accepted(gas: Any, nonce: Any, gas_price: Any, priority: Any, calldata: bytes) -> Preflight:
+    """An accepted ``Preflight`` from a batch's gas estimate, pending nonce and fees (an endpoint
+    without ``eth_maxPriorityFeePerGas`` gives no tip)."""
+    return Preflight(
+        ACCEPTED,
+        use_vrs=False,
+        calldata=calldata,
+        gas_estimate=quantity_value(gas),
+        relayer_nonce=quantity_value(nonce),
+        gas_price=quantity_value(gas_price),
+        priority_fee=0 if isinstance(priority, RpcError) else quantity_value(priority),
+    )
+
+
+def _upto_preflight_well_formed(answers: list[Any]) -> bool:
+    """The ``upto`` pre-settlement batch: balance, allowance and nonce word as real ABI words."""
+    code, balance, allowance, bitmap, paused, payee_blocked, gas, nonce, gas_price, priority = answers
+    return (
+        is_data(code)
+        and is_word(balance)
+        and is_word(allowance)
+        and is_word(bitmap)
         and is_flag_or_refused(paused)
         and is_flag_or_refused(payee_blocked)
         and is_quantity_or_refused(gas)
@@ -190,6 +224,86 @@ class Chain:
     def _simulation(self, calldata: bytes, relayer: str) -> Call:
         """``eth_estimateGas`` of the settlement sent from ``relayer``: it fails where the transfer would."""
         return "eth_estimateGas", [{"from": relayer, "to": self.asset, "data": "0x" + calldata.hex()}]
+
+    def upto_preflight(
+        self, payment: UptoPayment, signature: bytes, ecdsa_signer: bool, relayer: str
+    ) -> Preflight:
+        """Verify an ``upto`` permit against chain state in one round trip, simulating its
+        settlement for the whole maximum from ``relayer`` (the witness' facilitator). Refusals, in
+        order: a signature that recovers to no one for an EOA, a paused asset or blacklisted payee,
+        a used Permit2 nonce, a balance or a Permit2 allowance below the maximum (the allowance is
+        not needed when the payer sent an EIP-2612 permit for Permit2), a failed simulation. An
+        accepted ``Preflight`` carries the gas estimate (gas units), the relayer's pending nonce and
+        the fees (wei); its calldata is built for the charge later. Raises ``ChainUnavailable``."""
+        auth = payment.authorization
+        calldata = settle_calldata(auth, auth.amount, signature, payment.permit2612)
+        answers = self.rpc.batch(
+            [
+                ("eth_getCode", [auth.from_, "latest"]),
+                eth_call(self.asset, SEL_BALANCE_OF + encode(["address"], [auth.from_])),
+                eth_call(self.asset, allowance_calldata(auth.from_)),
+                eth_call(PERMIT2_ADDRESS, nonce_bitmap_calldata(auth)),
+                eth_call(self.asset, SEL_PAUSED),
+                eth_call(self.asset, SEL_IS_BLACKLISTED + encode(["address"], [auth.to])),
+                (
+                    "eth_estimateGas",
+                    [{"from": relayer, "to": UPTO_PROXY_ADDRESS, "data": "0x" + calldata.hex()}],
+                ),
+                ("eth_getTransactionCount", [relayer, "pending"]),
+                ("eth_gasPrice", []),
+                ("eth_maxPriorityFeePerGas", []),
+            ],
+            well_formed=_upto_preflight_well_formed,
+        )
+        code, balance, allowance, bitmap, paused, payee_blocked, gas, nonce, gas_price, priority = answers
+        is_contract = isinstance(code, str) and code not in ("0x", "0x0", "")
+        if not is_contract and not ecdsa_signer:
+            return Preflight(
+                reject(upto.INVALID_SIGNATURE, "the signature does not recover to permit2Authorization.from")
+            )
+        if word_value(paused) == 1:
+            return Preflight(reject(ASSET_PAUSED, "the token is paused; no payment can settle now"))
+        if word_value(payee_blocked) == 1:
+            return Preflight(reject(PAYEE_BLACKLISTED, "the token refuses transfers to this payee"))
+        if nonce_used(auth, word_value(bitmap)):
+            return Preflight(
+                reject(upto.NONCE_USED, "this permit's Permit2 nonce was already used or invalidated")
+            )
+        if word_value(balance) < auth.amount:
+            return Preflight(reject(upto.INSUFFICIENT_BALANCE, "the payer's balance is below the maximum"))
+        if word_value(allowance) < auth.amount and payment.permit2612 is None:
+            return Preflight(
+                reject(
+                    upto.ALLOWANCE_REQUIRED,
+                    f"the payer has not approved Permit2 ({PERMIT2_ADDRESS}) to spend {auth.amount} of the "
+                    "token: call approve(Permit2, amount) once, or send the eip2612GasSponsoring extension",
+                )
+            )
+        if isinstance(gas, RpcError):
+            return Preflight(reject(upto.SIMULATION_FAILED, gas.message[:200]))
+        return _accepted(gas, nonce, gas_price, priority, b"")
+
+    def send_preflight(self, to: str, calldata: bytes, relayer: str) -> Preflight:
+        """Simulate ``calldata`` to ``to`` from ``relayer`` and read the relayer's pending nonce and the
+        fees, in one round trip (collecting a recorded ``upto`` debt). A failed simulation is a
+        refusal (``invalid_upto_evm_transaction_simulation_failed``). Raises ``ChainUnavailable``."""
+        gas, nonce, gas_price, priority = self.rpc.batch(
+            [
+                ("eth_estimateGas", [{"from": relayer, "to": to, "data": "0x" + calldata.hex()}]),
+                ("eth_getTransactionCount", [relayer, "pending"]),
+                ("eth_gasPrice", []),
+                ("eth_maxPriorityFeePerGas", []),
+            ],
+            well_formed=lambda answers: (
+                is_quantity_or_refused(answers[0])
+                and is_quantity(answers[1])
+                and is_quantity(answers[2])
+                and is_quantity_or_refused(answers[3])
+            ),
+        )
+        if isinstance(gas, RpcError):
+            return Preflight(reject(upto.SIMULATION_FAILED, gas.message[:200]))
+        return _accepted(gas, nonce, gas_price, priority, calldata)
 
     def find_settlement(self, auth: Authorization) -> str | None:
         """The hash of a transaction (anyone's) that used this authorization *and* moved exactly

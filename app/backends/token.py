@@ -87,7 +87,12 @@ def _address_topic(address: str) -> str:
 
 def transfer_topics(auth: Authorization) -> list[str]:
     """ERC-20 ``Transfer(from, to, value)``: from and to indexed, value in the data."""
-    return ["0x" + TRANSFER_TOPIC.hex(), _address_topic(auth.from_), _address_topic(auth.to)]
+    return transfer_topics_between(auth.from_, auth.to)
+
+
+def transfer_topics_between(from_: str, to: str) -> list[str]:
+    """The topics of an ERC-20 ``Transfer`` from ``from_`` to ``to`` (0x addresses)."""
+    return ["0x" + TRANSFER_TOPIC.hex(), _address_topic(from_), _address_topic(to)]
 
 
 def authorization_used_topics(auth: Authorization) -> list[str]:
@@ -129,3 +134,14 @@ def transfer_logged(receipt: dict[str, Any], asset: str, auth: Authorization) ->
     if logged(receipt, asset, authorization_used_topics(auth)) and transfers:
         return any(word_value(log.get("data")) == auth.value for log in transfers)
     raise ReceiptContradiction(f"{receipt.get('transactionHash')} does not show this authorization's payment")
+
+
+def pulled_logged(receipt: dict[str, Any], asset: str, from_: str, to: str, amount: int) -> bool:
+    """For the receipt of our ``upto`` settlement: True when it holds the token's ``Transfer(from_,
+    to, amount)``; False when it reverted (status 0). Status 1 without that transfer is an RPC
+    fault: ``ReceiptContradiction`` (the proxy contract either pulls exactly ``amount`` or reverts)."""
+    if receipt.get("status") == "0x0":
+        return False
+    if logged(receipt, asset, transfer_topics_between(from_, to), amount):
+        return True
+    raise ReceiptContradiction(f"{receipt.get('transactionHash')} does not show the upto transfer")

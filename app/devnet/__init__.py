@@ -25,6 +25,7 @@ from eth_account import Account
 from app.backends.rpc import RpcClient
 from app.backends.token import eth_call, selector
 from app.settings import NETWORKS
+from app.x402.upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TOKEN_ARTIFACT = PROJECT_ROOT / "contracts" / "EIP3009Token.json"
@@ -260,9 +261,10 @@ class Wallets:
 
 
 def prepare_chain(chain: DevChain, wallets: Wallets, payer_usdc: int) -> None:
-    """Place the test token, give the relayer 100 ETH (10**20 wei) for gas and mint ``payer_usdc`` atomic
-    units of USDC to the demo payer."""
+    """Place the test token and the ``upto`` contracts, give the relayer 100 ETH (10**20 wei) for gas
+    and mint ``payer_usdc`` atomic units of USDC to the demo payer."""
     chain.place_token()
+    place_upto_contracts(chain)
     chain.set_eth(wallets.relayer, 10**20)
     chain.mint(wallets.payer, payer_usdc)
 
@@ -271,10 +273,7 @@ def place_upto_contracts(chain: DevChain) -> dict[str, str]:
     """Put our Permit2 and x402UptoPermit2Proxy (runtime code from ``contracts/<name>.json``) at their
     canonical addresses with ``anvil_setCode``, for the x402 ``upto`` scheme; returns {name: address}.
     Raises ``OSError`` outside a checkout, ``RpcFailure`` or ``ChainUnavailable`` from anvil."""
-    placed = {
-        "Permit2": "0x000000000022D473030F116dDEE9F6B43aC78BA3",
-        "x402UptoPermit2Proxy": "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002",
-    }
+    placed = {"Permit2": PERMIT2_ADDRESS, "x402UptoPermit2Proxy": UPTO_PROXY_ADDRESS}
     for name, address in placed.items():
         artifact = json.loads((PROJECT_ROOT / "contracts" / f"{name}.json").read_text())
         chain.rpc.call("anvil_setCode", [address, artifact["deployedBytecode"]])

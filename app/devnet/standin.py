@@ -24,7 +24,15 @@ import time
 from types import FrameType, TracebackType
 from typing import Any
 
-from app.devnet.standin_server import Behaviour, Received, _BadRequest, _Server
+from app.devnet.standin_server import (
+    MALFORMED_USAGE,
+    USAGE_MODES,
+    Behaviour,
+    Received,
+    UsageMode,
+    _BadRequest,
+    _Server,
+)
 
 
 def _words(value: Any) -> int:
@@ -54,6 +62,16 @@ def field_paths(value: Any, prefix: str = "") -> set[str]:
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
+def _usage(mode: UsageMode, prompt_tokens: int, completion_tokens: int) -> dict[str, Any] | None:
+    """The ``usage`` object an answer carries as ``mode`` says (None: it carries none)."""
+    if mode == "omit":
+        return None
+    if mode == "malformed":
+        return dict(MALFORMED_USAGE)
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
 class StandinModel:
@@ -141,8 +159,9 @@ class StandinModel:
         value = body.get("model")
         return value if isinstance(value, str) and value else self.model
 
-    def _answer(self, body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
-        """The non-streamed answer; also validates the request for the streamed one."""
+    def _answer(self, body: dict[str, Any], *, chat: bool, usage: UsageMode = "report") -> dict[str, Any]:
+        """The non-streamed answer, its ``usage`` as ``usage`` says; also validates the request for
+        the streamed one."""
         max_tokens = body.get("max_tokens")
         limit = "none" if max_tokens is None else str(max_tokens)
         if chat:
@@ -170,22 +189,24 @@ class StandinModel:
                 choice["text"] = text
                 choice["logprobs"] = None
             choices.append(choice)
-        return {
+        answer: dict[str, Any] = {
             "id": self._next_id("chatcmpl" if chat else "cmpl"),
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": self._requested_model(body),
             "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-            "standin_received": sorted(field_paths(body)),
         }
+        reported = _usage(usage, prompt_tokens, completion_tokens)
+        if reported is not None:
+            answer["usage"] = reported
+        answer["standin_received"] = sorted(field_paths(body))
+        return answer
 
-    def _stream_events(self, body: dict[str, Any], count: int, *, chat: bool) -> list[dict[str, Any]]:
-        """``count`` content chunks ("tok0 ", "tok1 ", ...), plus a usage chunk if asked for."""
+    def _stream_events(
+        self, body: dict[str, Any], count: int, *, chat: bool, usage: UsageMode = "report"
+    ) -> list[dict[str, Any]]:
+        """``count`` content chunks ("tok0 ", "tok1 ", ...), plus a usage chunk if asked for (and
+        ``usage`` is not "omit")."""
         ident = self._next_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())
         model = self._requested_model(body)
@@ -208,20 +229,18 @@ class StandinModel:
         options = body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage") is True:
             prompt_tokens = max(1, _words(body.get("messages") if chat else body.get("prompt")))
-            events.append(
-                {
-                    "id": ident,
-                    "object": obj,
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": count,
-                        "total_tokens": prompt_tokens + count,
-                    },
-                }
-            )
+            reported = _usage(usage, prompt_tokens, count)
+            if reported is not None:
+                events.append(
+                    {
+                        "id": ident,
+                        "object": obj,
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": reported,
+                    }
+                )
         return events
 
 
@@ -237,11 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each response")
     parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between stream chunks")
     parser.add_argument("--chunks", type=int, default=5, help="content chunks per stream")
+    parser.add_argument(
+        "--usage",
+        choices=USAGE_MODES,
+        default="report",
+        help="token usage in answers: report it, omit it, or report a malformed one",
+    )
     args = parser.parse_args(argv)
 
     server = StandinModel(host=args.host, port=args.port, model=args.model)
     server.behaviour = Behaviour(
-        status=args.status, delay=args.delay, chunk_delay=args.chunk_delay, chunks=args.chunks
+        status=args.status,
+        delay=args.delay,
+        chunk_delay=args.chunk_delay,
+        chunks=args.chunks,
+        usage=args.usage,
     )
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:

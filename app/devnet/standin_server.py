@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -22,6 +22,12 @@ ERROR_BODY: dict[str, Any] = {"error": {"message": "stand-in failure", "type": "
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 MODELS_PATH = "/v1/models"
+
+# How answers report token usage: "report" truthfully, "omit" never (no ``usage`` in JSON answers, no
+# usage event in streams even when asked), "malformed" with ``MALFORMED_USAGE`` in place of the counts.
+UsageMode = Literal["report", "omit", "malformed"]
+USAGE_MODES: tuple[str, ...] = get_args(UsageMode)
+MALFORMED_USAGE: dict[str, Any] = {"prompt_tokens": "many", "completion_tokens": -1}
 
 
 @dataclass
@@ -36,6 +42,11 @@ class Behaviour:
     reset: bool = False  # close the connection without any response
     times: int | None = None  # status/reset apply to this many model calls, then it recovers (None: all)
     error_message: str = "stand-in failure"  # the message of an error answer
+    usage: UsageMode = "report"  # "report", "omit" or "malformed" token usage (see UsageMode)
+
+    def __post_init__(self) -> None:
+        if self.usage not in USAGE_MODES:
+            raise ValueError(f"usage must be one of {', '.join(USAGE_MODES)}, not {self.usage!r}")
 
 
 @dataclass
@@ -149,7 +160,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._bad_request("body must be a JSON object")
             return
         try:
-            answer = owner._answer(body, chat=chat)
+            answer = owner._answer(body, chat=chat, usage=behaviour.usage)
         except _BadRequest as exc:
             self._bad_request(str(exc))
             return
@@ -214,7 +225,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         count = max(0, behaviour.chunks)
         cut = behaviour.cut_after
-        for sent, event in enumerate(owner._stream_events(body, count, chat=chat)):
+        for sent, event in enumerate(owner._stream_events(body, count, chat=chat, usage=behaviour.usage)):
             if cut is not None and sent >= cut:
                 break
             if sent and behaviour.chunk_delay > 0:

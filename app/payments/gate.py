@@ -32,16 +32,27 @@ from app.payments.errors import ApiError
 from app.payments.keys import payment_key
 from app.payments.ledger import NEW, REDEEM, RESUME, Claim, Ledger
 from app.payments.outcomes import Offer, Paid, PaymentRequired, Ticket, payment_header
-from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED, SettlementJob, Settler
+from app.payments.settlement import (
+    FAILED,
+    NOT_SENT,
+    PENDING,
+    SETTLED,
+    LocalSettler,
+    SettlementJob,
+    Settler,
+)
 from app.payments.states import State
+from app.payments.upto import UptoGate
 from app.settings import Settings
 from app.x402.challenge import Resource, build_challenge
 from app.x402.checks import check_authorization, match_requirement
+from app.x402.upto import EIP2612_GAS_SPONSORING, eip2612_declaration
 from app.x402.verdict import (
     NONCE_USED,
     PAYMENT_REQUIRED,
     SETTLEMENT_PENDING,
     TRANSACTION_FAILED,
+    UNSUPPORTED_SCHEME,
     VALUE_MISMATCH,
     Verdict,
     reject,
@@ -87,6 +98,9 @@ class Gate:
         self._pool_lock = threading.Lock()
         self._inflight = 0  # settlements submitted and not finished, in this process
         self._challenges: dict[tuple[str, int, str, str], tuple[bytes, dict[str, str]]] = {}
+        # the upto scheme needs our own relayer: it is the settling account the permit names
+        offer_upto = "upto" in settings.schemes and isinstance(settler, LocalSettler)
+        self.upto = UptoGate(settings, ledger, chain, settler) if offer_upto else None
         # the longest a request can legitimately keep a payment "settling" (receipt + model call)
         self._settling_limit = abandoned_after(settings)
 
@@ -112,6 +126,14 @@ class Gate:
             asset_version=s.asset_version,
         )
 
+    def requirements(self, quote: Quote) -> list[Requirement]:
+        """What this call may be paid with, in the 402's order: ``exact`` first (clients that take the
+        first entry), then ``upto`` (``X402_SCHEMES``)."""
+        offered = [self.requirement(quote)] if "exact" in self.settings.schemes else []
+        if self.upto is not None:
+            offered.append(self.upto.requirement(quote))
+        return offered
+
     def challenge(
         self,
         quote: Quote,
@@ -124,9 +146,11 @@ class Gate:
         key = (quote.model.name, quote.amount, resource_url, reason)
         built = self._challenges.get(key)
         if built is None:  # the same body, URL and reason always give the same 402
+            if self.upto is not None:
+                extensions = {**(extensions or {}), EIP2612_GAS_SPONSORING: eip2612_declaration()}
             description = f"{quote.model.name} call ({'TEE' if quote.model.tee else 'non-TEE'})"
             challenge = build_challenge(
-                self.requirement(quote), Resource(resource_url, description), reason, extensions
+                self.requirements(quote), Resource(resource_url, description), reason, extensions
             )
             built = (json.dumps(challenge.body, separators=(",", ":")).encode(), challenge.headers())
             if len(self._challenges) >= CHALLENGE_CACHE_SIZE:
@@ -197,6 +221,8 @@ class Gate:
         parsed = parse_payment_header(header, version)
         if isinstance(parsed, Verdict):
             raise PaymentRequired(parsed)
+        if "exact" not in self.settings.schemes:
+            raise PaymentRequired(reject(UNSUPPORTED_SCHEME, "scheme 'exact' is not offered (X402_SCHEMES)"))
         auth, now = parsed.authorization, int(time.time())
         requirement = self.requirement(quote)
         mode, refusal = NEW, match_requirement(parsed, requirement)

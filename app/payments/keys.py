@@ -7,7 +7,9 @@ hash tag (the part in braces):
   payment's tag is chosen by the slot of its identity, so payments spread over the masters as
   evenly as the slots do. A payment ``x402:{p<n>}:auth:<chain id>:<asset>:<payer>:0x<nonce>`` and
   the outbox of its ledger events ``x402:{p<n>}:outbox`` share a slot: a transition writes both in
-  one atomic step, and no write to another slot can decide a payment's fate.
+  one atomic step, and no write to another slot can decide a payment's fate. An ``upto`` permit is
+  ``x402:{p<n>}:permit2:<chain id>:<asset>:<payer>:<nonce>``, in the same shards.
+- A payer's unpaid ``upto`` charges: ``x402:{debt}:<chain id>:<asset>:<payer>``.
 - The ledger stream ``x402:{ledger}``, what was moved into it from each outbox
   ``x402:{ledger}:drained``, the keyspace version ``x402:{meta}:keyspace``, and each relayer's
   account-nonce counter ``x402:{relayer:<chain id>:<address>}:nonce`` each have their own tag.
@@ -56,6 +58,21 @@ def payment_key(chain_id: int, asset: str, payer: str, nonce: bytes) -> str:
     identity = f"auth:{chain_id}:{asset.lower()}:{payer.lower()}:0x{nonce.hex()}"
     tag = shard_tags()[key_slot(identity.encode()) // SLOTS_PER_SHARD]
     return f"x402:{{{tag}}}:{identity}"
+
+
+def permit_key(chain_id: int, asset: str, payer: str, nonce: int) -> str:
+    """The Redis key of one ``upto`` Permit2 permit ``(chain, asset, owner, Permit2 nonce)``:
+    ``x402:{p<n>}:permit2:<chain id>:<asset>:<payer>:<nonce in decimal>``, lower-case, sharded like
+    ``payment_key`` (Permit2 nonces are not EIP-3009 nonces: the two never share a key)."""
+    identity = f"permit2:{chain_id}:{asset.lower()}:{payer.lower()}:{nonce}"
+    tag = shard_tags()[key_slot(identity.encode()) // SLOTS_PER_SHARD]
+    return f"x402:{{{tag}}}:{identity}"
+
+
+def debt_key(chain_id: int, asset: str, payer: str) -> str:
+    """The hash of a payer's unpaid ``upto`` charges: ``x402:{debt}:<chain id>:<asset>:<payer>``,
+    one field per owed permit key."""
+    return f"x402:{{debt}}:{chain_id}:{asset.lower()}:{payer.lower()}"
 
 
 def outbox_key(payment: str) -> str:

@@ -102,17 +102,21 @@ if to == 'released' then
 end
 local events = {}
 if (to == 'served' or to == 'redeemable') and state ~= 'settled' then table.insert(events, 'settled') end
-if state ~= to and (to == 'settled' or to == 'served' or to == 'redeemable' or to == 'failed') then
+if state ~= to and (to == 'settled' or to == 'served' or to == 'redeemable' or to == 'failed'
+                    or to == 'owed') then
   table.insert(events, to)
 end
-local r = redis.call('HMGET', KEYS[1], 'payer', 'amount', 'model', 'network', 'tx')
-for i = 1, 5 do r[i] = r[i] or '' end
+local r = redis.call('HMGET', KEYS[1], 'payer', 'amount', 'model', 'network', 'tx', 'scheme', 'authorized')
+for i = 1, 7 do r[i] = r[i] or '' end
 for _, event in ipairs(events) do
   local command = {'XADD', KEYS[2]}
   if ARGV[4] ~= '0' then command = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[4]} end
   for _, part in ipairs({'*', 'event', event, 'key', KEYS[1], 'payer', r[1], 'amount', r[2],
                          'model', r[3], 'network', r[4], 'tx', r[5], 'at', ARGV[3]}) do
     table.insert(command, part)
+  end
+  if r[6] ~= '' then
+    for _, part in ipairs({'scheme', r[6], 'authorized', r[7]}) do table.insert(command, part) end
   end
   redis.call(unpack(command))
 end
@@ -174,6 +178,16 @@ class Claim:
     state: str
     tx: str
     updated: float = 0.0  # when the payment last changed state (unix time)
+
+
+@dataclass(frozen=True)
+class Debt:
+    """An unpaid ``upto`` charge: the permit's key, the amount (atomic units) and the settle calldata
+    that collects it while the permit lives."""
+
+    key: str
+    amount: int
+    calldata: bytes
 
 
 class Ledger:
@@ -270,6 +284,27 @@ class Ledger:
             except STORE_ERRORS as exc:  # the payment's master too: the claim times out instead
                 log.error("payment left settling, nothing sent: %s: %s", type(exc).__name__, exc)
             raise
+
+    def record_debt(self, debt: str, key: str, amount: int, calldata: bytes) -> None:
+        """Record that the permit ``key`` owes ``amount`` (atomic units) in the payer's debt hash
+        ``debt`` (``keys.debt_key``), with the settle ``calldata`` that collects it. Kept for
+        ``RETENTION_SECONDS`` after the last debt. Raises ``redis.RedisError``."""
+        pipeline = self.redis.pipeline(transaction=False)
+        pipeline.hset(debt, key, f"{amount}:{calldata.hex()}")
+        pipeline.expire(debt, RETENTION_SECONDS)
+        pipeline.execute()
+
+    def debts(self, debt: str) -> list[Debt]:
+        """The unpaid charges in the payer's debt hash ``debt``. Raises ``redis.RedisError``."""
+        owed = []
+        for key, value in self.redis.hgetall(debt).items():
+            amount, _, calldata = text_of(value).partition(":")
+            owed.append(Debt(text_of(key), int(amount), bytes.fromhex(calldata)))
+        return owed
+
+    def clear_debt(self, debt: str, key: str) -> None:
+        """The charge of permit ``key`` was collected: drop it from the payer's debt hash."""
+        self.redis.hdel(debt, key)
 
     def count_open(self, limit: int = 20_000) -> dict[str, int]:
         """How many payments are pending or redeemable (scans at most ``limit`` payment keys on

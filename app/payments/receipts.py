@@ -23,6 +23,9 @@ from app.x402.verdict import ACCEPTED, Verdict, reject
 RECEIPT_HEADER = "X-Receipt"
 STREAM_RECEIPT_PREFIX = b": x402-receipt "
 FIELDS = ("tx", "payer", "amount", "model", "network", "request_sha256", "response_sha256", "time")
+# An upto receipt adds the maximum the payer authorized and the usage the amount was priced from
+# ("<prompt tokens>+<completion tokens>", or "unreported": charged the maximum).
+UPTO_FIELDS = (*FIELDS, "authorized", "usage")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -49,10 +52,22 @@ class Receipt:
     response_sha256: str  # "" in the header of a stream: the final SSE comment carries the full one
     time: int
     signature: str = ""
+    authorized: int = 0  # upto only: the maximum authorized (atomic units)
+    usage: str = ""  # upto only: the usage ``amount`` was priced from
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The signed fields: ``UPTO_FIELDS`` for an upto receipt, else ``FIELDS``."""
+        return UPTO_FIELDS if self.usage else FIELDS
 
     def message(self) -> bytes:
-        """The exact text that is signed: one ``name:value`` line per field, in a fixed order."""
-        lines = ["x402-tee-proxy receipt v1", *(f"{name}:{getattr(self, name)}" for name in FIELDS)]
+        """The exact text that is signed: one ``name:value`` line per field, in a fixed order (v2 for
+        an upto receipt, which binds the charge to the authorized maximum and the usage)."""
+        version = "v2" if self.usage else "v1"
+        lines = [
+            f"x402-tee-proxy receipt {version}",
+            *(f"{name}:{getattr(self, name)}" for name in self.fields),
+        ]
         return "\n".join(lines).encode("utf-8")
 
     def signed(self, key: str) -> Receipt:
@@ -69,8 +84,9 @@ class Receipt:
             return None
 
     def to_header(self) -> str:
-        """The ``X-Receipt`` value: base64 of the compact JSON of every field, the signature included."""
-        return encode_header(asdict(self))
+        """The ``X-Receipt`` value: base64 of the compact JSON of every signed field and the signature."""
+        values = asdict(self)
+        return encode_header({name: values[name] for name in (*self.fields, "signature")})
 
     @classmethod
     def from_header(cls, text: str) -> Receipt:
@@ -78,9 +94,15 @@ class Receipt:
         strict base64 JSON with exactly the receipt's fields, ``TypeError`` when amount or time is null, a
         list or an object."""
         value: Any = decode_header(text)
-        if not isinstance(value, dict) or set(value) != {*FIELDS, "signature"}:
+        if not isinstance(value, dict) or set(value) not in (
+            {*FIELDS, "signature"},
+            {*UPTO_FIELDS, "signature"},
+        ):
             raise ValueError("not an x402-tee-proxy receipt")
-        return cls(**{**value, "amount": int(value["amount"]), "time": int(value["time"])})
+        if "usage" in value and (not isinstance(value["usage"], str) or not value["usage"]):
+            raise ValueError("an upto receipt names its usage")
+        numbers = {name: int(value[name]) for name in ("amount", "time", "authorized") if name in value}
+        return cls(**{**value, **numbers})
 
 
 def verify_receipt(

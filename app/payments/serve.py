@@ -15,17 +15,25 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from app.backends.upstream import BUYER_ERRORS, UpstreamAnswer, UpstreamFailed, host_error_message
 from app.catalog import Quote
+from app.catalog.usage import StreamUsage, usage_of_answer
 from app.logs import note
 from app.metrics import STREAM_FIRST_BYTE_SECONDS, UPSTREAM_SECONDS
 from app.payments.answers import Answer, error_answer
 from app.payments.errors import ApiError
 from app.payments.gate import Gate
-from app.payments.outcomes import Paid
+from app.payments.outcomes import Paid, PaymentRequired
 from app.payments.receipts import RECEIPT_HEADER, STREAM_RECEIPT_PREFIX, Receipt, sha256_hex
+from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED
+from app.payments.upto import Charge, Hold, UptoGate
 from app.x402.challenge import EXPOSED_HEADERS
+from app.x402.upto import UptoPayment, parse_upto_header
+from app.x402.upto.checks import TRANSACTION_FAILED
+from app.x402.verdict import SETTLEMENT_PENDING, UNSUPPORTED_SCHEME, Verdict, reject
+from app.x402.wire import V2_HEADER
 
 log = logging.getLogger("x402.serve")
 
@@ -45,7 +53,8 @@ class PaidCall:
     """One paid request as the web layer hands it over.
 
     ``headers``: the request's headers (the payment header among them); ``call``: the model host
-    call; ``streaming``: the body asked for a stream; ``request_sha256``: hex SHA-256 of the body
+    call with the body to forward (``quote.body``, or for ``upto`` streams that body asking for
+    usage); ``streaming``: the body asked for a stream; ``request_sha256``: hex SHA-256 of the body
     (what a receipt binds); ``started``: ``time.perf_counter()`` at the request's start;
     ``still_there``: False once the buyer has hung up; ``render``: turns the host's body and status
     into the answer's body (the paid ping), None to pass the body through.
@@ -53,7 +62,7 @@ class PaidCall:
 
     quote: Quote
     headers: Mapping[str, str]
-    call: Callable[[], UpstreamAnswer]
+    call: Callable[[dict[str, Any]], UpstreamAnswer]
     streaming: bool
     request_sha256: str
     started: float
@@ -64,12 +73,17 @@ class PaidCall:
 def serve(gate: Gate, call: PaidCall) -> Answer:
     """Charge for ``call.quote`` and answer with what the model host gives. Raises
     ``PaymentRequired`` (answer the 402) or ``ApiError`` (503 and friends)."""
+    upto_payment = _upto_payment(call.headers)
+    if upto_payment is not None:
+        if gate.upto is None:
+            raise PaymentRequired(reject(UNSUPPORTED_SCHEME, "scheme 'upto' is not offered (X402_SCHEMES)"))
+        return _serve_upto(gate, gate.upto, call, upto_payment)
     ticket = gate.begin(call.quote, call.headers)
     if gate.settings.settle_first:
         ticket.result()
     upstream_started = time.perf_counter()
     try:
-        answer = call.call()
+        answer = call.call(call.quote.body)
         UPSTREAM_SECONDS.observe(time.perf_counter() - upstream_started)
         note(upstream_ms=round((time.perf_counter() - upstream_started) * 1000, 1))
         streaming = call.streaming and answer.status < 400  # an error answer is read whole, like JSON
@@ -216,4 +230,185 @@ def _upstream_failed(paid: Paid) -> Answer:
         "upstream_unavailable",
         "the model host failed after your payment settled; retry the same payment header to be served",
         {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Retry-After": "1"},
+    )
+
+
+# --- upto: the answer first, then the charge by the host's reported usage --------------------------
+
+
+def _upto_payment(headers: Mapping[str, str]) -> UptoPayment | None:
+    """The ``upto`` payment of a v2 header, None for any other; 402 for a malformed ``upto`` one."""
+    header = headers.get(V2_HEADER)
+    parsed = parse_upto_header(header) if header is not None else None
+    if isinstance(parsed, Verdict):
+        raise PaymentRequired(parsed)
+    return parsed
+
+
+def _serve_upto(gate: Gate, upto: UptoGate, call: PaidCall, payment: UptoPayment) -> Answer:
+    """Hold the permit, call the host, charge its reported usage. A whole answer is handed over
+    only once its charge settled; a stream goes out as it comes and is charged at its end. A host
+    that fails, refuses or is cut off costs nothing: the permit is released and may be sent again."""
+    hold = upto.begin(call.quote, payment)
+    body = call.quote.body
+    asked_usage = _asks_usage(body)
+    if call.streaming and not asked_usage:
+        body = {**body, "stream_options": {**body.get("stream_options", {}), "include_usage": True}}
+    upstream_started = time.perf_counter()
+    try:
+        answer = call.call(body)
+        UPSTREAM_SECONDS.observe(time.perf_counter() - upstream_started)
+        streaming = call.streaming and answer.status < 400
+        content = b"" if streaming else answer.read()
+    except UpstreamFailed:
+        upto.release(hold)
+        return _upto_host_failed(502, "upstream_unavailable", "the model host failed")
+    except BaseException:
+        upto.release(hold)
+        raise
+    if streaming:
+        return _upto_stream(gate, upto, call, hold, answer, asked_usage)
+    if answer.status >= 400 and call.render is None:
+        upto.release(hold)
+        return _upto_refused(gate, answer.status, content)
+    if not call.still_there():
+        upto.release(hold)
+        note(outcome="client_gone")
+        return Answer(CLIENT_CLOSED, {}, b"")
+    usage = usage_of_answer(content) if answer.status < 400 else None
+    result = upto.settle(hold, usage)
+    if result.outcome in (FAILED, NOT_SENT):  # nothing moved: the answer is withheld, nothing owed
+        upto.record(hold, result, answered=False)
+        header = upto.response_header(result, hold.payer, TRANSACTION_FAILED)
+        if result.outcome == FAILED:
+            raise PaymentRequired(reject(TRANSACTION_FAILED, UPTO_REVERTED), header)
+        raise ApiError(
+            503, "unexpected_settle_error", "the settlement could not be sent; nothing was charged"
+        )
+    upto.record(hold, result, answered=True)
+    reason = "" if result.outcome == SETTLED else SETTLEMENT_PENDING
+    name, value = upto.response_header(result, hold.payer, reason)
+    headers = dict(answer.headers)
+    headers.update(
+        {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Cache-Control": "no-store, private"}
+    )
+    if call.render is not None:
+        content, headers["Content-Type"] = call.render(content, answer.status), "application/json"
+    key = gate.settings.receipt_key
+    if key:
+        receipt = _upto_receipt(gate, call, hold, result, sha256_hex(content))
+        headers[RECEIPT_HEADER] = receipt.signed(key).to_header()
+    return Answer(answer.status, headers, content)
+
+
+UPTO_REVERTED = (
+    "the settlement of this call's charge reverted (balance, allowance or permit changed during the "
+    "call); nothing was charged and the answer was withheld"
+)
+
+
+def _asks_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _upto_stream(
+    gate: Gate, upto: UptoGate, call: PaidCall, hold: Hold, answer: UpstreamAnswer, asked_usage: bool
+) -> Answer:
+    headers = dict(answer.headers)
+    headers.update(
+        {
+            "Access-Control-Expose-Headers": EXPOSED_HEADERS,
+            "Cache-Control": "no-store, private",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    return Answer(answer.status, headers, _relay_upto(gate, upto, call, hold, answer, asked_usage))
+
+
+def _relay_upto(
+    gate: Gate, upto: UptoGate, call: PaidCall, hold: Hold, answer: UpstreamAnswer, asked_usage: bool
+) -> Iterator[bytes]:
+    """Pass the stream through (dropping the usage event the buyer did not ask for), then charge
+    its usage and end with SSE comments: the ``PAYMENT-RESPONSE`` value and the signed receipt.
+    A stream the host cuts costs nothing (the permit is released); a buyer who hangs up is charged
+    what the host reported, or the maximum."""
+    watcher = StreamUsage(keep_usage_event=asked_usage)
+    digest = hashlib.sha256()
+    first = True
+    try:
+        for chunk in answer.chunks():
+            if first:
+                STREAM_FIRST_BYTE_SECONDS.observe(time.perf_counter() - call.started)
+                first = False
+            out = watcher.feed(chunk)
+            if out:
+                digest.update(out)
+                yield out
+        tail = watcher.end()
+    except UpstreamFailed:
+        upto.release(hold)
+        yield STREAM_CUT_EVENT_UPTO
+        raise StreamCut("upstream stream cut") from None
+    except GeneratorExit:
+        upto.record(hold, upto.settle(hold, watcher.usage), answered=True)
+        raise
+    if tail:
+        digest.update(tail)
+        yield tail
+    result = upto.settle(hold, watcher.usage)
+    upto.record(hold, result, answered=True)
+    reason = (
+        ""
+        if result.outcome == SETTLED
+        else (SETTLEMENT_PENDING if result.outcome == PENDING else TRANSACTION_FAILED)
+    )
+    _name, value = upto.response_header(result, hold.payer, reason)
+    yield PAYMENT_RESPONSE_PREFIX + value.encode() + b"\n\n"
+    key = gate.settings.receipt_key
+    if key:
+        receipt = _upto_receipt(gate, call, hold, result, digest.hexdigest()).signed(key)
+        yield STREAM_RECEIPT_PREFIX + receipt.to_header().encode() + b"\n\n"
+
+
+STREAM_CUT_EVENT_UPTO = (
+    b'data: {"error": {"code": "upstream_cut", "message": "the model host cut the stream; nothing '
+    b'was charged: send the same payment header again"}}\n\n'
+)
+PAYMENT_RESPONSE_PREFIX = b": x402-payment-response "
+
+
+def _upto_receipt(gate: Gate, call: PaidCall, hold: Hold, result: Charge, response_sha256: str) -> Receipt:
+    usage = result.usage
+    return Receipt(
+        tx=result.tx,
+        payer=hold.payer,
+        amount=result.amount,
+        model=hold.quote.model.name,
+        network=gate.settings.network.caip2,
+        request_sha256=call.request_sha256,
+        response_sha256=response_sha256,
+        time=int(time.time()),
+        authorized=hold.quote.amount,
+        usage="unreported" if usage is None else f"{usage.prompt_tokens}+{usage.completion_tokens}",
+    )
+
+
+def _upto_refused(gate: Gate, status: int, content: bytes) -> Answer:
+    settings = gate.settings
+    secrets = [settings.upstream_api_key, *settings.upstream_keys.values()]
+    reason = host_error_message(content, secrets, [settings.upstream_url]) if status in BUYER_ERRORS else ""
+    return _upto_host_failed(
+        status if status in BUYER_ERRORS else 502,
+        "upstream_refused",
+        f"the model host refused the call ({status}{': ' + reason if reason else ''})",
+    )
+
+
+def _upto_host_failed(status: int, code: str, message: str) -> Answer:
+    return error_answer(
+        status,
+        code,
+        f"{message}; nothing was charged: the same payment header may be sent again",
+        {"Access-Control-Expose-Headers": EXPOSED_HEADERS},
     )

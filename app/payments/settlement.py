@@ -64,9 +64,28 @@ StartSettling = Callable[[tuple[int, str, int] | None], int]
 RecordReplacement = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class Proof:
+    """What a receipt of the settlement must show. ``shows(receipt)``: True when it holds the payment,
+    False when it reverted; raises ``ReceiptContradiction`` for a receipt that is neither.
+    ``reverted(tx_hash)``: the outcome of a reverted settlement (someone else may have paid)."""
+
+    shows: Callable[[dict[str, Any]], bool]
+    reverted: Callable[[str], Settlement]
+
+
+def exact_proof(chain: Chain, auth: Authorization) -> Proof:
+    """An EIP-3009 payment: ``AuthorizationUsed`` and ``Transfer`` of exactly ``value``; a revert may
+    still be paid by another submitter's transaction (``preempted_or_failed``)."""
+    return Proof(
+        lambda receipt: transfer_logged(receipt, chain.asset, auth),
+        lambda tx_hash: preempted_or_failed(chain, auth, tx_hash),
+    )
+
+
 def confirm(
     chain: Chain,
-    auth: Authorization,
+    proof: Proof,
     hashes: list[str],
     timeout: float,
     between_polls: Callable[[float], None] | None = None,
@@ -85,10 +104,10 @@ def confirm(
         for tx_hash, receipt in zip(hashes, receipts, strict=False):
             if receipt is not None:
                 try:
-                    paid = transfer_logged(receipt, chain.asset, auth)
+                    paid = proof.shows(receipt)
                 except ReceiptContradiction:
                     return Settlement(PENDING, tx_hash, SETTLEMENT_PENDING)
-                return Settlement(SETTLED, tx_hash) if paid else preempted_or_failed(chain, auth, tx_hash)
+                return Settlement(SETTLED, tx_hash) if paid else proof.reverted(tx_hash)
         now = time.monotonic()
         if now >= deadline:
             return Settlement(PENDING, hashes[-1], SETTLEMENT_PENDING)
@@ -147,18 +166,38 @@ class LocalSettler:
 
     def settle(self, job: SettlementJob) -> Settlement:
         """Send the settlement and wait for it, replacing it with higher fees if it is stuck."""
-        payment, preflight, start, on_replaced = job.payment, job.preflight, job.start, job.on_replaced
-        auth = payment.authorization
+        auth = job.payment.authorization
         chain_id = self.settings.network.chain_id
-        nonce = start((chain_id, self.address, preflight.relayer_nonce))
+        return self.send(
+            self.chain.asset,
+            job.preflight,
+            lambda: job.start((chain_id, self.address, job.preflight.relayer_nonce)),
+            exact_proof(self.chain, auth),
+            job.on_replaced,
+        )
+
+    def send(
+        self,
+        to: str,
+        preflight: Preflight,
+        reserve_nonce: Callable[[], int],
+        proof: Proof,
+        on_replaced: RecordReplacement,
+        calldata: bytes | None = None,
+    ) -> Settlement:
+        """Send ``calldata`` (default: the preflight's) to ``to`` from the relayer with the account
+        nonce ``reserve_nonce()`` gives, at the preflight's fees (gas = estimate × 1.25 + 10 000), and
+        wait until ``proof`` decides it."""
+        chain_id = self.settings.network.chain_id
+        nonce = reserve_nonce()
         priority = max(preflight.priority_fee, MIN_PRIORITY_FEE)
         transaction = {
             "type": 2,
             "chainId": chain_id,
             "nonce": nonce,
-            "to": self.chain.asset,
+            "to": to,
             "value": 0,
-            "data": preflight.calldata,
+            "data": preflight.calldata if calldata is None else calldata,
             "gas": preflight.gas_estimate * GAS_HEADROOM_NUMERATOR // GAS_HEADROOM_DENOMINATOR + 10_000,
             "maxPriorityFeePerGas": priority,
             "maxFeePerGas": preflight.gas_price * 2 + priority,
@@ -166,7 +205,7 @@ class LocalSettler:
         sent = self._sign_and_send(transaction, None)
         if isinstance(sent, Settlement):
             return sent
-        return self.wait(auth, transaction, [sent], on_replaced)
+        return self.wait(proof, transaction, [sent], on_replaced)
 
     def _sign_and_send(
         self, transaction: dict[str, Any], before_send: RecordReplacement | None
@@ -185,7 +224,7 @@ class LocalSettler:
 
     def wait(
         self,
-        auth: Authorization,
+        proof: Proof,
         transaction: dict[str, Any],
         hashes: list[str],
         on_replaced: RecordReplacement,
@@ -204,7 +243,7 @@ class LocalSettler:
                     hashes.append(replacement)
                 bump_at = now + self.settings.fee_bump_after
 
-        return confirm(self.chain, auth, hashes, self.settings.receipt_timeout, bump_if_stuck)
+        return confirm(self.chain, proof, hashes, self.settings.receipt_timeout, bump_if_stuck)
 
     def _resync_nonce(self) -> None:
         try:
@@ -279,7 +318,9 @@ class FacilitatorSettler:
                 return Settlement(FAILED, "", code)
             return unknown
         # believe the chain, not the facilitator: the named transaction must show this payment
-        settlement = confirm(self.chain, auth, [tx_hash], self.settings.receipt_timeout)
+        settlement = confirm(
+            self.chain, exact_proof(self.chain, auth), [tx_hash], self.settings.receipt_timeout
+        )
         if settlement.outcome == SETTLED or (settlement.outcome == FAILED and refused):
             return settlement  # paid; or it says it failed and the chain shows the revert
         return unknown  # not mined yet, or not this payment: decided by the token's logs

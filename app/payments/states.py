@@ -19,22 +19,26 @@ class State(StrEnum):
     PENDING = "pending"  # sent, no receipt in time: resolved from the chain later
     FAILED = "failed"  # our settlement reverted: nothing moved, the authorization is still live
     RELEASED = "released"  # refused before anything was sent: the header may be sent again
+    OWED = "owed"  # upto: answered, but the settlement of its charge reverted: the payer owes it
 
 
 S = State
 # from-state → the states it may move to (a state may be re-entered to record a new tx hash).
 TRANSITIONS: dict[State, frozenset[State]] = {
     S.CLAIMED: frozenset({S.CLAIMED, S.SETTLING, S.SETTLED, S.RELEASED}),  # claimed again: abandoned
-    S.SETTLING: frozenset({S.SETTLING, S.SETTLED, S.SERVED, S.REDEEMABLE, S.PENDING, S.FAILED, S.RELEASED}),
+    S.SETTLING: frozenset(
+        {S.SETTLING, S.SETTLED, S.SERVED, S.REDEEMABLE, S.PENDING, S.FAILED, S.RELEASED, S.OWED}
+    ),
     S.SETTLED: frozenset({S.SETTLED, S.SERVED, S.REDEEMABLE}),
     S.PENDING: frozenset({S.SETTLED, S.REDEEMABLE, S.FAILED}),
     S.FAILED: frozenset({S.CLAIMED, S.REDEEMABLE}),
     S.REDEEMABLE: frozenset({S.SETTLED}),
     S.RELEASED: frozenset({S.CLAIMED}),
     S.SERVED: frozenset(),
+    S.OWED: frozenset({S.SERVED}),  # the debt was collected with the same permit
 }
 # Ledger events: a transition into one of these is appended to the ledger stream.
-EVENTS = frozenset({S.SETTLED, S.SERVED, S.REDEEMABLE, S.FAILED})
+EVENTS = frozenset({S.SETTLED, S.SERVED, S.REDEEMABLE, S.FAILED, S.OWED})
 # States whose outcome is still open: resolved from chain state by a retried header or `reconcile`.
 OPEN = frozenset({S.SETTLING, S.PENDING, S.FAILED})
 

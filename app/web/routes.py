@@ -70,7 +70,7 @@ def _request_body() -> object:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {reason}") from None
 
 
-UpstreamCall = Callable[[], UpstreamAnswer]
+UpstreamCall = Callable[[dict[str, Any]], UpstreamAnswer]  # the body to forward → the host's answer
 Render = Callable[[bytes, int], bytes]
 
 
@@ -167,7 +167,7 @@ def _paid_call(route: str) -> Response:
     upstream = services().upstream
     return _paid(
         quote,
-        lambda: upstream.forward(route, quote.body, quote.model),
+        lambda body: upstream.forward(route, body, quote.model),
         quote.body.get("stream") is True,
         route,
     )
@@ -211,7 +211,7 @@ def ping(name: str) -> Response:
         ping = {"model": name, "tee": quote.model.tee, "upstream_status": status, "listed": name in listed}
         return json.dumps(ping).encode()
 
-    return _paid(quote, lambda: upstream.probe(quote.model), False, "ping", render)
+    return _paid(quote, lambda _body: upstream.probe(quote.model), False, "ping", render)
 
 
 @bp.get("/v1/attestation/<name>")

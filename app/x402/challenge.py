@@ -6,6 +6,7 @@ requirement, so whichever a client reads, it signs the same thing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,10 +41,15 @@ class Challenge:
 
 
 def build_challenge(
-    requirement: Requirement, resource: Resource, error: str, extensions: dict[str, Any] | None = None
+    requirements: Sequence[Requirement],
+    resource: Resource,
+    error: str,
+    extensions: dict[str, Any] | None = None,
 ) -> Challenge:
-    """Build the v1 body and the v2 header for one requirement. ``error`` is a reason code;
-    ``extensions`` (e.g. bazaar discovery) go into the v2 header only."""
+    """Build the v1 body and the v2 header for the requirements a call may be paid with, in order
+    (``exact`` first, for clients that take the first entry). ``error`` is a reason code;
+    ``extensions`` (e.g. bazaar discovery) go into the v2 header only. x402 v1 has no ``upto``: the
+    v1 body lists the ``exact`` requirements only."""
     v2 = {
         "x402Version": 2,
         "error": error,
@@ -52,13 +58,17 @@ def build_challenge(
             "description": resource.description,
             "mimeType": resource.mime_type,
         },
-        "accepts": [requirement.to_v2()],
+        "accepts": [requirement.to_v2() for requirement in requirements],
     }
     if extensions:
         v2["extensions"] = extensions
     v1 = {
         "x402Version": 1,
         "error": error,
-        "accepts": [requirement.to_v1(resource.url, resource.description, resource.mime_type)],
+        "accepts": [
+            requirement.to_v1(resource.url, resource.description, resource.mime_type)
+            for requirement in requirements
+            if requirement.scheme == "exact"
+        ],
     }
     return Challenge(body=v1, header=encode_header(v2))

@@ -7,6 +7,7 @@ simulation) happen in ``app.backends.chain`` after these pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .eip712 import authorization_digest, domain_separator, recover_signer
 from .verdict import (
@@ -24,6 +25,9 @@ from .verdict import (
 )
 from .wire import PaymentPayload, Requirement
 
+if TYPE_CHECKING:
+    from .upto.payload import UptoPayment
+
 # A signature must stay valid this long after we check it, to leave time to settle.
 MIN_VALIDITY_MARGIN = 6
 # A client's clock may run this far ahead of ours (seconds): validBefore may be at most
@@ -31,7 +35,7 @@ MIN_VALIDITY_MARGIN = 6
 MAX_CLOCK_SKEW = 30
 
 
-def match_requirement(payment: PaymentPayload, requirement: Requirement) -> Verdict:
+def match_requirement(payment: PaymentPayload | UptoPayment, requirement: Requirement) -> Verdict:
     """The payment must be for exactly our requirement: a cheap route's payment never buys a dear one."""
     if payment.scheme != requirement.scheme:
         return reject(UNSUPPORTED_SCHEME, f"scheme {payment.scheme!r} is not offered")

@@ -42,6 +42,7 @@ class Requirement:
     asset_name: str
     asset_version: str
     scheme: str = "exact"
+    facilitator: str = ""  # upto: the account that will settle (extra.facilitatorAddress), checksummed
 
     @property
     def chain_id(self) -> int:
@@ -64,8 +65,16 @@ class Requirement:
             "asset": self.asset,
             "payTo": self.pay_to,
             "maxTimeoutSeconds": self.max_timeout_seconds,
-            "extra": {"name": self.asset_name, "version": self.asset_version},
+            "extra": self.extra(),
         }
+
+    def extra(self) -> dict[str, str]:
+        """The ``extra`` of an ``accepts`` entry: the token's EIP-712 domain name and version; for
+        ``upto`` also ``assetTransferMethod: "permit2"`` and the settling ``facilitatorAddress``."""
+        extra = {"name": self.asset_name, "version": self.asset_version}
+        if self.scheme == "upto":
+            extra.update(assetTransferMethod="permit2", facilitatorAddress=self.facilitator)
+        return extra
 
     def to_v1(self, resource_url: str, description: str, mime_type: str) -> dict[str, Any]:
         """The x402 v1 ``accepts`` entry: ``maxAmountRequired`` in atomic units (decimal string), the v1
@@ -80,7 +89,7 @@ class Requirement:
             "payTo": self.pay_to,
             "maxTimeoutSeconds": self.max_timeout_seconds,
             "asset": self.asset,
-            "extra": {"name": self.asset_name, "version": self.asset_version},
+            "extra": self.extra(),
         }
 
 
@@ -136,79 +145,86 @@ class PaymentPayload:
         return wire
 
 
-class _Invalid(Exception):
+class Invalid(Exception):
+    """A payload that deviates from the wire shape; its message says where."""
+
     pass
 
 
-def _field(obj: dict[str, Any], key: str, kind: type) -> Any:
+def field(obj: dict[str, Any], key: str, kind: type) -> Any:
+    """``obj[key]`` when it is a ``kind``; raises ``Invalid``."""
     value = obj.get(key)
     if not isinstance(value, kind):
-        raise _Invalid(f"{key} must be a {kind.__name__}")
+        raise Invalid(f"{key} must be a {kind.__name__}")
     return value
 
 
-def _uint(obj: dict[str, Any], key: str) -> int:
-    text = _field(obj, key, str)
+def uint(obj: dict[str, Any], key: str) -> int:
+    """``obj[key]`` as a uint256 given as a decimal string; raises ``Invalid``."""
+    text = field(obj, key, str)
     if not UINT_RE.fullmatch(text) or int(text) >= UINT256_LIMIT:
-        raise _Invalid(f"{key} must be a decimal uint256 string")
+        raise Invalid(f"{key} must be a decimal uint256 string")
     return int(text)
 
 
-def _matching(obj: dict[str, Any], key: str, pattern: re.Pattern[str]) -> str:
-    text = _field(obj, key, str)
+def matching(obj: dict[str, Any], key: str, pattern: re.Pattern[str]) -> str:
+    """``obj[key]`` when it is a string that ``pattern`` matches whole; raises ``Invalid``."""
+    text = field(obj, key, str)
     if not pattern.fullmatch(text):
-        raise _Invalid(f"{key} is malformed")
+        raise Invalid(f"{key} is malformed")
     return text
 
 
-def _keys(obj: Any, required: set[str], optional: frozenset[str] = frozenset()) -> dict[str, Any]:
+def keys(obj: Any, required: set[str], optional: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``obj`` when it is an object with every ``required`` key and no key outside ``optional``;
+    raises ``Invalid``."""
     if not isinstance(obj, dict):
-        raise _Invalid("expected a JSON object")
+        raise Invalid("expected a JSON object")
     missing = required - obj.keys()
     extra = obj.keys() - required - optional
     if missing or extra:
-        raise _Invalid(f"missing {sorted(missing)}" if missing else f"unknown keys {sorted(extra)}")
+        raise Invalid(f"missing {sorted(missing)}" if missing else f"unknown keys {sorted(extra)}")
     return obj
 
 
 def _authorization(obj: Any) -> Authorization:
-    auth = _keys(obj, {"from", "to", "value", "validAfter", "validBefore", "nonce"})
+    auth = keys(obj, {"from", "to", "value", "validAfter", "validBefore", "nonce"})
     return Authorization(
-        from_=_matching(auth, "from", ADDRESS_RE).lower(),
-        to=_matching(auth, "to", ADDRESS_RE).lower(),
-        value=_uint(auth, "value"),
-        valid_after=_uint(auth, "validAfter"),
-        valid_before=_uint(auth, "validBefore"),
-        nonce=bytes.fromhex(_matching(auth, "nonce", NONCE_RE)[2:]),
+        from_=matching(auth, "from", ADDRESS_RE).lower(),
+        to=matching(auth, "to", ADDRESS_RE).lower(),
+        value=uint(auth, "value"),
+        valid_after=uint(auth, "validAfter"),
+        valid_before=uint(auth, "validBefore"),
+        nonce=bytes.fromhex(matching(auth, "nonce", NONCE_RE)[2:]),
     )
 
 
 def payment_from_wire(wire: Any, header_version: int) -> PaymentPayload:
-    """Build a PaymentPayload from decoded JSON; raises ``_Invalid`` on any deviation."""
+    """Build a PaymentPayload from decoded JSON; raises ``Invalid`` on any deviation."""
     version = wire.get("x402Version") if isinstance(wire, dict) else None
     if type(version) is not int or version != header_version:
-        raise _Invalid(f"x402Version must be {header_version} in this header")
+        raise Invalid(f"x402Version must be {header_version} in this header")
     if version == 2:
-        top = _keys(wire, {"x402Version", "accepted", "payload"}, frozenset({"resource", "extensions"}))
-        accepted = _field(top, "accepted", dict)
-        scheme, network = _field(accepted, "scheme", str), _field(accepted, "network", str)
+        top = keys(wire, {"x402Version", "accepted", "payload"}, frozenset({"resource", "extensions"}))
+        accepted = field(top, "accepted", dict)
+        scheme, network = field(accepted, "scheme", str), field(accepted, "network", str)
         resource = top.get("resource")
         extensions = top.get("extensions")
         if resource is not None and not isinstance(resource, dict):
-            raise _Invalid("resource must be an object")
+            raise Invalid("resource must be an object")
         if extensions is not None and not isinstance(extensions, dict):
-            raise _Invalid("extensions must be an object")
+            raise Invalid("extensions must be an object")
     else:
-        top = _keys(wire, {"x402Version", "scheme", "network", "payload"})
-        scheme, network = _field(top, "scheme", str), _field(top, "network", str)
+        top = keys(wire, {"x402Version", "scheme", "network", "payload"})
+        scheme, network = field(top, "scheme", str), field(top, "network", str)
         accepted = resource = extensions = None
-    body = _keys(top["payload"], {"signature", "authorization"})
+    body = keys(top["payload"], {"signature", "authorization"})
     return PaymentPayload(
         version=version,
         scheme=scheme,
         network=network,
         authorization=_authorization(body["authorization"]),
-        signature=bytes.fromhex(_matching(body, "signature", SIGNATURE_RE)[2:]),
+        signature=bytes.fromhex(matching(body, "signature", SIGNATURE_RE)[2:]),
         accepted=accepted,
         resource=resource,
         extensions=extensions,
@@ -223,7 +239,7 @@ def parse_payment_header(text: str, header_version: int) -> PaymentPayload | Ver
         return reject(INVALID_PAYLOAD, str(exc))
     try:
         return payment_from_wire(wire, header_version)
-    except _Invalid as exc:
+    except Invalid as exc:
         reason = INVALID_VERSION if "x402Version" in str(exc) else INVALID_PAYLOAD
         return reject(reason, str(exc))
 
@@ -237,10 +253,11 @@ class SettleResponse:
     network: str
     payer: str
     error_reason: str = ""
+    amount: int | None = None  # upto: what was charged (atomic units)
 
     def to_header(self) -> str:
         """The header value: base64 of compact JSON ``{success, transaction, network, payer}``, with
-        ``errorReason`` when there is one."""
+        ``errorReason`` when there is one and ``amount`` (decimal string of atomic units) when set."""
         wire: dict[str, Any] = {
             "success": self.success,
             "transaction": self.transaction,
@@ -249,4 +266,6 @@ class SettleResponse:
         }
         if self.error_reason:
             wire["errorReason"] = self.error_reason
+        if self.amount is not None:
+            wire["amount"] = str(self.amount)
         return encode_header(wire)

@@ -41,7 +41,21 @@ def test_unpaid_call_gets_402_with_v2_header_and_v1_body(proxy: Proxy) -> None:
             "payTo": proxy.wallets.pay_to,
             "maxTimeoutSeconds": proxy.settings.max_timeout_seconds,
             "extra": {"name": "USD Coin", "version": "2"},
-        }
+        },
+        {
+            "scheme": "upto",
+            "network": "eip155:8453",
+            "amount": str(amount),  # the maximum: upto charges the host's reported usage
+            "asset": "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913",
+            "payTo": proxy.wallets.pay_to,
+            "maxTimeoutSeconds": proxy.settings.max_timeout_seconds,
+            "extra": {
+                "name": "USD Coin",
+                "version": "2",
+                "assetTransferMethod": "permit2",
+                "facilitatorAddress": proxy.wallets.relayer,
+            },
+        },
     ]
     assert v1["x402Version"] == 1 and v1["error"] == "payment_required"
     (entry,) = v1["accepts"]
@@ -172,7 +186,7 @@ REFUSALS = [
     ("other payee", {"payTo": "0x000000000000000000000000000000000000dEaD"}, "invalid_payment_requirements"),
     ("other asset", {"asset": "0x036CbD53842c5426634e7929541eC2318f3dCF7e"}, "invalid_payment_requirements"),
     ("other network", {"network": "eip155:84532"}, "network_mismatch"),
-    ("other scheme", {"scheme": "upto"}, "unsupported_scheme"),
+    ("other scheme", {"scheme": "batch-settlement"}, "unsupported_scheme"),
 ]
 
 
@@ -386,7 +400,8 @@ def test_paid_ping_is_a_get_resource_at_the_floor_price(proxy: Proxy, standin) -
     url = "/v1/models/hermes-3-8b-tee/ping"
     unpaid = requests.get(proxy.url + url, timeout=10)
     assert unpaid.status_code == 402
-    (requirement,) = decode_header(unpaid.headers["PAYMENT-REQUIRED"])["accepts"]
+    requirement, upto = decode_header(unpaid.headers["PAYMENT-REQUIRED"])["accepts"]
+    assert upto["scheme"] == "upto" and upto["amount"] == requirement["amount"]
     floor = load_catalog(DEFAULT_CATALOG)["hermes-3-8b-tee"].floor
     assert requirement["amount"] == str(floor)
     head = requests.head(proxy.url + url, timeout=10)

@@ -34,10 +34,10 @@ from x402.mechanisms.evm.upto.client import _sign_upto_permit2_authorization
 from x402.mechanisms.evm.upto.permit2_utils import _build_upto_permit2_settle_args
 from x402.schemas import PaymentPayload, PaymentRequirements
 
-from app.backends.rpc import RpcClient, RpcFailure
+from app.backends.rpc import RpcFailure
 from app.backends.token import selector
 from app.devnet import BASE_USDC, PROJECT_ROOT, DevChain, Service, Wallets, place_upto_contracts
-from tests.support import USDC
+from tests.support import USDC, RpcSigner, calldata
 
 pytestmark = pytest.mark.integration
 
@@ -54,19 +54,6 @@ MAX_UINT = 2**256 - 1
 
 
 # --- ABI and transactions over the project's RPC client -----------------------------------------
-
-
-def _abi_type(param: dict[str, Any]) -> str:
-    if param["type"].startswith("tuple"):
-        return "(" + ",".join(_abi_type(c) for c in param["components"]) + ")" + param["type"][5:]
-    return str(param["type"])
-
-
-def calldata(abi: list[dict[str, Any]], name: str, args: list[Any]) -> bytes:
-    """``name``'s selector and ``args`` encoded as that function's inputs in ``abi`` (x402's own ABI)."""
-    (function,) = [f for f in abi if f.get("name") == name and f["type"] == "function"]
-    types = [_abi_type(p) for p in function["inputs"]]
-    return selector(f"{name}({','.join(types)})") + encode(types, args)
 
 
 def call(chain: DevChain, to: str, signature: str, types: list[str], args: list[Any], out: list[str]) -> Any:
@@ -121,27 +108,6 @@ def latest_timestamp(chain: DevChain) -> int:
 
 
 # --- the official client's payloads ---------------------------------------------------------------
-
-
-class RpcSigner(EthAccountSigner):
-    """The official eth_account signer plus ``read_contract`` over our RPC client, which the client's
-    EIP-2612 extension needs (the token's ``nonces``, its ``allowance`` to Permit2). ``address`` may
-    name a contract wallet that ``key`` owns (EIP-1271)."""
-
-    def __init__(self, key: str, rpc: RpcClient, address: str | None = None) -> None:
-        super().__init__(Account.from_key(key))
-        self._rpc = rpc
-        self._wallet = address
-
-    @property
-    def address(self) -> str:
-        return self._wallet or str(self._account.address)
-
-    def read_contract(self, address: str, abi: list[dict[str, Any]], function_name: str, *args: Any) -> Any:
-        (function,) = [f for f in abi if f.get("name") == function_name]
-        data = calldata(abi, function_name, list(args))
-        answer = self._rpc.call("eth_call", [{"to": address, "data": "0x" + data.hex()}, "latest"])
-        return decode([_abi_type(o) for o in function["outputs"]], bytes.fromhex(answer[2:]))[0]
 
 
 def requirement(wallets: Wallets, amount: int = MAXIMUM, timeout: int = 300) -> PaymentRequirements:

@@ -371,7 +371,7 @@ RESOURCE = Resource(URL, "a chat completion on hermes-3-8b-tee")
 
 
 def test_challenge_body_is_v1() -> None:
-    challenge = build_challenge(REQ, RESOURCE, "payment_required")
+    challenge = build_challenge([REQ], RESOURCE, "payment_required")
     assert challenge.body == {
         "x402Version": 1,
         "error": "payment_required",
@@ -383,7 +383,7 @@ def test_challenge_body_is_v1() -> None:
 
 
 def test_challenge_header_is_v2() -> None:
-    challenge = build_challenge(REQ, RESOURCE, "invalid_exact_evm_payload_signature")
+    challenge = build_challenge([REQ], RESOURCE, "invalid_exact_evm_payload_signature")
     decoded = decode_header(challenge.header)
     assert decoded["x402Version"] == 2
     assert decoded["error"] == "invalid_exact_evm_payload_signature"
@@ -398,7 +398,7 @@ def test_challenge_header_is_v2() -> None:
 
 
 def test_challenge_headers() -> None:
-    challenge = build_challenge(REQ, RESOURCE, "payment_required")
+    challenge = build_challenge([REQ], RESOURCE, "payment_required")
     headers = challenge.headers()
     assert headers["PAYMENT-REQUIRED"] == challenge.header
     assert headers["Cache-Control"] == "no-store"
@@ -415,14 +415,14 @@ def test_challenge_headers() -> None:
 
 def test_challenge_header_stays_under_8kb() -> None:
     long = Resource("https://proxy.example/" + "p" * 500, "d" * 1000 + "é" * 500, "application/json")
-    header = build_challenge(REQ, long, "invalid_exact_evm_payload_authorization_value_mismatch").header
+    header = build_challenge([REQ], long, "invalid_exact_evm_payload_authorization_value_mismatch").header
     assert len(header) < 8 * 1024
     assert len(header) <= MAX_HEADER_BYTES
     assert decode_header(header)["resource"]["description"] == long.description
 
 
 def test_offered_requirements_prefers_header() -> None:
-    challenge = build_challenge(REQ, RESOURCE, "payment_required")
+    challenge = build_challenge([REQ], RESOURCE, "payment_required")
     version, resource, accepts = offered_requirements(challenge.headers(), challenge.body)
     assert version == 2
     assert resource == {"url": URL, "description": RESOURCE.description, "mimeType": "application/json"}
@@ -430,7 +430,7 @@ def test_offered_requirements_prefers_header() -> None:
 
 
 def test_offered_requirements_lower_case_header() -> None:
-    challenge = build_challenge(REQ, RESOURCE, "payment_required")
+    challenge = build_challenge([REQ], RESOURCE, "payment_required")
     version, _, accepts = offered_requirements({"payment-required": challenge.header}, challenge.body)
     assert (version, accepts) == (2, [REQ.to_v2()])
 
@@ -440,7 +440,7 @@ def test_offered_requirements_lower_case_header() -> None:
     [{}, {"PAYMENT-REQUIRED": ""}, {"PAYMENT-REQUIRED": "%%%"}, {"PAYMENT-REQUIRED": encode_header([1])}],
 )
 def test_offered_requirements_falls_back_to_body(headers: dict[str, str]) -> None:
-    challenge = build_challenge(REQ, RESOURCE, "payment_required")
+    challenge = build_challenge([REQ], RESOURCE, "payment_required")
     version, resource, accepts = offered_requirements(headers, challenge.body)
     assert (version, resource) == (1, None)
     assert accepts == challenge.body["accepts"]
@@ -454,7 +454,7 @@ def test_offered_requirements_nothing(body: Any) -> None:
 @pytest.mark.parametrize("use_header", [True, False])
 def test_challenge_to_payment_to_checks_end_to_end(use_header: bool) -> None:
     """A buyer reading either half of our 402 signs a payment every offline check accepts."""
-    challenge = build_challenge(REQ, RESOURCE, "payment_required")
+    challenge = build_challenge([REQ], RESOURCE, "payment_required")
     headers = challenge.headers() if use_header else {}
     version, resource, accepts = offered_requirements(headers, challenge.body)
     assert version == (2 if use_header else 1)

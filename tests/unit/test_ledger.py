@@ -164,7 +164,7 @@ LEDGER_FIELDS = {"event", "key", "payer", "amount", "model", "network", "tx", "a
 
 
 def test_terminal_transitions_append_to_the_ledger(ledger: Ledger) -> None:
-    assert frozenset({"settled", "served", "redeemable", "failed"}) == EVENTS
+    assert frozenset({"settled", "served", "redeemable", "failed", "owed"}) == EVENTS
     claim(ledger)
     assert ledger.transition(KEY, ("claimed",), "settling", tx="0xabc")
     assert ledger.events() == []  # settling is not terminal
@@ -185,6 +185,21 @@ def test_terminal_transitions_append_to_the_ledger(ledger: Ledger) -> None:
             "at": entry["at"],
         }
         assert abs(int(entry["at"]) - time.time()) < 5  # when it happened (unix seconds)
+
+
+def test_upto_events_carry_the_charge_and_the_authorized_maximum(ledger: Ledger) -> None:
+    """An upto payment's events: ``amount`` is what was charged, ``authorized`` the maximum; an
+    answered call whose charge did not settle is ``owed``, and served once collected."""
+    claim(ledger)
+    assert ledger.transition(KEY, ("claimed",), "settling", scheme="upto", authorized="10000")
+    assert ledger.transition(KEY, ("settling",), "owed", tx="0xdef", amount="1234")
+    assert [e["event"] for e in ledger.events()] == ["owed"]
+    assert ledger.transition(KEY, ("owed",), "served", tx="0xabc")
+    events = ledger.events()
+    assert [e["event"] for e in events] == ["served", "settled", "owed"]
+    for entry in events:
+        assert set(entry) == LEDGER_FIELDS | {"scheme", "authorized"}
+        assert (entry["scheme"], entry["authorized"], entry["amount"]) == ("upto", "10000", "1234")
 
 
 @pytest.mark.parametrize("state", ["released", "settling", "pending"])

@@ -78,7 +78,7 @@ class GateMachine(RuleBasedStateMachine):
         self.settler.next_outcome = outcome
         headers = {"PAYMENT-SIGNATURE": encode_header(payment.to_wire())}
         call = PaidCall(
-            self.quote, headers, lambda: host_answer(upstream_ok), False, "00" * 32, 0.0, lambda: True
+            self.quote, headers, lambda _body: host_answer(upstream_ok), False, "00" * 32, 0.0, lambda: True
         )
         try:
             answer = serve(self.gate, call)

@@ -18,7 +18,10 @@ import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from app.catalog.usage import StreamUsage, Usage, usage_of_answer
+from app.devnet import standin
 from app.devnet.standin import Behaviour, Received, StandinModel
+from app.devnet.standin_server import UsageMode
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "the launch codes are 0000"
@@ -363,6 +366,121 @@ def test_main_runs_in_foreground() -> None:
         url = line.strip().rsplit(" ", 1)[-1]
         assert url.startswith("http://127.0.0.1:")
         assert requests.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"] == "cli-model"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+
+
+# --- usage reporting ----------------------------------------------------------------------------------
+
+
+def answer(model: StandinModel, path: str, body: dict[str, Any]) -> requests.Response:
+    resp = requests.post(f"{model.url}{path}", json=body, timeout=5)
+    assert resp.status_code == 200
+    return resp
+
+
+COMPLETIONS_BODY: dict[str, Any] = {"model": "m", "prompt": ["one two", "three"], "max_tokens": 8}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"), [("/v1/chat/completions", chat_body()), ("/v1/completions", COMPLETIONS_BODY)]
+)
+def test_usage_report_omit_and_malformed_in_json_answers(
+    model: StandinModel, path: str, body: dict[str, Any]
+) -> None:
+    reported = answer(model, path, body)
+    usage = reported.json()["usage"]
+    assert usage_of_answer(reported.content) == Usage(usage["prompt_tokens"], usage["completion_tokens"])
+
+    model.behaviour = Behaviour(usage="omit")
+    omitted = answer(model, path, body)
+    assert "usage" not in omitted.json()
+    assert omitted.json()["choices"] == reported.json()["choices"]  # only the usage differs
+    assert usage_of_answer(omitted.content) is None
+
+    model.behaviour.usage = "malformed"
+    malformed = answer(model, path, body)
+    assert malformed.json()["usage"] == {"prompt_tokens": "many", "completion_tokens": -1}
+    assert usage_of_answer(malformed.content) is None
+
+
+def stream_payloads(model: StandinModel, include_usage: bool) -> list[Any]:
+    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
+    body = chat_body(stream=True, **extra)
+    with requests.post(f"{model.url}/v1/chat/completions", json=body, stream=True, timeout=5) as resp:
+        assert resp.status_code == 200
+        payloads = list(sse_payloads(resp))
+    assert payloads[-1] == "[DONE]"
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+@pytest.mark.parametrize("usage", ["report", "omit", "malformed"])
+def test_streams_carry_no_usage_unless_asked(model: StandinModel, usage: UsageMode) -> None:
+    model.behaviour = Behaviour(chunks=3, usage=usage)
+    events = stream_payloads(model, include_usage=False)
+    assert len(events) == 3
+    assert all("usage" not in e and e["choices"] for e in events)
+
+
+def test_stream_usage_omitted_even_when_asked(model: StandinModel) -> None:
+    model.behaviour = Behaviour(chunks=3, usage="omit")
+    events = stream_payloads(model, include_usage=True)
+    assert len(events) == 3
+    assert all("usage" not in e and e["choices"] for e in events)
+
+
+def test_stream_usage_malformed_when_asked(model: StandinModel) -> None:
+    model.behaviour = Behaviour(chunks=3, usage="malformed")
+    events = stream_payloads(model, include_usage=True)
+    assert len(events) == 4
+    assert events[-1]["choices"] == []
+    assert events[-1]["usage"] == {"prompt_tokens": "many", "completion_tokens": -1}
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("report", Usage(7, 3)), ("omit", None), ("malformed", None)])
+def test_stream_usage_as_the_proxy_reads_it(
+    model: StandinModel, mode: UsageMode, expected: Usage | None
+) -> None:
+    """The raw bytes of a stand-in stream, watched as the proxy does, give the usage the switch says."""
+    model.behaviour = Behaviour(chunks=3, usage=mode)
+    body = chat_body(stream=True, stream_options={"include_usage": True})  # 2 + 5 words: 7 prompt tokens
+    for keep in (True, False):
+        watcher = StreamUsage(keep_usage_event=keep)
+        with requests.post(f"{model.url}/v1/chat/completions", json=body, stream=True, timeout=5) as resp:
+            raw = b"".join(resp.iter_content(chunk_size=None))
+        out = b"".join(watcher.feed(raw[i : i + 7]) for i in range(0, len(raw), 7)) + watcher.end()
+        assert watcher.usage == expected
+        if keep or mode == "omit":
+            assert out == raw
+        else:  # the usage event, and only it, is gone
+            events = raw.split(b"\n\n")[:-1]
+            assert out == b"".join(e + b"\n\n" for e in events if b'"choices": []' not in e)
+            assert len(out) < len(raw)
+
+
+def test_behaviour_refuses_an_unknown_usage_mode() -> None:
+    with pytest.raises(ValueError, match="usage must be one of report, omit, malformed"):
+        Behaviour(usage="sometimes")  # type: ignore[arg-type]
+
+
+def test_main_usage_option() -> None:
+    with pytest.raises(SystemExit) as exc:
+        standin.main(["--usage", "sometimes"])
+    assert exc.value.code == 2
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.devnet.standin", "--port", "0", "--usage", "malformed"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip().rsplit(" ", 1)[-1]
+        data = requests.post(f"{url}/v1/chat/completions", json=chat_body(), timeout=5).json()
+        assert data["usage"] == {"prompt_tokens": "many", "completion_tokens": -1}
     finally:
         proc.terminate()
         proc.wait(timeout=10)

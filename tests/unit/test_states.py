@@ -17,7 +17,7 @@ from app.payments.states import EVENTS, OPEN, TRANSITIONS, State, allowed
 NOT_STATES = {
     "HGET", "HSET", "HMGET", "EXPIRE", "XADD", "SET", "GET", "MAXLEN", "~", "*",
     "state", "tx", "updated", "model", "amount", "payer", "network", "created", "valid_before",
-    "relayer_nonce", "event", "key", "at", "chain", "since",
+    "relayer_nonce", "event", "key", "at", "chain", "since", "scheme", "authorized",
     "redeem", "taken", "mismatch", "expired", "ok", "refused",
     "new",
 }  # fmt: skip

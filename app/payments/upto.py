@@ -1,0 +1,330 @@
+"""The ``upto`` payment path: hold a Permit2 permit for the priced maximum, call the model, then
+charge what the host reports it used (``specs/schemes/upto/scheme_upto_evm.md``; README, pricing).
+
+``UptoGate.begin`` checks the permit offline, refuses a payer with unpaid charges (after trying to
+collect them), claims the permit in Redis like an ``exact`` payment, checks it on chain (signature
+incl. EIP-1271 wallets, Permit2 nonce, balance and Permit2 allowance ≥ the maximum, simulation of
+``settle``) and marks it ``settling``: the permit is in use until the call ends. Nothing is sent
+before the answer: ``UptoGate.settle`` pulls the usage price (``app.catalog.usage.charge``: at
+least the model's floor, at most the maximum) and confirms it on chain; ``UptoGate.record`` writes
+the outcome. A call the host fails is released: nothing was charged, and the same header may be sent
+again. An answer that went out before its settlement failed (a stream) leaves a debt: the state
+``owed`` and the payer's debt hash, collected with the same permit the next time the payer pays.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from app import metrics
+from app.backends.chain import UNPAYABLE, Chain, Preflight
+from app.backends.permit2 import settle_calldata
+from app.backends.rpc import ChainUnavailable, RpcFailure
+from app.backends.store import STORE_ERRORS
+from app.backends.token import pulled_logged
+from app.catalog import Quote
+from app.catalog.usage import Usage, charge
+from app.logs import note
+from app.payments.errors import ApiError
+from app.payments.keys import debt_key, permit_key
+from app.payments.ledger import NEW, Claim, Ledger
+from app.payments.outcomes import PaymentRequired
+from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED, LocalSettler, Proof, Settlement
+from app.payments.states import State
+from app.settings import Settings
+from app.x402.checks import match_requirement
+from app.x402.upto import UPTO_PROXY_ADDRESS, UptoPayment, check_permit
+from app.x402.upto.checks import NONCE_USED, PAYER_IN_DEBT, TRANSACTION_FAILED
+from app.x402.verdict import SETTLEMENT_PENDING, reject
+from app.x402.wire import RESPONSE_HEADERS, Requirement, SettleResponse
+
+log = logging.getLogger("x402.upto")
+
+IN_PROGRESS = "payment_in_progress"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A verified ``upto`` permit held for one call: the quote (its amount is the maximum), the
+    permit's Redis key, the payment, its normalised signature and the on-chain preflight."""
+
+    quote: Quote
+    key: str
+    payment: UptoPayment
+    signature: bytes
+    preflight: Preflight
+
+    @property
+    def payer(self) -> str:
+        return self.payment.authorization.from_
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What became of a held permit's charge: ``outcome`` settled | failed | pending | not_sent (see
+    ``app.payments.settlement.Settlement``), ``amount`` in atomic units (0 sends nothing), the
+    transaction hash, the usage it was priced from (None: not reported, charged the maximum)."""
+
+    outcome: str
+    amount: int
+    tx: str
+    usage: Usage | None
+    calldata: bytes = b""
+
+
+class UptoGate:
+    """The ``upto`` scheme for one proxy: its requirement, the hold on a permit, the charge."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, chain: Chain, settler: LocalSettler) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.chain = chain
+        self.settler = settler
+
+    @property
+    def facilitator(self) -> str:
+        """The account that settles ``upto`` payments (the 402's ``extra.facilitatorAddress``)."""
+        return self.settler.address
+
+    def requirement(self, quote: Quote) -> Requirement:
+        """Our ``upto`` requirement for this quote: at most its price (atomic units), to ``pay_to``,
+        settled by ``facilitator``."""
+        s = self.settings
+        return Requirement(
+            network=s.network.caip2,
+            amount=quote.amount,
+            asset=s.asset,
+            pay_to=s.pay_to,
+            max_timeout_seconds=s.max_timeout_seconds,
+            asset_name=s.asset_name,
+            asset_version=s.asset_version,
+            scheme="upto",
+            facilitator=self.facilitator,
+        )
+
+    def response_header(self, charge: Charge, payer: str, reason: str = "") -> tuple[str, str]:
+        """(``PAYMENT-RESPONSE``, base64 value) with the amount charged."""
+        success = charge.outcome == SETTLED
+        response = SettleResponse(
+            success, charge.tx, self.settings.network.caip2, payer, reason, charge.amount
+        )
+        return RESPONSE_HEADERS[2], response.to_header()
+
+    def begin(self, quote: Quote, payment: UptoPayment) -> Hold:
+        """Verify and hold the permit for this call. Raises ``PaymentRequired`` (402 with the reason
+        code) or ``ApiError`` (503: Redis or RPC trouble, a payment in progress)."""
+        requirement = self.requirement(quote)
+        refusal = match_requirement(payment, requirement)
+        if not refusal:
+            raise PaymentRequired(refusal)
+        offline = check_permit(payment, requirement, int(time.time()))
+        if not offline.verdict:
+            raise PaymentRequired(offline.verdict)
+        auth = payment.authorization
+        note(model=quote.model.name, amount=quote.amount, payer=auth.from_, x402_version=2, scheme="upto")
+        self._collect_debts(auth.from_)
+        key = permit_key(requirement.chain_id, requirement.asset, auth.from_, auth.nonce)
+        claim = self._claim(quote, payment, key)
+        if claim.outcome != "claimed":
+            raise self._taken(claim)
+        try:
+            preflight = self.chain.upto_preflight(
+                payment, offline.signature, offline.ecdsa_signer, self.facilitator
+            )
+        except (ChainUnavailable, RpcFailure) as exc:
+            self._move(key, State.CLAIMED, State.RELEASED)
+            raise ApiError(
+                503, "rpc_unavailable", "no RPC endpoint answers; nothing was charged", {"Retry-After": "5"}
+            ) from exc
+        if not preflight.verdict:
+            self._move(key, State.CLAIMED, State.RELEASED)
+            if preflight.verdict.reason in UNPAYABLE:
+                raise ApiError(503, preflight.verdict.reason, preflight.verdict.detail, {"Retry-After": "60"})
+            raise PaymentRequired(preflight.verdict)
+        try:
+            held = self.ledger.transition(
+                key, (State.CLAIMED,), State.SETTLING, scheme="upto", authorized=str(quote.amount)
+            )
+        except STORE_ERRORS as exc:
+            raise _ledger_down() from exc
+        if not held:
+            raise ApiError(503, "ledger_conflict", "the payment changed state during verification")
+        return Hold(quote, key, payment, offline.signature, preflight)
+
+    def _claim(self, quote: Quote, payment: UptoPayment, key: str) -> Claim:
+        auth = payment.authorization
+        try:
+            return self.ledger.claim(
+                key,
+                auth.deadline,
+                auth.from_,
+                auth.amount,
+                quote.model.name,
+                payment.network,
+                NEW,
+                quote.amount,
+            )
+        except Exception as exc:
+            log.warning("ledger unavailable at claim: %s: %s", type(exc).__name__, exc)
+            raise _ledger_down() from exc
+
+    @staticmethod
+    def _taken(claim: Claim) -> Exception:
+        """A permit seen before: in use by another request, or already used for a call."""
+        if claim.state in (State.CLAIMED, State.SETTLING):
+            return ApiError(
+                503,
+                IN_PROGRESS,
+                "this permit is in use by another request; sign a new one or retry once it ends",
+                {"Retry-After": "5"},
+            )
+        return PaymentRequired(reject(NONCE_USED, f"this permit was already presented ({claim.state})"))
+
+    def _move(self, key: str, from_state: State, to_state: State, **fields: str) -> bool:
+        """A transition whose failure is logged, not raised (the permit then waits for its deadline)."""
+        try:
+            return self.ledger.transition(key, (from_state,), to_state, **fields)
+        except STORE_ERRORS as exc:
+            log.error(
+                "could not record an upto payment (%s → %s): %s", from_state, to_state, type(exc).__name__
+            )
+            return False
+
+    def release(self, hold: Hold) -> None:
+        """The call failed before an answer went out: nothing is charged, and the same header may be
+        sent again while the permit lives."""
+        self._move(hold.key, State.SETTLING, State.RELEASED)
+        note(outcome="released")
+
+    def settle(self, hold: Hold, usage: Usage | None) -> Charge:
+        """Pull the usage price (atomic units: ``charge``) with the held permit and wait for the chain
+        to decide; 0 sends nothing. Never raises: trouble is a ``Charge`` whose outcome says whether
+        anything may have been sent (pending) or not (not_sent)."""
+        amount = charge(hold.quote.model, usage, hold.quote.amount)
+        if amount == 0:
+            return Charge(SETTLED, 0, "", usage)
+        auth = hold.payment.authorization
+        calldata = settle_calldata(auth, amount, hold.signature, hold.payment.permit2612)
+        settlement = self._send(calldata, hold.preflight, hold.key, auth.from_, auth.to, amount)
+        return Charge(settlement.outcome, amount, settlement.tx_hash, usage, calldata)
+
+    def _send(
+        self, calldata: bytes, preflight: Preflight, key: str, payer: str, pay_to: str, amount: int
+    ) -> Settlement:
+        chain_id = self.settings.network.chain_id
+        proof = Proof(
+            lambda receipt: pulled_logged(receipt, self.chain.asset, payer, pay_to, amount),
+            lambda tx_hash: Settlement(FAILED, tx_hash, TRANSACTION_FAILED),
+        )
+
+        def record_tx(tx_hash: str) -> None:
+            self._move(key, State.SETTLING, State.SETTLING, tx=tx_hash)
+
+        started = time.perf_counter()
+        try:
+            settlement = self.settler.send(
+                UPTO_PROXY_ADDRESS,
+                preflight,
+                lambda: self.ledger.reserve_relayer_nonce(
+                    chain_id, self.facilitator, preflight.relayer_nonce
+                ),
+                proof,
+                record_tx,
+                calldata,
+            )
+        except STORE_ERRORS:
+            return Settlement(NOT_SENT, "", "ledger_unavailable")
+        except Exception as exc:  # signed, maybe sent: decided by the chain later
+            log.error("upto settlement error: %s", type(exc).__name__)
+            return Settlement(PENDING, "", SETTLEMENT_PENDING)
+        if settlement.outcome == SETTLED:
+            metrics.SETTLEMENT_SECONDS.observe(time.perf_counter() - started)
+        return settlement
+
+    def record(self, hold: Hold, result: Charge, answered: bool) -> None:
+        """Record what became of the charge (ledger events carry the amount charged and the maximum).
+        ``answered``: the answer already went out (a stream), so a charge that did not settle is
+        owed by the payer. A settlement that did not land before an answer was withheld leaves the
+        permit ``failed`` (nothing moved; the same header may be sent again) or ``released``."""
+        model = hold.quote.model.name
+        amount = str(result.amount)
+        if result.outcome == SETTLED:
+            self._move(hold.key, State.SETTLING, State.SERVED, tx=result.tx, amount=amount)
+            metrics.REVENUE.labels(model).inc(result.amount)
+            metrics.UPTO_AUTHORIZED.labels(model).inc(hold.quote.amount)
+            metrics.UPTO_CHARGED.labels(model).inc(result.amount)
+            metrics.payment_outcome(State.SERVED)
+        elif result.outcome == PENDING:
+            self._move(hold.key, State.SETTLING, State.PENDING, tx=result.tx, amount=amount)
+            metrics.payment_outcome(State.PENDING, SETTLEMENT_PENDING)
+        elif answered:
+            self._owe(hold, result)
+        elif result.outcome == FAILED:
+            self._move(hold.key, State.SETTLING, State.FAILED, tx=result.tx)
+            metrics.payment_outcome(State.FAILED, TRANSACTION_FAILED)
+        else:
+            self._move(hold.key, State.SETTLING, State.RELEASED, tx="")
+        note(outcome=result.outcome, tx=result.tx, charged=result.amount)
+
+    def _owe(self, hold: Hold, result: Charge) -> None:
+        """An answered call whose charge did not settle: the payer owes it, and is refused ``upto``
+        until it is collected."""
+        payer = hold.payer
+        try:
+            self.ledger.record_debt(self._debt_key(payer), hold.key, result.amount, result.calldata)
+        except STORE_ERRORS as exc:
+            log.error("could not record an upto debt: %s", type(exc).__name__)
+        self._move(hold.key, State.SETTLING, State.OWED, tx=result.tx, amount=str(result.amount))
+        metrics.DEBT_RECORDED.labels(hold.quote.model.name).inc(result.amount)
+        metrics.payment_outcome(State.OWED, TRANSACTION_FAILED)
+
+    def _debt_key(self, payer: str) -> str:
+        return debt_key(self.settings.network.chain_id, self.settings.asset, payer)
+
+    def _collect_debts(self, payer: str) -> None:
+        """Before a payer's new ``upto`` call: collect what it owes with the permits it signed (while
+        they live); refuse the call (402 ``upto_payer_in_debt``) while anything stays owed."""
+        key = self._debt_key(payer)
+        try:
+            debts = self.ledger.debts(key)
+        except STORE_ERRORS as exc:
+            raise _ledger_down() from exc
+        owed = 0
+        for debt in debts:
+            try:
+                preflight = self.chain.send_preflight(UPTO_PROXY_ADDRESS, debt.calldata, self.facilitator)
+            except ChainUnavailable as exc:
+                raise ApiError(
+                    503,
+                    "rpc_unavailable",
+                    "no RPC endpoint answers; nothing was charged",
+                    {"Retry-After": "5"},
+                ) from exc
+            settled = False
+            if preflight.verdict:
+                settlement = self._send(
+                    debt.calldata, preflight, debt.key, payer, self.settings.pay_to, debt.amount
+                )
+                settled = settlement.outcome == SETTLED
+                if settled:
+                    self._move(debt.key, State.OWED, State.SERVED, tx=settlement.tx_hash)
+                    self.ledger.clear_debt(key, debt.key)
+                    metrics.DEBT_COLLECTED.inc(debt.amount)
+            if not settled:
+                owed += debt.amount
+        if owed:
+            raise PaymentRequired(
+                reject(
+                    PAYER_IN_DEBT,
+                    f"this payer owes {owed} atomic units for answered calls whose settlement failed; "
+                    "restore the balance and the Permit2 allowance, then pay again",
+                )
+            )
+
+
+def _ledger_down() -> ApiError:
+    return ApiError(
+        503, "ledger_unavailable", "payment ledger unavailable; nothing was charged", {"Retry-After": "5"}
+    )

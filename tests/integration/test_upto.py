@@ -1,0 +1,302 @@
+"""The ``upto`` scheme end to end (issue 15): a Permit2 permit for the priced maximum, the host's
+reported usage charged, on anvil with our Permit2 and x402UptoPermit2Proxy at their canonical
+addresses, real Redis, the stand-in host, and the official PyPI x402 ``upto`` client as the buyer.
+
+The catalog here has a floor of 1 atomic unit, so the usage price lies strictly between the floor and
+the maximum and a test can tell the three apart.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from app import create_checked_app
+from app.catalog import load_catalog
+from app.catalog.usage import Usage, charge
+from app.devnet import DevChain, Wallets
+from app.devnet.standin import StandinModel
+from app.payments.keys import LEDGER_STREAM, permit_key
+from app.settings import DEFAULT_CATALOG, Settings
+from app.x402.upto import UPTO_PROXY_ADDRESS
+from tests.support import (
+    CHAT_BODY,
+    Proxy,
+    approve_permit2,
+    moved_since,
+    offered,
+    serve,
+    settle_response,
+    upto_header,
+    upto_session,
+)
+
+pytestmark = pytest.mark.integration
+
+BODY: dict[str, Any] = {**CHAT_BODY, "max_tokens": 256}
+MODEL = "hermes-3-8b-tee"
+
+
+@pytest.fixture
+def catalog_file(tmp_path: Path) -> Path:
+    path = tmp_path / "catalog.toml"
+    path.write_text(DEFAULT_CATALOG.read_text().replace("floor = 1000", "floor = 1"))
+    return path
+
+
+@pytest.fixture
+def upto_proxy(settings: Settings, wallets: Wallets, chain: DevChain, catalog_file: Path) -> Iterator[Proxy]:
+    configured = settings.with_overrides(catalog_path=catalog_file)
+    server = serve(create_checked_app(configured))
+    yield Proxy(f"http://127.0.0.1:{server.server_port}", configured, wallets, chain, server)
+    server.shutdown()
+
+
+def usage_price(proxy: Proxy, usage: dict[str, int]) -> int:
+    model = load_catalog(proxy.settings.catalog_path)[MODEL]
+    return charge(model, Usage(usage["prompt_tokens"], usage["completion_tokens"]), 10**12)
+
+
+def sse_events(text: str) -> list[str]:
+    return [event for event in text.split("\n\n") if event.strip()]
+
+
+def test_the_402_offers_upto_beside_exact(upto_proxy: Proxy) -> None:
+    response = upto_proxy.post(body=BODY)
+    assert response.status_code == 402
+    exact, upto = offered(response)
+    assert (exact["scheme"], upto["scheme"]) == ("exact", "upto")
+    assert upto["amount"] == exact["amount"]  # the priced maximum
+    assert upto["extra"]["facilitatorAddress"] == upto_proxy.wallets.relayer
+    assert upto["extra"]["assetTransferMethod"] == "permit2"
+    assert (upto["payTo"], upto["asset"], upto["network"]) == (exact["payTo"], exact["asset"], "eip155:8453")
+    assert [entry["scheme"] for entry in response.json()["accepts"]] == ["exact"]  # x402 v1 has no upto
+
+
+def test_official_client_pays_the_reported_usage(upto_proxy: Proxy, standin: StandinModel) -> None:
+    approve_permit2(upto_proxy.chain, upto_proxy.wallets.payer)
+    maximum = int(offered(upto_proxy.post(body=BODY))[1]["amount"])
+    before = upto_proxy.balances()
+
+    response = upto_session(upto_proxy.wallets.payer_key).post(
+        upto_proxy.url + "/v1/chat/completions", json=BODY, timeout=60
+    )
+
+    assert response.status_code == 200, response.text
+    price = usage_price(upto_proxy, response.json()["usage"])
+    assert 1 < price < maximum
+    settled = settle_response(response)
+    assert settled["success"] is True and settled["amount"] == str(price)
+    assert moved_since(upto_proxy, before) == price  # the chain moved the usage price, once
+    receipt = upto_proxy.chain.rpc.call("eth_getTransactionReceipt", [settled["transaction"]])
+    assert receipt["to"].lower() == UPTO_PROXY_ADDRESS.lower()
+    assert len(standin.received) == 1
+
+
+def test_ledger_records_authorized_and_charged(
+    upto_proxy: Proxy, standin: StandinModel, redis_client: redis.Redis
+) -> None:
+    approve_permit2(upto_proxy.chain, upto_proxy.wallets.payer)
+    maximum = int(offered(upto_proxy.post(body=BODY))[1]["amount"])
+    response = upto_session(upto_proxy.wallets.payer_key).post(
+        upto_proxy.url + "/v1/chat/completions", json=BODY, timeout=60
+    )
+    price = usage_price(upto_proxy, response.json()["usage"])
+    events = [
+        {k.decode(): v.decode() for k, v in fields.items()}
+        for _id, fields in redis_client.xrevrange(LEDGER_STREAM, count=10)
+    ]
+    mine = [e for e in events if e["payer"] == upto_proxy.wallets.payer.lower()]
+    assert [e["event"] for e in mine] == ["served", "settled"]
+    for event in mine:
+        assert (event["scheme"], event["authorized"], event["amount"]) == ("upto", str(maximum), str(price))
+    metrics = requests.get(upto_proxy.url + "/metrics", timeout=10).text
+    assert f'x402_upto_charged_atomic_total{{model="{MODEL}"}}' in metrics
+
+
+def paid_stream(proxy: Proxy, body: dict[str, Any]) -> tuple[list[str], dict[str, Any], int]:
+    """Stream ``body`` paid with the official upto client: (SSE events, the settlement comment
+    decoded, atomic units moved on chain)."""
+    before = proxy.balances()
+    response = upto_session(proxy.wallets.payer_key).post(
+        proxy.url + "/v1/chat/completions", json=body, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    events = sse_events(response.text)
+    (comment,) = [e for e in events if e.startswith(": x402-payment-response ")]
+    settled = json.loads(base64.b64decode(comment.removeprefix(": x402-payment-response ")))
+    return events, settled, moved_since(proxy, before)
+
+
+def test_a_stream_is_charged_its_usage_and_the_usage_event_goes_only_to_who_asked(
+    upto_proxy: Proxy, standin: StandinModel
+) -> None:
+    approve_permit2(upto_proxy.chain, upto_proxy.wallets.payer)
+    asked = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+    events, settled, moved = paid_stream(upto_proxy, asked)
+    (usage_event,) = [e for e in events if '"usage"' in e]
+    price = usage_price(upto_proxy, json.loads(usage_event.removeprefix("data: "))["usage"])
+    assert settled["success"] is True and moved == int(settled["amount"]) == price
+    assert events[-3:-1] == ["data: [DONE]", events[-2]]
+    assert events[-2].startswith(": x402-payment-response ") and events[-1].startswith(": x402-receipt ")
+
+    events, settled, moved = paid_stream(upto_proxy, {**BODY, "stream": True})  # same work, no usage asked
+
+    assert standin.received[-1].body["stream_options"] == {"include_usage": True}  # asked of the host
+    assert not any('"usage"' in event for event in events)  # but not passed on
+    assert "data: [DONE]" in events
+    assert settled["success"] is True and moved == int(settled["amount"]) == price
+
+
+@pytest.mark.parametrize("mode", ["omit", "malformed"])
+def test_a_host_without_usage_is_charged_the_maximum(
+    upto_proxy: Proxy, standin: StandinModel, mode: str
+) -> None:
+    approve_permit2(upto_proxy.chain, upto_proxy.wallets.payer)
+    maximum = int(offered(upto_proxy.post(body=BODY))[1]["amount"])
+    standin.behaviour.usage = mode
+    before = upto_proxy.balances()
+
+    response = upto_session(upto_proxy.wallets.payer_key).post(
+        upto_proxy.url + "/v1/chat/completions", json=BODY, timeout=60
+    )
+
+    assert response.status_code == 200
+    assert settle_response(response)["amount"] == str(maximum)
+    assert moved_since(upto_proxy, before) == maximum
+
+
+def test_a_failing_host_costs_nothing_and_the_same_header_is_served_later(
+    upto_proxy: Proxy, standin: StandinModel, redis_client: redis.Redis
+) -> None:
+    approve_permit2(upto_proxy.chain, upto_proxy.wallets.payer)
+    standin.behaviour.status, standin.behaviour.times = 500, 2  # both tries of the first call fail
+    before = upto_proxy.balances()
+    session = upto_session(upto_proxy.wallets.payer_key)
+
+    failed = session.post(upto_proxy.url + "/v1/chat/completions", json=BODY, timeout=60)
+
+    assert failed.status_code == 502
+    assert failed.json()["error"]["code"] == "upstream_unavailable"
+    assert moved_since(upto_proxy, before) == 0
+    header = failed.request.headers["PAYMENT-SIGNATURE"]
+    served = requests.post(
+        upto_proxy.url + "/v1/chat/completions", json=BODY, headers={"PAYMENT-SIGNATURE": header}, timeout=60
+    )
+    assert served.status_code == 200, served.text
+    assert moved_since(upto_proxy, before) == int(settle_response(served)["amount"]) > 0
+    again = requests.post(
+        upto_proxy.url + "/v1/chat/completions", json=BODY, headers={"PAYMENT-SIGNATURE": header}, timeout=60
+    )
+    assert again.status_code == 402  # one permit, one answered call
+    assert again.headers["X-Payment-Error"]
+
+
+def test_no_permit2_allowance_is_refused_naming_the_fix(upto_proxy: Proxy, standin: StandinModel) -> None:
+    response = upto_session(upto_proxy.wallets.payer_key).post(
+        upto_proxy.url + "/v1/chat/completions", json=BODY, timeout=60
+    )
+
+    assert response.status_code == 402
+    assert (
+        json.loads(base64.b64decode(response.headers["PAYMENT-REQUIRED"]))["error"]
+        == "permit2_allowance_required"
+    )
+    assert (
+        "approve" in response.headers["X-Payment-Error"] and "Permit2" in response.headers["X-Payment-Error"]
+    )
+    assert standin.received == []
+
+
+def test_a_payer_who_revokes_during_a_stream_owes_it_and_is_refused_until_paid(
+    upto_proxy: Proxy, standin: StandinModel, redis_client: redis.Redis
+) -> None:
+    chain, payer = upto_proxy.chain, upto_proxy.wallets.payer
+    approve_permit2(chain, payer)
+    standin.behaviour.chunk_delay = 0.3
+    before = upto_proxy.balances()
+    session = upto_session(upto_proxy.wallets.payer_key)
+    body = {**BODY, "stream": True}
+
+    revoke = threading.Timer(0.5, approve_permit2, (chain, payer, 0))
+    revoke.start()
+    streamed = session.post(upto_proxy.url + "/v1/chat/completions", json=body, timeout=60)
+    revoke.join()
+
+    assert streamed.status_code == 200 and "tok4" in streamed.text  # the answer went out
+    (comment,) = [e for e in sse_events(streamed.text) if e.startswith(": x402-payment-response ")]
+    owed = json.loads(base64.b64decode(comment.removeprefix(": x402-payment-response ")))
+    assert owed["success"] is False
+    assert moved_since(upto_proxy, before) == 0
+    standin.behaviour.chunk_delay = 0.0
+
+    refused = session.post(upto_proxy.url + "/v1/chat/completions", json=BODY, timeout=60)
+    assert refused.status_code == 402
+    reason = json.loads(base64.b64decode(refused.headers["PAYMENT-REQUIRED"]))["error"]
+    assert reason == "upto_payer_in_debt"
+    metrics = requests.get(upto_proxy.url + "/metrics", timeout=10).text
+    assert f'x402_upto_debt_atomic_total{{model="{MODEL}"}} {owed["amount"]}' in metrics
+
+    approve_permit2(chain, payer)  # the payer restores the allowance and pays again
+    paid = session.post(upto_proxy.url + "/v1/chat/completions", json=BODY, timeout=60)
+    assert paid.status_code == 200, paid.text
+    assert moved_since(upto_proxy, before) == int(owed["amount"]) + int(settle_response(paid)["amount"])
+    header = streamed.request.headers["PAYMENT-SIGNATURE"]
+    record = json.loads(base64.b64decode(header))["payload"]["permit2Authorization"]
+    key = permit_key(8453, upto_proxy.settings.asset, payer, int(record["nonce"]))
+    assert redis_client.hget(key, "state") == b"served"
+
+
+def test_x402_schemes_exact_offers_exact_alone_and_refuses_upto(
+    upto_proxy: Proxy, settings: Settings, wallets: Wallets, chain: DevChain, standin: StandinModel
+) -> None:
+    approve_permit2(chain, wallets.payer)
+    challenge = json.loads(base64.b64decode(upto_proxy.post(body=BODY).headers["PAYMENT-REQUIRED"]))
+    header = upto_header(wallets.payer_key, challenge)
+    only_exact = settings.with_overrides(schemes=("exact",), catalog_path=upto_proxy.settings.catalog_path)
+    server = serve(create_checked_app(only_exact))
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
+        unpaid = requests.post(url, json=BODY, timeout=30)
+        assert [entry["scheme"] for entry in offered(unpaid)] == ["exact"]
+        refused = requests.post(url, json=BODY, headers={"PAYMENT-SIGNATURE": header}, timeout=30)
+        assert refused.status_code == 402
+        assert (
+            json.loads(base64.b64decode(refused.headers["PAYMENT-REQUIRED"]))["error"] == "unsupported_scheme"
+        )
+        assert standin.received == []
+    finally:
+        server.shutdown()
+
+
+def test_eip2612_gas_sponsoring_lets_a_payer_without_allowance_pay_without_gas(
+    upto_proxy: Proxy, standin: StandinModel
+) -> None:
+    """The 402 declares ``eip2612GasSponsoring``; the official client, able to read the chain, sees no
+    Permit2 allowance and adds a signed EIP-2612 permit; the relayer submits it and settles in one
+    transaction (``settleWithPermit``). The payer never had ETH."""
+    chain, payer = upto_proxy.chain, upto_proxy.wallets.payer
+    declared = json.loads(base64.b64decode(upto_proxy.post(body=BODY).headers["PAYMENT-REQUIRED"]))
+    assert "eip2612GasSponsoring" in declared["extensions"]
+    assert int(chain.rpc.call("eth_getBalance", [payer, "latest"]), 16) == 0
+    before = upto_proxy.balances()
+
+    response = upto_session(upto_proxy.wallets.payer_key, chain.rpc).post(
+        upto_proxy.url + "/v1/chat/completions", json=BODY, timeout=60
+    )
+
+    assert response.status_code == 200, response.text
+    sent = json.loads(base64.b64decode(response.request.headers["PAYMENT-SIGNATURE"]))
+    assert sent["extensions"]["eip2612GasSponsoring"]["info"]["signature"]
+    price = usage_price(upto_proxy, response.json()["usage"])
+    assert moved_since(upto_proxy, before) == price == int(settle_response(response)["amount"])
+    receipt = chain.rpc.call("eth_getTransactionReceipt", [settle_response(response)["transaction"]])
+    assert receipt["from"].lower() == upto_proxy.wallets.relayer.lower()  # the relayer paid the gas
