@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -18,7 +19,9 @@ from x402 import x402ClientSync
 from x402.http.clients import wrapRequestsWithPayment
 from x402.http.x402_http_client import x402HTTPClientSync
 from x402.mechanisms.evm import EthAccountSigner
+from x402.mechanisms.evm.types import UptoPermit2Payload
 from x402.mechanisms.evm.upto import UptoEvmClientScheme
+from x402.mechanisms.evm.upto.client import _sign_upto_permit2_authorization
 from x402.schemas import PaymentRequired
 
 from app.backends.rpc import RpcClient
@@ -232,13 +235,22 @@ class RpcSigner(EthAccountSigner):
         return decode([abi_type(o) for o in function["outputs"]], bytes.fromhex(answer[2:]))[0]
 
 
-def upto_header(key: str, challenge: dict[str, Any]) -> str:
+def upto_header(key: str, challenge: dict[str, Any], deadline: int | None = None) -> str:
     """The ``PAYMENT-SIGNATURE`` value the official PyPI x402 ``upto`` client makes for a decoded v2
-    402 challenge (pick the ``upto`` entry)."""
+    402 challenge (it picks the ``upto`` entry); with ``deadline`` (unix seconds), the permit is
+    signed again, by the client's own signing function, to end then."""
     client = x402ClientSync()
-    client.register("eip155:*", UptoEvmClientScheme(EthAccountSigner(Account.from_key(key))))
+    signer = EthAccountSigner(Account.from_key(key))
+    client.register("eip155:*", UptoEvmClientScheme(signer))
     http = x402HTTPClientSync(client)
     payload = http.create_payment_payload(PaymentRequired.model_validate(challenge))
+    if deadline is not None:
+        permit = UptoPermit2Payload.from_dict(payload.payload)
+        authorization = dataclasses.replace(permit.permit2_authorization, deadline=str(deadline))
+        signature = _sign_upto_permit2_authorization(signer, authorization, payload.accepted)
+        payload.payload = UptoPermit2Payload(
+            permit2_authorization=authorization, signature=signature
+        ).to_dict()
     return str(http.encode_payment_signature_header(payload)["PAYMENT-SIGNATURE"])
 
 

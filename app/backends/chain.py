@@ -15,7 +15,7 @@ units, block ages in seconds.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from eth_abi import encode
@@ -87,6 +87,7 @@ class Preflight:
     relayer_nonce: int = 0
     gas_price: int = 0
     priority_fee: int = 0
+    spendable: int = 0  # upto: what the payer can pay now (balance and Permit2 allowance, atomic units)
 
 
 def _preflight_well_formed(answers: list[Any]) -> bool:
@@ -281,7 +282,9 @@ class Chain:
             )
         if isinstance(gas, RpcError):
             return Preflight(reject(upto.SIMULATION_FAILED, gas.message[:200]))
-        return _accepted(gas, nonce, gas_price, priority, b"")
+        allowed = word_value(allowance) if payment.permit2612 is None else payment.permit2612.value
+        spendable = min(word_value(balance), allowed)
+        return replace(_accepted(gas, nonce, gas_price, priority, b""), spendable=spendable)
 
     def send_preflight(self, to: str, calldata: bytes, relayer: str) -> Preflight:
         """Simulate ``calldata`` to ``to`` from ``relayer`` and read the relayer's pending nonce and the

@@ -9,7 +9,8 @@ hash tag (the part in braces):
   the outbox of its ledger events ``x402:{p<n>}:outbox`` share a slot: a transition writes both in
   one atomic step, and no write to another slot can decide a payment's fate. An ``upto`` permit is
   ``x402:{p<n>}:permit2:<chain id>:<asset>:<payer>:<nonce>``, in the same shards.
-- A payer's unpaid ``upto`` charges: ``x402:{debt}:<chain id>:<asset>:<payer>``.
+- A payer's unpaid ``upto`` charges and its ``upto`` calls in flight:
+  ``x402:{payer:<chain id>:<asset>:<payer>}:debt`` and ``…:exposure``.
 - The ledger stream ``x402:{ledger}``, what was moved into it from each outbox
   ``x402:{ledger}:drained``, the keyspace version ``x402:{meta}:keyspace``, and each relayer's
   account-nonce counter ``x402:{relayer:<chain id>:<address>}:nonce`` each have their own tag.
@@ -70,9 +71,15 @@ def permit_key(chain_id: int, asset: str, payer: str, nonce: int) -> str:
 
 
 def debt_key(chain_id: int, asset: str, payer: str) -> str:
-    """The hash of a payer's unpaid ``upto`` charges: ``x402:{debt}:<chain id>:<asset>:<payer>``,
-    one field per owed permit key."""
-    return f"x402:{{debt}}:{chain_id}:{asset.lower()}:{payer.lower()}"
+    """The hash of a payer's unpaid ``upto`` charges, one field per owed permit key:
+    ``x402:{payer:<chain id>:<asset>:<payer>}:debt``."""
+    return f"x402:{{payer:{chain_id}:{asset.lower()}:{payer.lower()}}}:debt"
+
+
+def exposure_key(chain_id: int, asset: str, payer: str) -> str:
+    """The hash of a payer's ``upto`` calls in flight, one field per held permit key (its maximum
+    and until when it is held): ``x402:{payer:<chain id>:<asset>:<payer>}:exposure``."""
+    return f"x402:{{payer:{chain_id}:{asset.lower()}:{payer.lower()}}}:exposure"
 
 
 def outbox_key(payment: str) -> str:

@@ -171,6 +171,30 @@ if #KEYS < 3 then return -1 end
 )
 NONCE_GAP_AFTER = 30  # seconds: far longer than reserving-to-sending takes
 
+# KEYS[1] a payer's exposure hash (field: permit key, value "<maximum>:<held until>"). ARGV: now,
+# permit key, its maximum, held until (unix seconds), what the payer can pay (balance and allowance).
+# Drops entries past their time, then holds this permit's maximum unless the payer's calls in flight
+# would then exceed what it can pay. Returns {1 held | 0 refused, total of the others in flight}.
+_HOLD = Script("""
+local now, total = tonumber(ARGV[1]), 0
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local amount, expires = string.match(entries[i + 1], '^(%d+):(%d+)$')
+  if not amount or tonumber(expires) < now then
+    redis.call('HDEL', KEYS[1], entries[i])
+  elseif entries[i] ~= ARGV[2] then
+    total = total + tonumber(amount)
+  end
+end
+if total + tonumber(ARGV[3]) > tonumber(ARGV[5]) then return {0, tostring(total)} end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3] .. ':' .. ARGV[4])
+redis.call('EXPIRE', KEYS[1], math.max(tonumber(ARGV[4]) - now, 1) + 60)
+return {1, tostring(total)}
+""")
+# Lua numbers are doubles: what a payer can pay is passed capped here (2**53 atomic units is far more
+# than any balance), so the sum stays exact.
+SPENDABLE_CAP = 2**53
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -284,6 +308,21 @@ class Ledger:
             except STORE_ERRORS as exc:  # the payment's master too: the claim times out instead
                 log.error("payment left settling, nothing sent: %s: %s", type(exc).__name__, exc)
             raise
+
+    def hold_exposure(
+        self, exposure: str, key: str, maximum: int, until: int, spendable: int
+    ) -> tuple[bool, int]:
+        """Hold ``maximum`` (atomic units) for permit ``key`` in the payer's exposure hash until
+        ``until`` (unix seconds), unless the payer's ``upto`` calls in flight would then exceed
+        ``spendable`` (its balance and Permit2 allowance). Returns (held, the others in flight).
+        Raises ``redis.RedisError``."""
+        args = [int(time.time()), key, maximum, until, min(spendable, SPENDABLE_CAP)]
+        held, others = self._run(_HOLD, [exposure], args)
+        return bool(held), int(text_of(others))
+
+    def release_exposure(self, exposure: str, key: str) -> None:
+        """The call of permit ``key`` is over: it no longer counts against the payer."""
+        self.redis.hdel(exposure, key)
 
     def record_debt(self, debt: str, key: str, amount: int, calldata: bytes) -> None:
         """Record that the permit ``key`` owes ``amount`` (atomic units) in the payer's debt hash

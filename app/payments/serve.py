@@ -336,6 +336,7 @@ def _relay_upto(
     watcher = StreamUsage(keep_usage_event=asked_usage)
     digest = hashlib.sha256()
     first = True
+    settle_by = upto.settle_by(hold)
     try:
         for chunk in answer.chunks():
             if first:
@@ -345,6 +346,11 @@ def _relay_upto(
             if out:
                 digest.update(out)
                 yield out
+            if time.time() >= settle_by:  # the permit must still live when its charge lands
+                answer.close()
+                digest.update(PAYMENT_WINDOW_EVENT)
+                yield PAYMENT_WINDOW_EVENT
+                break
         tail = watcher.end()
     except UpstreamFailed:
         upto.release(hold)
@@ -376,6 +382,11 @@ STREAM_CUT_EVENT_UPTO = (
     b'was charged: send the same payment header again"}}\n\n'
 )
 PAYMENT_RESPONSE_PREFIX = b": x402-payment-response "
+PAYMENT_WINDOW_EVENT = (
+    b'data: {"error": {"code": "payment_window_closing", "message": "the stream outlasted the '
+    b"permit's deadline less the time to settle; it ends here and is charged the usage reported, "
+    b'else the maximum"}}\n\n'
+)
 
 
 def _upto_receipt(gate: Gate, call: PaidCall, hold: Hold, result: Charge, response_sha256: str) -> Receipt:

@@ -15,6 +15,7 @@ again. An answer that went out before its settlement failed (a stream) leaves a 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -24,19 +25,20 @@ from app.backends.permit2 import settle_calldata
 from app.backends.rpc import ChainUnavailable, RpcFailure
 from app.backends.store import STORE_ERRORS
 from app.backends.token import pulled_logged
+from app.backends.upstream import abandoned_after
 from app.catalog import Quote
 from app.catalog.usage import Usage, charge
 from app.logs import note
 from app.payments.errors import ApiError
-from app.payments.keys import debt_key, permit_key
+from app.payments.keys import debt_key, exposure_key, permit_key
 from app.payments.ledger import NEW, Claim, Ledger
 from app.payments.outcomes import PaymentRequired
 from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED, LocalSettler, Proof, Settlement
 from app.payments.states import State
 from app.settings import Settings
-from app.x402.checks import match_requirement
+from app.x402.checks import MIN_VALIDITY_MARGIN, match_requirement
 from app.x402.upto import UPTO_PROXY_ADDRESS, UptoPayment, check_permit
-from app.x402.upto.checks import NONCE_USED, PAYER_IN_DEBT, TRANSACTION_FAILED
+from app.x402.upto.checks import INSUFFICIENT_BALANCE, NONCE_USED, PAYER_IN_DEBT, TRANSACTION_FAILED
 from app.x402.verdict import SETTLEMENT_PENDING, reject
 from app.x402.wire import RESPONSE_HEADERS, Requirement, SettleResponse
 
@@ -84,6 +86,18 @@ class UptoGate:
         self.settler = settler
 
     @property
+    def max_timeout_seconds(self) -> int:
+        """How long a permit must live (seconds): the whole call and its settlement, since nothing
+        is pulled before the answer — ``X402_MAX_TIMEOUT_SECONDS``, or the longest a call may hold
+        a payment (``abandoned_after``: every try at the host, the receipt wait, 30 s) if longer."""
+        return max(self.settings.max_timeout_seconds, math.ceil(abandoned_after(self.settings)))
+
+    def settle_by(self, hold: Hold) -> float:
+        """Unix time by which a held permit's charge must be sent: its deadline less the receipt wait
+        and the validity margin. A stream still running then is ended (and charged)."""
+        return hold.payment.authorization.deadline - self.settings.receipt_timeout - MIN_VALIDITY_MARGIN
+
+    @property
     def facilitator(self) -> str:
         """The account that settles ``upto`` payments (the 402's ``extra.facilitatorAddress``)."""
         return self.settler.address
@@ -97,7 +111,7 @@ class UptoGate:
             amount=quote.amount,
             asset=s.asset,
             pay_to=s.pay_to,
-            max_timeout_seconds=s.max_timeout_seconds,
+            max_timeout_seconds=self.max_timeout_seconds,
             asset_name=s.asset_name,
             asset_version=s.asset_version,
             scheme="upto",
@@ -143,15 +157,49 @@ class UptoGate:
             if preflight.verdict.reason in UNPAYABLE:
                 raise ApiError(503, preflight.verdict.reason, preflight.verdict.detail, {"Retry-After": "60"})
             raise PaymentRequired(preflight.verdict)
+        self._hold_exposure(key, auth.from_, quote.amount, auth.deadline, preflight.spendable)
         try:
             held = self.ledger.transition(
                 key, (State.CLAIMED,), State.SETTLING, scheme="upto", authorized=str(quote.amount)
             )
         except STORE_ERRORS as exc:
+            self._release_exposure(key, auth.from_)
             raise _ledger_down() from exc
         if not held:
+            self._release_exposure(key, auth.from_)
             raise ApiError(503, "ledger_conflict", "the payment changed state during verification")
         return Hold(quote, key, payment, offline.signature, preflight)
+
+    def _hold_exposure(self, key: str, payer: str, maximum: int, deadline: int, spendable: int) -> None:
+        """Count this call's maximum against what the payer can pay, with its other ``upto`` calls in
+        flight: their sum never exceeds the balance and Permit2 allowance the chain showed, which
+        bounds what a payer who moves its funds during its calls can leave unpaid. Refused: 402
+        ``permit2_insufficient_balance``, the permit released."""
+        try:
+            held, others = self.ledger.hold_exposure(
+                self._exposure_key(payer), key, maximum, deadline, spendable
+            )
+        except STORE_ERRORS as exc:
+            self._move(key, State.CLAIMED, State.RELEASED)
+            raise _ledger_down() from exc
+        if not held:
+            self._move(key, State.CLAIMED, State.RELEASED)
+            raise PaymentRequired(
+                reject(
+                    INSUFFICIENT_BALANCE,
+                    f"the payer's balance and Permit2 allowance ({spendable}) cover its calls in flight "
+                    f"({others}) but not this call's maximum ({maximum}); retry when one ends",
+                )
+            )
+
+    def _release_exposure(self, key: str, payer: str) -> None:
+        try:
+            self.ledger.release_exposure(self._exposure_key(payer), key)
+        except STORE_ERRORS as exc:  # it expires with the permit's deadline
+            log.warning("could not release an upto hold: %s", type(exc).__name__)
+
+    def _exposure_key(self, payer: str) -> str:
+        return exposure_key(self.settings.network.chain_id, self.settings.asset, payer)
 
     def _claim(self, quote: Quote, payment: UptoPayment, key: str) -> Claim:
         auth = payment.authorization
@@ -196,6 +244,7 @@ class UptoGate:
         """The call failed before an answer went out: nothing is charged, and the same header may be
         sent again while the permit lives."""
         self._move(hold.key, State.SETTLING, State.RELEASED)
+        self._release_exposure(hold.key, hold.payer)
         note(outcome="released")
 
     def settle(self, hold: Hold, usage: Usage | None) -> Charge:
@@ -266,6 +315,7 @@ class UptoGate:
             metrics.payment_outcome(State.FAILED, TRANSACTION_FAILED)
         else:
             self._move(hold.key, State.SETTLING, State.RELEASED, tx="")
+        self._release_exposure(hold.key, hold.payer)
         note(outcome=result.outcome, tx=result.tx, charged=result.amount)
 
     def _owe(self, hold: Hold, result: Charge) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import redis
 import requests
 
 from app import create_checked_app
+from app.backends.upstream import abandoned_after
 from app.catalog import load_catalog
 from app.catalog.usage import Usage, charge
 from app.devnet import DevChain, Wallets
@@ -300,3 +303,77 @@ def test_eip2612_gas_sponsoring_lets_a_payer_without_allowance_pay_without_gas(
     assert moved_since(upto_proxy, before) == price == int(settle_response(response)["amount"])
     receipt = chain.rpc.call("eth_getTransactionReceipt", [settle_response(response)["transaction"]])
     assert receipt["from"].lower() == upto_proxy.wallets.relayer.lower()  # the relayer paid the gas
+
+
+def test_calls_in_flight_never_hold_more_than_the_payer_can_pay(
+    upto_proxy: Proxy, standin: StandinModel
+) -> None:
+    """With an allowance of 1.5 maxima, a second call while the first streams is refused (nothing
+    asked of the host); once the first is charged, the next call is served."""
+    chain, payer = upto_proxy.chain, upto_proxy.wallets.payer
+    maximum = int(offered(upto_proxy.post(body=BODY))[1]["amount"])
+    approve_permit2(chain, payer, maximum * 3 // 2)
+    standin.behaviour.chunk_delay = 0.2
+    session = upto_session(upto_proxy.wallets.payer_key)
+    url = upto_proxy.url + "/v1/chat/completions"
+    streamed: list[requests.Response] = []
+    first = threading.Thread(
+        target=lambda: streamed.append(session.post(url, json={**BODY, "stream": True}, timeout=60))
+    )
+    first.start()
+    deadline = time.monotonic() + 10
+    while not standin.received and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    refused = upto_session(upto_proxy.wallets.payer_key).post(url, json=BODY, timeout=60)
+
+    assert refused.status_code == 402
+    assert (
+        json.loads(base64.b64decode(refused.headers["PAYMENT-REQUIRED"]))["error"]
+        == "permit2_insufficient_balance"
+    )
+    assert len(standin.received) == 1
+    first.join()
+    assert streamed[0].status_code == 200
+    standin.behaviour.chunk_delay = 0.0
+    assert upto_session(upto_proxy.wallets.payer_key).post(url, json=BODY, timeout=60).status_code == 200
+
+
+def test_the_upto_permit_lives_as_long_as_a_call_may_hold_it(upto_proxy: Proxy) -> None:
+    exact, upto = offered(upto_proxy.post(body=BODY))
+    settings = upto_proxy.settings
+    assert exact["maxTimeoutSeconds"] == settings.max_timeout_seconds
+    assert upto["maxTimeoutSeconds"] == max(
+        settings.max_timeout_seconds, math.ceil(abandoned_after(settings))
+    )
+
+
+def test_a_stream_that_outlasts_its_permit_is_ended_in_time_and_charged(
+    upto_proxy: Proxy, standin: StandinModel
+) -> None:
+    """A permit signed to end 20 s from now (the client may sign less than the 402 allows): the
+    stream is ended once the remaining time only just covers the settlement, and charged the
+    maximum, since the host's usage had not come yet; the chain took it."""
+    chain, wallets = upto_proxy.chain, upto_proxy.wallets
+    approve_permit2(chain, wallets.payer)
+    standin.behaviour.chunk_delay, standin.behaviour.chunks = 0.5, 40
+    response = upto_proxy.post(body={**BODY, "stream": True})
+    challenge = json.loads(base64.b64decode(response.headers["PAYMENT-REQUIRED"]))
+    header = upto_header(wallets.payer_key, challenge, deadline=int(time.time()) + 20)
+    maximum = int(offered(response)[1]["amount"])
+    before = upto_proxy.balances()
+
+    streamed = requests.post(
+        upto_proxy.url + "/v1/chat/completions",
+        json={**BODY, "stream": True},
+        headers={"PAYMENT-SIGNATURE": header},
+        timeout=60,
+    )
+
+    events = sse_events(streamed.text)
+    assert any('"payment_window_closing"' in event for event in events)
+    assert "data: [DONE]" not in events and "tok39" not in streamed.text
+    (comment,) = [e for e in events if e.startswith(": x402-payment-response ")]
+    settled = json.loads(base64.b64decode(comment.removeprefix(": x402-payment-response ")))
+    assert settled["success"] is True and settled["amount"] == str(maximum)
+    assert moved_since(upto_proxy, before) == maximum

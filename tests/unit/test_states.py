@@ -22,7 +22,8 @@ NOT_STATES = {
     "new",
 }  # fmt: skip
 SCRIPTS = {
-    name: getattr(ledger, name).source for name in ("_CLAIM", "_TRANSITION", "_START", "_RESERVE_NONCE")
+    name: getattr(ledger, name).source
+    for name in ("_CLAIM", "_TRANSITION", "_START", "_RESERVE_NONCE", "_HOLD")
 }
 
 
