@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from app.backends.attestation import Attestor
-from app.backends.chain import Chain, check_startup
+from app.backends.chain import Chain, check_startup, check_upto_contracts
 from app.backends.store import STORE_ERRORS
 from app.backends.upstream import Upstream
 from app.catalog import Catalog, catalog_models
@@ -49,13 +49,15 @@ def build(settings: Settings) -> Services:
 def check(services: Services) -> None:
     """Refuse to serve on a wrong set-up (``SettingsError`` naming the variable to fix): Redis
     answers (every master of a cluster) and its keyspace is current; each RPC is on the right chain
-    and the token's EIP-712 domain is the one configured; a facilitator settles ``exact`` on our
-    network."""
+    and the token's EIP-712 domain is the one configured; with ``upto`` offered, Permit2 and the
+    x402UptoPermit2Proxy have code; a facilitator settles ``exact`` on our network."""
     settings = services.settings
     try:
         check_keyspace(services.ledger.store)
     except STORE_ERRORS as exc:
         raise SettingsError("REDIS_URL", f"Redis does not answer at {settings.redis_url}: {exc}") from None
     check_startup(services.chain, settings)
+    if services.gate.upto is not None:
+        check_upto_contracts(services.chain)
     if isinstance(services.settler, FacilitatorSettler):
         check_facilitator(services.settler, settings)

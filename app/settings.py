@@ -60,7 +60,7 @@ class Settings:
     """Everything the proxy is configured with. Addresses are checksummed, amounts integers."""
 
     pay_to: str
-    relayer_key: str = field(repr=False)
+    relayer_key: str = field(repr=False)  # the first settling key (receipts derive from it)
     redis_url: str
     network: Network = NETWORKS["eip155:8453"]
     rpc_urls: tuple[str, ...] = ("https://mainnet.base.org",)
@@ -88,6 +88,14 @@ class Settings:
     settle_first: bool = False
     redis_cluster: str = "auto"  # REDIS_CLUSTER: auto (ask the node), yes, no
     schemes: tuple[str, ...] = ("exact", "upto")  # X402_SCHEMES: what a call may be paid with
+    # X402_RELAYER_KEYS: every key that settles, in turn (empty: relayer_key alone)
+    relayer_keys: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def settling_keys(self) -> tuple[str, ...]:
+        """The relayer keys that settle payments, 0x-prefixed: ``relayer_keys``, else ``relayer_key``."""
+        return self.relayer_keys or (self.relayer_key,)
+
     # Tests and the devnet pass their own Redis client (fakeredis or a prepared pool).
     redis_client: object | None = field(default=None, repr=False, compare=False)
 
@@ -122,6 +130,10 @@ class Settings:
                 raise SettingsError(
                     "X402_RELAYER_KEY_FILE", f"cannot read {key_file}: {exc.strerror}"
                 ) from None
+        relayer_keys = _relayer_keys(get("X402_RELAYER_KEYS"), get("X402_RELAYER_KEYS_FILE"))
+        if relayer_keys and (relayer_key or key_file):
+            raise SettingsError("X402_RELAYER_KEYS", "set it, or X402_RELAYER_KEY(_FILE), not both")
+        relayer_key = relayer_keys[0] if relayer_keys else relayer_key
         facilitator_url = get("X402_FACILITATOR_URL").rstrip("/")
         if facilitator_url and not facilitator_url.startswith(("http://", "https://")):
             raise SettingsError("X402_FACILITATOR_URL", "must be an http(s) URL")
@@ -183,10 +195,33 @@ class Settings:
             relayer_min_wei=_eth_to_wei("X402_RELAYER_MIN_ETH", get("X402_RELAYER_MIN_ETH", "0.001")),
             log_client_ip=_flag("X402_LOG_CLIENT_IP", get("X402_LOG_CLIENT_IP", "0")),
             metrics_dir=get("PROMETHEUS_MULTIPROC_DIR"),
-            receipt_key=_receipt_key(get("X402_RECEIPT_KEY"), relayer_key, bool(facilitator_url)),
+            receipt_key=_receipt_key(
+                get("X402_RECEIPT_KEY"), relayer_keys or (relayer_key,), bool(facilitator_url)
+            ),
             settle_first=_flag("X402_SETTLE_FIRST", get("X402_SETTLE_FIRST", "0")),
             schemes=schemes,
+            relayer_keys=relayer_keys,
         )
+
+
+def _relayer_keys(listed: str, key_file: str) -> tuple[str, ...]:
+    """X402_RELAYER_KEYS (comma-separated) or X402_RELAYER_KEYS_FILE (one per line): 32-byte hex
+    private keys, each once, 0x-prefixed; () when neither is set."""
+    variable = "X402_RELAYER_KEYS"
+    text = listed
+    if key_file and not listed:
+        variable = "X402_RELAYER_KEYS_FILE"
+        try:
+            text = Path(key_file).read_text().replace("\n", ",")
+        except OSError as exc:
+            raise SettingsError(variable, f"cannot read {key_file}: {exc.strerror}") from None
+    keys = [part.strip() for part in text.split(",") if part.strip()]
+    if not all(KEY_RE.fullmatch(key) for key in keys):
+        raise SettingsError(variable, "32-byte hex private keys of the settling accounts")
+    prefixed = tuple(key if key.startswith("0x") else "0x" + key for key in keys)
+    if len({key.lower() for key in prefixed}) != len(prefixed):
+        raise SettingsError(variable, "a key is listed twice")
+    return prefixed
 
 
 def _schemes(value: str, facilitator_url: str) -> tuple[str, ...]:
@@ -235,19 +270,20 @@ def _number(variable: str, value: str) -> float:
     return number
 
 
-def _receipt_key(configured: str, relayer_key: str, facilitator: bool) -> str:
-    """X402_RECEIPT_KEY, or a key derived from the relayer key (never the relayer key itself).
+def _receipt_key(configured: str, relayer_keys: tuple[str, ...], facilitator: bool) -> str:
+    """X402_RECEIPT_KEY, or a key derived from the first relayer key (never a relayer key itself).
     With a facilitator there is no relayer key to derive from: no receipts unless one is set."""
     from app.payments.receipts import derived_receipt_key
 
+    prefixed = [key if key.startswith("0x") else "0x" + key for key in relayer_keys]
     if configured:
         if not KEY_RE.fullmatch(configured):
             raise SettingsError("X402_RECEIPT_KEY", "must be a 32-byte hex private key")
         key = configured if configured.startswith("0x") else "0x" + configured
-        if key.lower() == (relayer_key if relayer_key.startswith("0x") else "0x" + relayer_key).lower():
-            raise SettingsError("X402_RECEIPT_KEY", "must not be the relayer key")
+        if key.lower() in {relayer.lower() for relayer in prefixed}:
+            raise SettingsError("X402_RECEIPT_KEY", "must not be a relayer key")
         return key
-    return "" if facilitator else derived_receipt_key(relayer_key)
+    return "" if facilitator else derived_receipt_key(prefixed[0])
 
 
 def _eth_to_wei(variable: str, value: str) -> int:

@@ -66,6 +66,10 @@ class ModelSettler:
     """Records every broadcast; the next outcome is chosen by the test."""
 
     address = "0x" + "11" * 20
+    addresses = (address,)
+
+    def pick(self) -> str:
+        return self.address
 
     def __init__(self, chain: ModelChain) -> None:
         self.chain = chain

@@ -191,12 +191,13 @@ def approve_permit2(chain: DevChain, owner: str, amount: int = MAX_UINT) -> None
         chain.rpc.call("anvil_stopImpersonatingAccount", [owner])
 
 
-def upto_session(key: str, rpc: RpcClient | None = None) -> requests.Session:
+def upto_session(key: str, rpc: RpcClient | None = None, wallet: str | None = None) -> requests.Session:
     """A requests session that pays with the official PyPI x402 client, ``upto`` scheme only. With
     ``rpc`` its signer can read the chain, so it signs the EIP-2612 permit the 402's
-    ``eip2612GasSponsoring`` extension offers when the payer has no Permit2 allowance."""
+    ``eip2612GasSponsoring`` extension offers when the payer has no Permit2 allowance; ``wallet``
+    names a contract wallet that ``key`` owns (EIP-1271) as the payer."""
     client = x402ClientSync()
-    signer = RpcSigner(key, rpc) if rpc is not None else EthAccountSigner(Account.from_key(key))
+    signer = RpcSigner(key, rpc, wallet) if rpc is not None else EthAccountSigner(Account.from_key(key))
     client.register("eip155:*", UptoEvmClientScheme(signer))
     return wrapRequestsWithPayment(requests.Session(), client)
 

@@ -416,20 +416,22 @@ class Chain:
             health["error"] = "token_mismatch"
         return health
 
-    def asset_status(self, pay_to: str, relayer: str) -> tuple[bool, bool, int]:
-        """(token paused, payTo blacklisted, relayer ETH balance in wei) in one round trip. A token
-        without ``paused()`` or ``isBlacklisted()`` is neither. Raises ``ChainUnavailable``."""
-        paused, blacklisted, balance = self.rpc.batch(
+    def asset_status(self, pay_to: str, relayers: tuple[str, ...]) -> tuple[bool, bool, list[int]]:
+        """(token paused, payTo blacklisted, each relayer's ETH balance in wei) in one round trip. A
+        token without ``paused()`` or ``isBlacklisted()`` is neither. Raises ``ChainUnavailable``."""
+        paused, blacklisted, *balances = self.rpc.batch(
             [
                 eth_call(self.asset, SEL_PAUSED),
                 eth_call(self.asset, SEL_IS_BLACKLISTED + encode(["address"], [pay_to])),
-                ("eth_getBalance", [relayer, "latest"]),
+                *[("eth_getBalance", [relayer, "latest"]) for relayer in relayers],
             ],
             well_formed=lambda answers: (
-                is_flag_or_refused(answers[0]) and is_flag_or_refused(answers[1]) and is_quantity(answers[2])
+                is_flag_or_refused(answers[0])
+                and is_flag_or_refused(answers[1])
+                and all(is_quantity(answer) for answer in answers[2:])
             ),
         )
-        return word_value(paused) == 1, word_value(blacklisted) == 1, int(balance, 16)
+        return word_value(paused) == 1, word_value(blacklisted) == 1, [int(b, 16) for b in balances]
 
     def token_domain(self) -> tuple[str, str]:
         """The token's EIP-712 domain ``name()`` and ``version()``, from an endpoint whose answers
@@ -439,6 +441,28 @@ class Chain:
             well_formed=lambda answers: all(abi_string(answer) for answer in answers),
         )
         return abi_string(name), abi_string(version)
+
+
+def check_upto_contracts(chain: Chain) -> None:
+    """``upto`` settles through Permit2 and the x402UptoPermit2Proxy at their canonical addresses: both
+    must have code on this chain. Raises ``SettingsError``: X402_SCHEMES when one has none,
+    X402_RPC_URLS when no endpoint answers."""
+    try:
+        codes = chain.rpc.batch(
+            [("eth_getCode", [address, "latest"]) for address in (PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS)],
+            well_formed=lambda answers: all(is_data(answer) for answer in answers),
+        )
+    except ChainUnavailable:
+        raise SettingsError("X402_RPC_URLS", "no RPC endpoint answers eth_getCode") from None
+    for name, address, code in zip(
+        ("Permit2", "x402UptoPermit2Proxy"), (PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS), codes, strict=True
+    ):
+        if code in ("0x", "0x0", ""):
+            raise SettingsError(
+                "X402_SCHEMES",
+                f"no {name} at {address} on {chain.settings.network.caip2}: upto cannot settle here "
+                "(set X402_SCHEMES=exact)",
+            )
 
 
 def check_startup(chain: Chain, settings: Settings) -> None:

@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconcile.add_argument("--since", default="24h", help="window, e.g. 30m, 24h, 7d (default 24h)")
     revenue = sub.add_parser("revenue", help="settled revenue from the ledger")
-    revenue.add_argument("--by", choices=("model", "day", "payer"), default="model")
+    revenue.add_argument("--by", choices=("model", "day", "payer", "scheme"), default="model")
     revenue.add_argument("--since", default="30d")
     revenue.add_argument("--csv", action="store_true")
     verify = sub.add_parser("verify-receipt", help="check an X-Receipt against saved request/response bodies")

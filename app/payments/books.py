@@ -23,9 +23,16 @@ import redis
 from app.amounts import amount_text
 from app.backends.chain import Chain
 from app.backends.rpc import ChainUnavailable, RpcFailure
-from app.backends.token import transfer_logged
+from app.backends.token import ReceiptContradiction, pulled_logged, transfer_logged
 from app.backends.upstream import abandoned_after
-from app.payments.keys import LEDGER_STREAM, PAYMENT_KEY_RE, PAYMENT_KEYS
+from app.payments.keys import (
+    LEDGER_STREAM,
+    PAYMENT_KEY_RE,
+    PAYMENT_KEYS,
+    PERMIT_KEY_RE,
+    PERMIT_KEYS,
+    debt_key,
+)
 from app.payments.ledger import STALE_SETTLED, Ledger, text_of
 from app.payments.states import OPEN, State
 from app.settings import Settings
@@ -111,11 +118,78 @@ def reconcile(ledger: Ledger, chain: Chain, settings: Settings, since_seconds: i
             findings.append(Finding(key, state, tx, f"chain unavailable: {type(exc).__name__}"))
             continue
         findings += _checked(ledger, key, state, tx, age, settled_by, receipt is not None)
+    findings += _reconcile_upto(ledger, chain, settings, cutoff, skipped)
     findings += [
         Finding(master, "", "", "Redis master did not answer: its payments were not checked")
-        for master in skipped
+        for master in sorted(set(skipped))
     ]
     return findings
+
+
+def _reconcile_upto(
+    ledger: Ledger, chain: Chain, settings: Settings, cutoff: float, skipped: list[str]
+) -> list[Finding]:
+    """The ``upto`` permits: a served one (within the window) must show ``Transfer(payer, payTo,
+    amount charged)``; a pending one becomes served (the chain shows the charge) or owed (it
+    reverted: its answer went out, so the payer owes it and is refused until it is collected); one
+    held past any call's length is released when nothing moved, a problem when its charge moved
+    (whether its answer went out is unknown); an owed one is listed."""
+    findings = []
+    for key in ledger.store.scan(PERMIT_KEYS, skipped=skipped):
+        record = ledger.get(key)
+        state, tx, amount = record.get("state", ""), record.get("tx", ""), record.get("amount", "")
+        age = time.time() - float(record.get("updated") or 0)
+        match = PERMIT_KEY_RE.match(key)
+        if not match or not amount.isdigit():
+            findings.append(Finding(key, state, tx, "malformed payment record"))
+            continue
+        if state == State.OWED:
+            findings.append(
+                Finding(key, state, tx, "", open=f"owed {amount} atomic units by {match.group(3)}")
+            )
+            continue
+        held_too_long = state == State.SETTLING and age > abandoned_after(settings)
+        checked = state == State.SERVED and time.time() - age >= cutoff and (tx or amount != "0")
+        if not (checked or state == State.PENDING or held_too_long):
+            continue
+        try:
+            receipt = chain.receipt(tx) if tx else None
+        except (ChainUnavailable, RpcFailure) as exc:
+            findings.append(Finding(key, state, tx, f"chain unavailable: {type(exc).__name__}"))
+            continue
+        try:
+            moved = receipt is not None and pulled_logged(
+                receipt, chain.asset, match.group(3), settings.pay_to, int(amount)
+            )
+        except ReceiptContradiction:  # mined, but moved something else than the recorded charge
+            findings.append(Finding(key, state, tx, "no matching Transfer on chain for the charge"))
+            continue
+        if state == State.SERVED:
+            findings.append(
+                Finding(key, state, tx, "" if moved else "no matching Transfer on chain for the charge")
+            )
+        elif state == State.PENDING and moved:
+            findings += _resolve(ledger, key, state, State.SERVED, tx)
+        elif state == State.PENDING and receipt is not None:
+            debt = debt_key(settings.network.chain_id, settings.asset, match.group(3))
+            calldata = bytes.fromhex(record.get("calldata", ""))
+            ledger.record_debt(debt, key, int(amount), record.get("relayer", ""), calldata)
+            findings += _resolve(ledger, key, state, State.OWED, tx)
+        elif state == State.PENDING:
+            findings.append(Finding(key, state, tx, "", open="no receipt on chain yet"))
+        elif moved:
+            findings.append(
+                Finding(key, state, tx, f"charged {amount}; whether its answer went out is unknown")
+            )
+        else:
+            findings += _resolve(ledger, key, state, State.RELEASED, tx)
+    return findings
+
+
+def _resolve(ledger: Ledger, key: str, state: str, to: str, tx: str) -> list[Finding]:
+    if ledger.transition(key, (state,), to, tx=tx):
+        return [Finding(key, state, tx, "", resolved=to)]
+    return []  # it moved meanwhile: the proxy got there first
 
 
 def _checked(
@@ -124,9 +198,7 @@ def _checked(
     """What one payment's chain state says of its record, resolving the open states."""
 
     def resolve(to: str, by: str) -> list[Finding]:
-        if ledger.transition(key, (state,), to, tx=by):
-            return [Finding(key, state, by, "", resolved=to)]
-        return []  # it moved meanwhile: the proxy got there first
+        return _resolve(ledger, key, state, to, by)
 
     if state in OPEN:
         if settled_by is not None:
@@ -165,7 +237,8 @@ def render_findings(findings: list[Finding]) -> str:
 
 
 def revenue(ledger: Ledger, since_seconds: int, by: str) -> dict[str, int]:
-    """Settled amounts (atomic units) grouped by model, day (UTC) or payer, from the ledger stream.
+    """Settled amounts (atomic units) grouped by model, day (UTC), payer or scheme, from the ledger
+    stream (for ``upto``, what was charged, not the maximum authorized).
 
     On a cluster the events still in outboxes are moved into the stream first; ``RevenueIncomplete``
     is raised when some cannot be (a master is down), rather than a total that is short. An event
@@ -183,7 +256,10 @@ def revenue(ledger: Ledger, since_seconds: int, by: str) -> dict[str, int]:
         at = int(entry.get("at") or int(text_of(entry_id).split("-")[0]) // 1000)  # older events: no "at"
         if at < since:
             continue
-        group = time.strftime("%Y-%m-%d", time.gmtime(at)) if by == "day" else entry.get(by, "")
+        if by == "day":
+            group = time.strftime("%Y-%m-%d", time.gmtime(at))
+        else:  # an exact event has no scheme field; an upto event's amount is what was charged
+            group = entry.get(by, "exact" if by == "scheme" else "")
         totals[group] += int(entry["amount"])
     return dict(sorted(totals.items()))
 

@@ -97,10 +97,13 @@ class Gate:
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
         self._inflight = 0  # settlements submitted and not finished, in this process
-        self._challenges: dict[tuple[str, int, str, str], tuple[bytes, dict[str, str]]] = {}
+        self._challenges: dict[tuple[str, int, str, str, str], tuple[bytes, dict[str, str]]] = {}
         # the upto scheme needs our own relayer: it is the settling account the permit names
-        offer_upto = "upto" in settings.schemes and isinstance(settler, LocalSettler)
-        self.upto = UptoGate(settings, ledger, chain, settler) if offer_upto else None
+        self.upto = (
+            UptoGate(settings, ledger, chain, settler)
+            if "upto" in settings.schemes and isinstance(settler, LocalSettler)
+            else None
+        )
         # the longest a request can legitimately keep a payment "settling" (receipt + model call)
         self._settling_limit = abandoned_after(settings)
 
@@ -126,12 +129,12 @@ class Gate:
             asset_version=s.asset_version,
         )
 
-    def requirements(self, quote: Quote) -> list[Requirement]:
+    def requirements(self, quote: Quote, facilitator: str) -> list[Requirement]:
         """What this call may be paid with, in the 402's order: ``exact`` first (clients that take the
-        first entry), then ``upto`` (``X402_SCHEMES``)."""
+        first entry), then ``upto`` settled by ``facilitator`` (``X402_SCHEMES``)."""
         offered = [self.requirement(quote)] if "exact" in self.settings.schemes else []
         if self.upto is not None:
-            offered.append(self.upto.requirement(quote))
+            offered.append(self.upto.requirement(quote, facilitator))
         return offered
 
     def challenge(
@@ -143,14 +146,16 @@ class Gate:
         extensions: dict[str, Any] | None = None,
     ) -> Answer:
         """The 402: v1 body + v2 ``PAYMENT-REQUIRED`` header for this body's price."""
-        key = (quote.model.name, quote.amount, resource_url, reason)
+        # each 402 names the next relayer: upto permits bind the account that settles them
+        facilitator = self.upto.settler.pick() if self.upto is not None else ""
+        key = (quote.model.name, quote.amount, resource_url, reason, facilitator)
         built = self._challenges.get(key)
         if built is None:  # the same body, URL and reason always give the same 402
             if self.upto is not None:
                 extensions = {**(extensions or {}), EIP2612_GAS_SPONSORING: eip2612_declaration()}
             description = f"{quote.model.name} call ({'TEE' if quote.model.tee else 'non-TEE'})"
             challenge = build_challenge(
-                self.requirements(quote), Resource(resource_url, description), reason, extensions
+                self.requirements(quote, facilitator), Resource(resource_url, description), reason, extensions
             )
             built = (json.dumps(challenge.body, separators=(",", ":")).encode(), challenge.headers())
             if len(self._challenges) >= CHALLENGE_CACHE_SIZE:
@@ -196,7 +201,8 @@ class Gate:
             )
         if claim.outcome == "taken":
             return Ticket(paid=self._already_claimed(quote, offer.payment, key, claim, version))
-        preflight = self._preflight(auth, offer.offline.signature, offer.offline.ecdsa_signer, key)
+        relayer = self.settler.pick()
+        preflight = self._preflight(auth, offer.offline.signature, offer.offline.ecdsa_signer, key, relayer)
         if preflight is None:  # already used on chain, and it paid us: settled under our claim
             self._confirmed(quote)
             tx = self.ledger.get(key).get("tx", "")
@@ -204,7 +210,7 @@ class Gate:
                 paid=Paid(quote, key, auth.from_, tx, self.settle_header(version, True, tx, auth.from_))
             )
         future = self._executor().submit(
-            self._settle, quote, offer.payment, offer.requirement, preflight, key, version
+            self._settle, quote, offer.payment, offer.requirement, preflight, key, version, relayer
         )
         with self._pool_lock:
             self._inflight += 1
@@ -271,12 +277,12 @@ class Gate:
             self._inflight -= 1
 
     def _preflight(
-        self, auth: Authorization, signature: bytes, ecdsa_signer: bool, key: str
+        self, auth: Authorization, signature: bytes, ecdsa_signer: bool, key: str, relayer: str
     ) -> Preflight | None:
         """Chain checks under our claim. Returns None when the authorization was already submitted by
         someone else and moved the money to us (the claim is then marked settled with their tx)."""
         try:
-            preflight = self.chain.preflight(auth, signature, ecdsa_signer, self.settler.address)
+            preflight = self.chain.preflight(auth, signature, ecdsa_signer, relayer)
             used_by = self.chain.find_settlement(auth) if preflight.verdict.reason == NONCE_USED else None
         except (ChainUnavailable, RpcFailure) as exc:
             self._forget_or_keep(key, sent=False)
@@ -300,8 +306,10 @@ class Gate:
         preflight: Preflight,
         key: str,
         version: int,
+        relayer: str,
     ) -> Paid:
-        """Send and confirm the settlement (runs in the settlement pool, beside the model call)."""
+        """Send and confirm the settlement from ``relayer`` (runs in the settlement pool, beside the
+        model call)."""
         auth = payment.authorization
         sent = False
 
@@ -319,7 +327,8 @@ class Gate:
 
         started = time.perf_counter()
         try:
-            settlement = self.settler.settle(SettlementJob(payment, requirement, preflight, start, replaced))
+            job = SettlementJob(payment, requirement, preflight, start, replaced, relayer)
+            settlement = self.settler.settle(job)
         except ApiError:
             raise
         except ChainUnavailable as exc:

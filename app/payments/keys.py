@@ -33,6 +33,8 @@ DRAINED_KEY = "x402:{ledger}:drained"  # hash: outbox key → id of the last ent
 SHARDS = 256
 SLOTS_PER_SHARD = REDIS_CLUSTER_HASH_SLOTS // SHARDS  # 64
 PAYMENT_KEYS = "x402:{p*}:auth:*"  # SCAN pattern of every payment
+PERMIT_KEYS = "x402:{p*}:permit2:*"  # SCAN pattern of every upto permit
+PERMIT_KEY_RE = re.compile(r"^x402:\{p[0-9]+\}:permit2:([0-9]+):(0x[0-9a-f]{40}):(0x[0-9a-f]{40}):([0-9]+)$")
 PAYMENT_KEY_RE = re.compile(
     r"^x402:\{p[0-9]+\}:auth:([0-9]+):(0x[0-9a-f]{40}):(0x[0-9a-f]{40}):0x([0-9a-f]{64})$"
 )

@@ -206,11 +206,12 @@ class Claim:
 
 @dataclass(frozen=True)
 class Debt:
-    """An unpaid ``upto`` charge: the permit's key, the amount (atomic units) and the settle calldata
-    that collects it while the permit lives."""
+    """An unpaid ``upto`` charge: the permit's key, the amount (atomic units), the relayer the
+    permit names and the settle calldata that collects it while the permit lives."""
 
     key: str
     amount: int
+    relayer: str
     calldata: bytes
 
 
@@ -324,12 +325,13 @@ class Ledger:
         """The call of permit ``key`` is over: it no longer counts against the payer."""
         self.redis.hdel(exposure, key)
 
-    def record_debt(self, debt: str, key: str, amount: int, calldata: bytes) -> None:
+    def record_debt(self, debt: str, key: str, amount: int, relayer: str, calldata: bytes) -> None:
         """Record that the permit ``key`` owes ``amount`` (atomic units) in the payer's debt hash
-        ``debt`` (``keys.debt_key``), with the settle ``calldata`` that collects it. Kept for
-        ``RETENTION_SECONDS`` after the last debt. Raises ``redis.RedisError``."""
+        ``debt`` (``keys.debt_key``), with the settle ``calldata`` that collects it and the
+        ``relayer`` it names. Kept for ``RETENTION_SECONDS`` after the last debt. Raises
+        ``redis.RedisError``."""
         pipeline = self.redis.pipeline(transaction=False)
-        pipeline.hset(debt, key, f"{amount}:{calldata.hex()}")
+        pipeline.hset(debt, key, f"{amount}:{relayer}:{calldata.hex()}")
         pipeline.expire(debt, RETENTION_SECONDS)
         pipeline.execute()
 
@@ -337,8 +339,8 @@ class Ledger:
         """The unpaid charges in the payer's debt hash ``debt``. Raises ``redis.RedisError``."""
         owed = []
         for key, value in self.redis.hgetall(debt).items():
-            amount, _, calldata = text_of(value).partition(":")
-            owed.append(Debt(text_of(key), int(amount), bytes.fromhex(calldata)))
+            amount, relayer, calldata = text_of(value).split(":")
+            owed.append(Debt(text_of(key), int(amount), relayer, bytes.fromhex(calldata)))
         return owed
 
     def clear_debt(self, debt: str, key: str) -> None:

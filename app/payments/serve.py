@@ -370,7 +370,9 @@ def _relay_upto(
         else (SETTLEMENT_PENDING if result.outcome == PENDING else TRANSACTION_FAILED)
     )
     _name, value = upto.response_header(result, hold.payer, reason)
-    yield PAYMENT_RESPONSE_PREFIX + value.encode() + b"\n\n"
+    settled = PAYMENT_RESPONSE_PREFIX + value.encode() + b"\n\n"
+    digest.update(settled)  # the receipt covers every byte before it
+    yield settled
     key = gate.settings.receipt_key
     if key:
         receipt = _upto_receipt(gate, call, hold, result, digest.hexdigest()).signed(key)

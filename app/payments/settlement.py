@@ -11,6 +11,7 @@ counter shared by every worker and host.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 import requests
 from eth_account import Account
+from eth_account.signers.local import LocalAccount
 
 from app.backends.chain import Chain, Preflight
 from app.backends.http import Sessions
@@ -140,6 +142,7 @@ class SettlementJob:
     preflight: Preflight
     start: StartSettling
     on_replaced: RecordReplacement
+    relayer: str = ""  # the settling account the preflight simulated from (``Settler.pick``)
 
 
 class Settler(Protocol):
@@ -147,6 +150,11 @@ class Settler(Protocol):
     pre-settlement simulation runs from."""
 
     address: str
+    addresses: tuple[str, ...]  # every account that may settle (or simulate)
+
+    def pick(self) -> str:
+        """The account to simulate and settle the next payment from (relayer keys in turn)."""
+        ...
 
     def settle(self, job: SettlementJob) -> Settlement:
         """Submit the job's payment and confirm it on chain: a ``Settlement`` (settled, failed, pending
@@ -155,29 +163,45 @@ class Settler(Protocol):
 
 
 class LocalSettler:
-    """Settles with our own relayer key (``X402_RELAYER_KEY``)."""
+    """Settles with our own relayer keys (``X402_RELAYER_KEYS``, or ``X402_RELAYER_KEY``), taken in
+    turn; each keeps its own account nonce counter in Redis."""
 
     def __init__(self, settings: Settings, chain: Chain, ledger: Ledger) -> None:
         self.settings = settings
         self.chain = chain
         self.ledger = ledger
-        self.account = Account.from_key(settings.relayer_key)
-        self.address = str(self.account.address)
+        accounts = [Account.from_key(key) for key in settings.settling_keys]
+        self.accounts = {str(account.address): account for account in accounts}
+        self.addresses = tuple(self.accounts)
+        self.address = self.addresses[0]
+        self._turn = itertools.count()
+
+    def pick(self) -> str:
+        """The relayer whose turn it is (round robin in this process; ``next`` on a count is atomic
+        under the GIL)."""
+        return self.addresses[next(self._turn) % len(self.addresses)]
+
+    def owns(self, address: str) -> str | None:
+        """The checksummed relayer address equal to ``address`` (any case), or None."""
+        return next((ours for ours in self.addresses if ours.lower() == address.lower()), None)
 
     def settle(self, job: SettlementJob) -> Settlement:
         """Send the settlement and wait for it, replacing it with higher fees if it is stuck."""
         auth = job.payment.authorization
         chain_id = self.settings.network.chain_id
+        relayer = job.relayer or self.address
         return self.send(
+            relayer,
             self.chain.asset,
             job.preflight,
-            lambda: job.start((chain_id, self.address, job.preflight.relayer_nonce)),
+            lambda: job.start((chain_id, relayer, job.preflight.relayer_nonce)),
             exact_proof(self.chain, auth),
             job.on_replaced,
         )
 
     def send(
         self,
+        relayer: str,
         to: str,
         preflight: Preflight,
         reserve_nonce: Callable[[], int],
@@ -185,9 +209,9 @@ class LocalSettler:
         on_replaced: RecordReplacement,
         calldata: bytes | None = None,
     ) -> Settlement:
-        """Send ``calldata`` (default: the preflight's) to ``to`` from the relayer with the account
-        nonce ``reserve_nonce()`` gives, at the preflight's fees (gas = estimate × 1.25 + 10 000), and
-        wait until ``proof`` decides it."""
+        """Send ``calldata`` (default: the preflight's) to ``to`` from ``relayer`` (one of
+        ``addresses``) with the account nonce ``reserve_nonce()`` gives, at the preflight's fees
+        (gas = estimate × 1.25 + 10 000), and wait until ``proof`` decides it."""
         chain_id = self.settings.network.chain_id
         nonce = reserve_nonce()
         priority = max(preflight.priority_fee, MIN_PRIORITY_FEE)
@@ -202,28 +226,30 @@ class LocalSettler:
             "maxPriorityFeePerGas": priority,
             "maxFeePerGas": preflight.gas_price * 2 + priority,
         }
-        sent = self._sign_and_send(transaction, None)
+        account = self.accounts[relayer]
+        sent = self._sign_and_send(account, transaction, None)
         if isinstance(sent, Settlement):
             return sent
-        return self.wait(proof, transaction, [sent], on_replaced)
+        return self.wait(account, proof, transaction, [sent], on_replaced)
 
     def _sign_and_send(
-        self, transaction: dict[str, Any], before_send: RecordReplacement | None
+        self, account: LocalAccount, transaction: dict[str, Any], before_send: RecordReplacement | None
     ) -> str | Settlement:
         """The tx hash once a node has it or may have it (then it is waited for and resolved from
         chain state, never signed again); a ``Settlement`` when no endpoint can have it."""
-        signed = self.account.sign_transaction(transaction)
+        signed = account.sign_transaction(transaction)
         tx_hash = "0x" + bytes(signed.hash).hex()
         if before_send is not None:
             before_send(tx_hash)
         sent = self.chain.broadcast(bytes(signed.raw_transaction))
         if not sent.maybe_sent:
-            self._resync_nonce()
+            self._resync_nonce(str(account.address))
             return Settlement(NOT_SENT, tx_hash, f"the node refused the settlement: {sent.refusal[:120]}")
         return tx_hash
 
     def wait(
         self,
+        account: LocalAccount,
         proof: Proof,
         transaction: dict[str, Any],
         hashes: list[str],
@@ -238,19 +264,19 @@ class LocalSettler:
             nonlocal transaction, bump_at
             if now >= bump_at and len(hashes) <= MAX_FEE_BUMPS:
                 transaction = bumped_fees(transaction)
-                replacement = self._sign_and_send(transaction, on_replaced)
+                replacement = self._sign_and_send(account, transaction, on_replaced)
                 if isinstance(replacement, str):
                     hashes.append(replacement)
                 bump_at = now + self.settings.fee_bump_after
 
         return confirm(self.chain, proof, hashes, self.settings.receipt_timeout, bump_if_stuck)
 
-    def _resync_nonce(self) -> None:
+    def _resync_nonce(self, relayer: str) -> None:
         try:
-            pending = self.chain.pending_nonce(self.address)
+            pending = self.chain.pending_nonce(relayer)
         except Exception:
             return
-        self.ledger.resync_relayer_nonce(self.settings.network.chain_id, self.address, pending)
+        self.ledger.resync_relayer_nonce(self.settings.network.chain_id, relayer, pending)
 
 
 class FacilitatorSettler:
@@ -270,7 +296,12 @@ class FacilitatorSettler:
         self.chain = chain
         self.url = settings.facilitator_url
         self.address = settings.pay_to  # simulations run from the payee; the facilitator pays the gas
+        self.addresses = (self.address,)
         self._sessions = Sessions()  # made in each worker, never the gunicorn master's connections
+
+    def pick(self) -> str:
+        """The payee: simulations run from it (the facilitator's own account sends)."""
+        return self.address
 
     def supported(self) -> list[dict[str, Any]]:
         """The ``kinds`` the facilitator's ``GET /supported`` lists (objects such as ``{"scheme",

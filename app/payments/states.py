@@ -30,7 +30,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
         {S.SETTLING, S.SETTLED, S.SERVED, S.REDEEMABLE, S.PENDING, S.FAILED, S.RELEASED, S.OWED}
     ),
     S.SETTLED: frozenset({S.SETTLED, S.SERVED, S.REDEEMABLE}),
-    S.PENDING: frozenset({S.SETTLED, S.REDEEMABLE, S.FAILED}),
+    S.PENDING: frozenset({S.SETTLED, S.REDEEMABLE, S.FAILED, S.SERVED, S.OWED}),  # upto: answered already
     S.FAILED: frozenset({S.CLAIMED, S.REDEEMABLE}),
     S.REDEEMABLE: frozenset({S.SETTLED}),
     S.RELEASED: frozenset({S.CLAIMED}),

@@ -57,6 +57,7 @@ class Hold:
     payment: UptoPayment
     signature: bytes
     preflight: Preflight
+    relayer: str  # the settling account the permit names (checksummed)
 
     @property
     def payer(self) -> str:
@@ -97,14 +98,9 @@ class UptoGate:
         and the validity margin. A stream still running then is ended (and charged)."""
         return hold.payment.authorization.deadline - self.settings.receipt_timeout - MIN_VALIDITY_MARGIN
 
-    @property
-    def facilitator(self) -> str:
-        """The account that settles ``upto`` payments (the 402's ``extra.facilitatorAddress``)."""
-        return self.settler.address
-
-    def requirement(self, quote: Quote) -> Requirement:
+    def requirement(self, quote: Quote, facilitator: str) -> Requirement:
         """Our ``upto`` requirement for this quote: at most its price (atomic units), to ``pay_to``,
-        settled by ``facilitator``."""
+        settled by ``facilitator`` (one of our relayers: the 402s name them in turn)."""
         s = self.settings
         return Requirement(
             network=s.network.caip2,
@@ -115,7 +111,7 @@ class UptoGate:
             asset_name=s.asset_name,
             asset_version=s.asset_version,
             scheme="upto",
-            facilitator=self.facilitator,
+            facilitator=facilitator,
         )
 
     def response_header(self, charge: Charge, payer: str, reason: str = "") -> tuple[str, str]:
@@ -129,8 +125,11 @@ class UptoGate:
     def begin(self, quote: Quote, payment: UptoPayment) -> Hold:
         """Verify and hold the permit for this call. Raises ``PaymentRequired`` (402 with the reason
         code) or ``ApiError`` (503: Redis or RPC trouble, a payment in progress)."""
-        requirement = self.requirement(quote)
-        refusal = match_requirement(payment, requirement)
+        extra = payment.accepted.get("extra")
+        named = extra.get("facilitatorAddress") if isinstance(extra, dict) else None
+        relayer = self.settler.owns(named) if isinstance(named, str) else None
+        requirement = self.requirement(quote, relayer or self.settler.address)
+        refusal = match_requirement(payment, requirement)  # another facilitatorAddress fails here
         if not refusal:
             raise PaymentRequired(refusal)
         offline = check_permit(payment, requirement, int(time.time()))
@@ -145,7 +144,7 @@ class UptoGate:
             raise self._taken(claim)
         try:
             preflight = self.chain.upto_preflight(
-                payment, offline.signature, offline.ecdsa_signer, self.facilitator
+                payment, offline.signature, offline.ecdsa_signer, requirement.facilitator
             )
         except (ChainUnavailable, RpcFailure) as exc:
             self._move(key, State.CLAIMED, State.RELEASED)
@@ -168,7 +167,7 @@ class UptoGate:
         if not held:
             self._release_exposure(key, auth.from_)
             raise ApiError(503, "ledger_conflict", "the payment changed state during verification")
-        return Hold(quote, key, payment, offline.signature, preflight)
+        return Hold(quote, key, payment, offline.signature, preflight, requirement.facilitator)
 
     def _hold_exposure(self, key: str, payer: str, maximum: int, deadline: int, spendable: int) -> None:
         """Count this call's maximum against what the payer can pay, with its other ``upto`` calls in
@@ -256,11 +255,18 @@ class UptoGate:
             return Charge(SETTLED, 0, "", usage)
         auth = hold.payment.authorization
         calldata = settle_calldata(auth, amount, hold.signature, hold.payment.permit2612)
-        settlement = self._send(calldata, hold.preflight, hold.key, auth.from_, auth.to, amount)
+        settlement = self._send(hold.relayer, calldata, hold.preflight, hold.key, auth.from_, auth.to, amount)
         return Charge(settlement.outcome, amount, settlement.tx_hash, usage, calldata)
 
     def _send(
-        self, calldata: bytes, preflight: Preflight, key: str, payer: str, pay_to: str, amount: int
+        self,
+        relayer: str,
+        calldata: bytes,
+        preflight: Preflight,
+        key: str,
+        payer: str,
+        pay_to: str,
+        amount: int,
     ) -> Settlement:
         chain_id = self.settings.network.chain_id
         proof = Proof(
@@ -274,11 +280,10 @@ class UptoGate:
         started = time.perf_counter()
         try:
             settlement = self.settler.send(
+                relayer,
                 UPTO_PROXY_ADDRESS,
                 preflight,
-                lambda: self.ledger.reserve_relayer_nonce(
-                    chain_id, self.facilitator, preflight.relayer_nonce
-                ),
+                lambda: self.ledger.reserve_relayer_nonce(chain_id, relayer, preflight.relayer_nonce),
                 proof,
                 record_tx,
                 calldata,
@@ -305,8 +310,14 @@ class UptoGate:
             metrics.UPTO_AUTHORIZED.labels(model).inc(hold.quote.amount)
             metrics.UPTO_CHARGED.labels(model).inc(result.amount)
             metrics.payment_outcome(State.SERVED)
-        elif result.outcome == PENDING:
-            self._move(hold.key, State.SETTLING, State.PENDING, tx=result.tx, amount=amount)
+        elif result.outcome == PENDING:  # what collects it if it reverts: for `reconcile`
+            fields = {
+                "tx": result.tx,
+                "amount": amount,
+                "relayer": hold.relayer,
+                "calldata": result.calldata.hex(),
+            }
+            self._move(hold.key, State.SETTLING, State.PENDING, **fields)
             metrics.payment_outcome(State.PENDING, SETTLEMENT_PENDING)
         elif answered:
             self._owe(hold, result)
@@ -323,7 +334,9 @@ class UptoGate:
         until it is collected."""
         payer = hold.payer
         try:
-            self.ledger.record_debt(self._debt_key(payer), hold.key, result.amount, result.calldata)
+            self.ledger.record_debt(
+                self._debt_key(payer), hold.key, result.amount, hold.relayer, result.calldata
+            )
         except STORE_ERRORS as exc:
             log.error("could not record an upto debt: %s", type(exc).__name__)
         self._move(hold.key, State.SETTLING, State.OWED, tx=result.tx, amount=str(result.amount))
@@ -343,8 +356,11 @@ class UptoGate:
             raise _ledger_down() from exc
         owed = 0
         for debt in debts:
+            if self.settler.owns(debt.relayer) is None:  # a relayer key no longer configured
+                owed += debt.amount
+                continue
             try:
-                preflight = self.chain.send_preflight(UPTO_PROXY_ADDRESS, debt.calldata, self.facilitator)
+                preflight = self.chain.send_preflight(UPTO_PROXY_ADDRESS, debt.calldata, debt.relayer)
             except ChainUnavailable as exc:
                 raise ApiError(
                     503,
@@ -355,7 +371,7 @@ class UptoGate:
             settled = False
             if preflight.verdict:
                 settlement = self._send(
-                    debt.calldata, preflight, debt.key, payer, self.settings.pay_to, debt.amount
+                    debt.relayer, debt.calldata, preflight, debt.key, payer, self.settings.pay_to, debt.amount
                 )
                 settled = settlement.outcome == SETTLED
                 if settled:

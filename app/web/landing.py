@@ -180,8 +180,16 @@ def render(settings: Settings, models: list[Model], base_url: str) -> str:
         token_rule = (
             " Input tokens are counted as the UTF-8 bytes of every text the model reads (tools"
             " included: an upper bound for any byte-level tokenizer) plus the chat template's tokens,"
-            " and the requested <code>max_tokens</code> is charged for each of the <code>n</code>"
-            " answers, whether or not it is used."
+            " and, paid with <code>exact</code>, the requested <code>max_tokens</code> is charged for"
+            " each of the <code>n</code> answers, whether or not it is used."
+        )
+    upto_rule = ""
+    if "upto" in settings.schemes and not settings.facilitator_url:
+        upto_rule = (
+            " Or pay with the <code>upto</code> scheme: sign a Permit2 permit for that amount as a"
+            " maximum, and the proxy charges only what the model reports it used (the wallet approves"
+            " Permit2 once, or adds an EIP-2612 permit to its payment); a streamed answer is charged"
+            " at its end."
         )
     chain = escape(NETWORK_NAMES.get(settings.network.v1_name, settings.network.v1_name))
     return f"""<!doctype html>
@@ -213,7 +221,7 @@ Machine-readable: <a href="/v1/models">/v1/models</a>.</p>
 <p>Send an ordinary OpenAI request to <code>{escape(base_url)}/v1/chat/completions</code> (or
 <code>/v1/completions</code>). The proxy answers <code>402 Payment Required</code> with the price; an
 x402 client signs a USDC transfer authorization (EIP-3009) for exactly that amount and sends the
-request again. Your wallet needs USDC only: the proxy pays the gas.</p>
+request again. Your wallet needs USDC only: the proxy pays the gas.{upto_rule}</p>
 <h3>Python, with the official x402 client</h3>
 <pre><code>{escape(python_snippet(base_url, example))}</code></pre>
 <h3>Command line, with this project's <code>x402-proxy</code></h3>

@@ -62,8 +62,8 @@ def _redis(settings: Settings) -> dict[str, Any]:
     """Redis answers for every slot the payment path writes (on a cluster: each master holding one
     answers, and the cluster says its state is ok), and the keyspace is this code's version."""
     store = services().ledger.store
-    relayer = relayer_nonce_key(settings.network.chain_id, services().settler.address)
-    coverage = store.coverage((*used_keys(), relayer))
+    counters = [relayer_nonce_key(settings.network.chain_id, a) for a in services().settler.addresses]
+    coverage = store.coverage((*used_keys(), *counters))
     try:
         version = keyspace_version(store.client)
     except STORE_ERRORS:  # the master of the keyspace key is down: reported in the coverage
@@ -93,15 +93,19 @@ def _rpc(url: str) -> dict[str, Any]:
 
 
 def _asset(settings: Settings) -> dict[str, Any]:
-    paused, blacklisted, balance = services().chain.asset_status(settings.pay_to, services().settler.address)
+    relayers = services().settler.addresses
+    paused, blacklisted, balances = services().chain.asset_status(settings.pay_to, relayers)
     result: dict[str, Any] = {
         "ok": not paused and not blacklisted,
         "paused": paused,
         "pay_to_blacklisted": blacklisted,
     }
     if not settings.facilitator_url:
+        balance = min(balances)  # the relayer that runs out first
         metrics.RELAYER_BALANCE.set(balance)
         result["relayer_balance_wei"] = balance
+        if len(relayers) > 1:
+            result["relayer_balances_wei"] = dict(zip(relayers, balances, strict=True))
         result["relayer_ok"] = balance >= settings.relayer_min_wei
         result["ok"] = result["ok"] and result["relayer_ok"]
     return result

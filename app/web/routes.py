@@ -263,10 +263,14 @@ def well_known() -> Response:
         for m in listed
     ]
     receipt_address = str(Account.from_key(settings.receipt_key).address) if settings.receipt_key else None
+    upto = services().gate.upto
     return jsonify(
         {
             "x402Version": 2,
-            "scheme": "exact",
+            "scheme": "exact" if "exact" in settings.schemes else "upto",
+            "schemes": list(settings.schemes),
+            # upto: the relayers a permit may name as facilitator (each 402 names one, in turn)
+            "facilitatorAddresses": list(upto.settler.addresses) if upto is not None else [],
             "network": settings.network.caip2,
             "asset": settings.asset,
             "extra": {"name": settings.asset_name, "version": settings.asset_version},

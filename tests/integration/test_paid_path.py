@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import pytest
 import requests
 
+from app.backends.upstream import abandoned_after
 from app.catalog import load_catalog, quote_for
 from app.payments.keys import LEDGER_STREAM, PAYMENT_KEYS, payment_key
 from app.payments.ledger import Ledger
@@ -48,7 +50,10 @@ def test_unpaid_call_gets_402_with_v2_header_and_v1_body(proxy: Proxy) -> None:
             "amount": str(amount),  # the maximum: upto charges the host's reported usage
             "asset": "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913",
             "payTo": proxy.wallets.pay_to,
-            "maxTimeoutSeconds": proxy.settings.max_timeout_seconds,
+            # the permit must outlive the call, since it settles after the answer
+            "maxTimeoutSeconds": max(
+                proxy.settings.max_timeout_seconds, math.ceil(abandoned_after(proxy.settings))
+            ),
             "extra": {
                 "name": "USD Coin",
                 "version": "2",

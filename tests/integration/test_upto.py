@@ -9,6 +9,7 @@ the maximum and a test can tell the three apart.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import threading
@@ -20,16 +21,26 @@ from typing import Any
 import pytest
 import redis
 import requests
+from eth_abi import encode
+from eth_account import Account
 
 from app import create_checked_app
+from app.backends.chain import Chain
+from app.backends.permit2 import settle_calldata
+from app.backends.store import Store
+from app.backends.token import selector
 from app.backends.upstream import abandoned_after
 from app.catalog import load_catalog
 from app.catalog.usage import Usage, charge
-from app.devnet import DevChain, Wallets
+from app.cli import main
+from app.devnet import PROJECT_ROOT, DevChain, Wallets
 from app.devnet.standin import StandinModel
+from app.payments.books import Finding, reconcile, revenue
 from app.payments.keys import LEDGER_STREAM, permit_key
+from app.payments.ledger import Ledger
+from app.payments.receipts import Receipt
 from app.settings import DEFAULT_CATALOG, Settings
-from app.x402.upto import UPTO_PROXY_ADDRESS
+from app.x402.upto import UPTO_PROXY_ADDRESS, UptoPayment, parse_upto_header
 from tests.support import (
     CHAT_BODY,
     Proxy,
@@ -377,3 +388,129 @@ def test_a_stream_that_outlasts_its_permit_is_ended_in_time_and_charged(
     settled = json.loads(base64.b64decode(comment.removeprefix(": x402-payment-response ")))
     assert settled["success"] is True and settled["amount"] == str(maximum)
     assert moved_since(upto_proxy, before) == maximum
+
+
+def permit_key_of(proxy: Proxy, response: requests.Response) -> str:
+    sent = json.loads(base64.b64decode(response.request.headers["PAYMENT-SIGNATURE"]))
+    nonce = int(sent["payload"]["permit2Authorization"]["nonce"])
+    return permit_key(8453, proxy.settings.asset, proxy.wallets.payer, nonce)
+
+
+def test_reconcile_checks_upto_charges_and_resolves_pending_ones(
+    upto_proxy: Proxy, standin: StandinModel, redis_client: redis.Redis
+) -> None:
+    """A served permit checks out against its Transfer; a tampered charge does not; a pending one
+    whose transaction paid becomes served; one whose transaction reverted becomes owed, and the
+    payer is then refused until the debt is collected."""
+    chain, payer = upto_proxy.chain, upto_proxy.wallets.payer
+    approve_permit2(chain, payer)
+    session = upto_session(upto_proxy.wallets.payer_key)
+    url = upto_proxy.url + "/v1/chat/completions"
+    paid, other = (session.post(url, json=BODY, timeout=60) for _ in range(2))
+    ledger, chain_client = Ledger(Store(client=redis_client)), Chain(upto_proxy.settings)
+    key, other_key = permit_key_of(upto_proxy, paid), permit_key_of(upto_proxy, other)
+
+    def findings() -> dict[str, Finding]:
+        found = reconcile(ledger, chain_client, upto_proxy.settings, 3600)
+        return {f.key: f for f in found if f.key in (key, other_key)}
+
+    assert findings()[key] == Finding(key, "served", settle_response(paid)["transaction"], "")
+    redis_client.hset(key, "amount", "7")
+    assert findings()[key].problem == "no matching Transfer on chain for the charge"
+    redis_client.hset(key, mapping={"amount": settle_response(paid)["amount"], "state": "pending"})
+    assert findings()[key].resolved == "served"
+
+    reverted = chain.transact(UPTO_PROXY_ADDRESS, b"\x00\x00\x00\x00")  # any reverted transaction
+    assert reverted["status"] == "0x0"
+    header = parse_upto_header(other.request.headers["PAYMENT-SIGNATURE"])
+    assert isinstance(header, UptoPayment)
+    calldata = settle_calldata(header.authorization, int(settle_response(other)["amount"]), header.signature)
+    pending = {"calldata": calldata.hex(), "relayer": upto_proxy.wallets.relayer}  # as the proxy records it
+    redis_client.hset(other_key, mapping={"state": "pending", "tx": reverted["transactionHash"], **pending})
+    assert findings()[other_key].resolved == "owed"
+    assert redis_client.hget(other_key, "state") == b"owed"
+    refused = session.post(url, json=BODY, timeout=60)  # its permit was used: the debt cannot be collected
+    assert refused.status_code == 402, (refused.status_code, refused.text)
+    assert json.loads(base64.b64decode(refused.headers["PAYMENT-REQUIRED"]))["error"] == "upto_payer_in_debt"
+    assert findings()[other_key].open.startswith("owed ")
+
+
+def test_revenue_counts_what_upto_charged(
+    upto_proxy: Proxy, standin: StandinModel, redis_client: redis.Redis
+) -> None:
+    approve_permit2(upto_proxy.chain, upto_proxy.wallets.payer)
+    ledger = Ledger(Store(client=redis_client))
+    before = revenue(ledger, 3600, "scheme")
+    charged = upto_session(upto_proxy.wallets.payer_key).post(
+        upto_proxy.url + "/v1/chat/completions", json=BODY, timeout=60
+    )
+    exact = upto_proxy.pay(upto_proxy.payment(upto_proxy.requirement(BODY)), BODY)
+    after = revenue(ledger, 3600, "scheme")
+    assert after.get("upto", 0) - before.get("upto", 0) == int(settle_response(charged)["amount"])
+    assert after.get("exact", 0) - before.get("exact", 0) == int(upto_proxy.requirement(BODY)["amount"])
+    assert exact.status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upto_receipt_binds_the_charge_to_its_usage_and_verifies(
+    upto_proxy: Proxy, standin: StandinModel, tmp_path: Path, stream: bool
+) -> None:
+    approve_permit2(upto_proxy.chain, upto_proxy.wallets.payer)
+    body = {**BODY, "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
+    response = upto_session(upto_proxy.wallets.payer_key).post(
+        upto_proxy.url + "/v1/chat/completions", json=body, timeout=60
+    )
+    assert response.status_code == 200
+    (tmp_path / "request.json").write_bytes(response.request.body)
+    (tmp_path / "response").write_bytes(response.content)
+    if stream:
+        text = response.text
+        receipt = Receipt.from_header(text[text.rindex(": x402-receipt ") + 15 :].strip())
+        (usage_event,) = [e for e in sse_events(text) if '"usage"' in e]
+        usage = json.loads(usage_event.removeprefix("data: "))["usage"]
+    else:
+        receipt = Receipt.from_header(response.headers["X-Receipt"])
+        usage = response.json()["usage"]
+    assert receipt.usage == f"{usage['prompt_tokens']}+{usage['completion_tokens']}"
+    assert receipt.amount == usage_price(upto_proxy, usage)
+    assert receipt.authorized == int(offered(upto_proxy.post(body=BODY))[1]["amount"])
+    files = ["--request", str(tmp_path / "request.json"), "--response", str(tmp_path / "response")]
+    receipt_args = [] if stream else ["--receipt", response.headers["X-Receipt"]]
+    assert main(["verify-receipt", *files, *receipt_args, "--proxy", upto_proxy.url]) == 0
+    forged = Receipt.from_header(response.headers["X-Receipt"]) if not stream else receipt
+    tampered = dataclasses.replace(forged, amount=forged.amount - 1)
+    assert tampered.signer() != forged.signer()  # the charge is signed with its usage
+
+
+def test_discovery_names_the_schemes_and_the_upto_facilitators(upto_proxy: Proxy) -> None:
+    described = requests.get(upto_proxy.url + "/.well-known/x402", timeout=10).json()
+    assert described["schemes"] == ["exact", "upto"]
+    assert described["facilitatorAddresses"] == [upto_proxy.wallets.relayer]
+
+
+def test_a_contract_wallet_pays_upto_through_eip1271(upto_proxy: Proxy, standin: StandinModel) -> None:
+    """The permit (and the EIP-2612 permit) are signed by the wallet's owner key; the signature does
+    not recover to the wallet, so the proxy leaves it to the chain: the simulation of the
+    settlement accepts it (EIP-1271), and the wallet pays the usage. A wallet that refuses its
+    signatures is refused before the host is asked."""
+    chain, wallets = upto_proxy.chain, upto_proxy.wallets
+    wallet = Account.create().address
+    artifact = json.loads((PROJECT_ROOT / "contracts" / "ERC1271Wallet.json").read_text())
+    chain.rpc.call("anvil_setCode", [wallet, artifact["deployedBytecode"]])
+    chain.transact(wallet, selector("setOwner(address)") + encode(["address"], [wallets.payer]))
+    chain.mint(wallet, 10**6)
+    url = upto_proxy.url + "/v1/chat/completions"
+
+    response = upto_session(wallets.payer_key, chain.rpc, wallet).post(url, json=BODY, timeout=60)
+
+    assert response.status_code == 200, response.text
+    charged = int(settle_response(response)["amount"])
+    assert charged == usage_price(upto_proxy, response.json()["usage"])
+    assert chain.balance(wallet) == 10**6 - charged
+    chain.transact(wallet, selector("setRefuse(bool)") + encode(["bool"], [True]))
+    calls = len(standin.received)
+    refused = upto_session(wallets.payer_key, chain.rpc, wallet).post(url, json=BODY, timeout=60)
+    assert refused.status_code == 402
+    reason = json.loads(base64.b64decode(refused.headers["PAYMENT-REQUIRED"]))["error"]
+    assert reason == "invalid_upto_evm_transaction_simulation_failed"
+    assert len(standin.received) == calls

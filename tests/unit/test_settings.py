@@ -224,6 +224,69 @@ def test_malformed_key_file(tmp_path: Path) -> None:
     assert "not a key" not in str(error)
 
 
+def test_several_relayer_keys_settle_in_turn(tmp_path: Path) -> None:
+    keys = [new_key(), "0x" + new_key(), new_key()]
+    env = base_env(X402_RELAYER_KEYS=" , ".join(keys))
+    del env["X402_RELAYER_KEY"]
+    settings = Settings.from_env(env)
+    assert settings.settling_keys == tuple(k if k.startswith("0x") else "0x" + k for k in keys)
+    assert settings.relayer_key == settings.settling_keys[0]
+    assert keys[1] not in repr(settings)
+    path = tmp_path / "relayers"
+    path.write_text("\n".join(keys) + "\n")
+    env = base_env(X402_RELAYER_KEYS_FILE=str(path))
+    del env["X402_RELAYER_KEY"]
+    assert Settings.from_env(env).settling_keys == settings.settling_keys
+    single = Settings.from_env(base_env())
+    assert single.settling_keys == (single.relayer_key,)
+
+
+@pytest.mark.parametrize(
+    ("listed", "reason"),
+    [("abc", "32-byte"), ("{k},{k}", "twice"), ("", "required")],
+)
+def test_bad_relayer_key_lists_are_refused(listed: str, reason: str) -> None:
+    key = new_key()
+    env = base_env(X402_RELAYER_KEYS=listed.format(k=key))
+    del env["X402_RELAYER_KEY"]
+    error = error_for(env)
+    assert reason in str(error)
+    assert key not in str(error)
+
+
+def test_relayer_keys_and_relayer_key_together_are_ambiguous() -> None:
+    assert error_for(base_env(X402_RELAYER_KEYS=new_key())).variable == "X402_RELAYER_KEYS"
+
+
+def test_the_receipt_key_is_none_of_the_relayer_keys() -> None:
+    first, second = new_key(), new_key()
+    env = base_env(X402_RELAYER_KEYS=f"{first},{second}", X402_RECEIPT_KEY=second)
+    del env["X402_RELAYER_KEY"]
+    assert error_for(env).variable == "X402_RECEIPT_KEY"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("exact,upto", ("exact", "upto")),
+        ("upto", ("upto",)),
+        (" EXACT ", ("exact",)),
+        ("exact,exact", ("exact",)),
+    ],
+)
+def test_x402_schemes(value: str, expected: tuple[str, ...]) -> None:
+    assert Settings.from_env(base_env(X402_SCHEMES=value)).schemes == expected
+
+
+def test_x402_schemes_default_and_refusals() -> None:
+    assert Settings.from_env(base_env()).schemes == ("exact", "upto")
+    facilitated = base_env(X402_FACILITATOR_URL="http://127.0.0.1:9")
+    assert Settings.from_env(facilitated).schemes == ("exact",)  # upto needs our own relayer
+    assert error_for({**facilitated, "X402_SCHEMES": "exact,upto"}).variable == "X402_SCHEMES"
+    assert error_for(base_env(X402_SCHEMES="batch-settlement")).variable == "X402_SCHEMES"
+    assert error_for(base_env(X402_SCHEMES=",")).variable == "X402_SCHEMES"
+
+
 # -- overrides and environment -------------------------------------------------------------------------
 
 
