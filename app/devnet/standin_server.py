@@ -43,6 +43,7 @@ class Behaviour:
     times: int | None = None  # status/reset apply to this many model calls, then it recovers (None: all)
     error_message: str = "stand-in failure"  # the message of an error answer
     usage: UsageMode = "report"  # "report", "omit" or "malformed" token usage (see UsageMode)
+    unterminated: bool = False  # for streams: end without [DONE] and without the last blank line
 
     def __post_init__(self) -> None:
         if self.usage not in USAGE_MODES:
@@ -225,13 +226,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         count = max(0, behaviour.chunks)
         cut = behaviour.cut_after
-        for sent, event in enumerate(owner._stream_events(body, count, chat=chat, usage=behaviour.usage)):
+        events = owner._stream_events(body, count, chat=chat, usage=behaviour.usage)
+        for sent, event in enumerate(events):
             if cut is not None and sent >= cut:
                 break
             if sent and behaviour.chunk_delay > 0:
                 time.sleep(behaviour.chunk_delay)
-            if not self._write_chunk(b"data: %s\n\n" % json.dumps(event).encode()):
+            ending = b"" if behaviour.unterminated and sent == len(events) - 1 else b"\n\n"
+            if not self._write_chunk(b"data: %s%s" % (json.dumps(event).encode(), ending)):
                 return
+        if behaviour.unterminated:
+            self._write_chunk(b"")
+            return
         if cut is not None:
             # Hang up with the chunked body unfinished: the client must see an incomplete read.
             self.close_connection = True

@@ -173,7 +173,8 @@ def _reconcile_upto(
         elif state == State.PENDING and receipt is not None:
             debt = debt_key(settings.network.chain_id, settings.asset, match.group(3))
             calldata = bytes.fromhex(record.get("calldata", ""))
-            ledger.record_debt(debt, key, int(amount), record.get("relayer", ""), calldata)
+            deadline = int(record.get("valid_before") or 0)
+            ledger.record_debt(debt, key, int(amount), record.get("relayer", ""), deadline, calldata)
             findings += _resolve(ledger, key, state, State.OWED, tx)
         elif state == State.PENDING:
             findings.append(Finding(key, state, tx, "", open="no receipt on chain yet"))

@@ -171,24 +171,30 @@ if #KEYS < 3 then return -1 end
 )
 NONCE_GAP_AFTER = 30  # seconds: far longer than reserving-to-sending takes
 
-# KEYS[1] a payer's exposure hash (field: permit key, value "<maximum>:<held until>"). ARGV: now,
-# permit key, its maximum, held until (unix seconds), what the payer can pay (balance and allowance).
-# Drops entries past their time, then holds this permit's maximum unless the payer's calls in flight
-# would then exceed what it can pay. Returns {1 held | 0 refused, total of the others in flight}.
+# KEYS[1] a payer's exposure hash (field: permit key, value "<maximum>:<held until>:<cap>", cap the
+# value of the EIP-2612 permit the call carries, 0 for none). ARGV: now, permit key, its maximum, held
+# until (unix seconds), what the payer can pay (balance and allowance), this call's cap. Drops entries
+# past their time, then holds this permit's maximum unless the payer's calls in flight would then
+# exceed what it can pay; an EIP-2612 permit *sets* the allowance when its call settles, so while one
+# is in flight no call may count on more than its value. The hash lives as long as its longest hold.
+# Returns {1 held | 0 refused, total of the others in flight}.
 _HOLD = Script("""
-local now, total = tonumber(ARGV[1]), 0
+local now, total, limit = tonumber(ARGV[1]), 0, tonumber(ARGV[5])
+if tonumber(ARGV[6]) > 0 then limit = math.min(limit, tonumber(ARGV[6])) end
 local entries = redis.call('HGETALL', KEYS[1])
 for i = 1, #entries, 2 do
-  local amount, expires = string.match(entries[i + 1], '^(%d+):(%d+)$')
+  local amount, expires, cap = string.match(entries[i + 1], '^(%d+):(%d+):(%d+)$')
   if not amount or tonumber(expires) < now then
     redis.call('HDEL', KEYS[1], entries[i])
   elseif entries[i] ~= ARGV[2] then
     total = total + tonumber(amount)
+    if tonumber(cap) > 0 then limit = math.min(limit, tonumber(cap)) end
   end
 end
-if total + tonumber(ARGV[3]) > tonumber(ARGV[5]) then return {0, tostring(total)} end
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3] .. ':' .. ARGV[4])
-redis.call('EXPIRE', KEYS[1], math.max(tonumber(ARGV[4]) - now, 1) + 60)
+if total + tonumber(ARGV[3]) > limit then return {0, tostring(total)} end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3] .. ':' .. ARGV[4] .. ':' .. ARGV[6])
+local ttl = math.max(tonumber(ARGV[4]) - now, 1) + 60
+if redis.call('TTL', KEYS[1]) < ttl then redis.call('EXPIRE', KEYS[1], ttl) end
 return {1, tostring(total)}
 """)
 # Lua numbers are doubles: what a payer can pay is passed capped here (2**53 atomic units is far more
@@ -212,6 +218,7 @@ class Debt:
     key: str
     amount: int
     relayer: str
+    deadline: int  # the permit's (unix seconds): past it, the debt cannot be collected
     calldata: bytes
 
 
@@ -311,13 +318,15 @@ class Ledger:
             raise
 
     def hold_exposure(
-        self, exposure: str, key: str, maximum: int, until: int, spendable: int
+        self, exposure: str, key: str, maximum: int, until: int, spendable: int, cap: int = 0
     ) -> tuple[bool, int]:
         """Hold ``maximum`` (atomic units) for permit ``key`` in the payer's exposure hash until
         ``until`` (unix seconds), unless the payer's ``upto`` calls in flight would then exceed
-        ``spendable`` (its balance and Permit2 allowance). Returns (held, the others in flight).
-        Raises ``redis.RedisError``."""
-        args = [int(time.time()), key, maximum, until, min(spendable, SPENDABLE_CAP)]
+        ``spendable`` (its balance and Permit2 allowance), or the value of an EIP-2612 permit in
+        flight (``cap``: this call's, 0 for none). Returns (held, the others in flight). Raises
+        ``redis.RedisError``."""
+        args = [int(time.time()), key, maximum, until]
+        args += [min(spendable, SPENDABLE_CAP), min(cap, SPENDABLE_CAP)]
         held, others = self._run(_HOLD, [exposure], args)
         return bool(held), int(text_of(others))
 
@@ -325,13 +334,15 @@ class Ledger:
         """The call of permit ``key`` is over: it no longer counts against the payer."""
         self.redis.hdel(exposure, key)
 
-    def record_debt(self, debt: str, key: str, amount: int, relayer: str, calldata: bytes) -> None:
+    def record_debt(
+        self, debt: str, key: str, amount: int, relayer: str, deadline: int, calldata: bytes
+    ) -> None:
         """Record that the permit ``key`` owes ``amount`` (atomic units) in the payer's debt hash
-        ``debt`` (``keys.debt_key``), with the settle ``calldata`` that collects it and the
-        ``relayer`` it names. Kept for ``RETENTION_SECONDS`` after the last debt. Raises
-        ``redis.RedisError``."""
+        ``debt`` (``keys.debt_key``), with the settle ``calldata`` that collects it, the ``relayer``
+        it names and the permit's ``deadline`` (unix seconds). Kept for ``RETENTION_SECONDS`` after
+        the last debt. Raises ``redis.RedisError``."""
         pipeline = self.redis.pipeline(transaction=False)
-        pipeline.hset(debt, key, f"{amount}:{relayer}:{calldata.hex()}")
+        pipeline.hset(debt, key, f"{amount}:{relayer}:{deadline}:{calldata.hex()}")
         pipeline.expire(debt, RETENTION_SECONDS)
         pipeline.execute()
 
@@ -339,8 +350,8 @@ class Ledger:
         """The unpaid charges in the payer's debt hash ``debt``. Raises ``redis.RedisError``."""
         owed = []
         for key, value in self.redis.hgetall(debt).items():
-            amount, relayer, calldata = text_of(value).split(":")
-            owed.append(Debt(text_of(key), int(amount), relayer, bytes.fromhex(calldata)))
+            amount, relayer, deadline, calldata = text_of(value).split(":")
+            owed.append(Debt(text_of(key), int(amount), relayer, int(deadline), bytes.fromhex(calldata)))
         return owed
 
     def clear_debt(self, debt: str, key: str) -> None:

@@ -31,7 +31,7 @@ from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED
 from app.payments.upto import Charge, Hold, UptoGate
 from app.x402.challenge import EXPOSED_HEADERS
 from app.x402.upto import UptoPayment, parse_upto_header
-from app.x402.upto.checks import TRANSACTION_FAILED
+from app.x402.upto.checks import DEADLINE_EXPIRED, TRANSACTION_FAILED
 from app.x402.verdict import SETTLEMENT_PENDING, UNSUPPORTED_SCHEME, Verdict, reject
 from app.x402.wire import V2_HEADER
 
@@ -282,6 +282,8 @@ def _serve_upto(gate: Gate, upto: UptoGate, call: PaidCall, payment: UptoPayment
         header = upto.response_header(result, hold.payer, TRANSACTION_FAILED)
         if result.outcome == FAILED:
             raise PaymentRequired(reject(TRANSACTION_FAILED, UPTO_REVERTED), header)
+        if result.reason == DEADLINE_EXPIRED:
+            raise PaymentRequired(reject(DEADLINE_EXPIRED, UPTO_OUTLASTED))
         raise ApiError(
             503, "unexpected_settle_error", "the settlement could not be sent; nothing was charged"
         )
@@ -301,6 +303,10 @@ def _serve_upto(gate: Gate, upto: UptoGate, call: PaidCall, payment: UptoPayment
     return Answer(answer.status, headers, content)
 
 
+UPTO_OUTLASTED = (
+    "the call outlasted the permit's deadline less the time to settle; nothing was charged and the "
+    "answer was withheld: sign a permit that lives maxTimeoutSeconds"
+)
 UPTO_REVERTED = (
     "the settlement of this call's charge reverted (balance, allowance or permit changed during the "
     "call); nothing was charged and the answer was withheld"
@@ -332,25 +338,27 @@ def _relay_upto(
     """Pass the stream through (dropping the usage event the buyer did not ask for), then charge
     its usage and end with SSE comments: the ``PAYMENT-RESPONSE`` value and the signed receipt.
     A stream the host cuts costs nothing (the permit is released); a buyer who hangs up is charged
-    what the host reported, or the maximum."""
+    what the host reported, or the maximum. Nothing is passed on after ``stream_until``: the stream
+    ends there with a ``payment_window_closing`` event and is charged in time."""
     watcher = StreamUsage(keep_usage_event=asked_usage)
     digest = hashlib.sha256()
-    first = True
-    settle_by = upto.settle_by(hold)
+    last = b"\n\n"  # the end of what went out: our comments must start an event of their own
+    first, closing = True, False
+    until = upto.stream_until(hold)
     try:
         for chunk in answer.chunks():
             if first:
                 STREAM_FIRST_BYTE_SECONDS.observe(time.perf_counter() - call.started)
                 first = False
+            if time.time() >= until:  # this chunk came too late to be paid for in time
+                answer.close()
+                closing = True
+                break
             out = watcher.feed(chunk)
             if out:
                 digest.update(out)
+                last = (last + out)[-4:]
                 yield out
-            if time.time() >= settle_by:  # the permit must still live when its charge lands
-                answer.close()
-                digest.update(PAYMENT_WINDOW_EVENT)
-                yield PAYMENT_WINDOW_EVENT
-                break
         tail = watcher.end()
     except UpstreamFailed:
         upto.release(hold)
@@ -359,6 +367,9 @@ def _relay_upto(
     except GeneratorExit:
         upto.record(hold, upto.settle(hold, watcher.usage), answered=True)
         raise
+    if not (last + tail).endswith((b"\n\n", b"\r\n\r\n")):
+        tail += b"\n\n"  # a host that ended without a blank line: close its last event
+    tail += PAYMENT_WINDOW_EVENT if closing else b""
     if tail:
         digest.update(tail)
         yield tail
@@ -367,7 +378,7 @@ def _relay_upto(
     reason = (
         ""
         if result.outcome == SETTLED
-        else (SETTLEMENT_PENDING if result.outcome == PENDING else TRANSACTION_FAILED)
+        else (SETTLEMENT_PENDING if result.outcome == PENDING else result.reason or TRANSACTION_FAILED)
     )
     _name, value = upto.response_header(result, hold.payer, reason)
     settled = PAYMENT_RESPONSE_PREFIX + value.encode() + b"\n\n"

@@ -31,15 +31,21 @@ from app.catalog.usage import Usage, charge
 from app.logs import note
 from app.payments.errors import ApiError
 from app.payments.keys import debt_key, exposure_key, permit_key
-from app.payments.ledger import NEW, Claim, Ledger
+from app.payments.ledger import NEW, Claim, Debt, Ledger
 from app.payments.outcomes import PaymentRequired
 from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED, LocalSettler, Proof, Settlement
 from app.payments.states import State
 from app.settings import Settings
 from app.x402.checks import MIN_VALIDITY_MARGIN, match_requirement
 from app.x402.upto import UPTO_PROXY_ADDRESS, UptoPayment, check_permit
-from app.x402.upto.checks import INSUFFICIENT_BALANCE, NONCE_USED, PAYER_IN_DEBT, TRANSACTION_FAILED
-from app.x402.verdict import SETTLEMENT_PENDING, reject
+from app.x402.upto.checks import (
+    DEADLINE_EXPIRED,
+    INSUFFICIENT_BALANCE,
+    NONCE_USED,
+    PAYER_IN_DEBT,
+    TRANSACTION_FAILED,
+)
+from app.x402.verdict import SETTLEMENT_PENDING, Verdict, reject
 from app.x402.wire import RESPONSE_HEADERS, Requirement, SettleResponse
 
 log = logging.getLogger("x402.upto")
@@ -67,14 +73,16 @@ class Hold:
 @dataclass(frozen=True)
 class Charge:
     """What became of a held permit's charge: ``outcome`` settled | failed | pending | not_sent (see
-    ``app.payments.settlement.Settlement``), ``amount`` in atomic units (0 sends nothing), the
-    transaction hash, the usage it was priced from (None: not reported, charged the maximum)."""
+    ``app.payments.settlement.Settlement``), ``amount`` in atomic units (never 0: a floor is at
+    least 1), the transaction hash, the usage it was priced from (None: not reported, charged the
+    maximum)."""
 
     outcome: str
     amount: int
     tx: str
     usage: Usage | None
     calldata: bytes = b""
+    reason: str = ""  # why nothing was sent (not_sent): a reason code
 
 
 class UptoGate:
@@ -89,14 +97,22 @@ class UptoGate:
     @property
     def max_timeout_seconds(self) -> int:
         """How long a permit must live (seconds): the whole call and its settlement, since nothing
-        is pulled before the answer — ``X402_MAX_TIMEOUT_SECONDS``, or the longest a call may hold
-        a payment (``abandoned_after``: every try at the host, the receipt wait, 30 s) if longer."""
-        return max(self.settings.max_timeout_seconds, math.ceil(abandoned_after(self.settings)))
+        is pulled before the answer — ``X402_MAX_TIMEOUT_SECONDS``, or, if longer, the longest a
+        call may hold a payment (``abandoned_after``: every try at the host, the receipt wait, 30 s)
+        plus one more wait for the host (``X402_UPSTREAM_TIMEOUT``), so a stream has that long too."""
+        longest = abandoned_after(self.settings) + self.settings.upstream_timeout
+        return max(self.settings.max_timeout_seconds, math.ceil(longest))
 
     def settle_by(self, hold: Hold) -> float:
         """Unix time by which a held permit's charge must be sent: its deadline less the receipt wait
-        and the validity margin. A stream still running then is ended (and charged)."""
+        and the validity margin. Past it nothing is sent (it could only revert)."""
         return hold.payment.authorization.deadline - self.settings.receipt_timeout - MIN_VALIDITY_MARGIN
+
+    def stream_until(self, hold: Hold) -> float:
+        """Unix time after which no more of a stream is passed on: ``settle_by`` less one wait for
+        the host (a chunk read returns within ``X402_UPSTREAM_TIMEOUT``, or fails), so the stream's
+        charge is sent in time however the host paces it."""
+        return self.settle_by(hold) - self.settings.upstream_timeout
 
     def requirement(self, quote: Quote, facilitator: str) -> Requirement:
         """Our ``upto`` requirement for this quote: at most its price (atomic units), to ``pay_to``,
@@ -137,7 +153,7 @@ class UptoGate:
             raise PaymentRequired(offline.verdict)
         auth = payment.authorization
         note(model=quote.model.name, amount=quote.amount, payer=auth.from_, x402_version=2, scheme="upto")
-        self._collect_debts(auth.from_)
+        debts = self._debts(auth.from_)  # read now, collected once the payer is proven
         key = permit_key(requirement.chain_id, requirement.asset, auth.from_, auth.nonce)
         claim = self._claim(quote, payment, key)
         if claim.outcome != "claimed":
@@ -155,8 +171,17 @@ class UptoGate:
             self._move(key, State.CLAIMED, State.RELEASED)
             if preflight.verdict.reason in UNPAYABLE:
                 raise ApiError(503, preflight.verdict.reason, preflight.verdict.detail, {"Retry-After": "60"})
+            if debts:
+                owed = sum(debt.amount for debt in debts)
+                raise PaymentRequired(_in_debt(owed, f" (and {preflight.verdict.reason})"))
             raise PaymentRequired(preflight.verdict)
-        self._hold_exposure(key, auth.from_, quote.amount, auth.deadline, preflight.spendable)
+        try:  # only now is the payer proven (the simulation checked its signature): collect its debts
+            spendable = preflight.spendable - self._collect_debts(auth.from_, debts)
+        except BaseException:
+            self._move(key, State.CLAIMED, State.RELEASED)
+            raise
+        cap = payment.permit2612.value if payment.permit2612 is not None else 0
+        self._hold_exposure(key, auth.from_, quote.amount, auth.deadline, spendable, cap)
         try:
             held = self.ledger.transition(
                 key, (State.CLAIMED,), State.SETTLING, scheme="upto", authorized=str(quote.amount)
@@ -169,14 +194,16 @@ class UptoGate:
             raise ApiError(503, "ledger_conflict", "the payment changed state during verification")
         return Hold(quote, key, payment, offline.signature, preflight, requirement.facilitator)
 
-    def _hold_exposure(self, key: str, payer: str, maximum: int, deadline: int, spendable: int) -> None:
+    def _hold_exposure(
+        self, key: str, payer: str, maximum: int, deadline: int, spendable: int, cap: int
+    ) -> None:
         """Count this call's maximum against what the payer can pay, with its other ``upto`` calls in
         flight: their sum never exceeds the balance and Permit2 allowance the chain showed, which
         bounds what a payer who moves its funds during its calls can leave unpaid. Refused: 402
         ``permit2_insufficient_balance``, the permit released."""
         try:
             held, others = self.ledger.hold_exposure(
-                self._exposure_key(payer), key, maximum, deadline, spendable
+                self._exposure_key(payer), key, maximum, deadline, spendable, cap
             )
         except STORE_ERRORS as exc:
             self._move(key, State.CLAIMED, State.RELEASED)
@@ -248,11 +275,11 @@ class UptoGate:
 
     def settle(self, hold: Hold, usage: Usage | None) -> Charge:
         """Pull the usage price (atomic units: ``charge``) with the held permit and wait for the chain
-        to decide; 0 sends nothing. Never raises: trouble is a ``Charge`` whose outcome says whether
+        to decide. Never raises: trouble is a ``Charge`` whose outcome says whether
         anything may have been sent (pending) or not (not_sent)."""
-        amount = charge(hold.quote.model, usage, hold.quote.amount)
-        if amount == 0:
-            return Charge(SETTLED, 0, "", usage)
+        amount = charge(hold.quote.model, usage, hold.quote.amount)  # ≥ the floor, ≥ 1: never 0
+        if time.time() > self.settle_by(hold):  # the call outlasted its permit: a send could only revert
+            return Charge(NOT_SENT, amount, "", usage, reason=DEADLINE_EXPIRED)
         auth = hold.payment.authorization
         calldata = settle_calldata(auth, amount, hold.signature, hold.payment.permit2612)
         settlement = self._send(hold.relayer, calldata, hold.preflight, hold.key, auth.from_, auth.to, amount)
@@ -334,8 +361,9 @@ class UptoGate:
         until it is collected."""
         payer = hold.payer
         try:
+            deadline = hold.payment.authorization.deadline
             self.ledger.record_debt(
-                self._debt_key(payer), hold.key, result.amount, hold.relayer, result.calldata
+                self._debt_key(payer), hold.key, result.amount, hold.relayer, deadline, result.calldata
             )
         except STORE_ERRORS as exc:
             log.error("could not record an upto debt: %s", type(exc).__name__)
@@ -346,17 +374,20 @@ class UptoGate:
     def _debt_key(self, payer: str) -> str:
         return debt_key(self.settings.network.chain_id, self.settings.asset, payer)
 
-    def _collect_debts(self, payer: str) -> None:
-        """Before a payer's new ``upto`` call: collect what it owes with the permits it signed (while
-        they live); refuse the call (402 ``upto_payer_in_debt``) while anything stays owed."""
-        key = self._debt_key(payer)
+    def _debts(self, payer: str) -> list[Debt]:
         try:
-            debts = self.ledger.debts(key)
+            return self.ledger.debts(self._debt_key(payer))
         except STORE_ERRORS as exc:
             raise _ledger_down() from exc
-        owed = 0
+
+    def _collect_debts(self, payer: str, debts: list[Debt]) -> int:
+        """Before a payer's new ``upto`` call: collect what it owes with the permits it signed, while
+        they live (an expired one costs no RPC: it stays owed). Returns the amount collected (atomic
+        units); raises 402 ``upto_payer_in_debt`` while anything stays owed."""
+        owed = collected = 0
         for debt in debts:
-            if self.settler.owns(debt.relayer) is None:  # a relayer key no longer configured
+            live = debt.deadline >= time.time() + MIN_VALIDITY_MARGIN
+            if not live or self.settler.owns(debt.relayer) is None:  # expired, or a key since removed
                 owed += debt.amount
                 continue
             try:
@@ -370,24 +401,29 @@ class UptoGate:
                 ) from exc
             settled = False
             if preflight.verdict:
+                to = self.settings.pay_to
                 settlement = self._send(
-                    debt.relayer, debt.calldata, preflight, debt.key, payer, self.settings.pay_to, debt.amount
+                    debt.relayer, debt.calldata, preflight, debt.key, payer, to, debt.amount
                 )
                 settled = settlement.outcome == SETTLED
                 if settled:
                     self._move(debt.key, State.OWED, State.SERVED, tx=settlement.tx_hash)
-                    self.ledger.clear_debt(key, debt.key)
+                    self.ledger.clear_debt(self._debt_key(payer), debt.key)
                     metrics.DEBT_COLLECTED.inc(debt.amount)
+                    collected += debt.amount
             if not settled:
                 owed += debt.amount
         if owed:
-            raise PaymentRequired(
-                reject(
-                    PAYER_IN_DEBT,
-                    f"this payer owes {owed} atomic units for answered calls whose settlement failed; "
-                    "restore the balance and the Permit2 allowance, then pay again",
-                )
-            )
+            raise PaymentRequired(_in_debt(owed))
+        return collected
+
+
+def _in_debt(owed: int, why: str = "") -> Verdict:
+    return reject(
+        PAYER_IN_DEBT,
+        f"this payer owes {owed} atomic units for answered calls whose settlement failed{why}; restore "
+        "the balance and the Permit2 allowance, then pay again",
+    )
 
 
 def _ledger_down() -> ApiError:

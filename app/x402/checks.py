@@ -23,7 +23,7 @@ from .verdict import (
     Verdict,
     reject,
 )
-from .wire import PaymentPayload, Requirement
+from .wire import ADDRESS_RE, PaymentPayload, Requirement
 
 if TYPE_CHECKING:
     from .upto.payload import UptoPayment
@@ -54,9 +54,16 @@ def match_requirement(payment: PaymentPayload | UptoPayment, requirement: Requir
         if not isinstance(value, str) or value.lower() != ours[key].lower():
             return reject(REQUIREMENTS_MISMATCH, f"accepted.{key} differs from this resource's requirement")
     extra = accepted.get("extra", {})
-    if not isinstance(extra, dict) or any(ours["extra"].get(k) != v for k, v in extra.items()):
+    if not isinstance(extra, dict) or any(not _same_extra(ours["extra"].get(k), v) for k, v in extra.items()):
         return reject(REQUIREMENTS_MISMATCH, "accepted.extra differs from the token's EIP-712 domain")
     return ACCEPTED
+
+
+def _same_extra(ours: object, theirs: object) -> bool:
+    """An ``extra`` value as we offered it; an address (``facilitatorAddress``) in any letter case."""
+    if isinstance(ours, str) and isinstance(theirs, str) and ADDRESS_RE.fullmatch(ours):
+        return ours.lower() == theirs.lower()
+    return ours == theirs
 
 
 @dataclass(frozen=True)

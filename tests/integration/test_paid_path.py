@@ -52,7 +52,8 @@ def test_unpaid_call_gets_402_with_v2_header_and_v1_body(proxy: Proxy) -> None:
             "payTo": proxy.wallets.pay_to,
             # the permit must outlive the call, since it settles after the answer
             "maxTimeoutSeconds": max(
-                proxy.settings.max_timeout_seconds, math.ceil(abandoned_after(proxy.settings))
+                proxy.settings.max_timeout_seconds,
+                math.ceil(abandoned_after(proxy.settings) + proxy.settings.upstream_timeout),
             ),
             "extra": {
                 "name": "USD Coin",

@@ -36,11 +36,12 @@ from app.cli import main
 from app.devnet import PROJECT_ROOT, DevChain, Wallets
 from app.devnet.standin import StandinModel
 from app.payments.books import Finding, reconcile, revenue
-from app.payments.keys import LEDGER_STREAM, permit_key
+from app.payments.keys import LEDGER_STREAM, debt_key, permit_key
 from app.payments.ledger import Ledger
 from app.payments.receipts import Receipt
+from app.payments.upto import UptoGate
 from app.settings import DEFAULT_CATALOG, Settings
-from app.x402.upto import UPTO_PROXY_ADDRESS, UptoPayment, parse_upto_header
+from app.x402.upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPayment, parse_upto_header
 from tests.support import (
     CHAT_BODY,
     Proxy,
@@ -355,27 +356,43 @@ def test_the_upto_permit_lives_as_long_as_a_call_may_hold_it(upto_proxy: Proxy) 
     settings = upto_proxy.settings
     assert exact["maxTimeoutSeconds"] == settings.max_timeout_seconds
     assert upto["maxTimeoutSeconds"] == max(
-        settings.max_timeout_seconds, math.ceil(abandoned_after(settings))
+        settings.max_timeout_seconds, math.ceil(abandoned_after(settings) + settings.upstream_timeout)
     )
 
 
+@pytest.fixture
+def quick_proxy(upto_proxy: Proxy) -> Iterator[Proxy]:
+    """The upto proxy with short waits (1 s for the host, 2 s for a receipt): its permits live
+    45 s, so a stream can outlast one within a test."""
+    configured = upto_proxy.settings.with_overrides(
+        upstream_timeout=1.0, receipt_timeout=2.0, max_timeout_seconds=10
+    )
+    server = serve(create_checked_app(configured))
+    yield Proxy(
+        f"http://127.0.0.1:{server.server_port}", configured, upto_proxy.wallets, upto_proxy.chain, server
+    )
+    server.shutdown()
+
+
 def test_a_stream_that_outlasts_its_permit_is_ended_in_time_and_charged(
-    upto_proxy: Proxy, standin: StandinModel
+    quick_proxy: Proxy, standin: StandinModel
 ) -> None:
-    """A permit signed to end 20 s from now (the client may sign less than the 402 allows): the
-    stream is ended once the remaining time only just covers the settlement, and charged the
-    maximum, since the host's usage had not come yet; the chain took it."""
-    chain, wallets = upto_proxy.chain, upto_proxy.wallets
+    """A permit signed for as short a life as the proxy takes (maxTimeoutSeconds less the 30 s of
+    clock skew): the stream is ended once the rest of the permit's life only just covers one more
+    wait for the host and the settlement, and charged the maximum, since the host's usage had not
+    come yet; the chain took it in time."""
+    chain, wallets = quick_proxy.chain, quick_proxy.wallets
     approve_permit2(chain, wallets.payer)
     standin.behaviour.chunk_delay, standin.behaviour.chunks = 0.5, 40
-    response = upto_proxy.post(body={**BODY, "stream": True})
+    response = quick_proxy.post(body={**BODY, "stream": True})
     challenge = json.loads(base64.b64decode(response.headers["PAYMENT-REQUIRED"]))
-    header = upto_header(wallets.payer_key, challenge, deadline=int(time.time()) + 20)
+    life = offered(response)[1]["maxTimeoutSeconds"] - 30 + 1
+    header = upto_header(wallets.payer_key, challenge, deadline=int(time.time()) + life)
     maximum = int(offered(response)[1]["amount"])
-    before = upto_proxy.balances()
+    before = quick_proxy.balances()
 
     streamed = requests.post(
-        upto_proxy.url + "/v1/chat/completions",
+        quick_proxy.url + "/v1/chat/completions",
         json={**BODY, "stream": True},
         headers={"PAYMENT-SIGNATURE": header},
         timeout=60,
@@ -387,7 +404,101 @@ def test_a_stream_that_outlasts_its_permit_is_ended_in_time_and_charged(
     (comment,) = [e for e in events if e.startswith(": x402-payment-response ")]
     settled = json.loads(base64.b64decode(comment.removeprefix(": x402-payment-response ")))
     assert settled["success"] is True and settled["amount"] == str(maximum)
-    assert moved_since(upto_proxy, before) == maximum
+    assert moved_since(quick_proxy, before) == maximum
+
+
+def test_a_permit_shorter_than_a_call_may_take_is_refused(quick_proxy: Proxy, standin: StandinModel) -> None:
+    approve_permit2(quick_proxy.chain, quick_proxy.wallets.payer)
+    response = quick_proxy.post(body=BODY)
+    challenge = json.loads(base64.b64decode(response.headers["PAYMENT-REQUIRED"]))
+    life = offered(response)[1]["maxTimeoutSeconds"] - 30 - 2
+    header = upto_header(quick_proxy.wallets.payer_key, challenge, deadline=int(time.time()) + life)
+
+    refused = requests.post(
+        quick_proxy.url + "/v1/chat/completions", json=BODY, headers={"PAYMENT-SIGNATURE": header}, timeout=30
+    )
+
+    assert refused.status_code == 402
+    assert (
+        json.loads(base64.b64decode(refused.headers["PAYMENT-REQUIRED"]))["error"]
+        == "permit2_deadline_too_short"
+    )
+    assert standin.received == []
+
+
+def test_a_json_answer_that_outlasts_its_permit_is_withheld_and_nothing_is_sent(
+    upto_proxy: Proxy, standin: StandinModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the permit's deadline less the time to settle, a settlement could only revert (and cost
+    the relayer gas): none is sent, the answer is withheld, nothing is charged."""
+    chain = upto_proxy.chain
+    approve_permit2(chain, upto_proxy.wallets.payer)
+    monkeypatch.setattr(UptoGate, "settle_by", lambda self, hold: time.time() - 1)
+    relayer_nonce = chain.rpc.call("eth_getTransactionCount", [upto_proxy.wallets.relayer, "latest"])
+    before = upto_proxy.balances()
+
+    response = upto_session(upto_proxy.wallets.payer_key).post(
+        upto_proxy.url + "/v1/chat/completions", json=BODY, timeout=60
+    )
+
+    assert response.status_code == 402 and len(standin.received) == 1
+    assert (
+        json.loads(base64.b64decode(response.headers["PAYMENT-REQUIRED"]))["error"]
+        == "permit2_deadline_expired"
+    )
+    assert moved_since(upto_proxy, before) == 0
+    assert chain.rpc.call("eth_getTransactionCount", [upto_proxy.wallets.relayer, "latest"]) == relayer_nonce
+
+
+def test_a_stream_without_a_final_blank_line_still_ends_in_readable_comments(
+    upto_proxy: Proxy, standin: StandinModel
+) -> None:
+    approve_permit2(upto_proxy.chain, upto_proxy.wallets.payer)
+    standin.behaviour.unterminated = True
+    body = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+    response = upto_session(upto_proxy.wallets.payer_key).post(
+        upto_proxy.url + "/v1/chat/completions", json=body, timeout=60
+    )
+    events = sse_events(response.text)
+    usage = json.loads(events[-3].removeprefix("data: "))["usage"]  # the host's last event, closed
+    assert events[-2].startswith(": x402-payment-response ") and events[-1].startswith(": x402-receipt ")
+    settled = json.loads(base64.b64decode(events[-2].removeprefix(": x402-payment-response ")))
+    assert settled["success"] is True and int(settled["amount"]) == usage_price(upto_proxy, usage)
+
+
+def test_a_forged_payer_costs_no_debt_collection(
+    upto_proxy: Proxy, standin: StandinModel, redis_client: redis.Redis
+) -> None:
+    """A header naming someone else as ``from`` with a signature only the chain could judge (not 65
+    bytes) is refused by the on-chain check before that payer's debts are touched."""
+    chain, wallets = upto_proxy.chain, upto_proxy.wallets
+    approve_permit2(chain, wallets.payer)
+    debt = debt_key(8453, upto_proxy.settings.asset, wallets.payer)
+    redis_client.hset(
+        debt, "x402:{p0}:permit2:8453:x:y:1", f"5:{wallets.relayer}:{int(time.time()) + 600}:00"
+    )
+    challenge = json.loads(base64.b64decode(upto_proxy.post(body=BODY).headers["PAYMENT-REQUIRED"]))
+    wire = json.loads(base64.b64decode(upto_header(Wallets.fresh().payer_key, challenge)))
+    wire["payload"]["permit2Authorization"]["from"] = wallets.payer
+    wire["payload"]["signature"] += "00"  # 66 bytes: left to the chain (EIP-1271)
+    relayer_nonce = chain.rpc.call("eth_getTransactionCount", [wallets.relayer, "latest"])
+
+    refused = requests.post(
+        upto_proxy.url + "/v1/chat/completions",
+        json=BODY,
+        headers={"PAYMENT-SIGNATURE": _encode(wire)},
+        timeout=30,
+    )
+
+    assert refused.status_code == 402
+    assert json.loads(base64.b64decode(refused.headers["PAYMENT-REQUIRED"]))["error"] == "upto_payer_in_debt"
+    assert chain.rpc.call("eth_getTransactionCount", [wallets.relayer, "latest"]) == relayer_nonce
+    assert standin.received == []
+    redis_client.delete(debt)
+
+
+def _encode(wire: dict[str, Any]) -> str:
+    return base64.b64encode(json.dumps(wire).encode()).decode()
 
 
 def permit_key_of(proxy: Proxy, response: requests.Response) -> str:
@@ -514,3 +625,56 @@ def test_a_contract_wallet_pays_upto_through_eip1271(upto_proxy: Proxy, standin:
     reason = json.loads(base64.b64decode(refused.headers["PAYMENT-REQUIRED"]))["error"]
     assert reason == "invalid_upto_evm_transaction_simulation_failed"
     assert len(standin.received) == calls
+
+
+def send_as(chain: DevChain, sender: str, to: str, data: bytes) -> None:
+    """A transaction from ``sender`` through anvil's impersonation (with gas money set first)."""
+    chain.set_eth(sender, 10**18)
+    chain.rpc.call("anvil_impersonateAccount", [sender])
+    try:
+        tx_hash = chain.rpc.call(
+            "eth_sendTransaction", [{"from": sender, "to": to, "data": "0x" + data.hex()}]
+        )
+        deadline = time.monotonic() + 10
+        while chain.rpc.call("eth_getTransactionReceipt", [tx_hash]) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        chain.rpc.call("anvil_stopImpersonatingAccount", [sender])
+
+
+def test_the_chain_refuses_a_used_permit2_nonce_and_a_short_balance(
+    upto_proxy: Proxy, standin: StandinModel
+) -> None:
+    chain, payer = upto_proxy.chain, upto_proxy.wallets.payer
+    approve_permit2(chain, payer)
+    challenge = json.loads(base64.b64decode(upto_proxy.post(body=BODY).headers["PAYMENT-REQUIRED"]))
+    header = upto_header(upto_proxy.wallets.payer_key, challenge)
+    nonce = int(json.loads(base64.b64decode(header))["payload"]["permit2Authorization"]["nonce"])
+    invalidate = selector("invalidateUnorderedNonces(uint256,uint256)") + encode(
+        ["uint256", "uint256"], [nonce >> 8, 1 << (nonce & 0xFF)]
+    )
+    send_as(chain, payer, PERMIT2_ADDRESS, invalidate)  # the payer cancels the permit on chain
+
+    used = requests.post(
+        upto_proxy.url + "/v1/chat/completions", json=BODY, headers={"PAYMENT-SIGNATURE": header}, timeout=30
+    )
+
+    assert (
+        json.loads(base64.b64decode(used.headers["PAYMENT-REQUIRED"]))["error"]
+        == "permit2_nonce_already_used"
+    )
+    maximum = int(offered(upto_proxy.post(body=BODY))[1]["amount"])
+    balance = chain.balance(payer)
+    transfer = selector("transfer(address,uint256)") + encode(
+        ["address", "uint256"], [upto_proxy.wallets.pay_to, balance - maximum + 1]
+    )
+    send_as(chain, payer, chain.token, transfer)  # one atomic unit short of the maximum
+    short = upto_session(upto_proxy.wallets.payer_key).post(
+        upto_proxy.url + "/v1/chat/completions", json=BODY, timeout=30
+    )
+    assert (
+        json.loads(base64.b64decode(short.headers["PAYMENT-REQUIRED"]))["error"]
+        == "permit2_insufficient_balance"
+    )
+    assert standin.received == []

@@ -547,3 +547,46 @@ def test_a_redeemed_payment_settled_again_for_its_stream_is_one_settled_event(le
     assert ledger.transition(KEY, ("settling", "settled"), "settled")  # the stream starts
     assert ledger.transition(KEY, ("settled",), "served")
     assert [e["event"] for e in ledger.events()] == ["served", "redeemable", "settled"]
+
+
+EXPOSURE = "x402:{payer:8453:0xa:0xb}:exposure"
+
+
+def test_calls_in_flight_never_hold_more_than_the_payer_can_pay(ledger: Ledger) -> None:
+    now = int(time.time())
+    assert ledger.hold_exposure(EXPOSURE, "a", 60, now + 300, 100) == (True, 0)
+    assert ledger.hold_exposure(EXPOSURE, "b", 50, now + 300, 100) == (False, 60)
+    assert ledger.hold_exposure(EXPOSURE, "b", 40, now + 300, 100) == (True, 60)
+    assert ledger.hold_exposure(EXPOSURE, "a", 60, now + 300, 100) == (True, 40)  # the same permit again
+    ledger.release_exposure(EXPOSURE, "a")
+    assert ledger.hold_exposure(EXPOSURE, "c", 60, now + 300, 100) == (True, 40)
+
+
+def test_a_short_hold_never_shortens_the_life_of_a_long_one(
+    ledger: Ledger, client: fakeredis.FakeRedis
+) -> None:
+    now = int(time.time())
+    assert ledger.hold_exposure(EXPOSURE, "long", 60, now + 300, 100)[0]
+    long_ttl = client.ttl(EXPOSURE)
+    assert ledger.hold_exposure(EXPOSURE, "short", 10, now + 8, 100)[0]
+    assert client.ttl(EXPOSURE) >= long_ttl - 1  # the hash outlives its longest hold
+    assert ledger.hold_exposure(EXPOSURE, "late", 40, now + 300, 100) == (False, 70)
+
+
+def test_a_hold_past_its_time_no_longer_counts(ledger: Ledger) -> None:
+    now = int(time.time())
+    assert ledger.hold_exposure(EXPOSURE, "old", 90, now - 1, 100)[0]
+    assert ledger.hold_exposure(EXPOSURE, "new", 90, now + 300, 100) == (True, 0)
+
+
+def test_an_eip2612_permit_in_flight_caps_every_other_call(ledger: Ledger) -> None:
+    """An EIP-2612 permit *sets* the allowance to its value when its call settles: while it is in
+    flight no call may count on more (here the chain showed 1000 of allowance)."""
+    now = int(time.time())
+    assert ledger.hold_exposure(EXPOSURE, "with-permit", 60, now + 300, 1000, cap=100) == (True, 0)
+    assert ledger.hold_exposure(EXPOSURE, "other", 50, now + 300, 1000) == (False, 60)
+    assert ledger.hold_exposure(EXPOSURE, "other", 40, now + 300, 1000) == (True, 60)
+    ledger.release_exposure(EXPOSURE, "with-permit")
+    ledger.release_exposure(EXPOSURE, "other")
+    assert ledger.hold_exposure(EXPOSURE, "first", 80, now + 300, 1000) == (True, 0)
+    assert ledger.hold_exposure(EXPOSURE, "capped", 60, now + 300, 1000, cap=100) == (False, 80)

@@ -20,6 +20,7 @@ from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.upto import UptoEvmClientScheme
 from x402.schemas import PaymentRequirements
 
+from app.x402.checks import match_requirement
 from app.x402.codec import encode_header
 from app.x402.upto import (
     PERMIT2_ADDRESS,
@@ -183,6 +184,14 @@ def test_each_term_has_its_reason(changes: dict[str, Any], reason: str) -> None:
     assert check_permit(with_auth(**changes), REQUIREMENT, int(time.time())).verdict.reason == reason
 
 
+def test_a_permit_must_outlive_the_call() -> None:
+    now = int(time.time())
+    short = with_auth(deadline=now + REQUIREMENT.max_timeout_seconds - 31)  # beyond the clock skew
+    assert check_permit(short, REQUIREMENT, now).verdict.reason == upto.DEADLINE_TOO_SHORT
+    skewed = with_auth(deadline=now + REQUIREMENT.max_timeout_seconds - 30)
+    assert check_permit(skewed, REQUIREMENT, now).verdict.reason != upto.DEADLINE_TOO_SHORT
+
+
 def test_a_non_canonical_signature_is_refused_and_a_foreign_one_is_left_to_the_chain() -> None:
     payment = parse_upto_payment(official_wire())
     high_s = payment.signature[:32] + (2**256 - 1).to_bytes(32, "big") + payment.signature[64:]
@@ -237,3 +246,12 @@ def test_the_eip2612_permit_is_read_beside_other_extensions_and_checked() -> Non
         assert check_permit(bad, REQUIREMENT, int(time.time())).verdict.reason == reason
     with pytest.raises(Invalid):
         parse_upto_payment({**official_wire(), "extensions": eip2612_extension(signature="0xabcd")})
+
+
+def test_the_facilitator_address_matches_in_any_letter_case() -> None:
+    wire = official_wire()
+    wire["accepted"]["extra"]["facilitatorAddress"] = RELAYER.upper().replace("0X", "0x")
+    payment = parse_upto_payment(wire)
+    assert match_requirement(payment, REQUIREMENT)
+    wire["accepted"]["extra"]["facilitatorAddress"] = "0x" + "44" * 20
+    assert match_requirement(parse_upto_payment(wire), REQUIREMENT).reason == "invalid_payment_requirements"

@@ -15,6 +15,7 @@ RECIPIENT_MISMATCH = "invalid_permit2_recipient_mismatch"
 FACILITATOR_MISMATCH = "upto_facilitator_mismatch"
 DEADLINE_EXPIRED = "permit2_deadline_expired"
 DEADLINE_TOO_FAR = "permit2_deadline_too_far"
+DEADLINE_TOO_SHORT = "permit2_deadline_too_short"
 NOT_YET_VALID = "permit2_not_yet_valid"
 AMOUNT_MISMATCH = "permit2_amount_mismatch"
 TOKEN_MISMATCH = "permit2_token_mismatch"
@@ -46,6 +47,11 @@ def _terms(payment: UptoPayment, requirement: Requirement, now: int) -> Verdict:
         return reject(DEADLINE_EXPIRED, "the permit expires too soon or has expired")
     if auth.deadline > now + requirement.max_timeout_seconds + MAX_CLOCK_SKEW:
         return reject(DEADLINE_TOO_FAR, "deadline is further ahead than maxTimeoutSeconds allows")
+    if auth.deadline < now + requirement.max_timeout_seconds - MAX_CLOCK_SKEW:
+        return reject(
+            DEADLINE_TOO_SHORT,
+            "the permit must live for the whole call and its settlement: deadline = now + maxTimeoutSeconds",
+        )
     if auth.valid_after > now:
         return reject(NOT_YET_VALID, "witness.validAfter is in the future")
     if auth.amount != requirement.amount:
@@ -76,8 +82,9 @@ def _permit2612_terms(payment: UptoPayment, now: int) -> Verdict:
 
 
 def check_permit(payment: UptoPayment, requirement: Requirement, now: int) -> OfflineCheck:
-    """Spender, recipient, facilitator, deadline (unix seconds: at least ``MIN_VALIDITY_MARGIN``
-    ahead, at most ``maxTimeoutSeconds + MAX_CLOCK_SKEW``), validAfter, amount (the requirement's
+    """Spender, recipient, facilitator, deadline (unix seconds: ``now + maxTimeoutSeconds``, give or
+    take ``MAX_CLOCK_SKEW``: nothing is pulled before the answer, so the permit must outlive the
+    call; and at least ``MIN_VALIDITY_MARGIN`` ahead), validAfter, amount (the requirement's
     maximum, exactly), token, and the signature's form. A 65-byte signature must be canonical (v
     27/28 or 0/1, low s); ``ecdsa_signer`` says whether it recovers to ``from`` — when it does not
     (or is longer), the payer must be a contract wallet that accepts it (EIP-1271, on chain)."""
