@@ -80,6 +80,14 @@ def usage_price(proxy: Proxy, usage: dict[str, int]) -> int:
     return charge(model, Usage(usage["prompt_tokens"], usage["completion_tokens"]), 10**12)
 
 
+def metric(proxy: Proxy, name: str) -> float:
+    """A sample of ``/metrics`` (the metrics are the process's: read before and after, and compare)."""
+    for line in requests.get(proxy.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def sse_events(text: str) -> list[str]:
     return [event for event in text.split("\n\n") if event.strip()]
 
@@ -121,6 +129,10 @@ def test_ledger_records_authorized_and_charged(
 ) -> None:
     approve_permit2(upto_proxy.chain, upto_proxy.wallets.payer)
     maximum = int(offered(upto_proxy.post(body=BODY))[1]["amount"])
+    charged, authorized = (
+        f'x402_upto_{kind}_atomic_total{{model="{MODEL}"}}' for kind in ("charged", "authorized")
+    )
+    before = metric(upto_proxy, charged), metric(upto_proxy, authorized)
     response = upto_session(upto_proxy.wallets.payer_key).post(
         upto_proxy.url + "/v1/chat/completions", json=BODY, timeout=60
     )
@@ -133,8 +145,8 @@ def test_ledger_records_authorized_and_charged(
     assert [e["event"] for e in mine] == ["served", "settled"]
     for event in mine:
         assert (event["scheme"], event["authorized"], event["amount"]) == ("upto", str(maximum), str(price))
-    metrics = requests.get(upto_proxy.url + "/metrics", timeout=10).text
-    assert f'x402_upto_charged_atomic_total{{model="{MODEL}"}}' in metrics
+    assert metric(upto_proxy, charged) - before[0] == price
+    assert metric(upto_proxy, authorized) - before[1] == maximum
 
 
 def paid_stream(proxy: Proxy, body: dict[str, Any]) -> tuple[list[str], dict[str, Any], int]:
@@ -238,6 +250,7 @@ def test_a_payer_who_revokes_during_a_stream_owes_it_and_is_refused_until_paid(
     approve_permit2(chain, payer)
     standin.behaviour.chunk_delay = 0.3
     before = upto_proxy.balances()
+    debt_before = metric(upto_proxy, f'x402_upto_debt_atomic_total{{model="{MODEL}"}}')
     session = upto_session(upto_proxy.wallets.payer_key)
     body = {**BODY, "stream": True}
 
@@ -257,13 +270,17 @@ def test_a_payer_who_revokes_during_a_stream_owes_it_and_is_refused_until_paid(
     assert refused.status_code == 402
     reason = json.loads(base64.b64decode(refused.headers["PAYMENT-REQUIRED"]))["error"]
     assert reason == "upto_payer_in_debt"
-    metrics = requests.get(upto_proxy.url + "/metrics", timeout=10).text
-    assert f'x402_upto_debt_atomic_total{{model="{MODEL}"}} {owed["amount"]}' in metrics
+    assert metric(upto_proxy, f'x402_upto_debt_atomic_total{{model="{MODEL}"}}') - debt_before == int(
+        owed["amount"]
+    )
 
+    collected_before = metric(upto_proxy, "x402_upto_debt_collected_atomic_total")
     approve_permit2(chain, payer)  # the payer restores the allowance and pays again
     paid = session.post(upto_proxy.url + "/v1/chat/completions", json=BODY, timeout=60)
     assert paid.status_code == 200, paid.text
     assert moved_since(upto_proxy, before) == int(owed["amount"]) + int(settle_response(paid)["amount"])
+    collected = metric(upto_proxy, "x402_upto_debt_collected_atomic_total") - collected_before
+    assert collected == int(owed["amount"])
     header = streamed.request.headers["PAYMENT-SIGNATURE"]
     record = json.loads(base64.b64decode(header))["payload"]["permit2Authorization"]
     key = permit_key(8453, upto_proxy.settings.asset, payer, int(record["nonce"]))
