@@ -3,7 +3,7 @@
     python -m benchmarks [--only challenge,stream] [--skip memory] [--no-profile]
 
 Each benchmark also runs alone: ``python -m benchmarks.<name>`` (challenge, paid_latency, throughput,
-stream, verify_cpu, io_counts, memory, phases). A benchmark that crashes is reported as a FAIL row
+stream, verify_cpu, io_counts, memory, phases, upto). A benchmark that crashes is reported as a FAIL row
 with its error, and the others still run. Everything is on loopback and stops by itself.
 """
 
@@ -57,6 +57,7 @@ BENCHMARKS: dict[str, Callable[[], list[Row]]] = {
     "io_counts": _io_counts,
     "memory": _module("memory"),
     "phases": _phases,
+    "upto": _module("upto"),
 }
 
 

@@ -42,7 +42,6 @@ About 60 s on 2 cores with the defaults (90–100 s with ``--aof``). Needs ``red
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
@@ -64,6 +63,7 @@ from .harness import (
     CpuMeter,
     Devnet,
     Gunicorn,
+    LoadParser,
     Row,
     devnet,
     median,
@@ -428,18 +428,19 @@ def run(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = LoadParser(
+        __doc__,
+        SECONDS,
+        CLIENTS,
+        ROUNDS,
+        "measured seconds per run",
+        "concurrent paying clients",
+        "runs per setup, in ABBA order",
     )
-    parser.add_argument("--seconds", type=float, default=SECONDS, help="measured seconds per run")
-    parser.add_argument("--clients", type=int, default=CLIENTS, help="concurrent paying clients")
-    parser.add_argument("--rounds", type=int, default=ROUNDS, help="runs per setup, in ABBA order")
     parser.add_argument(
         "--aof", action="store_true", help="also run on a cluster left with appendfsync always"
     )
-    args = parser.parse_args()
-    if args.rounds < 1 or args.seconds <= 0 or args.clients < 1:
-        parser.error("--rounds and --clients must be at least 1, --seconds above 0")
+    args = parser.parse_checked()
     started = time.monotonic()
     setups = measure_all(args.seconds, args.clients, args.rounds, args.aof)
     print(comparison(setups, args.clients))

@@ -6,6 +6,7 @@ own process group, so its workers go with it). Nothing here loops without a coun
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -102,6 +103,45 @@ def median(samples: list[float]) -> float:
     return statistics.median(samples) if samples else float("nan")
 
 
+# --- command line ---------------------------------------------------------------------------------
+
+
+class LoadParser(argparse.ArgumentParser):
+    """The command line of a load benchmark's ``main``: its docstring as the description, and
+    ``--seconds``, ``--clients`` and ``--rounds`` with these defaults and help texts."""
+
+    def __init__(
+        self,
+        description: str | None,
+        seconds: float,
+        clients: int,
+        rounds: int,
+        seconds_help: str | None = None,
+        clients_help: str | None = None,
+        rounds_help: str | None = None,
+    ) -> None:
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.add_argument("--seconds", type=float, default=seconds, help=seconds_help)
+        self.add_argument("--clients", type=int, default=clients, help=clients_help)
+        self.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
+
+    def parse_checked(
+        self, counts: Sequence[str] = (), named: str = "--rounds and --clients"
+    ) -> argparse.Namespace:
+        """The arguments, refused unless ``--rounds``, ``--clients`` and the options ``counts`` (their
+        ``dest``) are at least 1 and ``--seconds`` above 0 (``named``: how the message names the
+        counted options)."""
+        args = self.parse_args()
+        if (
+            args.rounds < 1
+            or args.seconds <= 0
+            or args.clients < 1
+            or any(getattr(args, c) < 1 for c in counts)
+        ):
+            self.error(f"{named} must be at least 1, --seconds above 0")
+        return args
+
+
 # --- devnet ---------------------------------------------------------------------------------------
 
 
@@ -163,7 +203,10 @@ class ChainReset:
         return int(self.dev.chain.rpc.call("eth_blockNumber", []), 16)
 
     def reset(self) -> None:
-        """``evm_revert`` to the snapshot (which that uses up) and take a new one of the same state."""
+        """Empty anvil's transaction pool (``evm_revert`` keeps it: a settlement still queued from the
+        last run would be mined again on the reverted chain), ``evm_revert`` to the snapshot (which
+        that uses up) and take a new one of the same state."""
+        self.dev.chain.rpc.call("anvil_dropAllTransactions", [])
         reverted = self.dev.chain.rpc.call("evm_revert", [self.snapshot])
         if reverted is not True or self._block() != self.block:
             raise RuntimeError(f"anvil did not go back to block {self.block} (evm_revert: {reverted!r})")

@@ -29,6 +29,10 @@ class LoadResult:
     def rate(self) -> float:
         return self.ok / self.elapsed if self.elapsed else 0.0
 
+    def answered(self, response: requests.Response) -> None:
+        """Called by ``paid_load``, under its lock, for every call answered 200: a subclass reads
+        more of the answer here (``benchmarks.upto.ChargedLoad``: its ``PAYMENT-RESPONSE``)."""
+
 
 def paid_load(
     url: str,
@@ -37,10 +41,12 @@ def paid_load(
     seconds: float | None = None,
     body: Any = None,
     timeout: float = 30.0,
+    result: LoadResult | None = None,
 ) -> LoadResult:
-    """Run until ``seconds`` have passed (None: until every header is used); one call per header."""
+    """Run until ``seconds`` have passed (None: until every header is used); one call per header.
+    ``result``: an empty ``LoadResult`` (of a subclass) to fill and return, instead of a new one."""
     body = CHAT_BODY if body is None else body
-    result = LoadResult()
+    result = LoadResult() if result is None else result
     lock = threading.Lock()
     position = {"next": 0}
     started = time.perf_counter()
@@ -74,6 +80,7 @@ def paid_load(
                     if status == 200:
                         result.ok += 1
                         result.latencies.append(t1 - t0)
+                        result.answered(response)
                     elif len(result.errors) < 5:
                         result.errors.append(f"{status}: {detail}")
         finally:

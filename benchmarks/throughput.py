@@ -19,11 +19,10 @@ pooled (calls/s = all calls / all seconds).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .harness import (
     CHAT_PATH,
@@ -31,6 +30,7 @@ from .harness import (
     CpuMeter,
     Devnet,
     Gunicorn,
+    LoadParser,
     Row,
     cpu_per_call_text,
     devnet,
@@ -219,9 +219,29 @@ def run(seconds: float = 15.0, clients: int = 16, only: str | None = None, round
     return rows
 
 
-def settlement_rows(bench: str, r: Run) -> list[Row]:
+class Settled(Protocol):
+    """A run whose answered calls are checked against the chain: ``Run`` here, ``upto.Run``."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def load(self) -> LoadResult: ...
+
+    @property
+    def settled_once(self) -> bool: ...
+
+    def check_text(self) -> str: ...
+
+
+def settlement_rows(
+    bench: str,
+    r: Settled,
+    figure: str = "settled once on chain",
+    goal: str = "n x price, nonce +n",
+) -> list[Row]:
     """A FAIL row when some of ``r``'s calls were not answered 200, and whether every answered call
-    was settled exactly once on chain."""
+    was settled exactly once on chain (``figure``, ``goal``: how the benchmark words that check)."""
     rows = []
     failed = failed_answers_row(bench, r.load.statuses, r.load.errors)
     if failed is not None:
@@ -230,9 +250,9 @@ def settlement_rows(bench: str, r: Run) -> list[Row]:
     rows.append(
         Row(
             bench,
-            f"settled once on chain ({r.name})",
+            f"{figure} ({r.name})",
             "yes" if r.settled_once else "NO",
-            goal="n x price, nonce +n",
+            goal=goal,
             passed=r.settled_once,
             note=r.check_text(),
         )
@@ -241,16 +261,9 @@ def settlement_rows(bench: str, r: Run) -> list[Row]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=1, help="runs per stack, in ABBA order")
+    parser = LoadParser(__doc__, 15.0, 16, 1, rounds_help="runs per stack, in ABBA order")
     parser.add_argument("--only", choices=list(STACKS))
-    args = parser.parse_args()
-    if args.rounds < 1 or args.seconds <= 0 or args.clients < 1:
-        parser.error("--rounds and --clients must be at least 1, --seconds above 0")
+    args = parser.parse_checked()
     print_table(run(args.seconds, args.clients, args.only, args.rounds))
 
 
