@@ -42,6 +42,8 @@ from app.payments.receipts import Receipt
 from app.payments.upto import UptoGate
 from app.settings import DEFAULT_CATALOG, Settings
 from app.x402.upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPayment, parse_upto_header
+from tests.integration.test_settlement_engine import proxy_with
+from tests.rpc_proxy import FaultyRpc
 from tests.support import (
     CHAT_BODY,
     Proxy,
@@ -68,11 +70,8 @@ def catalog_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def upto_proxy(settings: Settings, wallets: Wallets, chain: DevChain, catalog_file: Path) -> Iterator[Proxy]:
-    configured = settings.with_overrides(catalog_path=catalog_file)
-    server = serve(create_checked_app(configured))
-    yield Proxy(f"http://127.0.0.1:{server.server_port}", configured, wallets, chain, server)
-    server.shutdown()
+def upto_proxy(proxy: Proxy, catalog_file: Path) -> Iterator[Proxy]:
+    yield from proxy_with(proxy, catalog_path=catalog_file)
 
 
 def usage_price(proxy: Proxy, usage: dict[str, int]) -> int:
@@ -381,14 +380,7 @@ def test_the_upto_permit_lives_as_long_as_a_call_may_hold_it(upto_proxy: Proxy) 
 def quick_proxy(upto_proxy: Proxy) -> Iterator[Proxy]:
     """The upto proxy with short waits (1 s for the host, 2 s for a receipt): its permits live
     45 s, so a stream can outlast one within a test."""
-    configured = upto_proxy.settings.with_overrides(
-        upstream_timeout=1.0, receipt_timeout=2.0, max_timeout_seconds=10
-    )
-    server = serve(create_checked_app(configured))
-    yield Proxy(
-        f"http://127.0.0.1:{server.server_port}", configured, upto_proxy.wallets, upto_proxy.chain, server
-    )
-    server.shutdown()
+    yield from proxy_with(upto_proxy, upstream_timeout=1.0, receipt_timeout=2.0, max_timeout_seconds=10)
 
 
 def test_a_stream_that_outlasts_its_permit_is_ended_in_time_and_charged(
@@ -695,3 +687,30 @@ def test_the_chain_refuses_a_used_permit2_nonce_and_a_short_balance(
         == "permit2_insufficient_balance"
     )
     assert standin.received == []
+
+
+def test_a_json_answer_whose_receipt_is_late_goes_out_pending_and_reconcile_settles_it(
+    upto_proxy: Proxy, standin: StandinModel, faulty: FaultyRpc, redis_client: redis.Redis
+) -> None:
+    """The charge was sent but no receipt came in time: the answer goes out (the host did the work,
+    the transaction is on its way) with ``PAYMENT-RESPONSE`` success false, ``settlement_pending``;
+    the permit is ``pending`` with what collects it, and ``reconcile`` makes it served once the chain
+    shows the charge."""
+    approve_permit2(upto_proxy.chain, upto_proxy.wallets.payer)
+    faulty.hide_receipts = True
+    for late in proxy_with(upto_proxy, rpc_urls=(faulty.url,), receipt_timeout=1.0):
+        response = upto_session(late.wallets.payer_key).post(
+            late.url + "/v1/chat/completions", json=BODY, timeout=60
+        )
+        assert response.status_code == 200 and response.json()["choices"]
+        settled = settle_response(response)
+        assert (settled["success"], settled["errorReason"]) == (False, "settlement_pending")
+        key = permit_key_of(late, response)
+        record = {k.decode(): v.decode() for k, v in redis_client.hgetall(key).items()}
+        assert (
+            record["state"] == "pending" and record["calldata"] and record["relayer"] == late.wallets.relayer
+        )
+        faulty.hide_receipts = False
+        ledger, chain = Ledger(Store(client=redis_client)), Chain(late.settings)
+        (finding,) = [f for f in reconcile(ledger, chain, late.settings, 3600) if f.key == key]
+        assert finding.resolved == "served"
