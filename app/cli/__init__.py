@@ -156,8 +156,11 @@ def cmd_verify_receipt(args: argparse.Namespace) -> int:
     if not verdict:
         print(f"INVALID ({verdict.reason}): {verdict.detail}")
         return 1
+    charged = (
+        f" (upto: of at most {usdc(receipt.authorized)}, usage {receipt.usage})" if receipt.usage else ""
+    )
     print(
-        f"valid: {usdc(receipt.amount)} from {receipt.payer} for {receipt.model}, tx {receipt.tx}, "
+        f"valid: {usdc(receipt.amount)}{charged} from {receipt.payer} for {receipt.model}, tx {receipt.tx}, "
         f"signed by {address} at {receipt.time}"
     )
     return 0

@@ -68,17 +68,19 @@ def cmd_devnet(args: argparse.Namespace) -> int:
         chain = DevChain(anvil.url)
         prepare_chain(chain, wallets, 100 * USDC_UNIT)
         redis_service = start_redis()
+        if redis_service:
+            services.append(redis_service)
         overrides = {
             "X402_PAY_TO": wallets.pay_to,
             "X402_RPC_URLS": anvil.url,
-            "X402_RELAYER_KEY": wallets.relayer_key,
+            "X402_RELAYER_KEY": wallets.relayer_key,  # the devnet's own, funded relayer
+            "X402_RELAYER_KEYS": "",
+            "X402_RELAYER_KEYS_FILE": "",
             "REDIS_URL": redis_service.url if redis_service else "redis://in-process",
             "X402_NETWORK": "eip155:8453",
         }
         settings = Settings.from_env(overrides=overrides)
-        if redis_service:
-            services.append(redis_service)
-        else:
+        if not redis_service:
             print(
                 "WARNING: redis-server not found; using an in-process fake Redis (one process only, "
                 "nothing persists). Install redis-server for a real set-up.",

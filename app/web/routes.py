@@ -28,6 +28,7 @@ from app.payments.errors import ApiError
 from app.payments.outcomes import PaymentRequired
 from app.payments.receipts import sha256_hex
 from app.payments.serve import PaidCall, serve
+from app.payments.upto import UptoGate
 from app.web import services
 from app.web.edge import client_gone
 from app.x402.challenge import ERROR_DETAIL_HEADER
@@ -269,8 +270,6 @@ def well_known() -> Response:
             "x402Version": 2,
             "scheme": "exact" if "exact" in settings.schemes else "upto",
             "schemes": list(settings.schemes),
-            # upto: the relayers a permit may name as facilitator (each 402 names one, in turn)
-            "facilitatorAddresses": list(upto.settler.addresses) if upto is not None else [],
             "network": settings.network.caip2,
             "asset": settings.asset,
             "extra": {"name": settings.asset_name, "version": settings.asset_version},
@@ -278,8 +277,19 @@ def well_known() -> Response:
             "maxTimeoutSeconds": settings.max_timeout_seconds,
             "receiptAddress": receipt_address,
             "resources": resources,
+            **({"upto": _upto_terms(upto)} if upto is not None else {}),
         }
     )
+
+
+def _upto_terms(upto: UptoGate) -> dict[str, Any]:
+    """How ``upto`` differs from the top level's ``exact`` terms: the permit's life, and the relayers
+    a permit may name as facilitator (each 402 names one, in turn)."""
+    return {
+        "maxTimeoutSeconds": upto.max_timeout_seconds,
+        "assetTransferMethod": "permit2",
+        "facilitatorAddresses": list(upto.settler.addresses),
+    }
 
 
 @bp.get("/v1/models")

@@ -48,6 +48,26 @@ def test_devnet_demo_makes_a_paid_call_and_moves_the_price() -> None:
     assert "WARNING" not in result.stderr  # redis-server is installed here, so no fake Redis
 
 
+def test_devnet_runs_its_own_relayer_whatever_relayer_keys_the_environment_holds() -> None:
+    key = "0x" + os.urandom(32).hex()
+    result = run_devnet_demo({**os.environ, "X402_UPSTREAM_API_KEY": "", "X402_RELAYER_KEYS": key})
+    assert result.returncode == 0, result.stderr
+    assert "paid call → HTTP 200" in result.stdout
+
+
+def test_devnet_refused_by_its_settings_leaves_no_redis_server_behind() -> None:
+    def redis_servers() -> set[str]:
+        return set(
+            subprocess.run(["pgrep", "-f", "redis-server"], capture_output=True, text=True).stdout.split()
+        )
+
+    before = redis_servers()
+    result = run_devnet_demo({**os.environ, "X402_UPSTREAM_API_KEY": "", "X402_SCHEMES": "bogus"})
+    assert result.returncode == 1 and "X402_SCHEMES" in result.stderr
+    time.sleep(0.5)
+    assert redis_servers() - before == set()
+
+
 def test_devnet_stopped_with_sigterm_leaves_no_child_process() -> None:
     """`kill`, `timeout` and supervisors send SIGTERM: anvil, redis-server and the rest stop too."""
     devnet = subprocess.Popen(

@@ -23,6 +23,10 @@ import redis
 import requests
 from eth_abi import encode
 from eth_account import Account
+from x402 import x402ClientSync
+from x402.http.clients import wrapRequestsWithPayment
+from x402.mechanisms.evm import EthAccountSignerWithRPC
+from x402.mechanisms.evm.upto import UptoEvmClientScheme
 
 from app import create_checked_app
 from app.backends.chain import Chain
@@ -320,7 +324,12 @@ def test_eip2612_gas_sponsoring_lets_a_payer_without_allowance_pay_without_gas(
     assert int(chain.rpc.call("eth_getBalance", [payer, "latest"]), 16) == 0
     before = upto_proxy.balances()
 
-    response = upto_session(upto_proxy.wallets.payer_key, chain.rpc).post(
+    client = x402ClientSync()  # the official signer that reads the chain, as the README says
+    signer = EthAccountSignerWithRPC(
+        Account.from_key(upto_proxy.wallets.payer_key), upto_proxy.settings.rpc_urls[0]
+    )
+    client.register("eip155:*", UptoEvmClientScheme(signer))
+    response = wrapRequestsWithPayment(requests.Session(), client).post(
         upto_proxy.url + "/v1/chat/completions", json=BODY, timeout=60
     )
 
@@ -573,7 +582,7 @@ def test_revenue_counts_what_upto_charged(
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_upto_receipt_binds_the_charge_to_its_usage_and_verifies(
-    upto_proxy: Proxy, standin: StandinModel, tmp_path: Path, stream: bool
+    upto_proxy: Proxy, standin: StandinModel, tmp_path: Path, stream: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
     approve_permit2(upto_proxy.chain, upto_proxy.wallets.payer)
     body = {**BODY, "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
@@ -597,6 +606,8 @@ def test_an_upto_receipt_binds_the_charge_to_its_usage_and_verifies(
     files = ["--request", str(tmp_path / "request.json"), "--response", str(tmp_path / "response")]
     receipt_args = [] if stream else ["--receipt", response.headers["X-Receipt"]]
     assert main(["verify-receipt", *files, *receipt_args, "--proxy", upto_proxy.url]) == 0
+    said = capsys.readouterr().out
+    assert f"usage {receipt.usage}" in said and "upto: of at most" in said
     forged = Receipt.from_header(response.headers["X-Receipt"]) if not stream else receipt
     tampered = dataclasses.replace(forged, amount=forged.amount - 1)
     assert tampered.signer() != forged.signer()  # the charge is signed with its usage
@@ -605,7 +616,13 @@ def test_an_upto_receipt_binds_the_charge_to_its_usage_and_verifies(
 def test_discovery_names_the_schemes_and_the_upto_facilitators(upto_proxy: Proxy) -> None:
     described = requests.get(upto_proxy.url + "/.well-known/x402", timeout=10).json()
     assert described["schemes"] == ["exact", "upto"]
-    assert described["facilitatorAddresses"] == [upto_proxy.wallets.relayer]
+    upto = offered(upto_proxy.post(body=BODY))[1]
+    assert described["upto"] == {
+        "maxTimeoutSeconds": upto["maxTimeoutSeconds"],
+        "assetTransferMethod": "permit2",
+        "facilitatorAddresses": [upto_proxy.wallets.relayer],
+    }
+    assert described["maxTimeoutSeconds"] == upto_proxy.settings.max_timeout_seconds  # exact's
 
 
 def test_a_contract_wallet_pays_upto_through_eip1271(upto_proxy: Proxy, standin: StandinModel) -> None:
