@@ -88,6 +88,7 @@ class Settings:
     settle_first: bool = False
     redis_cluster: str = "auto"  # REDIS_CLUSTER: auto (ask the node), yes, no
     schemes: tuple[str, ...] = ("exact", "upto")  # X402_SCHEMES: what a call may be paid with
+    replay_seconds: int = 600  # X402_REPLAY_SECONDS: how long an answer is kept for its payment id
     # X402_RELAYER_KEYS: every key that settles, in turn (empty: relayer_key alone)
     relayer_keys: tuple[str, ...] = field(default=(), repr=False)
 
@@ -201,6 +202,7 @@ class Settings:
             settle_first=_flag("X402_SETTLE_FIRST", get("X402_SETTLE_FIRST", "0")),
             schemes=schemes,
             relayer_keys=relayer_keys,
+            replay_seconds=_integer("X402_REPLAY_SECONDS", get("X402_REPLAY_SECONDS", "600")),
         )
 
 

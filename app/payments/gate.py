@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -32,6 +33,7 @@ from app.payments.errors import ApiError
 from app.payments.keys import payment_key
 from app.payments.ledger import NEW, REDEEM, RESUME, Claim, Ledger
 from app.payments.outcomes import Offer, Paid, PaymentRequired, Ticket, payment_header
+from app.payments.replay import Replays
 from app.payments.settlement import (
     FAILED,
     NOT_SENT,
@@ -46,6 +48,8 @@ from app.payments.upto import UptoGate
 from app.settings import Settings
 from app.x402.challenge import Resource, build_challenge
 from app.x402.checks import check_authorization, match_requirement
+from app.x402.extensions.payment_identifier import PAYMENT_IDENTIFIER
+from app.x402.extensions.payment_identifier import declaration as payment_identifier_declaration
 from app.x402.upto import EIP2612_GAS_SPONSORING, eip2612_declaration
 from app.x402.verdict import (
     NONCE_USED,
@@ -106,6 +110,9 @@ class Gate:
         )
         # the longest a request can legitimately keep a payment "settling" (receipt + model call)
         self._settling_limit = abandoned_after(settings)
+        # answers kept for payment ids; a first request holds its id as long as an upto call may run
+        running = math.ceil(self._settling_limit + settings.upstream_timeout)
+        self.replays = Replays(ledger.store, settings.replay_seconds, running)
 
     def _executor(self) -> ThreadPoolExecutor:
         """One settlement pool per process (gunicorn may fork workers after the app is built)."""
@@ -151,8 +158,9 @@ class Gate:
         key = (quote.model.name, quote.amount, resource_url, reason, facilitator)
         built = self._challenges.get(key)
         if built is None:  # the same body, URL and reason always give the same 402
+            extensions = {**(extensions or {}), PAYMENT_IDENTIFIER: payment_identifier_declaration()}
             if self.upto is not None:
-                extensions = {**(extensions or {}), EIP2612_GAS_SPONSORING: eip2612_declaration()}
+                extensions[EIP2612_GAS_SPONSORING] = eip2612_declaration()
             description = f"{quote.model.name} call ({'TEE' if quote.model.tee else 'non-TEE'})"
             challenge = build_challenge(
                 self.requirements(quote, facilitator), Resource(resource_url, description), reason, extensions

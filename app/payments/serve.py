@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from app.backends.store import STORE_ERRORS
 from app.backends.upstream import BUYER_ERRORS, UpstreamAnswer, UpstreamFailed, host_error_message
 from app.catalog import Quote
 from app.catalog.usage import StreamUsage, usage_of_answer
@@ -24,12 +25,14 @@ from app.logs import note
 from app.metrics import STREAM_FIRST_BYTE_SECONDS, UPSTREAM_SECONDS
 from app.payments.answers import Answer, error_answer
 from app.payments.errors import ApiError
-from app.payments.gate import Gate
+from app.payments.gate import PAYMENT_IN_PROGRESS, Gate
 from app.payments.outcomes import Paid, PaymentRequired
 from app.payments.receipts import RECEIPT_HEADER, STREAM_RECEIPT_PREFIX, Receipt, sha256_hex
+from app.payments.replay import CONFLICT, DONE, RUNNING, Replays, seal, unseal
 from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED
 from app.payments.upto import Charge, Hold, UptoGate
 from app.x402.challenge import EXPOSED_HEADERS
+from app.x402.extensions.payment_identifier import fingerprint, payment_identifier
 from app.x402.upto import UptoPayment, parse_upto_header
 from app.x402.upto.checks import DEADLINE_EXPIRED, TRANSACTION_FAILED
 from app.x402.verdict import SETTLEMENT_PENDING, UNSUPPORTED_SCHEME, Verdict, reject
@@ -72,7 +75,87 @@ class PaidCall:
 
 def serve(gate: Gate, call: PaidCall) -> Answer:
     """Charge for ``call.quote`` and answer with what the model host gives. Raises
-    ``PaymentRequired`` (answer the 402) or ``ApiError`` (503 and friends)."""
+    ``PaymentRequired`` (answer the 402) or ``ApiError`` (503 and friends; 409 when a payment id
+    was used by another payment). A payment that carries an id (``payment-identifier``) and was
+    answered before gets that answer again, with no second charge (``app.payments.replay``)."""
+    header = call.headers.get(V2_HEADER)
+    payment_id = payment_identifier(header) if header is not None else None
+    if isinstance(payment_id, Verdict):
+        raise PaymentRequired(payment_id)
+    if header is None or payment_id is None:
+        return _serve(gate, call)
+    return _served_once(gate, call, header, payment_id)
+
+
+def _served_once(gate: Gate, call: PaidCall, header: str, payment_id: str) -> Answer:
+    """The payment path under a payment id: a kept answer is replayed; otherwise the call is served
+    and its answer (a stream too, whole, once it ended) kept, encrypted, for the id's retries."""
+    fp = fingerprint(header, call.request_sha256)
+    replays = gate.replays
+    try:
+        seen = replays.begin(payment_id, fp)
+    except STORE_ERRORS as exc:
+        raise ApiError(503, "ledger_unavailable", "payment ledger unavailable; nothing was charged") from exc
+    if seen.outcome == CONFLICT:
+        raise ApiError(
+            409,
+            "payment_identifier_conflict",
+            "this payment id was used by another payment or body; nothing was charged",
+        )
+    if seen.outcome == RUNNING:
+        raise ApiError(
+            503,
+            PAYMENT_IN_PROGRESS,
+            "this payment id is being served by another request; retry shortly",
+            {"Retry-After": "1"},
+        )
+    if seen.outcome == DONE:
+        note(outcome="replayed")
+        return unseal(seen.blob, header, fp, payment_id)
+    try:
+        answer = _serve(gate, call)
+    except BaseException:
+        _forget(replays, payment_id, fp)
+        raise
+    if answer.status >= 400:
+        _forget(replays, payment_id, fp)  # not an answer to keep: a retry takes the payment path again
+        return answer
+    if isinstance(answer.body, bytes):
+        _keep(replays, answer, answer.body, header, fp, payment_id)
+        return answer
+    return Answer(answer.status, answer.headers, _kept_stream(replays, answer, header, fp, payment_id))
+
+
+def _kept_stream(replays: Replays, answer: Answer, header: str, fp: str, payment_id: str) -> Iterator[bytes]:
+    """Pass the stream on; once it ended cleanly, keep it whole."""
+    sent = bytearray()
+    assert not isinstance(answer.body, bytes)
+    try:
+        for chunk in answer.body:
+            sent += chunk
+            yield chunk
+    except BaseException:
+        _forget(replays, payment_id, fp)
+        raise
+    _keep(replays, answer, bytes(sent), header, fp, payment_id)
+
+
+def _keep(replays: Replays, answer: Answer, body: bytes, header: str, fp: str, payment_id: str) -> None:
+    try:
+        replays.finish(payment_id, fp, seal(answer, body, header, fp, payment_id))
+    except STORE_ERRORS:
+        log.error("could not keep an answer for its payment id")
+
+
+def _forget(replays: Replays, payment_id: str, fp: str) -> None:
+    try:
+        replays.abandon(payment_id, fp)
+    except STORE_ERRORS:  # it expires
+        log.warning("could not release a payment id")
+
+
+def _serve(gate: Gate, call: PaidCall) -> Answer:
+    """The payment path: ``upto`` or ``exact``, then the model host."""
     upto_payment = _upto_payment(call.headers)
     if upto_payment is not None:
         if gate.upto is None:
