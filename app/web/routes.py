@@ -46,6 +46,13 @@ def sent(answer: Answer) -> Response:
 
 
 log = logging.getLogger("x402.routes")
+PING_TEMPLATE = "/v1/models/:model/ping"  # the bazaar's routeTemplate syntax
+INSTRUCTIONS = (
+    "OpenAI-compatible calls to models in confidential VMs, paid per call in USDC on Base with x402 "
+    "(exact, or upto: charged the model's reported usage). POST a chat or completions body; the 402 "
+    "names its price. GET /v1/models lists the models and their prices; the paid ping checks a model's "
+    "host is up."
+)
 BODY_JSON_DEPTH = 64
 
 
@@ -85,9 +92,8 @@ def _quote(make: Callable[[], Quote]) -> Quote:
 def _discovery(route: str, model: str) -> dict[str, Any]:
     """The bazaar discovery extension for one paid route, with an example for this model."""
     if route == "ping":
-        return bazaar_extension(
-            "GET", None, None, {"model": model, "tee": True, "upstream_status": 200, "listed": True}
-        )
+        output = {"model": model, "tee": True, "upstream_status": 200, "listed": True}
+        return bazaar_extension("GET", None, None, output, (PING_TEMPLATE, {"model": model}))
     field = ROUTE_INPUT_FIELDS[route]
     example: dict[str, Any] = {"model": model, "max_tokens": 64}
     example[field] = [{"role": "user", "content": "Hello"}] if field == "messages" else "Hello"
@@ -265,8 +271,14 @@ def well_known() -> Response:
     ]
     receipt_address = str(Account.from_key(settings.receipt_key).address) if settings.receipt_key else None
     upto = services().gate.upto
+    paths = ["POST /v1/chat/completions", "POST /v1/completions"]
+    paths += [f"GET /v1/models/{m.name}/ping" for m in listed]
     return jsonify(
         {
+            # the shape origin crawlers read (x402scan): method and path of each paid resource
+            "version": 1,
+            "resources": paths,
+            "instructions": INSTRUCTIONS,
             "x402Version": 2,
             "scheme": "exact" if "exact" in settings.schemes else "upto",
             "schemes": list(settings.schemes),
@@ -276,7 +288,7 @@ def well_known() -> Response:
             "payTo": settings.pay_to,
             "maxTimeoutSeconds": settings.max_timeout_seconds,
             "receiptAddress": receipt_address,
-            "resources": resources,
+            "listing": resources,  # each paid resource: URL, price rule, models
             **({"upto": _upto_terms(upto)} if upto is not None else {}),
         }
     )

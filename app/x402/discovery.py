@@ -16,8 +16,11 @@ def bazaar_extension(
     body: dict[str, Any] | None,
     body_schema: dict[str, Any] | None,
     output_example: dict[str, Any],
+    route: tuple[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """``{"bazaar": {"info": ..., "schema": ...}}`` for one HTTP resource (``body`` None for GET)."""
+    """``{"bazaar": {"info": ..., "schema": ...}}`` for one HTTP resource (``body`` None for GET).
+    ``route``: (``routeTemplate`` in ``:param`` syntax, this call's path parameters) for a path
+    with parameters, so an index files every model's resource under one template."""
     info_input: dict[str, Any] = {"type": "http", "method": method}
     input_schema: dict[str, Any] = {
         "type": "object",
@@ -33,14 +36,18 @@ def bazaar_extension(
             bodyType={"type": "string", "const": "json"}, body=body_schema or {"type": "object"}
         )
         input_schema["required"] += ["bodyType", "body"]
-    return {
-        "bazaar": {
-            "info": {"input": info_input, "output": {"type": "json", "example": output_example}},
-            "schema": {
-                "$schema": JSON_SCHEMA_DIALECT,
-                "type": "object",
-                "properties": {"input": input_schema, "output": {"type": "object"}},
-                "required": ["input"],
-            },
-        }
+    if route is not None:
+        info_input["pathParams"] = route[1]
+        input_schema["properties"]["pathParams"] = {"type": "object"}
+    bazaar: dict[str, Any] = {
+        "info": {"input": info_input, "output": {"type": "json", "example": output_example}},
+        "schema": {
+            "$schema": JSON_SCHEMA_DIALECT,
+            "type": "object",
+            "properties": {"input": input_schema, "output": {"type": "object"}},
+            "required": ["input"],
+        },
     }
+    if route is not None:
+        bazaar["routeTemplate"] = route[0]
+    return {"bazaar": bazaar}

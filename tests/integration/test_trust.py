@@ -95,15 +95,25 @@ def test_well_known_lists_paid_resources_prices_and_the_receipt_address(proxy: P
     assert discovery["network"] == "eip155:8453" and discovery["payTo"] == proxy.wallets.pay_to
     assert discovery["asset"] == "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
     assert discovery["extra"] == {"name": "USD Coin", "version": "2"}
-    resources = {(r["method"], r["resource"].removeprefix(proxy.url)) for r in discovery["resources"]}
+    resources = {(r["method"], r["resource"].removeprefix(proxy.url)) for r in discovery["listing"]}
+    # the shape origin crawlers (x402scan) read: the same resources as "METHOD /path"
+    assert discovery["version"] == 1 and discovery["instructions"]
+    assert set(discovery["resources"]) == {f"{method} {path}" for method, path in resources}
     assert {
         ("POST", "/v1/chat/completions"),
         ("POST", "/v1/completions"),
         ("GET", "/v1/models/hermes-3-8b-tee/ping"),
     } <= resources
-    chat = next(r for r in discovery["resources"] if r["resource"].endswith("/chat/completions"))
+    chat = next(r for r in discovery["listing"] if r["resource"].endswith("/chat/completions"))
     assert chat["models"][0]["tee"] is True and chat["models"][0]["pricing"]["output_per_million"] > 0
     assert discovery["receiptAddress"] == Account.from_key(proxy.settings.receipt_key).address
+
+
+def test_the_ping_402_files_every_model_under_one_route_template(proxy: Proxy) -> None:
+    unpaid = requests.get(proxy.url + "/v1/models/hermes-3-8b-tee/ping", timeout=10)
+    bazaar = decode_header(unpaid.headers["PAYMENT-REQUIRED"])["extensions"]["bazaar"]
+    assert bazaar["routeTemplate"] == "/v1/models/:model/ping"
+    assert bazaar["info"]["input"]["pathParams"] == {"model": "hermes-3-8b-tee"}
 
 
 def test_402_carries_the_bazaar_discovery_extension_and_stays_small(proxy: Proxy) -> None:
@@ -117,7 +127,8 @@ def test_402_carries_the_bazaar_discovery_extension_and_stays_small(proxy: Proxy
     ping = decode_header(
         requests.get(proxy.url + "/v1/models/hermes-3-8b-tee/ping", timeout=10).headers["PAYMENT-REQUIRED"]
     )
-    assert ping["extensions"]["bazaar"]["info"]["input"] == {"type": "http", "method": "GET"}
+    ping_input = ping["extensions"]["bazaar"]["info"]["input"]
+    assert ping_input == {"type": "http", "method": "GET", "pathParams": {"model": "hermes-3-8b-tee"}}
 
 
 def test_privacy_audit_a_prompt_leaves_no_trace(proxy: Proxy, caplog: pytest.LogCaptureFixture) -> None:
