@@ -1,10 +1,15 @@
 """Signed receipts: the proxy's signature tying a settlement to the exact request and answer.
 
-A receipt names the settlement transaction, payer, amount, model, network, the SHA-256 of the
-request body and of the response body, and the time; the proxy signs it with EIP-191
-(``personal_sign``) using a receipt key that is never the relayer key. A buyer checks it offline
-against the saved request and response and the receipt address the proxy publishes at
-``/.well-known/x402`` (``x402-proxy verify-receipt``).
+A receipt names the settlement transaction, payer, amount charged, model, network, the SHA-256 of
+the request body and of the response body, the time, and for ``upto`` the maximum authorized and
+the usage the amount was priced from. It is EIP-712 typed data that carries its own ``domain``,
+``types`` and ``primaryType`` beside the ``message`` and the ``signature``, so any EIP-712 library
+recovers the signer without this project's code (README, "Trust"). The key is a receipt key, never
+the relayer key; buyers check it offline against the saved bodies and the receipt address published
+at ``/.well-known/x402`` (``x402-proxy verify-receipt``).
+
+The x402 ``offer-receipt`` extension's receipt (``specs/extensions/extension-offer-and-receipt.md``:
+a fixed, smaller type that is not transmitted) is signed too and travels in ``PAYMENT-RESPONSE``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from eth_account import Account
-from eth_account.messages import encode_defunct
+from eth_account.messages import encode_typed_data
 from eth_hash.auto import keccak
 
 from app.x402.codec import decode_header, encode_header
@@ -22,10 +27,40 @@ from app.x402.verdict import ACCEPTED, Verdict, reject
 
 RECEIPT_HEADER = "X-Receipt"
 STREAM_RECEIPT_PREFIX = b": x402-receipt "
-FIELDS = ("tx", "payer", "amount", "model", "network", "request_sha256", "response_sha256", "time")
-# An upto receipt adds the maximum the payer authorized and the usage the amount was priced from
-# ("<prompt tokens>+<completion tokens>", or "unreported": charged the maximum).
-UPTO_FIELDS = (*FIELDS, "authorized", "usage")
+DOMAIN = {"name": "x402-tee-proxy receipt", "version": "3"}  # chainId: the payment's network
+DOMAIN_TYPE = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+]
+RECEIPT_TYPE = [
+    {"name": "tx", "type": "string"},
+    {"name": "payer", "type": "address"},
+    {"name": "amount", "type": "uint256"},
+    {"name": "model", "type": "string"},
+    {"name": "network", "type": "string"},
+    {"name": "requestSha256", "type": "string"},
+    {"name": "responseSha256", "type": "string"},
+    {"name": "time", "type": "uint256"},
+    {"name": "authorized", "type": "uint256"},
+    {"name": "usage", "type": "string"},
+]
+TYPES = {"EIP712Domain": DOMAIN_TYPE, "Receipt": RECEIPT_TYPE}
+MESSAGE_NAMES = {
+    "request_sha256": "requestSha256",
+    "response_sha256": "responseSha256",
+}
+OFFER_RECEIPT = "offer-receipt"
+OFFER_RECEIPT_TYPES = {
+    "EIP712Domain": DOMAIN_TYPE,
+    "Receipt": [
+        {"name": "network", "type": "string"},
+        {"name": "resourceUrl", "type": "string"},
+        {"name": "payer", "type": "string"},
+        {"name": "issuedAt", "type": "uint256"},
+        {"name": "transaction", "type": "string"},
+    ],
+}
 
 
 def sha256_hex(data: bytes) -> str:
@@ -41,68 +76,109 @@ def derived_receipt_key(relayer_key: str) -> str:
     )
 
 
+def _chain_id(network: str) -> int:
+    return int(network.split(":", 1)[1])
+
+
 @dataclass(frozen=True)
 class Receipt:
+    """What the proxy signs about one paid answer. ``amount`` and ``authorized`` in atomic units
+    (``authorized`` 0 for ``exact``), ``time`` unix seconds, the SHA-256s as 64 hex digits
+    (``response_sha256`` "" in the header of a stream: its closing comment carries the full one),
+    ``usage`` "<prompt tokens>+<completion tokens>" or "unreported" (``upto``), "" (``exact``)."""
+
     tx: str
     payer: str
     amount: int
     model: str
     network: str
     request_sha256: str
-    response_sha256: str  # "" in the header of a stream: the final SSE comment carries the full one
+    response_sha256: str
     time: int
     signature: str = ""
-    authorized: int = 0  # upto only: the maximum authorized (atomic units)
-    usage: str = ""  # upto only: the usage ``amount`` was priced from
+    authorized: int = 0
+    usage: str = ""
 
-    @property
-    def fields(self) -> tuple[str, ...]:
-        """The signed fields: ``UPTO_FIELDS`` for an upto receipt, else ``FIELDS``."""
-        return UPTO_FIELDS if self.usage else FIELDS
-
-    def message(self) -> bytes:
-        """The exact text that is signed: one ``name:value`` line per field, in a fixed order (v2 for
-        an upto receipt, which binds the charge to the authorized maximum and the usage)."""
-        version = "v2" if self.usage else "v1"
-        lines = [
-            f"x402-tee-proxy receipt {version}",
-            *(f"{name}:{getattr(self, name)}" for name in self.fields),
-        ]
-        return "\n".join(lines).encode("utf-8")
+    def typed_data(self) -> dict[str, Any]:
+        """The EIP-712 typed data that is signed: ``{domain, types, primaryType, message}``."""
+        fields = {k: v for k, v in asdict(self).items() if k != "signature"}
+        message = {MESSAGE_NAMES.get(k, k): v for k, v in fields.items()}
+        return {
+            "domain": {**DOMAIN, "chainId": _chain_id(self.network)},
+            "types": TYPES,
+            "primaryType": "Receipt",
+            "message": message,
+        }
 
     def signed(self, key: str) -> Receipt:
-        """A copy signed with ``key`` (hex private key) by EIP-191 ``personal_sign`` of ``message()``, the
-        signature 0x-hex; raises ``ValueError`` for a malformed key."""
-        signature = Account.sign_message(encode_defunct(self.message()), key).signature
+        """A copy signed with ``key`` (hex private key) over ``typed_data()`` (EIP-712), the signature
+        0x-hex; raises ``ValueError`` for a malformed key."""
+        signature = Account.sign_message(encode_typed_data(full_message=self.typed_data()), key).signature
         return replace(self, signature="0x" + bytes(signature).hex())
 
     def signer(self) -> str | None:
-        """The checksummed address that signed ``message()``, or None when the signature does not recover."""
+        """The checksummed address that signed ``typed_data()``, or None when the signature does not
+        recover."""
         try:
-            return str(Account.recover_message(encode_defunct(self.message()), signature=self.signature))
+            message = encode_typed_data(full_message=self.typed_data())
+            return str(Account.recover_message(message, signature=self.signature))
         except Exception:
             return None
 
     def to_header(self) -> str:
-        """The ``X-Receipt`` value: base64 of the compact JSON of every signed field and the signature."""
-        values = asdict(self)
-        return encode_header({name: values[name] for name in (*self.fields, "signature")})
+        """The ``X-Receipt`` value: base64 of the compact JSON of ``typed_data()`` and ``signature``."""
+        return encode_header({**self.typed_data(), "signature": self.signature})
 
     @classmethod
     def from_header(cls, text: str) -> Receipt:
         """Parse an ``X-Receipt`` value; raises ``ValueError`` (``MalformedInput`` included) unless it is
-        strict base64 JSON with exactly the receipt's fields, ``TypeError`` when amount or time is null, a
-        list or an object."""
+        strict base64 JSON of this project's typed data (its domain and types exactly) and a
+        signature; ``TypeError`` when a number is null, a list or an object."""
         value: Any = decode_header(text)
-        if not isinstance(value, dict) or set(value) not in (
-            {*FIELDS, "signature"},
-            {*UPTO_FIELDS, "signature"},
-        ):
+        if not isinstance(value, dict) or set(value) != {
+            "domain",
+            "types",
+            "primaryType",
+            "message",
+            "signature",
+        }:
             raise ValueError("not an x402-tee-proxy receipt")
-        if "usage" in value and (not isinstance(value["usage"], str) or not value["usage"]):
-            raise ValueError("an upto receipt names its usage")
-        numbers = {name: int(value[name]) for name in ("amount", "time", "authorized") if name in value}
-        return cls(**{**value, **numbers})
+        message = value["message"]
+        names = {MESSAGE_NAMES.get(f, f): f for f in cls.__dataclass_fields__ if f != "signature"}
+        if not isinstance(message, dict) or set(message) != set(names):
+            raise ValueError("not an x402-tee-proxy receipt")
+        fields = {names[k]: v for k, v in message.items()}
+        numbers = {name: int(fields[name]) for name in ("amount", "time", "authorized")}
+        receipt = cls(**{**fields, **numbers, "signature": value["signature"]})
+        if {k: value[k] for k in ("domain", "types", "primaryType")} != {
+            k: v for k, v in receipt.typed_data().items() if k != "message"
+        }:
+            raise ValueError("a receipt of another domain or schema")
+        return receipt
+
+
+def offer_receipt(
+    network: str, resource_url: str, payer: str, tx: str, issued_at: int, key: str
+) -> dict[str, Any]:
+    """``extensions["offer-receipt"]`` of a successful ``PAYMENT-RESPONSE``: the extension's own
+    EIP-712 receipt (domain ``{name: "x402 receipt", version: "1", chainId}``, its fixed ``Receipt``
+    type, which is not sent), signed with the receipt key."""
+    payload = {
+        "network": network,
+        "resourceUrl": resource_url,
+        "payer": payer,
+        "issuedAt": issued_at,
+        "transaction": tx,
+    }
+    typed = {
+        "domain": {"name": "x402 receipt", "version": "1", "chainId": _chain_id(network)},
+        "types": OFFER_RECEIPT_TYPES,
+        "primaryType": "Receipt",
+        "message": payload,
+    }
+    signature = Account.sign_message(encode_typed_data(full_message=typed), key).signature
+    receipt = {"format": "eip712", "payload": payload, "signature": "0x" + bytes(signature).hex()}
+    return {OFFER_RECEIPT: {"info": {"version": 1, "receipt": receipt}}}
 
 
 def verify_receipt(

@@ -27,11 +27,12 @@ from app.payments.answers import Answer, error_answer
 from app.payments.errors import ApiError
 from app.payments.gate import PAYMENT_IN_PROGRESS, Gate
 from app.payments.outcomes import Paid, PaymentRequired
-from app.payments.receipts import RECEIPT_HEADER, STREAM_RECEIPT_PREFIX, Receipt, sha256_hex
+from app.payments.receipts import RECEIPT_HEADER, STREAM_RECEIPT_PREFIX, Receipt, offer_receipt, sha256_hex
 from app.payments.replay import CONFLICT, DONE, RUNNING, Replays, seal, unseal
 from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED
 from app.payments.upto import Charge, Hold, UptoGate
 from app.x402.challenge import EXPOSED_HEADERS
+from app.x402.codec import decode_header, encode_header
 from app.x402.extensions.payment_identifier import fingerprint, payment_identifier
 from app.x402.upto import UptoPayment, parse_upto_header
 from app.x402.upto.checks import DEADLINE_EXPIRED, TRANSACTION_FAILED
@@ -60,7 +61,8 @@ class PaidCall:
     usage); ``streaming``: the body asked for a stream; ``request_sha256``: hex SHA-256 of the body
     (what a receipt binds); ``started``: ``time.perf_counter()`` at the request's start;
     ``still_there``: False once the buyer has hung up; ``render``: turns the host's body and status
-    into the answer's body (the paid ping), None to pass the body through.
+    into the answer's body (the paid ping), None to pass the body through; ``resource_url``: the
+    URL the buyer called.
     """
 
     quote: Quote
@@ -71,6 +73,7 @@ class PaidCall:
     started: float
     still_there: Callable[[], bool]
     render: Callable[[bytes, int], bytes] | None = None
+    resource_url: str = ""  # what the buyer called (the offer-receipt's resourceUrl)
 
 
 def serve(gate: Gate, call: PaidCall) -> Answer:
@@ -200,7 +203,7 @@ def _whole(gate: Gate, call: PaidCall, paid: Paid, answer: UpstreamAnswer, conte
         gate.served(paid)
     else:
         gate.redeemable(paid)
-    headers = _paid_headers(paid, answer)
+    headers = _paid_headers(gate, call, paid, answer)
     if call.render is not None:
         content, headers["Content-Type"] = call.render(content, answer.status), "application/json"
     key = gate.settings.receipt_key
@@ -217,7 +220,7 @@ def _stream(gate: Gate, call: PaidCall, paid: Paid, answer: UpstreamAnswer) -> A
     except ApiError:
         answer.close()
         raise
-    headers = _paid_headers(paid, answer)
+    headers = _paid_headers(gate, call, paid, answer)
     headers["X-Accel-Buffering"] = "no"
     key = gate.settings.receipt_key
     unsigned = _unsigned_receipt(gate, call, paid)
@@ -279,8 +282,23 @@ def _unsigned_receipt(gate: Gate, call: PaidCall, paid: Paid) -> Receipt:
     )
 
 
-def _paid_headers(paid: Paid, answer: UpstreamAnswer) -> dict[str, str]:
+def _with_offer_receipt(gate: Gate, call: PaidCall, value: str) -> str:
+    """A successful ``PAYMENT-RESPONSE`` value with the ``offer-receipt`` extension's receipt in its
+    ``extensions`` (when receipts are signed: ``X402_RECEIPT_KEY``)."""
+    key = gate.settings.receipt_key
+    settled = decode_header(value)
+    if not key or not isinstance(settled, dict) or settled.get("success") is not True:
+        return value
+    network = gate.settings.network.caip2
+    extension = offer_receipt(
+        network, call.resource_url, str(settled["payer"]), str(settled["transaction"]), int(time.time()), key
+    )
+    return encode_header({**settled, "extensions": extension})
+
+
+def _paid_headers(gate: Gate, call: PaidCall, paid: Paid, answer: UpstreamAnswer) -> dict[str, str]:
     name, value = paid.response_header
+    value = _with_offer_receipt(gate, call, value)
     headers = dict(answer.headers)
     headers.update(
         {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Cache-Control": "no-store, private"}
@@ -373,6 +391,7 @@ def _serve_upto(gate: Gate, upto: UptoGate, call: PaidCall, payment: UptoPayment
     upto.record(hold, result, answered=True)
     reason = "" if result.outcome == SETTLED else SETTLEMENT_PENDING
     name, value = upto.response_header(result, hold.payer, reason)
+    value = _with_offer_receipt(gate, call, value)
     headers = dict(answer.headers)
     headers.update(
         {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Cache-Control": "no-store, private"}
@@ -464,7 +483,7 @@ def _relay_upto(
         else (SETTLEMENT_PENDING if result.outcome == PENDING else result.reason or TRANSACTION_FAILED)
     )
     _name, value = upto.response_header(result, hold.payer, reason)
-    settled = PAYMENT_RESPONSE_PREFIX + value.encode() + b"\n\n"
+    settled = PAYMENT_RESPONSE_PREFIX + _with_offer_receipt(gate, call, value).encode() + b"\n\n"
     digest.update(settled)  # the receipt covers every byte before it
     yield settled
     key = gate.settings.receipt_key

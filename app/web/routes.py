@@ -137,6 +137,7 @@ def _paid(
         g.x402_started,
         lambda: not client_gone(request.environ),
         render,
+        _resource_url(),
     )
     try:
         response = sent(serve(gate, paid_call))

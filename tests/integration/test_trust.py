@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
 import pytest
 import requests
 from eth_account import Account
+from eth_account.messages import encode_typed_data
 
 from app.cli import main
 from app.payments.receipts import STREAM_RECEIPT_PREFIX, Receipt, sha256_hex, verify_receipt
@@ -46,6 +48,58 @@ def test_paid_answer_carries_a_receipt_over_payment_request_and_response(proxy: 
     assert verify_receipt(receipt, raw, tampered, address).reason == "receipt_response_mismatch"
     assert verify_receipt(receipt, raw + b" ", response.content, address).reason == "receipt_request_mismatch"
     assert verify_receipt(receipt, raw, response.content, proxy.wallets.pay_to).reason == "receipt_signature"
+
+
+def test_a_receipt_is_recovered_with_plain_eth_account(proxy: Proxy) -> None:
+    """The receipt carries its EIP-712 domain, types and primaryType: eth-account alone recovers the
+    proxy's receipt address from it (the three lines in the README)."""
+    _raw, response = paid_post(proxy, CHAT_BODY)
+    receipt = json.loads(base64.b64decode(response.headers["X-Receipt"]))
+    typed = {key: receipt[key] for key in ("domain", "types", "primaryType", "message")}
+    signer = Account.recover_message(encode_typed_data(full_message=typed), signature=receipt["signature"])
+    assert signer == receipt_address(proxy)
+    assert receipt["message"]["tx"] == settle_response(response)["transaction"]
+
+
+def test_payment_response_carries_the_offer_receipt_extensions_receipt(proxy: Proxy) -> None:
+    """``extensions["offer-receipt"].info.receipt`` as its spec says: format eip712, the payload, a
+    signature over the spec's own Receipt type (not sent), by the proxy's receipt key."""
+    _raw, response = paid_post(proxy, CHAT_BODY)
+    settled = settle_response(response)
+    info = settled["extensions"]["offer-receipt"]["info"]
+    receipt = info["receipt"]
+    assert (
+        info["version"] == 1
+        and receipt["format"] == "eip712"
+        and set(receipt) == {"format", "payload", "signature"}
+    )
+    payload = receipt["payload"]
+    assert (
+        payload["resourceUrl"] == proxy.url + "/v1/chat/completions" and payload["network"] == "eip155:8453"
+    )
+    assert (payload["payer"], payload["transaction"]) == (settled["payer"], settled["transaction"])
+    spec_types = {
+        "EIP712Domain": [
+            {"name": "name", "type": "string"},
+            {"name": "version", "type": "string"},
+            {"name": "chainId", "type": "uint256"},
+        ],
+        "Receipt": [
+            {"name": "network", "type": "string"},
+            {"name": "resourceUrl", "type": "string"},
+            {"name": "payer", "type": "string"},
+            {"name": "issuedAt", "type": "uint256"},
+            {"name": "transaction", "type": "string"},
+        ],
+    }
+    typed = {
+        "domain": {"name": "x402 receipt", "version": "1", "chainId": 8453},
+        "types": spec_types,
+        "primaryType": "Receipt",
+        "message": payload,
+    }
+    signer = Account.recover_message(encode_typed_data(full_message=typed), signature=receipt["signature"])
+    assert signer == receipt_address(proxy)
 
 
 def test_stream_ends_with_a_receipt_over_everything_streamed(proxy: Proxy) -> None:
@@ -158,4 +212,4 @@ def test_privacy_audit_a_prompt_leaves_no_trace(proxy: Proxy, caplog: pytest.Log
     assert stored and not any(marker.encode() in item for item in stored)
     assert marker not in requests.get(proxy.url + "/metrics", timeout=10).text
     receipt = decode_header(response.headers["X-Receipt"])
-    assert marker not in json.dumps(receipt) and receipt["request_sha256"] == sha256_hex(raw)
+    assert marker not in json.dumps(receipt) and receipt["message"]["requestSha256"] == sha256_hex(raw)
