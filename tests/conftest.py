@@ -8,6 +8,7 @@ flushed Redis, so balances and ledger states are its own.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -24,9 +25,9 @@ from app.devnet import (
 )
 from app.devnet.cluster import RedisClusterProcesses, start_redis_cluster
 from app.devnet.standin import Behaviour, StandinModel
-from app.settings import Settings
+from app.settings import DEFAULT_CATALOG, Settings
 from tests.rpc_proxy import FaultyRpc
-from tests.support import OPERATOR_KEY, USDC, Proxy, serve
+from tests.support import OPERATOR_KEY, USDC, Proxy, proxy_with, serve
 
 
 @pytest.fixture(scope="session")
@@ -129,3 +130,17 @@ def redis_cluster(redis_cluster_processes: RedisClusterProcesses) -> RedisCluste
             redis_cluster_processes.restart(index)
     redis_cluster_processes.flushall()
     return redis_cluster_processes
+
+
+@pytest.fixture
+def catalog_file(tmp_path: Path) -> Path:
+    """The packaged catalog with a floor of 1 atomic unit: an upto charge then lies strictly between
+    the floor and the maximum, so a test can tell the three apart."""
+    path = tmp_path / "catalog.toml"
+    path.write_text(DEFAULT_CATALOG.read_text().replace("floor = 1000", "floor = 1"))
+    return path
+
+
+@pytest.fixture
+def upto_proxy(proxy: Proxy, catalog_file: Path) -> Iterator[Proxy]:
+    yield from proxy_with(proxy, catalog_path=catalog_file)

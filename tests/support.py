@@ -6,7 +6,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +24,11 @@ from x402.mechanisms.evm.upto import UptoEvmClientScheme
 from x402.mechanisms.evm.upto.client import _sign_upto_permit2_authorization
 from x402.schemas import PaymentRequired
 
+from app import create_checked_app
 from app.backends.rpc import RpcClient
 from app.backends.token import selector
+from app.catalog import load_catalog
+from app.catalog.usage import Usage, charge
 from app.cli.devnet import quiet_request_handler
 from app.devnet import DevChain, Wallets, prepare_chain
 from app.devnet.cluster import RedisClusterProcesses
@@ -96,6 +99,20 @@ class Proxy:
 
     def balances(self) -> tuple[int, int]:
         return self.chain.balance(self.wallets.payer), self.chain.balance(self.wallets.pay_to)
+
+
+def proxy_with(proxy: Proxy, **changes: object) -> Iterator[Proxy]:
+    """Another proxy app over the same chain, Redis and wallets, with some settings changed."""
+    settings = proxy.settings.with_overrides(**changes)
+    server = serve(create_checked_app(settings))
+    yield Proxy(f"http://127.0.0.1:{server.server_port}", settings, proxy.wallets, proxy.chain, server)
+    server.shutdown()
+
+
+def usage_price(proxy: Proxy, usage: dict[str, int], model: str = "hermes-3-8b-tee") -> int:
+    """What ``upto`` charges for a host's ``usage`` object on ``proxy``'s catalog (no maximum)."""
+    entry = load_catalog(proxy.settings.catalog_path)[model]
+    return charge(entry, Usage(usage["prompt_tokens"], usage["completion_tokens"]), 10**12)
 
 
 def moved_since(proxy: Proxy, before: tuple[int, int]) -> int:

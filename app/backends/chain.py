@@ -90,15 +90,12 @@ class Preflight:
     spendable: int = 0  # upto: what the payer can pay now (balance and Permit2 allowance, atomic units)
 
 
-def _preflight_well_formed(answers: list[Any]) -> bool:
-    """The pre-settlement batch as the chain gives it: a balance and an authorization state that
-    are real ABI words (never ``0x`` read as zero), quantities where quantities are due."""
-    code, balance, used, paused, payee_blocked, gas, nonce, gas_price, priority = answers
+def _tail_well_formed(answers: list[Any]) -> bool:
+    """The common end of both pre-settlement batches: pause flag and payee blacklist (or refused),
+    the simulation's gas (or its refusal), the relayer's pending nonce and the fees."""
+    paused, payee_blocked, gas, nonce, gas_price, priority = answers
     return (
-        is_data(code)
-        and is_word(balance)
-        and is_flag(used)
-        and is_flag_or_refused(paused)
+        is_flag_or_refused(paused)
         and is_flag_or_refused(payee_blocked)
         and is_quantity_or_refused(gas)
         and is_quantity(nonce)
@@ -107,12 +104,21 @@ def _preflight_well_formed(answers: list[Any]) -> bool:
     )
 
 
-def _accepted(gas: Any, nonce: Any, gas_price: Any, priority: Any, calldata: bytes) -> Preflight:
+def _preflight_well_formed(answers: list[Any]) -> bool:
+    """The pre-settlement batch as the chain gives it: a balance and an authorization state that
+    are real ABI words (never ``0x`` read as zero), quantities where quantities are due."""
+    code, balance, used = answers[:3]
+    return is_data(code) and is_word(balance) and is_flag(used) and _tail_well_formed(answers[3:])
+
+
+def _accepted(
+    gas: Any, nonce: Any, gas_price: Any, priority: Any, calldata: bytes, use_vrs: bool = False
+) -> Preflight:
     """An accepted ``Preflight`` from a batch's gas estimate, pending nonce and fees (an endpoint
     without ``eth_maxPriorityFeePerGas`` gives no tip)."""
     return Preflight(
         ACCEPTED,
-        use_vrs=False,
+        use_vrs=use_vrs,
         calldata=calldata,
         gas_estimate=quantity_value(gas),
         relayer_nonce=quantity_value(nonce),
@@ -123,19 +129,9 @@ def _accepted(gas: Any, nonce: Any, gas_price: Any, priority: Any, calldata: byt
 
 def _upto_preflight_well_formed(answers: list[Any]) -> bool:
     """The ``upto`` pre-settlement batch: balance, allowance and nonce word as real ABI words."""
-    code, balance, allowance, bitmap, paused, payee_blocked, gas, nonce, gas_price, priority = answers
-    return (
-        is_data(code)
-        and is_word(balance)
-        and is_word(allowance)
-        and is_word(bitmap)
-        and is_flag_or_refused(paused)
-        and is_flag_or_refused(payee_blocked)
-        and is_quantity_or_refused(gas)
-        and is_quantity(nonce)
-        and is_quantity(gas_price)
-        and is_quantity_or_refused(priority)
-    )
+    code, balance, allowance, bitmap = answers[:4]
+    words = is_word(balance) and is_word(allowance) and is_word(bitmap)
+    return is_data(code) and words and _tail_well_formed(answers[4:])
 
 
 def _is_receipt_of(answer: Any, tx_hash: str) -> bool:
@@ -196,15 +192,7 @@ class Chain:
             return Preflight(reject(INSUFFICIENT_BALANCE, "the payer's balance is below the amount"))
         if isinstance(gas, RpcError):
             return Preflight(reject(SIMULATION_FAILED, gas.message[:200]))
-        return Preflight(
-            ACCEPTED,
-            use_vrs=use_vrs,
-            calldata=calldata,
-            gas_estimate=quantity_value(gas),
-            relayer_nonce=quantity_value(nonce),
-            gas_price=quantity_value(gas_price),
-            priority_fee=0 if isinstance(priority, RpcError) else quantity_value(priority),
-        )
+        return _accepted(gas, nonce, gas_price, priority, calldata, use_vrs)
 
     def _preflight_calls(self, auth: Authorization, calldata: bytes, relayer: str) -> list[Call]:
         """The calls of the pre-settlement batch, in the order ``_preflight_well_formed`` reads them."""

@@ -32,7 +32,7 @@ from app.payments.answers import Answer
 from app.payments.errors import ApiError
 from app.payments.keys import payment_key
 from app.payments.ledger import NEW, REDEEM, RESUME, Claim, Ledger
-from app.payments.outcomes import Offer, Paid, PaymentRequired, Ticket, payment_header
+from app.payments.outcomes import Offer, Paid, PaymentRequired, Ticket, payment_header, requirement_for
 from app.payments.replay import Replays
 from app.payments.settlement import (
     FAILED,
@@ -125,16 +125,7 @@ class Gate:
     def requirement(self, quote: Quote) -> Requirement:
         """Our x402 ``exact`` requirement for this quote: its price (atomic units) paid to ``pay_to`` in the
         configured asset, on the configured network."""
-        s = self.settings
-        return Requirement(
-            network=s.network.caip2,
-            amount=quote.amount,
-            asset=s.asset,
-            pay_to=s.pay_to,
-            max_timeout_seconds=s.max_timeout_seconds,
-            asset_name=s.asset_name,
-            asset_version=s.asset_version,
-        )
+        return requirement_for(self.settings, quote.amount)
 
     def requirements(self, quote: Quote, facilitator: str) -> list[Requirement]:
         """What this call may be paid with, in the 402's order: ``exact`` first (clients that take the

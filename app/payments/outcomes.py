@@ -9,6 +9,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from app.catalog import Quote
+from app.settings import Settings
 from app.x402.checks import OfflineCheck
 from app.x402.verdict import Verdict
 from app.x402.wire import V1_HEADER, V2_HEADER, PaymentPayload, Requirement
@@ -71,6 +72,20 @@ class Ticket:
             assert self._future is not None
             self._paid = self._future.result()
         return self._paid
+
+
+def requirement_for(settings: Settings, amount: int) -> Requirement:
+    """Our ``exact`` requirement for ``amount`` (atomic units): paid to ``pay_to`` in the configured
+    asset, on the configured network, within ``X402_MAX_TIMEOUT_SECONDS``."""
+    return Requirement(
+        network=settings.network.caip2,
+        amount=amount,
+        asset=settings.asset,
+        pay_to=settings.pay_to,
+        max_timeout_seconds=settings.max_timeout_seconds,
+        asset_name=settings.asset_name,
+        asset_version=settings.asset_version,
+    )
 
 
 def payment_header(headers: Mapping[str, str]) -> tuple[str | None, int]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from app import metrics
 from app.backends.chain import UNPAYABLE, Chain, Preflight
@@ -32,7 +32,7 @@ from app.logs import note
 from app.payments.errors import ApiError
 from app.payments.keys import debt_key, exposure_key, permit_key
 from app.payments.ledger import NEW, Claim, Debt, Ledger
-from app.payments.outcomes import PaymentRequired
+from app.payments.outcomes import PaymentRequired, requirement_for
 from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED, LocalSettler, Proof, Settlement
 from app.payments.states import State
 from app.settings import Settings
@@ -117,15 +117,10 @@ class UptoGate:
     def requirement(self, quote: Quote, facilitator: str) -> Requirement:
         """Our ``upto`` requirement for this quote: at most its price (atomic units), to ``pay_to``,
         settled by ``facilitator`` (one of our relayers: the 402s name them in turn)."""
-        s = self.settings
-        return Requirement(
-            network=s.network.caip2,
-            amount=quote.amount,
-            asset=s.asset,
-            pay_to=s.pay_to,
-            max_timeout_seconds=self.max_timeout_seconds,
-            asset_name=s.asset_name,
-            asset_version=s.asset_version,
+        timeout = self.max_timeout_seconds
+        return replace(
+            requirement_for(self.settings, quote.amount),
+            max_timeout_seconds=timeout,
             scheme="upto",
             facilitator=facilitator,
         )

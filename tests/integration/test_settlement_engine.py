@@ -19,16 +19,9 @@ from app.payments.ledger import Ledger
 from app.settings import Settings
 from app.x402.wire import PaymentPayload
 from tests.rpc_proxy import FaultyRpc
-from tests.support import CHAT_BODY, Proxy, serve, settle_response
+from tests.support import CHAT_BODY, Proxy, proxy_with, serve, settle_response
 
 pytestmark = pytest.mark.integration
-
-
-def proxy_with(proxy: Proxy, **changes: object) -> Iterator[Proxy]:
-    settings = proxy.settings.with_overrides(**changes)
-    server = serve(create_checked_app(settings))
-    yield Proxy(f"http://127.0.0.1:{server.server_port}", settings, proxy.wallets, proxy.chain, server)
-    server.shutdown()
 
 
 @pytest.fixture

@@ -34,8 +34,6 @@ from app.backends.permit2 import settle_calldata
 from app.backends.store import Store
 from app.backends.token import selector
 from app.backends.upstream import abandoned_after
-from app.catalog import load_catalog
-from app.catalog.usage import Usage, charge
 from app.cli import main
 from app.devnet import PROJECT_ROOT, DevChain, Wallets
 from app.devnet.standin import StandinModel
@@ -44,9 +42,8 @@ from app.payments.keys import LEDGER_STREAM, debt_key, permit_key
 from app.payments.ledger import Ledger
 from app.payments.receipts import Receipt
 from app.payments.upto import UptoGate
-from app.settings import DEFAULT_CATALOG, Settings
+from app.settings import Settings
 from app.x402.upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPayment, parse_upto_header
-from tests.integration.test_settlement_engine import proxy_with
 from tests.rpc_proxy import FaultyRpc
 from tests.support import (
     CHAT_BODY,
@@ -54,33 +51,18 @@ from tests.support import (
     approve_permit2,
     moved_since,
     offered,
+    proxy_with,
     serve,
     settle_response,
     upto_header,
     upto_session,
+    usage_price,
 )
 
 pytestmark = pytest.mark.integration
 
 BODY: dict[str, Any] = {**CHAT_BODY, "max_tokens": 256}
 MODEL = "hermes-3-8b-tee"
-
-
-@pytest.fixture
-def catalog_file(tmp_path: Path) -> Path:
-    path = tmp_path / "catalog.toml"
-    path.write_text(DEFAULT_CATALOG.read_text().replace("floor = 1000", "floor = 1"))
-    return path
-
-
-@pytest.fixture
-def upto_proxy(proxy: Proxy, catalog_file: Path) -> Iterator[Proxy]:
-    yield from proxy_with(proxy, catalog_path=catalog_file)
-
-
-def usage_price(proxy: Proxy, usage: dict[str, int]) -> int:
-    model = load_catalog(proxy.settings.catalog_path)[MODEL]
-    return charge(model, Usage(usage["prompt_tokens"], usage["completion_tokens"]), 10**12)
 
 
 def metric(proxy: Proxy, name: str) -> float:

@@ -1,6 +1,6 @@
 """The official npm client pays the ``upto`` scheme on the first try.
 
-``js/pay_upto.mjs`` drives ``@x402/fetch``'s ``wrapFetchWithPaymentFromConfig`` with only
+``js/pay_v2.mjs`` (``X402_SCHEME=upto``) drives ``@x402/fetch``'s ``wrapFetchWithPaymentFromConfig`` with only
 ``@x402/evm``'s ``UptoEvmScheme`` registered (2.27, unmodified, defaults): it answers the proxy's 402 by
 picking the ``upto`` entry and signing a Permit2 permit for the priced maximum. The proxy charges the
 usage the stand-in host reports and settles through x402UptoPermit2Proxy; each test checks the answer,
@@ -13,49 +13,23 @@ price lies strictly between the floor and the maximum.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from app import create_checked_app
-from app.catalog import load_catalog
-from app.catalog.usage import Usage, charge
-from app.devnet import DevChain, Wallets
 from app.devnet.standin import StandinModel
-from app.settings import DEFAULT_CATALOG, Settings
 from app.x402.upto import UPTO_PROXY_ADDRESS
 from tests.interop.paid import PROJECT_ROOT, TX_HASH_RE, decode_settlement, run_node, token_transfers
-from tests.support import CHAT_BODY, Proxy, approve_permit2, moved_since, offered, serve
+from tests.support import CHAT_BODY, Proxy, approve_permit2, moved_since, offered, usage_price
 
 pytestmark = pytest.mark.integration
 
-PAY_UPTO = Path(__file__).resolve().parent / "js" / "pay_upto.mjs"
+PAY = Path(__file__).resolve().parent / "js" / "pay_v2.mjs"
 BODY: dict[str, Any] = {**CHAT_BODY, "max_tokens": 256}
 MODEL = "hermes-3-8b-tee"
 PAYMENT_RESPONSE_COMMENT = ": x402-payment-response "
 RECEIPT_COMMENT = ": x402-receipt "
-
-
-@pytest.fixture
-def catalog_file(tmp_path: Path) -> Path:
-    path = tmp_path / "catalog.toml"
-    path.write_text(DEFAULT_CATALOG.read_text().replace("floor = 1000", "floor = 1"))
-    return path
-
-
-@pytest.fixture
-def upto_proxy(settings: Settings, wallets: Wallets, chain: DevChain, catalog_file: Path) -> Iterator[Proxy]:
-    configured = settings.with_overrides(catalog_path=catalog_file)
-    server = serve(create_checked_app(configured))
-    yield Proxy(f"http://127.0.0.1:{server.server_port}", configured, wallets, chain, server)
-    server.shutdown()
-
-
-def usage_price(proxy: Proxy, usage: dict[str, int]) -> int:
-    model = load_catalog(proxy.settings.catalog_path)[MODEL]
-    return charge(model, Usage(usage["prompt_tokens"], usage["completion_tokens"]), 10**12)
 
 
 def maximum_of(proxy: Proxy, body: dict[str, Any]) -> int:
@@ -67,8 +41,9 @@ def maximum_of(proxy: Proxy, body: dict[str, Any]) -> int:
 def pay_upto(proxy: Proxy, body: dict[str, Any]) -> dict[str, Any]:
     assert (PROJECT_ROOT / "node_modules" / "@x402" / "evm").is_dir(), "run npm ci at the project root"
     return run_node(
-        PAY_UPTO,
+        PAY,
         {
+            "X402_SCHEME": "upto",
             "X402_URL": proxy.url + "/v1/chat/completions",
             "X402_PAYER_KEY": proxy.wallets.payer_key,
             "X402_BODY": json.dumps(body),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import socket
@@ -352,9 +353,12 @@ def test_answer_echoes_counts_not_prompt(
     assert data["choices"][0]["message"]["content"] == expected
 
 
-def test_main_runs_in_foreground() -> None:
+@contextlib.contextmanager
+def standin_cli(*options: str) -> Iterator[str]:
+    """``python -m app.devnet.standin --port 0 *options`` in the foreground: yields its URL; it must
+    stop cleanly on SIGTERM."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.devnet.standin", "--port", "0", "--model", "cli-model"],
+        [sys.executable, "-m", "app.devnet.standin", "--port", "0", *options],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -362,14 +366,18 @@ def test_main_runs_in_foreground() -> None:
     )
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
-        url = line.strip().rsplit(" ", 1)[-1]
+        url = proc.stdout.readline().strip().rsplit(" ", 1)[-1]
         assert url.startswith("http://127.0.0.1:")
-        assert requests.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"] == "cli-model"
+        yield url
     finally:
         proc.terminate()
         proc.wait(timeout=10)
     assert proc.returncode == 0
+
+
+def test_main_runs_in_foreground() -> None:
+    with standin_cli("--model", "cli-model") as url:
+        assert requests.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"] == "cli-model"
 
 
 # --- usage reporting ----------------------------------------------------------------------------------
@@ -469,19 +477,6 @@ def test_main_usage_option() -> None:
     with pytest.raises(SystemExit) as exc:
         standin.main(["--usage", "sometimes"])
     assert exc.value.code == 2
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.devnet.standin", "--port", "0", "--usage", "malformed"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip().rsplit(" ", 1)[-1]
+    with standin_cli("--usage", "malformed") as url:
         data = requests.post(f"{url}/v1/chat/completions", json=chat_body(), timeout=5).json()
         assert data["usage"] == {"prompt_tokens": "many", "completion_tokens": -1}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-    assert proc.returncode == 0
