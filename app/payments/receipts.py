@@ -15,6 +15,7 @@ a fixed, smaller type that is not transmitted) is signed too and travels in ``PA
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -26,6 +27,7 @@ from app.x402.codec import decode_header, encode_header
 from app.x402.verdict import ACCEPTED, Verdict, reject
 
 RECEIPT_HEADER = "X-Receipt"
+NETWORK_RE = re.compile(r"eip155:[0-9]{1,20}")
 STREAM_RECEIPT_PREFIX = b": x402-receipt "
 DOMAIN = {"name": "x402-tee-proxy receipt", "version": "3"}  # chainId: the payment's network
 DOMAIN_TYPE = [
@@ -132,8 +134,8 @@ class Receipt:
     @classmethod
     def from_header(cls, text: str) -> Receipt:
         """Parse an ``X-Receipt`` value; raises ``ValueError`` (``MalformedInput`` included) unless it is
-        strict base64 JSON of this project's typed data (its domain and types exactly) and a
-        signature; ``TypeError`` when a number is null, a list or an object."""
+        strict base64 JSON of this project's typed data (its domain and types exactly, numbers as
+        JSON integers, the rest strings) and a signature."""
         value: Any = decode_header(text)
         if not isinstance(value, dict) or set(value) != {
             "domain",
@@ -148,8 +150,13 @@ class Receipt:
         if not isinstance(message, dict) or set(message) != set(names):
             raise ValueError("not an x402-tee-proxy receipt")
         fields = {names[k]: v for k, v in message.items()}
-        numbers = {name: int(fields[name]) for name in ("amount", "time", "authorized")}
-        receipt = cls(**{**fields, **numbers, "signature": value["signature"]})
+        numbers_ok = all(type(fields[name]) is int for name in ("amount", "time", "authorized"))
+        texts_ok = all(
+            isinstance(fields[name], str) for name in fields if name not in ("amount", "time", "authorized")
+        )
+        if not numbers_ok or not texts_ok or not NETWORK_RE.fullmatch(fields["network"]):
+            raise ValueError("a receipt field of the wrong type")
+        receipt = cls(**{**fields, "signature": value["signature"]})
         if {k: value[k] for k in ("domain", "types", "primaryType")} != {
             k: v for k, v in receipt.typed_data().items() if k != "message"
         }:

@@ -7,12 +7,14 @@ conflict. What is kept is encrypted (AES-256-GCM) with a key derived (HKDF-SHA25
 header itself, signature included, which the proxy keeps nowhere: neither the operator nor a Redis
 dump can read a kept completion, only whoever holds that header again.
 
-Key: ``x402:{replay:<id>}``, a hash of ``fp`` (the fingerprint), ``state`` (``running`` while the
-first request is served, then ``done``) and ``blob`` (nonce ‖ ciphertext).
+Key: ``x402:{replay:<SHA-256 of the id>}`` (the id itself is kept nowhere: with it, a dump and the
+public chain would rebuild the header), a hash of ``fp`` (the fingerprint), ``state`` (``running``
+while the first request is served, then ``done``) and ``blob`` (nonce ‖ ciphertext).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -66,6 +68,16 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """)
 
+# KEYS[1] the id's hash. ARGV: fingerprint, seconds. A running entry of this fingerprint is held that
+# much longer (a stream still flowing). Returns 1 when it was.
+_TOUCH = Script("""
+if redis.call('HGET', KEYS[1], 'fp') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then
+  return 0
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+""")
+
 # KEYS[1] the id's hash. ARGV: fingerprint. A running entry of this fingerprint is dropped.
 _ABANDON = Script("""
 if redis.call('HGET', KEYS[1], 'fp') == ARGV[1] and redis.call('HGET', KEYS[1], 'state') == 'running' then
@@ -76,8 +88,8 @@ return 0
 
 
 def replay_key(payment_id: str) -> str:
-    """The Redis key of a payment id's kept answer."""
-    return f"x402:{{replay:{payment_id}}}"
+    """The Redis key of a payment id's kept answer: ``x402:{replay:<SHA-256 of the id, hex>}``."""
+    return f"x402:{{replay:{hashlib.sha256(payment_id.encode()).hexdigest()}}}"
 
 
 def _cipher(header: str, fingerprint: str) -> AESGCM:
@@ -148,6 +160,12 @@ class Replays:
             [fingerprint, blob, self.keep_seconds],
             self.store.deadline_ms(),
         )
+
+    def touch(self, payment_id: str, fingerprint: str) -> None:
+        """The first request is still streaming: hold its id ``running_seconds`` more. Raises
+        ``redis.RedisError``."""
+        args = [fingerprint, self.running_seconds]
+        _TOUCH(self.store.client, [replay_key(payment_id)], args, self.store.deadline_ms())
 
     def abandon(self, payment_id: str, fingerprint: str) -> None:
         """Nothing to keep (the call was refused or failed): a retry goes through the payment path

@@ -10,12 +10,15 @@ that the web layer sends as it is. A settlement that fails discards the answer (
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
+
+from cryptography.exceptions import InvalidTag
 
 from app.backends.store import STORE_ERRORS
 from app.backends.upstream import BUYER_ERRORS, UpstreamAnswer, UpstreamFailed, host_error_message
@@ -114,7 +117,12 @@ def _served_once(gate: Gate, call: PaidCall, header: str, payment_id: str) -> An
         )
     if seen.outcome == DONE:
         note(outcome="replayed")
-        return unseal(seen.blob, header, fp, payment_id)
+        try:
+            return unseal(seen.blob, header, fp, payment_id)
+        except InvalidTag:  # not sealed for this header: changed at rest
+            raise ApiError(
+                409, "payment_identifier_conflict", "the answer kept for this payment id is not yours"
+            ) from None
     try:
         answer = _serve(gate, call)
     except BaseException:
@@ -130,17 +138,42 @@ def _served_once(gate: Gate, call: PaidCall, header: str, payment_id: str) -> An
 
 
 def _kept_stream(replays: Replays, answer: Answer, header: str, fp: str, payment_id: str) -> Iterator[bytes]:
-    """Pass the stream on; once it ended cleanly, keep it whole."""
+    """Pass the stream on and keep it whole once it ended cleanly, holding the id while it flows.
+    A buyer who hangs up mid-stream paid for it: the rest is read from the host all the same, so
+    the retry under the id gets the whole stream."""
     sent = bytearray()
     assert not isinstance(answer.body, bytes)
+    body = iter(answer.body)
+    touched = time.monotonic()
+
+    def take(chunk: bytes) -> None:
+        nonlocal touched
+        sent.extend(chunk)
+        if time.monotonic() - touched > TOUCH_EVERY:
+            touched = time.monotonic()
+            with contextlib.suppress(*STORE_ERRORS):
+                replays.touch(payment_id, fp)
+
     try:
-        for chunk in answer.body:
-            sent += chunk
+        for chunk in body:
+            take(chunk)
             yield chunk
+    except GeneratorExit:
+        try:
+            for chunk in body:
+                take(chunk)
+        except BaseException:
+            _forget(replays, payment_id, fp)
+            raise
+        _keep(replays, answer, bytes(sent), header, fp, payment_id)
+        raise
     except BaseException:
         _forget(replays, payment_id, fp)
         raise
     _keep(replays, answer, bytes(sent), header, fp, payment_id)
+
+
+TOUCH_EVERY = 30.0  # seconds between refreshes of a streaming id's hold
 
 
 def _keep(replays: Replays, answer: Answer, body: bytes, header: str, fp: str, payment_id: str) -> None:
@@ -220,7 +253,7 @@ def _stream(gate: Gate, call: PaidCall, paid: Paid, answer: UpstreamAnswer) -> A
     except ApiError:
         answer.close()
         raise
-    headers = _paid_headers(gate, call, paid, answer)
+    headers = _paid_headers(gate, call, paid, answer, delivered=False)
     headers["X-Accel-Buffering"] = "no"
     key = gate.settings.receipt_key
     unsigned = _unsigned_receipt(gate, call, paid)
@@ -284,10 +317,17 @@ def _unsigned_receipt(gate: Gate, call: PaidCall, paid: Paid) -> Receipt:
 
 def _with_offer_receipt(gate: Gate, call: PaidCall, value: str) -> str:
     """A successful ``PAYMENT-RESPONSE`` value with the ``offer-receipt`` extension's receipt in its
-    ``extensions`` (when receipts are signed: ``X402_RECEIPT_KEY``)."""
+    ``extensions``, once the answer is delivered: when receipts are signed (``X402_RECEIPT_KEY``) and
+    the resource's URL is the operator's (``X402_PUBLIC_URL``), never one a client's Host header
+    names."""
     key = gate.settings.receipt_key
     settled = decode_header(value)
-    if not key or not isinstance(settled, dict) or settled.get("success") is not True:
+    if (
+        not key
+        or not gate.settings.public_url
+        or not isinstance(settled, dict)
+        or settled.get("success") is not True
+    ):
         return value
     network = gate.settings.network.caip2
     extension = offer_receipt(
@@ -296,9 +336,13 @@ def _with_offer_receipt(gate: Gate, call: PaidCall, value: str) -> str:
     return encode_header({**settled, "extensions": extension})
 
 
-def _paid_headers(gate: Gate, call: PaidCall, paid: Paid, answer: UpstreamAnswer) -> dict[str, str]:
+def _paid_headers(
+    gate: Gate, call: PaidCall, paid: Paid, answer: UpstreamAnswer, delivered: bool = True
+) -> dict[str, str]:
+    """The paid answer's headers; ``delivered`` False for a stream's (it has not been yet: no
+    ``offer-receipt``, which the extension returns only once service was delivered)."""
     name, value = paid.response_header
-    value = _with_offer_receipt(gate, call, value)
+    value = _with_offer_receipt(gate, call, value) if delivered else value
     headers = dict(answer.headers)
     headers.update(
         {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Cache-Control": "no-store, private"}

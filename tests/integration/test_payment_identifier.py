@@ -158,11 +158,13 @@ def test_kept_answers_are_unreadable_at_rest(
     assert answered.status_code == 200 and completion
     kept = redis_client.hgetall(replay_key(payment_id))
     assert set(kept) == {b"fp", b"state", b"blob"}
+    assert payment_id.encode() not in b"".join(redis_client.scan_iter("x402:*"))  # only its hash
     everything = b"".join(
         key + b"".join(redis_client.hgetall(key).values()) if redis_client.type(key) == b"hash" else key
         for key in redis_client.scan_iter("x402:*")
     )
-    for secret in (MARKER.encode(), completion.encode(), answered.headers["X-Receipt"].encode()):
+    secrets = (MARKER, completion, answered.headers["X-Receipt"], payment_id)
+    for secret in (text.encode() for text in secrets):
         assert secret not in everything
 
 
@@ -197,3 +199,29 @@ def test_a_dropped_connection_is_retried_without_a_second_charge(proxy: Proxy, s
 
     assert retried.status_code == 200, retried.text
     assert moved_since(proxy, before) == int(proxy.requirement()["amount"])
+
+
+@pytest.mark.parametrize("scheme", ["exact", "upto"])
+def test_a_stream_dropped_midway_is_finished_and_replayed_whole(
+    proxy: Proxy, standin: StandinModel, scheme: str
+) -> None:
+    """The buyer reads the first bytes of a paid stream and hangs up: the proxy reads the rest from
+    the host all the same, so the retry under the id gets the whole stream, paid once."""
+    if scheme == "upto":
+        approve_permit2(proxy.chain, proxy.wallets.payer)
+    standin.behaviour.chunk_delay = 0.2
+    body = {**CHAT_BODY, "stream": True}
+    header = signed_header(proxy, body, f"dropped-stream-{scheme}-0001", scheme)
+    before = proxy.balances()
+    with post(proxy, body, header, stream=True) as dropped:
+        assert dropped.status_code == 200
+        next(dropped.iter_content(chunk_size=None))  # the first bytes, then the connection closes
+    deadline = time.monotonic() + 30
+    while (retried := post(proxy, body, header)).status_code == 503 and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first request is still reading the host
+    assert retried.status_code == 200, retried.text
+    assert b"data: [DONE]" in retried.content and b"tok4" in retried.content
+    assert len(standin.received) == 1
+    charged = proxy.balances()[1] - before[1]
+    assert charged > 0 and moved_since(proxy, before) == charged
+    assert post(proxy, body, header).content == retried.content

@@ -14,7 +14,7 @@ from eth_account.messages import encode_typed_data
 from app.cli import main
 from app.payments.receipts import STREAM_RECEIPT_PREFIX, Receipt, sha256_hex, verify_receipt
 from app.x402.codec import decode_header, encode_header
-from tests.support import CHAT_BODY, Proxy, settle_response
+from tests.support import CHAT_BODY, Proxy, proxy_with, settle_response
 
 pytestmark = pytest.mark.integration
 
@@ -63,8 +63,12 @@ def test_a_receipt_is_recovered_with_plain_eth_account(proxy: Proxy) -> None:
 
 def test_payment_response_carries_the_offer_receipt_extensions_receipt(proxy: Proxy) -> None:
     """``extensions["offer-receipt"].info.receipt`` as its spec says: format eip712, the payload, a
-    signature over the spec's own Receipt type (not sent), by the proxy's receipt key."""
-    _raw, response = paid_post(proxy, CHAT_BODY)
+    signature over the spec's own Receipt type (not sent), by the proxy's receipt key. Only for the
+    operator's own URL (``X402_PUBLIC_URL``): a client's Host header never names what is signed."""
+    _raw, unnamed = paid_post(proxy, CHAT_BODY)
+    assert "extensions" not in settle_response(unnamed)
+    for public in proxy_with(proxy, public_url="https://api.example.test"):
+        _raw, response = paid_post(public, CHAT_BODY)
     settled = settle_response(response)
     info = settled["extensions"]["offer-receipt"]["info"]
     receipt = info["receipt"]
@@ -74,9 +78,8 @@ def test_payment_response_carries_the_offer_receipt_extensions_receipt(proxy: Pr
         and set(receipt) == {"format", "payload", "signature"}
     )
     payload = receipt["payload"]
-    assert (
-        payload["resourceUrl"] == proxy.url + "/v1/chat/completions" and payload["network"] == "eip155:8453"
-    )
+    assert payload["resourceUrl"] == "https://api.example.test/v1/chat/completions"
+    assert payload["network"] == "eip155:8453"
     assert (payload["payer"], payload["transaction"]) == (settled["payer"], settled["transaction"])
     spec_types = {
         "EIP712Domain": [

@@ -10,6 +10,7 @@ import fakeredis
 import pytest
 import redis
 
+from app.backends.store import Store
 from app.payments import ledger as ledger_module
 from app.payments import migrate as migrate_module
 from app.payments.keys import (
@@ -21,6 +22,7 @@ from app.payments.keys import (
     relayer_nonce_key,
 )
 from app.payments.ledger import RETENTION_SECONDS, Claim, Ledger, check_keyspace, keyspace_version
+from app.payments.replay import Replays, replay_key
 from app.payments.states import EVENTS
 from app.settings import SettingsError
 
@@ -590,3 +592,14 @@ def test_an_eip2612_permit_in_flight_caps_every_other_call(ledger: Ledger) -> No
     ledger.release_exposure(EXPOSURE, "other")
     assert ledger.hold_exposure(EXPOSURE, "first", 80, now + 300, 1000) == (True, 0)
     assert ledger.hold_exposure(EXPOSURE, "capped", 60, now + 300, 1000, cap=100) == (False, 80)
+
+
+def test_a_streaming_payment_id_is_held_while_it_flows(client: fakeredis.FakeRedis) -> None:
+    replays = Replays(Store(client=client), keep_seconds=600, running_seconds=40)
+    key = replay_key("stream-hold-0001-abcdef")
+    assert replays.begin("stream-hold-0001-abcdef", "ab" * 32).outcome == "new"
+    client.expire(key, 5)  # most of its hold used up
+    replays.touch("stream-hold-0001-abcdef", "cd" * 32)  # another payment's fingerprint: no effect
+    assert client.ttl(key) <= 5
+    replays.touch("stream-hold-0001-abcdef", "ab" * 32)
+    assert client.ttl(key) > 30

@@ -58,3 +58,14 @@ def test_a_receipt_of_another_schema_or_domain_is_refused() -> None:
 def test_an_exact_receipt_has_no_maximum_and_no_usage() -> None:
     exact = dataclasses.replace(RECEIPT, authorized=0, usage="", signature="").signed(KEY)
     assert Receipt.from_header(exact.to_header()).signer() == Account.from_key(KEY).address
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("network", "eip155"), ("amount", None), ("amount", 1000.5), ("amount", "1000"), ("usage", 5)],
+)
+def test_malformed_receipt_fields_are_refused_not_crashed_on(field: str, value: object) -> None:
+    wire = decode_header(RECEIPT.to_header())
+    wire["message"][field] = value
+    with pytest.raises(ValueError):
+        Receipt.from_header(encode_header(wire))
