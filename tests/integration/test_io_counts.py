@@ -15,7 +15,7 @@ from app import create_checked_app
 from app.devnet import Service
 from app.devnet.standin import StandinModel
 from tests.rpc_proxy import FaultyRpc
-from tests.support import Proxy, serve
+from tests.support import CHAT_BODY, Proxy, approve_permit2, serve, upto_session
 
 pytestmark = pytest.mark.integration
 
@@ -91,3 +91,27 @@ def test_an_unfunded_payment_costs_two_redis_round_trips_one_rpc_round_trip_and_
     client.round_trips, rpc.requests[:] = 0, []
     assert proxy.pay(far).json()["error"] == "invalid_exact_evm_payload_authorization_valid_before"
     assert (client.round_trips, rpc.requests) == (0, [])
+
+
+def test_an_upto_call_costs_one_rpc_round_trip_before_the_host_and_its_redis_round_trips(
+    counted: tuple[Proxy, FaultyRpc, CountingRedis], standin: StandinModel
+) -> None:
+    """``upto``: the on-chain checks are one batch; then the host, then the settlement. Redis: the
+    debts read, the claim, the hold (exposure, settling), the relayer nonce, the outcome and the
+    hold's release."""
+    proxy, rpc, client = counted
+    approve_permit2(proxy.chain, proxy.wallets.payer)
+    session = upto_session(proxy.wallets.payer_key)
+    url = proxy.url + "/v1/chat/completions"
+    session.post(url, json=CHAT_BODY, timeout=30)  # warm up
+    rpc.requests.clear()
+    client.round_trips = 0
+    calls_before = len(standin.received)
+
+    response = session.post(url, json=CHAT_BODY, timeout=30)
+
+    assert response.status_code == 200 and len(standin.received) == calls_before + 1
+    sends = [i for i, methods in enumerate(rpc.requests) if "eth_sendRawTransaction" in methods]
+    assert sends == [1]  # the batched preflight, then (after the host) the settlement
+    assert {"eth_getCode", "eth_estimateGas", "eth_getTransactionCount"} <= set(rpc.requests[0])
+    assert client.round_trips == 7

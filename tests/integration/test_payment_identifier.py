@@ -24,7 +24,7 @@ from x402.schemas import PaymentRequired
 
 from app.devnet.standin import StandinModel
 from app.payments.replay import replay_key
-from tests.support import CHAT_BODY, Proxy, approve_permit2, moved_since, settle_response
+from tests.support import CHAT_BODY, Proxy, approve_permit2, moved_since, proxy_with, settle_response
 
 pytestmark = pytest.mark.integration
 
@@ -225,3 +225,15 @@ def test_a_stream_dropped_midway_is_finished_and_replayed_whole(
     charged = proxy.balances()[1] - before[1]
     assert charged > 0 and moved_since(proxy, before) == charged
     assert post(proxy, body, header).content == retried.content
+
+
+def test_another_proxy_over_the_same_redis_replays_the_answer(proxy: Proxy, standin: StandinModel) -> None:
+    """Workers and hosts share the kept answers: the retry reaches another process."""
+    header = signed_header(proxy, CHAT_BODY, "two-hosts-0001-abcdefg")
+    before = proxy.balances()
+    first = post(proxy, CHAT_BODY, header)
+    for other in proxy_with(proxy):
+        again = post(other, CHAT_BODY, header)
+    assert first.status_code == again.status_code == 200
+    assert again.content == first.content and len(standin.received) == 1
+    assert moved_since(proxy, before) == int(proxy.requirement()["amount"])

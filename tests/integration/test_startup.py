@@ -11,7 +11,7 @@ from app import create_app, create_checked_app
 from app.devnet import DevChain, Service, free_port, place_upto_contracts, start_anvil
 from app.payments.keys import KEYSPACE_KEY, KEYSPACE_VERSION
 from app.settings import Settings, SettingsError
-from app.x402.upto import UPTO_PROXY_ADDRESS
+from app.x402.upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 
 pytestmark = pytest.mark.integration
 
@@ -56,13 +56,14 @@ def test_asset_without_the_token_is_refused(settings: Settings) -> None:
 def test_upto_without_its_contracts_on_chain_is_refused(settings: Settings, chain: DevChain) -> None:
     """A chain without the x402UptoPermit2Proxy cannot settle upto: refused, naming X402_SCHEMES;
     with only exact offered the same chain is fine."""
-    chain.rpc.call("anvil_setCode", [UPTO_PROXY_ADDRESS, "0x"])
-    try:
-        error = refusal(settings)
-        assert error.variable == "X402_SCHEMES" and "x402UptoPermit2Proxy" in error.problem
-        assert create_checked_app(settings.with_overrides(schemes=("exact",)))
-    finally:
-        place_upto_contracts(chain)
+    for address, name in ((UPTO_PROXY_ADDRESS, "x402UptoPermit2Proxy"), (PERMIT2_ADDRESS, "Permit2")):
+        chain.rpc.call("anvil_setCode", [address, "0x"])
+        try:
+            error = refusal(settings)
+            assert error.variable == "X402_SCHEMES" and f"no {name} at" in error.problem
+            assert create_checked_app(settings.with_overrides(schemes=("exact",)))
+        finally:
+            place_upto_contracts(chain)
 
 
 def test_redis_down_is_refused(settings: Settings) -> None:

@@ -69,6 +69,8 @@ def test_payment_response_carries_the_offer_receipt_extensions_receipt(proxy: Pr
     assert "extensions" not in settle_response(unnamed)
     for public in proxy_with(proxy, public_url="https://api.example.test"):
         _raw, response = paid_post(public, CHAT_BODY)
+        _raw, streamed = paid_post(public, {**CHAT_BODY, "stream": True})
+        assert "extensions" not in settle_response(streamed)  # sent before anything was delivered
     settled = settle_response(response)
     info = settled["extensions"]["offer-receipt"]["info"]
     receipt = info["receipt"]

@@ -184,6 +184,7 @@ def test_a_host_without_usage_is_charged_the_maximum(
     assert response.status_code == 200
     assert settle_response(response)["amount"] == str(maximum)
     assert moved_since(upto_proxy, before) == maximum
+    assert Receipt.from_header(response.headers["X-Receipt"]).usage == "unreported"
 
 
 def test_a_failing_host_costs_nothing_and_the_same_header_is_served_later(
@@ -713,3 +714,96 @@ def test_a_json_answer_whose_receipt_is_late_goes_out_pending_and_reconcile_sett
         ledger, chain = Ledger(Store(client=redis_client)), Chain(late.settings)
         (finding,) = [f for f in reconcile(ledger, chain, late.settings, 3600) if f.key == key]
         assert finding.resolved == "served"
+
+
+@pytest.mark.parametrize("failure", ["refused", "cut"])
+def test_a_host_that_refuses_or_cuts_costs_nothing_and_the_header_works_again(
+    upto_proxy: Proxy, standin: StandinModel, failure: str
+) -> None:
+    approve_permit2(upto_proxy.chain, upto_proxy.wallets.payer)
+    body = {**BODY, "stream": failure == "cut"}
+    if failure == "refused":
+        standin.behaviour.status, standin.behaviour.times = 400, 1
+    else:
+        standin.behaviour.cut_after = 2
+    challenge = json.loads(base64.b64decode(upto_proxy.post(body=body).headers["PAYMENT-REQUIRED"]))
+    header = upto_header(upto_proxy.wallets.payer_key, challenge)
+    url = upto_proxy.url + "/v1/chat/completions"
+    before = upto_proxy.balances()
+    first = requests.post(url, json=body, headers={"PAYMENT-SIGNATURE": header}, timeout=30, stream=True)
+    try:
+        content = b"".join(first.iter_content(chunk_size=None))
+    except requests.exceptions.ChunkedEncodingError:  # the broken transfer of a cut stream
+        content = b"upstream_cut"
+    assert first.status_code == 400 if failure == "refused" else b"upstream_cut" in content
+    assert moved_since(upto_proxy, before) == 0
+    standin.behaviour.cut_after = None
+
+    again = requests.post(url, json=body, headers={"PAYMENT-SIGNATURE": header}, timeout=30)
+
+    assert again.status_code == 200, again.text
+    assert moved_since(upto_proxy, before) > 0
+
+
+def test_a_json_settlement_that_reverts_withholds_the_answer_and_charges_nothing(
+    upto_proxy: Proxy, standin: StandinModel, redis_client: redis.Redis
+) -> None:
+    """The payer revokes its allowance while the model works: the charge reverts, the answer is
+    withheld (402 ``invalid_upto_evm_transaction_failed``), nothing moves, the permit is ``failed``."""
+    chain, payer = upto_proxy.chain, upto_proxy.wallets.payer
+    approve_permit2(chain, payer)
+    standin.behaviour.delay = 0.6
+    before = upto_proxy.balances()
+    revoke = threading.Timer(0.2, approve_permit2, (chain, payer, 0))
+    revoke.start()
+    response = upto_session(upto_proxy.wallets.payer_key).post(
+        upto_proxy.url + "/v1/chat/completions", json=BODY, timeout=30
+    )
+    revoke.join()
+
+    assert response.status_code == 402 and "choices" not in response.text
+    reason = json.loads(base64.b64decode(response.headers["PAYMENT-REQUIRED"]))["error"]
+    assert reason == "invalid_upto_evm_transaction_failed"
+    assert settle_response(response)["success"] is False
+    assert moved_since(upto_proxy, before) == 0
+    assert redis_client.hget(permit_key_of(upto_proxy, response), "state") == b"failed"
+
+
+def test_a_copy_of_a_permit_in_use_is_turned_away(upto_proxy: Proxy, standin: StandinModel) -> None:
+    approve_permit2(upto_proxy.chain, upto_proxy.wallets.payer)
+    standin.behaviour.delay = 0.8
+    challenge = json.loads(base64.b64decode(upto_proxy.post(body=BODY).headers["PAYMENT-REQUIRED"]))
+    header = upto_header(upto_proxy.wallets.payer_key, challenge)
+    url = upto_proxy.url + "/v1/chat/completions"
+    answers: list[requests.Response] = []
+    first = threading.Thread(
+        target=lambda: answers.append(
+            requests.post(url, json=BODY, headers={"PAYMENT-SIGNATURE": header}, timeout=30)
+        )
+    )
+    first.start()
+    time.sleep(0.3)
+    copy = requests.post(url, json=BODY, headers={"PAYMENT-SIGNATURE": header}, timeout=30)
+    first.join()
+    assert copy.status_code == 503 and copy.json()["error"]["code"] == "payment_in_progress"
+    assert answers[0].status_code == 200 and len(standin.received) == 1
+
+
+def test_reconcile_resolves_a_permit_held_past_any_call(
+    upto_proxy: Proxy, standin: StandinModel, redis_client: redis.Redis
+) -> None:
+    """A permit left ``settling`` (its worker died): released when nothing moved; when its charge
+    moved, a problem (whether its answer went out is unknown)."""
+    approve_permit2(upto_proxy.chain, upto_proxy.wallets.payer)
+    session = upto_session(upto_proxy.wallets.payer_key)
+    url = upto_proxy.url + "/v1/chat/completions"
+    charged, untouched = (session.post(url, json=BODY, timeout=60) for _ in range(2))
+    moved_key, idle_key = permit_key_of(upto_proxy, charged), permit_key_of(upto_proxy, untouched)
+    redis_client.hset(moved_key, mapping={"state": "settling", "updated": "0"})
+    redis_client.hset(idle_key, mapping={"state": "settling", "updated": "0", "tx": ""})
+    ledger, chain = Ledger(Store(client=redis_client)), Chain(upto_proxy.settings)
+
+    found = {f.key: f for f in reconcile(ledger, chain, upto_proxy.settings, 3600)}
+
+    assert found[idle_key].resolved == "released"
+    assert found[moved_key].problem.startswith("charged ") and "unknown" in found[moved_key].problem

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import pytest
 from eth_utils import to_checksum_address
 
+from app.backends.upstream import abandoned_after
 from app.settings import DEFAULT_CATALOG, NETWORKS, Settings, SettingsError, redis_from_env
 
 PAY_TO = "0x209693bc6afc0c5328ba36faf03c514ef312287c"
@@ -376,3 +378,9 @@ def test_receipt_key_is_never_the_relayer_key() -> None:
     derived = Settings.from_env(base_env(X402_RELAYER_KEY=key)).receipt_key
     assert derived and derived.removeprefix("0x") != key
     assert Settings.from_env(base_env(X402_RELAYER_KEY=key)).receipt_key == derived  # same in every worker
+
+
+def test_an_upto_permit_lives_430_seconds_by_default() -> None:
+    """README: 3 × X402_UPSTREAM_TIMEOUT + X402_RECEIPT_TIMEOUT + 40 s, 430 s with the defaults."""
+    settings = Settings.from_env(base_env())
+    assert math.ceil(abandoned_after(settings) + settings.upstream_timeout) == 430
