@@ -123,13 +123,20 @@ def redis_cluster_processes() -> Iterator[RedisClusterProcesses]:
 
 
 @pytest.fixture
-def redis_cluster(redis_cluster_processes: RedisClusterProcesses) -> RedisClusterProcesses:
-    """The cluster with every master running and no keys."""
-    for index in range(len(redis_cluster_processes.ports)):
-        if not redis_cluster_processes.alive(index):
-            redis_cluster_processes.restart(index)
+def redis_cluster(redis_cluster_processes: RedisClusterProcesses) -> Iterator[RedisClusterProcesses]:
+    """The cluster with every master running and no keys; left with every master running too, so
+    the outbox drainers of this test's proxies (daemon threads) do not keep failing into later
+    tests' logs."""
+
+    def all_running() -> None:
+        for index in range(len(redis_cluster_processes.ports)):
+            if not redis_cluster_processes.alive(index):
+                redis_cluster_processes.restart(index)
+
+    all_running()
     redis_cluster_processes.flushall()
-    return redis_cluster_processes
+    yield redis_cluster_processes
+    all_running()
 
 
 @pytest.fixture

@@ -240,9 +240,10 @@ def test_no_secret_reaches_logs_redis_or_answers(
         assert not leaked, f"{what} in a log line: {leaked[0][:400]}"
         assert secret not in output.out and secret not in output.err, f"{what} on stdout/stderr"
         assert not [v for v in redis_contents(proxy) if secret.encode() in v], f"{what} stored in Redis"
-    # 127.0.0.1 is also where anvil and the model host live: only urllib3's lines about the
-    # proxy's own outbound connections may name it
-    local = [line for name, line in lines if "127.0.0.1" in line and not name.startswith("urllib3")]
+    # 127.0.0.1 is also where anvil, Redis and the model host live: only the client libraries'
+    # lines about the proxy's own outbound connections (urllib3, redis-py) may name it
+    outbound = ("urllib3", "redis.")
+    local = [line for name, line in lines if "127.0.0.1" in line and not name.startswith(outbound)]
     assert not local, f"a loopback address in a log line: {local[0][:400]}"
 
     for name, answer in answers.items():
