@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidTag
 
 from app.backends.store import STORE_ERRORS
 from app.backends.upstream import BUYER_ERRORS, UpstreamAnswer, UpstreamFailed, host_error_message
-from app.catalog import Quote
+from app.catalog import Model, Quote
 from app.catalog.usage import StreamUsage, usage_of_answer
 from app.logs import note
 from app.metrics import STREAM_FIRST_BYTE_SECONDS, UPSTREAM_SECONDS
@@ -35,9 +35,9 @@ from app.payments.replay import CONFLICT, DONE, RUNNING, Replays, seal, unseal
 from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED
 from app.payments.upto import Charge, Hold, UptoGate
 from app.x402.challenge import EXPOSED_HEADERS
-from app.x402.codec import decode_header, encode_header
+from app.x402.codec import MalformedInput, decode_header, encode_header
 from app.x402.extensions.payment_identifier import fingerprint, payment_identifier
-from app.x402.upto import UptoPayment, parse_upto_header
+from app.x402.upto import UptoPayment, upto_payment_of
 from app.x402.upto.checks import DEADLINE_EXPIRED, TRANSACTION_FAILED
 from app.x402.verdict import SETTLEMENT_PENDING, UNSUPPORTED_SCHEME, Verdict, reject
 from app.x402.wire import V2_HEADER
@@ -85,15 +85,27 @@ def serve(gate: Gate, call: PaidCall) -> Answer:
     was used by another payment). A payment that carries an id (``payment-identifier``) and was
     answered before gets that answer again, with no second charge (``app.payments.replay``)."""
     header = call.headers.get(V2_HEADER)
-    payment_id = payment_identifier(header) if header is not None else None
+    wire = _decoded(header)  # once: the id and the scheme are read from it
+    payment_id = payment_identifier(wire)
     if isinstance(payment_id, Verdict):
         raise PaymentRequired(payment_id)
     if header is None or payment_id is None:
-        return _serve(gate, call)
-    return _served_once(gate, call, header, payment_id)
+        return _serve(gate, call, wire)
+    return _served_once(gate, call, header, payment_id, wire)
 
 
-def _served_once(gate: Gate, call: PaidCall, header: str, payment_id: str) -> Answer:
+def _decoded(header: str | None) -> Any:
+    """The v2 payment header decoded, None when absent or not decodable (the parser of its scheme
+    then says why)."""
+    if header is None:
+        return None
+    try:
+        return decode_header(header)
+    except MalformedInput:
+        return None
+
+
+def _served_once(gate: Gate, call: PaidCall, header: str, payment_id: str, wire: Any) -> Answer:
     """The payment path under a payment id: a kept answer is replayed; otherwise the call is served
     and its answer (a stream too, whole, once it ended) kept, encrypted, for the id's retries."""
     fp = fingerprint(header, call.request_sha256)
@@ -124,7 +136,7 @@ def _served_once(gate: Gate, call: PaidCall, header: str, payment_id: str) -> An
                 409, "payment_identifier_conflict", "the answer kept for this payment id is not yours"
             ) from None
     try:
-        answer = _serve(gate, call)
+        answer = _serve(gate, call, wire)
     except BaseException:
         _forget(replays, payment_id, fp)
         raise
@@ -190,9 +202,9 @@ def _forget(replays: Replays, payment_id: str, fp: str) -> None:
         log.warning("could not release a payment id")
 
 
-def _serve(gate: Gate, call: PaidCall) -> Answer:
-    """The payment path: ``upto`` or ``exact``, then the model host."""
-    upto_payment = _upto_payment(call.headers)
+def _serve(gate: Gate, call: PaidCall, wire: Any) -> Answer:
+    """The payment path for the decoded v2 header ``wire``: ``upto`` or ``exact``, then the model host."""
+    upto_payment = _upto_payment(wire)
     if upto_payment is not None:
         if gate.upto is None:
             raise PaymentRequired(reject(UNSUPPORTED_SCHEME, "scheme 'upto' is not offered (X402_SCHEMES)"))
@@ -350,18 +362,25 @@ def _paid_headers(
     return headers
 
 
-def _upstream_refused(gate: Gate, paid: Paid, status: int, content: bytes) -> Answer:
-    """The host's 4xx, told to the buyer with its scrubbed reason; the payment stays redeemable for
-    any body on the same model priced at most what was paid."""
-    settings, model = gate.settings, paid.quote.model
+def _refusal_text(gate: Gate, model: Model, status: int, content: bytes) -> str:
+    """The host's refusal in words for the buyer: its status, and for 400/404/413/422 its own message
+    scrubbed of every key and configured host (``upstream.host_error_message``)."""
+    settings = gate.settings
     secrets = [settings.upstream_api_key, *settings.upstream_keys.values()]
     hosts = [settings.upstream_url, model.upstream_url]
     reason = host_error_message(content, secrets, hosts) if status in BUYER_ERRORS else ""
+    return f"the model host refused the call ({status}{': ' + reason if reason else ''})"
+
+
+def _upstream_refused(gate: Gate, paid: Paid, status: int, content: bytes) -> Answer:
+    """The host's 4xx, told to the buyer with its scrubbed reason; the payment stays redeemable for
+    any body on the same model priced at most what was paid."""
+    model = paid.quote.model
     name, value = paid.response_header
     return error_answer(
         status if status in BUYER_ERRORS else 502,
         "upstream_refused",
-        f"the model host refused the call ({status}{': ' + reason if reason else ''}); your payment "
+        f"{_refusal_text(gate, model, status, content)}; your payment "
         f"is kept: send the same payment header with a body for {model.name} priced at most "
         f"{paid.value} atomic units",
         {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS},
@@ -381,10 +400,9 @@ def _upstream_failed(paid: Paid) -> Answer:
 # --- upto: the answer first, then the charge by the host's reported usage --------------------------
 
 
-def _upto_payment(headers: Mapping[str, str]) -> UptoPayment | None:
-    """The ``upto`` payment of a v2 header, None for any other; 402 for a malformed ``upto`` one."""
-    header = headers.get(V2_HEADER)
-    parsed = parse_upto_header(header) if header is not None else None
+def _upto_payment(wire: Any) -> UptoPayment | None:
+    """The ``upto`` payment of a decoded v2 header, None for any other; 402 for a malformed one."""
+    parsed = upto_payment_of(wire)
     if isinstance(parsed, Verdict):
         raise PaymentRequired(parsed)
     return parsed
@@ -415,7 +433,7 @@ def _serve_upto(gate: Gate, upto: UptoGate, call: PaidCall, payment: UptoPayment
         return _upto_stream(gate, upto, call, hold, answer, asked_usage)
     if answer.status >= 400 and call.render is None:
         upto.release(hold)
-        return _upto_refused(gate, answer.status, content)
+        return _upto_refused(gate, call.quote.model, answer.status, content)
     if not call.still_there():
         upto.release(hold)
         note(outcome="client_gone")
@@ -564,15 +582,9 @@ def _upto_receipt(gate: Gate, call: PaidCall, hold: Hold, result: Charge, respon
     )
 
 
-def _upto_refused(gate: Gate, status: int, content: bytes) -> Answer:
-    settings = gate.settings
-    secrets = [settings.upstream_api_key, *settings.upstream_keys.values()]
-    reason = host_error_message(content, secrets, [settings.upstream_url]) if status in BUYER_ERRORS else ""
-    return _upto_host_failed(
-        status if status in BUYER_ERRORS else 502,
-        "upstream_refused",
-        f"the model host refused the call ({status}{': ' + reason if reason else ''})",
-    )
+def _upto_refused(gate: Gate, model: Model, status: int, content: bytes) -> Answer:
+    text = _refusal_text(gate, model, status, content)  # a model's own host is scrubbed too
+    return _upto_host_failed(status if status in BUYER_ERRORS else 502, "upstream_refused", text)
 
 
 def _upto_host_failed(status: int, code: str, message: str) -> Answer:

@@ -43,7 +43,8 @@ from app.payments.ledger import Ledger
 from app.payments.receipts import Receipt
 from app.payments.upto import UptoGate
 from app.settings import Settings
-from app.x402.upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPayment, parse_upto_header
+from app.x402.codec import decode_header
+from app.x402.upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPayment, upto_payment_of
 from tests.rpc_proxy import FaultyRpc
 from tests.support import (
     CHAT_BODY,
@@ -534,7 +535,7 @@ def test_reconcile_checks_upto_charges_and_resolves_pending_ones(
 
     reverted = chain.transact(UPTO_PROXY_ADDRESS, b"\x00\x00\x00\x00")  # any reverted transaction
     assert reverted["status"] == "0x0"
-    header = parse_upto_header(other.request.headers["PAYMENT-SIGNATURE"])
+    header = upto_payment_of(decode_header(other.request.headers["PAYMENT-SIGNATURE"]))
     assert isinstance(header, UptoPayment)
     calldata = settle_calldata(header.authorization, int(settle_response(other)["amount"]), header.signature)
     pending = {"calldata": calldata.hex(), "relayer": upto_proxy.wallets.relayer}  # as the proxy records it

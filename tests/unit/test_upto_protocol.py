@@ -21,15 +21,14 @@ from x402.mechanisms.evm.upto import UptoEvmClientScheme
 from x402.schemas import PaymentRequirements
 
 from app.x402.checks import match_requirement
-from app.x402.codec import encode_header
 from app.x402.upto import (
     PERMIT2_ADDRESS,
     UPTO_PROXY_ADDRESS,
     Permit2Authorization,
     check_permit,
-    parse_upto_header,
     parse_upto_payment,
     permit_digest,
+    upto_payment_of,
 )
 from app.x402.upto import checks as upto
 from app.x402.verdict import INVALID_PAYLOAD
@@ -132,11 +131,11 @@ def test_the_official_clients_payload_parses_and_passes() -> None:
 
 
 def test_an_exact_header_is_left_to_the_exact_parser_and_a_broken_upto_one_is_refused() -> None:
-    assert parse_upto_header(encode_header({"x402Version": 2, "accepted": {"scheme": "exact"}})) is None
-    assert parse_upto_header("not base64!") is None
+    assert upto_payment_of({"x402Version": 2, "accepted": {"scheme": "exact"}}) is None
+    assert upto_payment_of(None) is None
     wire = official_wire()
     wire["payload"]["permit2Authorization"]["extra"] = "1"
-    verdict = parse_upto_header(encode_header(wire))
+    verdict = upto_payment_of(wire)
     assert not isinstance(verdict, type(None)) and getattr(verdict, "reason", "") == INVALID_PAYLOAD
 
 

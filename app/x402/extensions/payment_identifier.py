@@ -9,7 +9,6 @@ import hashlib
 import re
 from typing import Any
 
-from ..codec import MalformedInput, decode_header
 from ..verdict import Verdict, reject
 
 PAYMENT_IDENTIFIER = "payment-identifier"
@@ -34,14 +33,10 @@ def declaration() -> dict[str, Any]:
     }
 
 
-def payment_identifier(header: str) -> str | Verdict | None:
-    """The id in a v2 ``PAYMENT-SIGNATURE`` value: None when the payload carries none (or the header
-    is not decodable: the payment's own parser says why), a ``Verdict`` (``invalid_payment_identifier``)
-    when one is sent that is not 16–128 characters of ``[A-Za-z0-9_-]``."""
-    try:
-        wire = decode_header(header)
-    except MalformedInput:
-        return None
+def payment_identifier(wire: Any) -> str | Verdict | None:
+    """The id in a decoded v2 ``PAYMENT-SIGNATURE``: None when the payload carries none, a
+    ``Verdict`` (``invalid_payment_identifier``) when one is sent that is not 16–128 characters of
+    ``[A-Za-z0-9_-]``."""
     extensions = wire.get("extensions") if isinstance(wire, dict) else None
     entry = extensions.get(PAYMENT_IDENTIFIER) if isinstance(extensions, dict) else None
     info = entry.get("info") if isinstance(entry, dict) else None

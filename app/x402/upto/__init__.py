@@ -15,9 +15,9 @@ from .payload import (
     Permit2612,
     UptoPayment,
     eip2612_declaration,
-    parse_upto_header,
     parse_upto_payment,
     permit_digest,
+    upto_payment_of,
 )
 
 __all__ = [
@@ -29,7 +29,7 @@ __all__ = [
     "UptoPayment",
     "check_permit",
     "eip2612_declaration",
-    "parse_upto_header",
     "parse_upto_payment",
     "permit_digest",
+    "upto_payment_of",
 ]

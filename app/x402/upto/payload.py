@@ -19,7 +19,6 @@ from typing import Any
 
 from eth_hash.auto import keccak
 
-from ..codec import MalformedInput, decode_header
 from ..eip712 import DOMAIN_TYPEHASH
 from ..verdict import INVALID_PAYLOAD, Verdict, reject
 from ..wire import ADDRESS_RE, SIGNATURE_RE, Invalid, field, keys, matching, uint
@@ -193,14 +192,10 @@ def permit_digest(chain_id: int, auth: Permit2Authorization) -> bytes:
     return keccak(b"\x19\x01" + permit2_domain_separator(chain_id) + struct)
 
 
-def parse_upto_header(text: str) -> UptoPayment | Verdict | None:
-    """A v2 ``PAYMENT-SIGNATURE`` value: the ``UptoPayment`` when its ``accepted.scheme`` is "upto",
-    a ``Verdict`` (``invalid_payload``) when such a header is malformed, None for any other header
-    (left to the ``exact`` parser, which gives the reason)."""
-    try:
-        wire = decode_header(text)
-    except MalformedInput:
-        return None
+def upto_payment_of(wire: Any) -> UptoPayment | Verdict | None:
+    """A decoded v2 ``PAYMENT-SIGNATURE``: the ``UptoPayment`` when its ``accepted.scheme`` is "upto",
+    a ``Verdict`` (``invalid_payload``) when such a payload is malformed, None for any other (left to
+    the ``exact`` parser, which gives the reason)."""
     accepted = wire.get("accepted") if isinstance(wire, dict) else None
     if not isinstance(accepted, dict) or accepted.get("scheme") != "upto" or wire.get("x402Version") != 2:
         return None
