@@ -89,6 +89,8 @@ class Settings:
     redis_cluster: str = "auto"  # REDIS_CLUSTER: auto (ask the node), yes, no
     schemes: tuple[str, ...] = ("exact", "upto")  # X402_SCHEMES: what a call may be paid with
     replay_seconds: int = 600  # X402_REPLAY_SECONDS: how long an answer is kept for its payment id
+    credit_seconds: int = 30 * 86400  # X402_CREDIT_SECONDS: a lot of a wallet's credit lives this long
+    exact_change: bool = True  # X402_EXACT_CHANGE=credit (default) | keep: credit an exact call's change
     # X402_RELAYER_KEYS: every key that settles, in turn (empty: relayer_key alone)
     relayer_keys: tuple[str, ...] = field(default=(), repr=False)
 
@@ -203,6 +205,8 @@ class Settings:
             schemes=schemes,
             relayer_keys=relayer_keys,
             replay_seconds=_integer("X402_REPLAY_SECONDS", get("X402_REPLAY_SECONDS", "600")),
+            credit_seconds=_integer("X402_CREDIT_SECONDS", get("X402_CREDIT_SECONDS", str(30 * 86400))),
+            exact_change=_exact_change(get("X402_EXACT_CHANGE", "credit")),
         )
 
 
@@ -302,6 +306,14 @@ def _integer(variable: str, value: str) -> int:
     if not re.fullmatch(r"[0-9]{1,12}", value) or int(value) == 0:
         raise SettingsError(variable, f"must be a positive whole number, not {value!r}")
     return int(value)
+
+
+def _exact_change(value: str) -> bool:
+    """X402_EXACT_CHANGE: ``credit`` (the unused part of an exact payment becomes the wallet's
+    credit) or ``keep`` (the operator keeps it)."""
+    if value.strip().lower() not in ("credit", "keep"):
+        raise SettingsError("X402_EXACT_CHANGE", f"must be credit or keep, not {value!r}")
+    return value.strip().lower() == "credit"
 
 
 def _flag(variable: str, value: str) -> bool:

@@ -50,6 +50,7 @@ from app.backends.token import (
     eth_call,
     is_log,
     logged,
+    selector,
     transfer_calldata,
     transfer_topics,
 )
@@ -145,6 +146,10 @@ def _is_receipt_of(answer: Any, tx_hash: str) -> bool:
         and isinstance(answer.get("logs"), list)
         and all(isinstance(log, dict) for log in answer["logs"])
     )
+
+
+SEL_IS_VALID_SIGNATURE = selector("isValidSignature(bytes32,bytes)")
+EIP1271_MAGIC = "0x1626ba7e"  # bytes4(keccak256("isValidSignature(bytes32,bytes)")), EIP-1271
 
 
 class Chain:
@@ -295,6 +300,14 @@ class Chain:
         if isinstance(gas, RpcError):
             return Preflight(reject(upto.SIMULATION_FAILED, gas.message[:200]))
         return _accepted(gas, nonce, gas_price, priority, calldata)
+
+    def accepts_signature(self, wallet: str, digest: bytes, signature: bytes) -> bool:
+        """Whether the contract at ``wallet`` says ``signature`` is its own for ``digest`` (EIP-1271:
+        ``isValidSignature(bytes32, bytes)`` returns the magic value ``0x1626ba7e``). False for an
+        account without code, a revert or any other answer. Raises ``ChainUnavailable``."""
+        data = SEL_IS_VALID_SIGNATURE + encode(["bytes32", "bytes"], [digest, signature])
+        (answer,) = self.rpc.batch([eth_call(wallet, data)])
+        return isinstance(answer, str) and answer[:10].lower() == EIP1271_MAGIC and len(answer) == 66
 
     def find_settlement(self, auth: Authorization) -> str | None:
         """The hash of a transaction (anyone's) that used this authorization *and* moved exactly

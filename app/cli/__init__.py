@@ -103,17 +103,21 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def cmd_revenue(args: argparse.Namespace) -> int:
     """``x402-proxy revenue [--by] [--since] [--csv]``: settled revenue from the ledger stream per model,
-    day (UTC) or payer, as a table or CSV. Exit 0; 2 for bad settings or --since."""
-    from app.payments.books import parse_duration, render_revenue, revenue
+    day (UTC), payer or scheme, as a table or CSV (credit counts once spent or expired), and the
+    credit wallets may still spend. Exit 0; 2 for bad settings or --since."""
+    from app.payments.books import credit_outstanding, dollars, parse_duration, render_revenue, revenue
     from app.settings import SettingsError
 
     try:
         _, ledger, _ = _books_parts()
         totals = revenue(ledger, parse_duration(args.since), args.by)
+        owed = credit_outstanding(ledger)
     except (SettingsError, ValueError) as exc:
         print(f"x402-proxy revenue: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(render_revenue(totals, args.by, args.csv))
+    if not args.csv:  # a liability, not revenue: what wallets may still spend
+        print(f"credit outstanding (owed to wallets, not in the total): {dollars(owed)}")
     return 0
 
 

@@ -25,7 +25,9 @@ from app.backends.chain import Chain
 from app.backends.rpc import ChainUnavailable, RpcFailure
 from app.backends.token import ReceiptContradiction, pulled_logged, transfer_logged
 from app.backends.upstream import abandoned_after
+from app.payments.credit import Credit
 from app.payments.keys import (
+    CREDIT_KEYS,
     LEDGER_STREAM,
     PAYMENT_KEY_RE,
     PAYMENT_KEYS,
@@ -38,9 +40,13 @@ from app.payments.states import OPEN, State
 from app.settings import Settings
 from app.x402.wire import Authorization
 
-MONEY_MOVED = (State.SETTLED, State.SERVED, State.REDEEMABLE)
+MONEY_MOVED = (State.SETTLED, State.SERVED, State.REDEEMABLE, State.CREDITED)
 CHECKED = (*MONEY_MOVED, *OPEN)
-DONE = (State.SERVED, State.REDEEMABLE)
+DONE = (State.SERVED, State.REDEEMABLE, State.CREDITED)
+# Revenue: a settled payment counts; the part of it credited to the wallet does not, until spent or
+# expired (credit is a liability).
+REVENUE_SIGN = {State.SETTLED.value: 1, "credit": -1, "credit_spent": 1, "credit_expired": 1}
+EXPIRED_CREDIT = "(expired credit)"
 DURATION_RE = re.compile(r"([0-9]+)([smhd])")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -118,12 +124,25 @@ def reconcile(ledger: Ledger, chain: Chain, settings: Settings, since_seconds: i
             findings.append(Finding(key, state, tx, f"chain unavailable: {type(exc).__name__}"))
             continue
         findings += _checked(ledger, key, state, tx, age, settled_by, receipt is not None)
+        if state == State.SERVED and record.get("change", "").isdigit():
+            findings += _credit_change(ledger, settings, key, record)
     findings += _reconcile_upto(ledger, chain, settings, cutoff, skipped)
     findings += [
         Finding(master, "", "", "Redis master did not answer: its payments were not checked")
         for master in sorted(set(skipped))
     ]
     return findings
+
+
+def _credit_change(ledger: Ledger, settings: Settings, key: str, record: dict[str, str]) -> list[Finding]:
+    """A served exact payment's change is in its wallet's credit (the proxy credits it right after
+    recording the payment served; if Redis failed in between, it is credited here, once)."""
+    updated = int(float(record.get("updated") or 0))
+    added = Credit(settings, ledger).add(
+        record.get("payer", ""), f"change:{key}", int(record["change"]), "change", record.get("model", ""),
+        record.get("tx", ""), updated,
+    )  # fmt: skip
+    return [Finding(key, State.SERVED, record.get("tx", ""), "", resolved="change credited")] if added else []
 
 
 def _reconcile_upto(
@@ -239,7 +258,10 @@ def render_findings(findings: list[Finding]) -> str:
 
 def revenue(ledger: Ledger, since_seconds: int, by: str) -> dict[str, int]:
     """Settled amounts (atomic units) grouped by model, day (UTC), payer or scheme, from the ledger
-    stream (for ``upto``, what was charged, not the maximum authorized).
+    stream (for ``upto``, what was charged, not the maximum authorized). Credit is a liability, not
+    revenue: what an exact payment left as the wallet's credit is taken off (``credit`` events) and
+    counts once spent (``credit_spent``, scheme ``credit``) or expired (``credit_expired``, model
+    ``(expired credit)``).
 
     On a cluster the events still in outboxes are moved into the stream first; ``RevenueIncomplete``
     is raised when some cannot be (a master is down), rather than a total that is short. An event
@@ -252,17 +274,33 @@ def revenue(ledger: Ledger, since_seconds: int, by: str) -> dict[str, int]:
     totals: dict[str, int] = defaultdict(int)
     for entry_id, fields in ledger.redis.xrange(LEDGER_STREAM, min=f"{int(since * 1000)}-0", max="+"):
         entry = {text_of(k): text_of(v) for k, v in fields.items()}
-        if entry.get("event") != State.SETTLED or not entry.get("amount", "").isdigit():
+        sign = REVENUE_SIGN.get(entry.get("event", ""), 0)
+        if not sign or not entry.get("amount", "").isdigit():
             continue
         at = int(entry.get("at") or int(text_of(entry_id).split("-")[0]) // 1000)  # older events: no "at"
         if at < since:
             continue
         if by == "day":
             group = time.strftime("%Y-%m-%d", time.gmtime(at))
+        elif by == "model" and entry.get("event") == "credit_expired":
+            group = EXPIRED_CREDIT
         else:  # an exact event has no scheme field; an upto event's amount is what was charged
             group = entry.get(by, "exact" if by == "scheme" else "")
-        totals[group] += int(entry["amount"])
+        totals[group] += sign * int(entry["amount"])
     return dict(sorted(totals.items()))
+
+
+def credit_outstanding(ledger: Ledger) -> int:
+    """What the proxy holds for wallets now (atomic units): the unexpired credit of every wallet,
+    held or not, on every master. A liability: it is owed in service, not earned yet."""
+    now, total = time.time(), 0
+    for key in ledger.store.scan(CREDIT_KEYS):
+        for raw_field, raw_value in ledger.redis.hgetall(key).items():
+            kind = text_of(raw_field).partition(":")[0]
+            parts = text_of(raw_value).split(":")
+            if kind in ("lot", "hold") and len(parts) >= 2 and int(parts[1]) >= now:
+                total += int(parts[0])
+    return total
 
 
 def dollars(atomic: int, decimals: int = 6) -> str:

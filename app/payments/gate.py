@@ -29,6 +29,7 @@ from app.backends.upstream import abandoned_after
 from app.catalog import Catalog, Quote
 from app.logs import note
 from app.payments.answers import Answer
+from app.payments.credit import Credit
 from app.payments.errors import ApiError
 from app.payments.keys import payment_key
 from app.payments.ledger import NEW, REDEEM, RESUME, Claim, Ledger
@@ -43,13 +44,16 @@ from app.payments.settlement import (
     SettlementJob,
     Settler,
 )
+from app.payments.signin import SignInGate
 from app.payments.states import State
 from app.payments.upto import UptoGate
 from app.settings import Settings
-from app.x402.challenge import Resource, build_challenge
+from app.x402.challenge import Challenge, Resource, build_challenge
 from app.x402.checks import check_authorization, match_requirement
+from app.x402.codec import encode_header
 from app.x402.extensions.payment_identifier import PAYMENT_IDENTIFIER
 from app.x402.extensions.payment_identifier import declaration as payment_identifier_declaration
+from app.x402.extensions.sign_in_with_x import SIGN_IN_WITH_X
 from app.x402.upto import EIP2612_GAS_SPONSORING, eip2612_declaration
 from app.x402.verdict import (
     NONCE_USED,
@@ -101,7 +105,7 @@ class Gate:
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
         self._inflight = 0  # settlements submitted and not finished, in this process
-        self._challenges: dict[tuple[str, int, str, str, str], tuple[bytes, dict[str, str]]] = {}
+        self._challenges: dict[tuple[str, int, str, str, str], tuple[bytes, Challenge]] = {}
         # the upto scheme needs our own relayer: it is the settling account the permit names
         self.upto = (
             UptoGate(settings, ledger, chain, settler)
@@ -113,6 +117,8 @@ class Gate:
         # answers kept for payment ids; a first request holds its id as long as an upto call may run
         running = math.ceil(self._settling_limit + settings.upstream_timeout)
         self.replays = Replays(ledger.store, settings.replay_seconds, running)
+        self.credit = Credit(settings, ledger)
+        self.signin = SignInGate(settings, ledger, chain, self.credit)
 
     def _executor(self) -> ThreadPoolExecutor:
         """One settlement pool per process (gunicorn may fork workers after the app is built)."""
@@ -143,7 +149,8 @@ class Gate:
         extra_headers: Mapping[str, str] = (),
         extensions: dict[str, Any] | None = None,
     ) -> Answer:
-        """The 402: v1 body + v2 ``PAYMENT-REQUIRED`` header for this body's price."""
+        """The 402: v1 body + v2 ``PAYMENT-REQUIRED`` header for this body's price, with a fresh
+        ``sign-in-with-x`` challenge (spend the wallet's credit) in the v2 header."""
         # each 402 names the next relayer: upto permits bind the account that settles them
         facilitator = self.upto.settler.pick() if self.upto is not None else ""
         key = (quote.model.name, quote.amount, resource_url, reason, facilitator)
@@ -156,12 +163,17 @@ class Gate:
             challenge = build_challenge(
                 self.requirements(quote, facilitator), Resource(resource_url, description), reason, extensions
             )
-            built = (json.dumps(challenge.body, separators=(",", ":")).encode(), challenge.headers())
+            built = (json.dumps(challenge.body, separators=(",", ":")).encode(), challenge)
             if len(self._challenges) >= CHALLENGE_CACHE_SIZE:
                 self._challenges.clear()
             self._challenges[key] = built
         metrics.CHALLENGES.labels(reason).inc()
-        body, headers = built
+        body, challenge = built
+        headers = challenge.headers()
+        sign_in = self.signin.extension(resource_url)  # a nonce per 402: encoded anew each time
+        if sign_in is not None:
+            extensions = {**challenge.v2.get("extensions", {}), SIGN_IN_WITH_X: sign_in}
+            headers["PAYMENT-REQUIRED"] = encode_header({**challenge.v2, "extensions": extensions})
         return Answer(402, {"Content-Type": "application/json", **headers, **dict(extra_headers)}, body)
 
     def settle_header(
@@ -390,6 +402,13 @@ class Gate:
                 "this payment is being settled by another request; retry the same header shortly",
                 {"Retry-After": RETRY_AFTER_PENDING},
             )
+        if claim.state == State.CREDITED:
+            raise PaymentRequired(
+                reject(
+                    NONCE_USED,
+                    "this payment became your wallet's credit: sign in (SIGN-IN-WITH-X) to spend it",
+                )
+            )
         if claim.state != State.PENDING and not abandoned:
             raise PaymentRequired(
                 reject(NONCE_USED, f"this authorization was already presented ({claim.state})")
@@ -431,12 +450,14 @@ class Gate:
         """The chain shows this payment: count it as revenue (once per payment)."""
         metrics.REVENUE.labels(quote.model.name).inc(quote.amount)
 
-    def _record(self, paid: Paid, to_state: str) -> None:
+    def _record(self, paid: Paid, to_state: str, **fields: str) -> None:
         """Record what became of a settled payment (with its tx hash and ledger events, one round
         trip). Content is released only after this succeeds: if Redis is down the client gets 503
         with ``PAYMENT-RESPONSE`` and the retried header is resolved from the chain later."""
         try:
-            self.ledger.transition(paid.key, (State.SETTLING, State.SETTLED), to_state, tx=paid.tx_hash)
+            self.ledger.transition(
+                paid.key, (State.SETTLING, State.SETTLED), to_state, tx=paid.tx_hash, **fields
+            )
         except Exception as exc:
             log.warning("ledger unavailable after settlement: %s: %s", type(exc).__name__, exc)
             name, value = paid.response_header
@@ -453,14 +474,38 @@ class Gate:
         """Before a stream starts: the payment is confirmed, the answer is on its way."""
         self._record(paid, State.SETTLED)
 
-    def served(self, paid: Paid) -> None:
-        """Before a whole answer below HTTP 400 is handed over: record the payment served; raises ``ApiError``
-        (503) when Redis fails."""
-        self._record(paid, State.SERVED)
+    def served(self, paid: Paid, change: int = 0) -> int:
+        """Before a whole answer below HTTP 400 is handed over (or once a stream ended): record the
+        payment served, and credit ``change`` (atomic units: what it paid beyond the call's usage
+        price) to the payer's wallet once. Returns what was credited. Raises ``ApiError`` (503)
+        when Redis fails to record the payment; a credit that fails is logged, and its amount stays
+        in the payment's record (``change``) for ``reconcile``."""
+        self._record(paid, State.SERVED, **({"change": str(change)} if change > 0 else {}))
+        if change <= 0:
+            return 0
+        try:
+            added = self.credit.add(
+                paid.payer,
+                f"change:{paid.key}",
+                change,
+                "change",
+                paid.quote.model.name,
+                paid.tx_hash,
+                int(time.time()),
+            )
+        except STORE_ERRORS as exc:
+            log.error("could not credit an exact call's change: %s", type(exc).__name__)
+            return 0
+        return change if added else 0
 
     def redeemable(self, paid: Paid) -> None:
-        """The upstream failed after settlement: the same header, retried, is served without a new charge."""
+        """The upstream failed after settlement: the same header, retried, is served without a new
+        charge, and the payer's sign-in may claim the payment into its credit instead."""
         self._record(paid, State.REDEEMABLE)
+        try:
+            self.credit.point(paid.payer, paid.key, paid.value, int(time.time()))
+        except STORE_ERRORS:  # the header still redeems it
+            log.warning("could not note a redeemable payment in its payer's credit")
 
 
 def _nothing_charged_ledger_down() -> ApiError:

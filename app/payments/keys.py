@@ -9,6 +9,9 @@ hash tag (the part in braces):
   the outbox of its ledger events ``x402:{p<n>}:outbox`` share a slot: a transition writes both in
   one atomic step, and no write to another slot can decide a payment's fate. An ``upto`` permit is
   ``x402:{p<n>}:permit2:<chain id>:<asset>:<payer>:<nonce>``, in the same shards.
+- A wallet's credit (``app.payments.credit``) ``x402:{p<n>}:credit:<chain id>:<asset>:<payer>`` and
+  its recent entries ``x402:{p<n>}:credit-log:…`` share a shard tag chosen the same way, so a
+  change to the credit and its ledger events (in that shard's outbox) are one atomic step.
 - A payer's unpaid ``upto`` charges and its ``upto`` calls in flight:
   ``x402:{payer:<chain id>:<asset>:<payer>}:debt`` and ``…:exposure``.
 - The ledger stream ``x402:{ledger}``, what was moved into it from each outbox
@@ -34,6 +37,9 @@ SHARDS = 256
 SLOTS_PER_SHARD = REDIS_CLUSTER_HASH_SLOTS // SHARDS  # 64
 PAYMENT_KEYS = "x402:{p*}:auth:*"  # SCAN pattern of every payment
 PERMIT_KEYS = "x402:{p*}:permit2:*"  # SCAN pattern of every upto permit
+CREDIT_KEYS = "x402:{p*}:credit:*"  # SCAN pattern of every wallet's credit
+CREDIT_KEY_RE = re.compile(r"^x402:\{p[0-9]+\}:credit:([0-9]+):(0x[0-9a-f]{40}):(0x[0-9a-f]{40})$")
+SIWX_SECRET_KEY = "x402:{meta}:siwx"  # the secret that tags sign-in nonces (made once, shared)
 PERMIT_KEY_RE = re.compile(r"^x402:\{p[0-9]+\}:permit2:([0-9]+):(0x[0-9a-f]{40}):(0x[0-9a-f]{40}):([0-9]+)$")
 PAYMENT_KEY_RE = re.compile(
     r"^x402:\{p[0-9]+\}:auth:([0-9]+):(0x[0-9a-f]{40}):(0x[0-9a-f]{40}):0x([0-9a-f]{64})$"
@@ -70,6 +76,14 @@ def permit_key(chain_id: int, asset: str, payer: str, nonce: int) -> str:
     identity = f"permit2:{chain_id}:{asset.lower()}:{payer.lower()}:{nonce}"
     tag = shard_tags()[key_slot(identity.encode()) // SLOTS_PER_SHARD]
     return f"x402:{{{tag}}}:{identity}"
+
+
+def credit_keys(chain_id: int, asset: str, payer: str) -> tuple[str, str]:
+    """The hash of a wallet's credit and the list of its recent entries, in one shard:
+    ``x402:{p<n>}:credit:<chain id>:<asset>:<payer>`` and ``x402:{p<n>}:credit-log:…``."""
+    identity = f"{chain_id}:{asset.lower()}:{payer.lower()}"
+    tag = shard_tags()[key_slot(f"credit:{identity}".encode()) // SLOTS_PER_SHARD]
+    return f"x402:{{{tag}}}:credit:{identity}", f"x402:{{{tag}}}:credit-log:{identity}"
 
 
 def debt_key(chain_id: int, asset: str, payer: str) -> str:

@@ -374,6 +374,13 @@ class Ledger:
         counts["scanned"] = len(keys)
         return counts
 
+    def states(self, keys: list[str]) -> dict[str, str]:
+        """Each payment's state ("" when it is gone), read in one round trip per slot."""
+        pipeline = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipeline.hget(key, "state")
+        return {key: text_of(state or b"") for key, state in zip(keys, pipeline.execute(), strict=True)}
+
     def get(self, key: str) -> dict[str, str]:
         """A payment's record (its Redis hash) as text fields; empty when the key does not exist."""
         return {text_of(k): text_of(v) for k, v in self.redis.hgetall(key).items()}

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 
 from app.backends.store import STORE_ERRORS
 from app.backends.upstream import BUYER_ERRORS, UpstreamAnswer, UpstreamFailed, host_error_message
 from app.catalog import Model, Quote
-from app.catalog.usage import StreamUsage, usage_of_answer
+from app.catalog.usage import StreamUsage, Usage, charge, usage_of_answer
 from app.logs import note
 from app.metrics import STREAM_FIRST_BYTE_SECONDS, UPSTREAM_SECONDS
 from app.payments.answers import Answer, error_answer
@@ -33,20 +35,32 @@ from app.payments.outcomes import Paid, PaymentRequired
 from app.payments.receipts import RECEIPT_HEADER, STREAM_RECEIPT_PREFIX, Receipt, offer_receipt, sha256_hex
 from app.payments.replay import CONFLICT, DONE, RUNNING, Replays, seal, unseal
 from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED
+from app.payments.signin import CreditHold, SignInGate
 from app.payments.upto import Charge, Hold, UptoGate
-from app.x402.challenge import EXPOSED_HEADERS
+from app.x402.challenge import (
+    CREDIT_ADDED_HEADER,
+    CREDIT_BALANCE_HEADER,
+    CREDIT_CHARGED_HEADER,
+    EXPOSED_HEADERS,
+)
 from app.x402.codec import MalformedInput, decode_header, encode_header
 from app.x402.extensions.payment_identifier import fingerprint, payment_identifier
+from app.x402.extensions.sign_in_with_x import HEADER as SIWX_HEADER
+from app.x402.extensions.sign_in_with_x import origin_of
 from app.x402.upto import UptoPayment, upto_payment_of
 from app.x402.upto.checks import DEADLINE_EXPIRED, TRANSACTION_FAILED
 from app.x402.verdict import SETTLEMENT_PENDING, UNSUPPORTED_SCHEME, Verdict, reject
-from app.x402.wire import V2_HEADER
+from app.x402.wire import V1_HEADER, V2_HEADER
 
 log = logging.getLogger("x402.serve")
 
 STREAM_CUT_EVENT = (
     b'data: {"error": {"code": "upstream_cut", "message": "the model host cut the stream; '
     b'retry the same payment header to be served again"}}\n\n'
+)
+STREAM_CUT_EVENT_UPTO = (
+    b'data: {"error": {"code": "upstream_cut", "message": "the model host cut the stream; nothing '
+    b'was charged: send the same payment header again"}}\n\n'
 )
 CLIENT_CLOSED = 499  # the buyer hung up before the answer was handed over (nobody reads this status)
 
@@ -83,8 +97,13 @@ def serve(gate: Gate, call: PaidCall) -> Answer:
     """Charge for ``call.quote`` and answer with what the model host gives. Raises
     ``PaymentRequired`` (answer the 402) or ``ApiError`` (503 and friends; 409 when a payment id
     was used by another payment). A payment that carries an id (``payment-identifier``) and was
-    answered before gets that answer again, with no second charge (``app.payments.replay``)."""
+    answered before gets that answer again, with no second charge (``app.payments.replay``). A
+    request that signs in (``SIGN-IN-WITH-X``) and carries no payment is paid from the wallet's
+    credit (``app.payments.signin``)."""
     header = call.headers.get(V2_HEADER)
+    sign_in = call.headers.get(SIWX_HEADER)
+    if header is None and sign_in is not None and V1_HEADER not in call.headers:
+        return _serve_credit(gate, call, gate.signin.begin(call.quote, sign_in, origin_of(call.resource_url)))
     wire = _decoded(header)  # once: the id and the scheme are read from it
     payment_id = payment_identifier(wire)
     if isinstance(payment_id, Verdict):
@@ -212,9 +231,11 @@ def _serve(gate: Gate, call: PaidCall, wire: Any) -> Answer:
     ticket = gate.begin(call.quote, call.headers)
     if gate.settings.settle_first:
         ticket.result()
+    # the change of an exact call is its usage price's remainder: a stream must report its usage
+    body, asked_usage = _metered_body(call) if gate.settings.exact_change else (call.quote.body, True)
     upstream_started = time.perf_counter()
     try:
-        answer = call.call(call.quote.body)
+        answer = call.call(body)
         UPSTREAM_SECONDS.observe(time.perf_counter() - upstream_started)
         note(upstream_ms=round((time.perf_counter() - upstream_started) * 1000, 1))
         streaming = call.streaming and answer.status < 400  # an error answer is read whole, like JSON
@@ -229,12 +250,13 @@ def _serve(gate: Gate, call: PaidCall, wire: Any) -> Answer:
         answer.close()
         raise
     if streaming:
-        return _stream(gate, call, paid, answer)
+        return _stream(gate, call, paid, answer, asked_usage)
     return _whole(gate, call, paid, answer, content)
 
 
 def _whole(gate: Gate, call: PaidCall, paid: Paid, answer: UpstreamAnswer, content: bytes) -> Answer:
-    """A non-streamed answer: recorded served (or redeemable) before it is handed over."""
+    """A non-streamed answer: recorded served (or redeemable) before it is handed over; the unused
+    part of the payment becomes the wallet's credit (``X-Credit-Added``)."""
     if answer.status >= 400 and call.render is None:
         # The host refused the call: the payment can still buy one. Its headers stay here, and its
         # message only after scrubbing: an error page may quote the operator's key or name hosts.
@@ -244,11 +266,14 @@ def _whole(gate: Gate, call: PaidCall, paid: Paid, answer: UpstreamAnswer, conte
         gate.redeemable(paid)  # nothing was handed over: the same header, retried, is served
         note(outcome="client_gone")
         return Answer(CLIENT_CLOSED, {}, b"")
+    credited = 0
     if answer.status < 400:
-        gate.served(paid)
+        credited = gate.served(paid, _change(gate, paid, usage_of_answer(content)))
     else:
         gate.redeemable(paid)
     headers = _paid_headers(gate, call, paid, answer)
+    if credited:
+        headers[CREDIT_ADDED_HEADER] = str(credited)
     if call.render is not None:
         content, headers["Content-Type"] = call.render(content, answer.status), "application/json"
     key = gate.settings.receipt_key
@@ -258,7 +283,15 @@ def _whole(gate: Gate, call: PaidCall, paid: Paid, answer: UpstreamAnswer, conte
     return Answer(answer.status, headers, content)
 
 
-def _stream(gate: Gate, call: PaidCall, paid: Paid, answer: UpstreamAnswer) -> Answer:
+def _change(gate: Gate, paid: Paid, usage: Usage | None) -> int:
+    """What an exact payment paid beyond its call's usage price (atomic units; the ``upto`` rule:
+    unknown usage costs the maximum), 0 with ``X402_EXACT_CHANGE=keep``."""
+    if not gate.settings.exact_change:
+        return 0
+    return paid.value - charge(paid.quote.model, usage, paid.quote.amount)
+
+
+def _stream(gate: Gate, call: PaidCall, paid: Paid, answer: UpstreamAnswer, asked_usage: bool) -> Answer:
     """A stream: the payment is recorded settled, then chunks pass through as they come."""
     try:
         gate.settled(paid)
@@ -271,47 +304,43 @@ def _stream(gate: Gate, call: PaidCall, paid: Paid, answer: UpstreamAnswer) -> A
     unsigned = _unsigned_receipt(gate, call, paid)
     if key:
         headers[RECEIPT_HEADER] = unsigned.signed(key).to_header()  # payment + request, sent first
-    relay = _relay_stream(gate, paid, answer, call.started, (unsigned, key) if key else None)
+    meter = _ExactMeter(gate, paid, unsigned)
+    relay = _relay_metered(call, answer, asked_usage, meter, key)
     return Answer(answer.status, headers, relay)
 
 
-def _relay_stream(
-    gate: Gate, paid: Paid, answer: UpstreamAnswer, started: float, receipt: tuple[Receipt, str] | None
-) -> Iterator[bytes]:
-    """Pass chunks through as they come; the payment is served once the stream ends cleanly, and
-    the last line is an SSE comment with the signed receipt over everything that was sent.
-    A stream the host cuts leaves the payment redeemable, and the client sees both an error event
-    and a broken transfer (no clean end that could pass for a complete answer)."""
-    first = True
-    digest = hashlib.sha256()
-    try:
-        for chunk in answer.chunks():
-            if first:
-                STREAM_FIRST_BYTE_SECONDS.observe(time.perf_counter() - started)
-                first = False
-            digest.update(chunk)
-            yield chunk
-    except UpstreamFailed:
-        _record_after_stream(gate.redeemable, paid)
-        yield STREAM_CUT_EVENT
-        raise StreamCut("upstream stream cut") from None
-    except GeneratorExit:
-        _record_after_stream(gate.served, paid)  # the buyer hung up: what was asked for was being delivered
-        raise
-    _record_after_stream(gate.served, paid)
-    if receipt is not None:
-        unsigned, key = receipt
-        final = replace(unsigned, response_sha256=digest.hexdigest()).signed(key)
-        yield STREAM_RECEIPT_PREFIX + final.to_header().encode() + b"\n\n"
+@dataclass
+class _ExactMeter:
+    """An exact stream's end: served, its change credited (an SSE comment says how much); a cut
+    leaves the payment redeemable. Its receipt is the one sent first, with the response's hash."""
+
+    gate: Gate
+    paid: Paid
+    unsigned: Receipt
+    until: float = math.inf
+    cut_event: bytes = STREAM_CUT_EVENT
+
+    def release(self) -> None:
+        _record_after_stream(lambda: self.gate.redeemable(self.paid))
+
+    def charge(self, usage: Usage | None) -> bytes:
+        gate, paid = self.gate, self.paid
+        credited = _record_after_stream(lambda: gate.served(paid, _change(gate, paid, usage)))
+        return CREDIT_ADDED_PREFIX + str(credited).encode() + b"\n\n" if credited else b""
+
+    def receipt(self, response_sha256: str) -> Receipt:
+        return replace(self.unsigned, response_sha256=response_sha256)
 
 
-def _record_after_stream(record: Callable[[Paid], None], paid: Paid) -> None:
+def _record_after_stream(record: Callable[[], int | None]) -> int:
     """Once bytes have gone out nothing can be taken back; a ledger that fails now leaves the
-    payment "settled", which becomes redeemable once stale (``ledger.STALE_SETTLED``)."""
+    payment "settled", which becomes redeemable once stale (``ledger.STALE_SETTLED``). Returns
+    what ``record`` returns (the change credited), 0 when it failed."""
     try:
-        record(paid)
+        return record() or 0
     except ApiError:
         log.error("could not record the end of a paid stream")
+        return 0
 
 
 def _unsigned_receipt(gate: Gate, call: PaidCall, paid: Paid) -> Receipt:
@@ -413,10 +442,7 @@ def _serve_upto(gate: Gate, upto: UptoGate, call: PaidCall, payment: UptoPayment
     only once its charge settled; a stream goes out as it comes and is charged at its end. A host
     that fails, refuses or is cut off costs nothing: the permit is released and may be sent again."""
     hold = upto.begin(call.quote, payment)
-    body = call.quote.body
-    asked_usage = _asks_usage(body)
-    if call.streaming and not asked_usage:
-        body = {**body, "stream_options": {**body.get("stream_options", {}), "include_usage": True}}
+    body, asked_usage = _metered_body(call)
     upstream_started = time.perf_counter()
     try:
         answer = call.call(body)
@@ -430,7 +456,12 @@ def _serve_upto(gate: Gate, upto: UptoGate, call: PaidCall, payment: UptoPayment
         upto.release(hold)
         raise
     if streaming:
-        return _upto_stream(gate, upto, call, hold, answer, asked_usage)
+        meter = _UptoMeter(gate, upto, call, hold)
+        return Answer(
+            answer.status,
+            _stream_headers(answer),
+            _relay_metered(call, answer, asked_usage, meter, gate.settings.receipt_key),
+        )
     if answer.status >= 400 and call.render is None:
         upto.release(hold)
         return _upto_refused(gate, call.quote.model, answer.status, content)
@@ -477,14 +508,18 @@ UPTO_REVERTED = (
 )
 
 
-def _asks_usage(body: dict[str, Any]) -> bool:
+def _metered_body(call: PaidCall) -> tuple[dict[str, Any], bool]:
+    """The body to forward when the charge depends on usage, and whether the buyer asked for the
+    usage event: a stream is asked for its usage (``stream_options.include_usage``) either way."""
+    body = call.quote.body
     options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
+    asked = isinstance(options, dict) and options.get("include_usage") is True
+    if call.streaming and not asked:
+        body = {**body, "stream_options": {**body.get("stream_options", {}), "include_usage": True}}
+    return body, asked
 
 
-def _upto_stream(
-    gate: Gate, upto: UptoGate, call: PaidCall, hold: Hold, answer: UpstreamAnswer, asked_usage: bool
-) -> Answer:
+def _stream_headers(answer: UpstreamAnswer) -> dict[str, str]:
     headers = dict(answer.headers)
     headers.update(
         {
@@ -493,28 +528,44 @@ def _upto_stream(
             "X-Accel-Buffering": "no",
         }
     )
-    return Answer(answer.status, headers, _relay_upto(gate, upto, call, hold, answer, asked_usage))
+    return headers
 
 
-def _relay_upto(
-    gate: Gate, upto: UptoGate, call: PaidCall, hold: Hold, answer: UpstreamAnswer, asked_usage: bool
+class Meter(Protocol):
+    """How a stream whose charge is known only at its end is charged: ``exact`` (its change),
+    ``upto`` (its permit) or credit (its hold)."""
+
+    until: float  # unix time after which no more of the stream is passed on (it must be charged)
+    cut_event: bytes  # the SSE error event a buyer gets when the host cuts the stream
+
+    def release(self) -> None:
+        """The host cut the stream: nothing is charged."""
+
+    def charge(self, usage: Usage | None) -> bytes:
+        """Charge what the stream used (``None``: unknown); the SSE comments that close it."""
+
+    def receipt(self, response_sha256: str) -> Receipt:
+        """The unsigned receipt over everything sent (``response_sha256``)."""
+
+
+def _relay_metered(
+    call: PaidCall, answer: UpstreamAnswer, asked_usage: bool, meter: Meter, key: str
 ) -> Iterator[bytes]:
     """Pass the stream through (dropping the usage event the buyer did not ask for), then charge
-    its usage and end with SSE comments: the ``PAYMENT-RESPONSE`` value and the signed receipt.
-    A stream the host cuts costs nothing (the permit is released); a buyer who hangs up is charged
-    what the host reported, or the maximum. Nothing is passed on after ``stream_until``: the stream
-    ends there with a ``payment_window_closing`` event and is charged in time."""
+    its usage and end with the meter's SSE comments and, with a receipt key, the signed receipt.
+    A stream the host cuts is released; a buyer who hangs up is charged what the host reported, or
+    the maximum. Nothing is passed on after ``meter.until``: the stream ends there with a
+    ``payment_window_closing`` event and is charged in time."""
     watcher = StreamUsage(keep_usage_event=asked_usage)
     digest = hashlib.sha256()
     last = b"\n\n"  # the end of what went out: our comments must start an event of their own
     first, closing = True, False
-    until = upto.stream_until(hold)
     try:
         for chunk in answer.chunks():
             if first:
                 STREAM_FIRST_BYTE_SECONDS.observe(time.perf_counter() - call.started)
                 first = False
-            if time.time() >= until:  # this chunk came too late to be paid for in time
+            if time.time() >= meter.until:  # this chunk came too late to be paid for in time
                 answer.close()
                 closing = True
                 break
@@ -525,11 +576,11 @@ def _relay_upto(
                 yield out
         tail = watcher.end()
     except UpstreamFailed:
-        upto.release(hold)
-        yield STREAM_CUT_EVENT_UPTO
+        meter.release()
+        yield meter.cut_event
         raise StreamCut("upstream stream cut") from None
     except GeneratorExit:
-        upto.record(hold, upto.settle(hold, watcher.usage), answered=True)
+        meter.charge(watcher.usage)
         raise
     if not (last + tail).endswith((b"\n\n", b"\r\n\r\n")):
         tail += b"\n\n"  # a host that ended without a blank line: close its last event
@@ -537,32 +588,58 @@ def _relay_upto(
     if tail:
         digest.update(tail)
         yield tail
-    result = upto.settle(hold, watcher.usage)
-    upto.record(hold, result, answered=True)
-    reason = (
-        ""
-        if result.outcome == SETTLED
-        else (SETTLEMENT_PENDING if result.outcome == PENDING else result.reason or TRANSACTION_FAILED)
-    )
-    _name, value = upto.response_header(result, hold.payer, reason)
-    settled = PAYMENT_RESPONSE_PREFIX + _with_offer_receipt(gate, call, value).encode() + b"\n\n"
-    digest.update(settled)  # the receipt covers every byte before it
-    yield settled
-    key = gate.settings.receipt_key
+    closing_comments = meter.charge(watcher.usage)
+    if closing_comments:
+        digest.update(closing_comments)  # the receipt covers every byte before it
+        yield closing_comments
     if key:
-        receipt = _upto_receipt(gate, call, hold, result, digest.hexdigest()).signed(key)
+        receipt = meter.receipt(digest.hexdigest()).signed(key)
         yield STREAM_RECEIPT_PREFIX + receipt.to_header().encode() + b"\n\n"
 
 
-STREAM_CUT_EVENT_UPTO = (
-    b'data: {"error": {"code": "upstream_cut", "message": "the model host cut the stream; nothing '
-    b'was charged: send the same payment header again"}}\n\n'
-)
+@dataclass
+class _UptoMeter:
+    """An upto stream's end: its usage price pulled with the held permit, then the
+    ``PAYMENT-RESPONSE`` value as an SSE comment."""
+
+    gate: Gate
+    upto: UptoGate
+    call: PaidCall
+    hold: Hold
+    result: Charge | None = None
+    cut_event: bytes = STREAM_CUT_EVENT_UPTO
+
+    @property
+    def until(self) -> float:
+        return self.upto.stream_until(self.hold)
+
+    def release(self) -> None:
+        self.upto.release(self.hold)
+
+    def charge(self, usage: Usage | None) -> bytes:
+        upto, hold = self.upto, self.hold
+        result = self.result = upto.settle(hold, usage)
+        upto.record(hold, result, answered=True)
+        reason = (
+            ""
+            if result.outcome == SETTLED
+            else (SETTLEMENT_PENDING if result.outcome == PENDING else result.reason or TRANSACTION_FAILED)
+        )
+        _name, value = upto.response_header(result, hold.payer, reason)
+        return PAYMENT_RESPONSE_PREFIX + _with_offer_receipt(self.gate, self.call, value).encode() + b"\n\n"
+
+    def receipt(self, response_sha256: str) -> Receipt:
+        assert self.result is not None
+        return _upto_receipt(self.gate, self.call, self.hold, self.result, response_sha256)
+
+
 PAYMENT_RESPONSE_PREFIX = b": x402-payment-response "
+CREDIT_ADDED_PREFIX = b": x402-credit-added "  # then the change credited to the wallet (atomic units)
+CREDIT_PREFIX = b": x402-credit "  # then {"charged", "balance"} (atomic units) of a call paid from credit
 PAYMENT_WINDOW_EVENT = (
-    b'data: {"error": {"code": "payment_window_closing", "message": "the stream outlasted the '
-    b"permit's deadline less the time to settle; it ends here and is charged the usage reported, "
-    b'else the maximum"}}\n\n'
+    b'data: {"error": {"code": "payment_window_closing", "message": "the stream outlasted the time '
+    b"its payment is held for (for upto, the permit's deadline less the time to settle); it ends here "
+    b'and is charged the usage reported, else the maximum"}}\n\n'
 )
 
 
@@ -592,5 +669,146 @@ def _upto_host_failed(status: int, code: str, message: str) -> Answer:
         status,
         code,
         f"{message}; nothing was charged: the same payment header may be sent again",
+        {"Access-Control-Expose-Headers": EXPOSED_HEADERS},
+    )
+
+
+# --- credit: a signed-in wallet pays from what the proxy holds for it ------------------------------
+
+
+def _serve_credit(gate: Gate, call: PaidCall, hold: CreditHold) -> Answer:
+    """Serve a call from the wallet's credit: the maximum is held, the host called, the usage
+    price charged (``X-Credit-Charged``, ``X-Credit-Balance``; for a stream, an SSE comment at its
+    end) and the rest given back. A host that fails, refuses or is cut off costs nothing."""
+    signin = gate.signin
+    body, asked_usage = _metered_body(call)
+    try:
+        answer = call.call(body)
+        streaming = call.streaming and answer.status < 400
+        content = b"" if streaming else answer.read()
+    except UpstreamFailed:
+        signin.release(hold)
+        return _credit_host_failed(502, "upstream_unavailable", "the model host failed")
+    except BaseException:
+        signin.release(hold)
+        raise
+    if streaming:
+        meter = _CreditMeter(gate, call, hold)
+        return Answer(
+            answer.status,
+            _stream_headers(answer),
+            _relay_metered(call, answer, asked_usage, meter, gate.settings.receipt_key),
+        )
+    if answer.status >= 400 and call.render is None:
+        signin.release(hold)
+        text = _refusal_text(gate, call.quote.model, answer.status, content)
+        return _credit_host_failed(
+            answer.status if answer.status in BUYER_ERRORS else 502, "upstream_refused", text
+        )
+    if not call.still_there():
+        signin.release(hold)
+        note(outcome="client_gone")
+        return Answer(CLIENT_CLOSED, {}, b"")
+    usage = usage_of_answer(content) if answer.status < 400 else None
+    charged = _charge_credit(signin, hold, usage)
+    if charged is None:
+        raise ApiError(503, CREDIT_HOLD_LAPSED, CREDIT_HOLD_LAPSED_TEXT)
+    headers = dict(answer.headers)
+    headers.update(
+        {
+            CREDIT_CHARGED_HEADER: str(charged[0]),
+            CREDIT_BALANCE_HEADER: str(charged[1]),
+            "Access-Control-Expose-Headers": EXPOSED_HEADERS,
+            "Cache-Control": "no-store, private",
+        }
+    )
+    if call.render is not None:
+        content, headers["Content-Type"] = call.render(content, answer.status), "application/json"
+    key = gate.settings.receipt_key
+    if key:
+        receipt = _credit_receipt(gate, call, hold, charged[0], usage, sha256_hex(content))
+        headers[RECEIPT_HEADER] = receipt.signed(key).to_header()
+    return Answer(answer.status, headers, content)
+
+
+CREDIT_HOLD_LAPSED = "credit_hold_lapsed"
+CREDIT_HOLD_LAPSED_TEXT = (
+    "the call outlasted its credit hold; nothing was charged and the answer was withheld"
+)
+
+
+def _charge_credit(signin: SignInGate, hold: CreditHold, usage: Usage | None) -> tuple[int, int] | None:
+    """(charged, balance after), None when the hold lapsed or Redis failed (nothing was charged)."""
+    try:
+        charged = signin.settle(hold, usage)
+    except STORE_ERRORS:
+        log.error("could not charge a call from credit; its hold returns once past its time")
+        return None
+    if charged is not None:
+        note(outcome="served", amount_charged=charged[0])
+    return charged
+
+
+CREDIT_CHARGE_SECONDS = 5
+STREAM_CUT_EVENT_CREDIT = (
+    b'data: {"error": {"code": "upstream_cut", "message": "the model host cut the stream; nothing '
+    b'was charged to your credit"}}\n\n'
+)
+
+
+@dataclass
+class _CreditMeter:
+    """A stream paid from credit: its usage price is charged from the hold at its end."""
+
+    gate: Gate
+    call: PaidCall
+    hold: CreditHold
+    charged: int = 0
+    usage: Usage | None = None
+    cut_event: bytes = STREAM_CUT_EVENT_CREDIT
+
+    @property
+    def until(self) -> float:
+        # the last chunk read may take X402_UPSTREAM_TIMEOUT; a few seconds more to charge it
+        return self.hold.until - self.gate.settings.upstream_timeout - CREDIT_CHARGE_SECONDS
+
+    def release(self) -> None:
+        self.gate.signin.release(self.hold)
+
+    def charge(self, usage: Usage | None) -> bytes:
+        self.usage = usage
+        charged = _charge_credit(self.gate.signin, self.hold, usage)
+        if charged is None:
+            return CREDIT_PREFIX + json.dumps({"error": CREDIT_HOLD_LAPSED}).encode() + b"\n\n"
+        self.charged = charged[0]
+        return CREDIT_PREFIX + json.dumps({"charged": charged[0], "balance": charged[1]}).encode() + b"\n\n"
+
+    def receipt(self, response_sha256: str) -> Receipt:
+        return _credit_receipt(self.gate, self.call, self.hold, self.charged, self.usage, response_sha256)
+
+
+def _credit_receipt(
+    gate: Gate, call: PaidCall, hold: CreditHold, charged: int, usage: Usage | None, response_sha256: str
+) -> Receipt:
+    """The receipt of a call paid from credit: no transaction, the amount charged, the maximum held."""
+    return Receipt(
+        tx="",
+        payer=hold.payer,
+        amount=charged,
+        model=hold.quote.model.name,
+        network=gate.settings.network.caip2,
+        request_sha256=call.request_sha256,
+        response_sha256=response_sha256,
+        time=int(time.time()),
+        authorized=hold.quote.amount,
+        usage="unreported" if usage is None else f"{usage.prompt_tokens}+{usage.completion_tokens}",
+    )
+
+
+def _credit_host_failed(status: int, code: str, message: str) -> Answer:
+    return error_answer(
+        status,
+        code,
+        f"{message}; nothing was charged to your credit",
         {"Access-Control-Expose-Headers": EXPOSED_HEADERS},
     )

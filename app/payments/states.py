@@ -20,6 +20,7 @@ class State(StrEnum):
     FAILED = "failed"  # our settlement reverted: nothing moved, the authorization is still live
     RELEASED = "released"  # refused before anything was sent: the header may be sent again
     OWED = "owed"  # upto: answered, but the settlement of its charge reverted: the payer owes it
+    CREDITED = "credited"  # paid, not served, and claimed into the payer's credit by a sign-in
 
 
 S = State
@@ -32,10 +33,11 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.SETTLED: frozenset({S.SETTLED, S.SERVED, S.REDEEMABLE}),
     S.PENDING: frozenset({S.SETTLED, S.REDEEMABLE, S.FAILED, S.SERVED, S.OWED}),  # upto: answered already
     S.FAILED: frozenset({S.CLAIMED, S.REDEEMABLE}),
-    S.REDEEMABLE: frozenset({S.SETTLED}),
+    S.REDEEMABLE: frozenset({S.SETTLED, S.CREDITED}),
     S.RELEASED: frozenset({S.CLAIMED}),
     S.SERVED: frozenset(),
     S.OWED: frozenset({S.SERVED}),  # the debt was collected with the same permit
+    S.CREDITED: frozenset(),  # its value lives on in the wallet's credit (app.payments.credit)
 }
 # Ledger events: a transition into one of these is appended to the ledger stream.
 EVENTS = frozenset({S.SETTLED, S.SERVED, S.REDEEMABLE, S.FAILED, S.OWED})

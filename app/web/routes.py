@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from eth_account import Account
+from eth_utils import to_checksum_address
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
 from app.backends.attestation import MEASUREMENT_HEADER
+from app.backends.store import STORE_ERRORS
 from app.backends.upstream import (
     UpstreamAnswer,
 )
@@ -34,6 +37,8 @@ from app.web.edge import client_gone
 from app.x402.challenge import ERROR_DETAIL_HEADER
 from app.x402.codec import MalformedInput, strict_json_loads
 from app.x402.discovery import bazaar_extension
+from app.x402.extensions.sign_in_with_x import HEADER as SIWX_HEADER
+from app.x402.extensions.sign_in_with_x import SIGN_IN_WITH_X, origin_of
 from app.x402.verdict import PAYMENT_REQUIRED
 from app.x402.wire import V1_HEADER, V2_HEADER
 
@@ -303,6 +308,64 @@ def _upto_terms(upto: UptoGate) -> dict[str, Any]:
         "assetTransferMethod": "permit2",
         "facilitatorAddresses": list(upto.settler.addresses),
     }
+
+
+@bp.get("/v1/credit")
+def credit() -> Response:
+    """``GET /v1/credit``, signed in (``SIGN-IN-WITH-X``, a nonce from a 402 or from this route's
+    401): the wallet's credit in atomic units — spendable ``balance``, ``held`` by calls in flight,
+    its lots (source, what is left, expiry), failed calls' payments it may claim, and recent
+    entries. Unsigned or refused: 401 with a fresh sign-in challenge."""
+    gate = services().gate
+    url = _resource_url()
+    header = request.headers.get(SIWX_HEADER)
+    if header is None:
+        return _sign_in_required(
+            url, "sign_in_required", "sign in with SIGN-IN-WITH-X to see this wallet's credit"
+        )
+    try:
+        payer, statement = gate.signin.statement(header, origin_of(url))
+        states = gate.ledger.states(list(statement.redeemable))
+    except PaymentRequired as refusal:
+        return _sign_in_required(url, refusal.verdict.reason, refusal.verdict.detail)
+    except STORE_ERRORS as exc:
+        raise ApiError(503, "ledger_unavailable", "credit ledger unavailable") from exc
+    settings = current_app.config["X402_SETTINGS"]
+    return jsonify(
+        {
+            "address": to_checksum_address(payer),
+            "network": settings.network.caip2,
+            "asset": settings.asset,
+            "balance": statement.balance,
+            "held": statement.held,
+            "lots": [
+                {"source": lot.source.partition(":")[0], "left": lot.left, "expires": lot.expires}
+                for lot in statement.lots
+            ],
+            "redeemable": sum(
+                amount for key, amount in statement.redeemable.items() if states.get(key) == "redeemable"
+            ),
+            "recent": [asdict(entry) for entry in statement.recent],
+            "creditSeconds": settings.credit_seconds,
+        }
+    )
+
+
+def _sign_in_required(url: str, code: str, message: str) -> Response:
+    """401 with a sign-in challenge (``extensions["sign-in-with-x"]``, as in a 402) in the body."""
+    challenge = services().gate.signin.extension(url)
+    if challenge is None:
+        raise ApiError(503, "ledger_unavailable", "credit ledger unavailable; sign-in cannot be offered now")
+    body = {
+        "error": {"code": code, "message": message},
+        "x402Version": 2,
+        "extensions": {SIGN_IN_WITH_X: challenge},
+    }
+    response = jsonify(body)
+    response.status_code = 401
+    response.headers["WWW-Authenticate"] = f'SIWX realm="{origin_of(url)}"'
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @bp.get("/v1/models")

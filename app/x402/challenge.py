@@ -15,7 +15,15 @@ from .wire import Requirement
 
 # A refusal's reason in words (the 402's ``error`` is its stable code), beside the challenge.
 ERROR_DETAIL_HEADER = "X-Payment-Error"
-EXPOSED_HEADERS = "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, X-Receipt, X-Payment-Error"
+# Credit (sign-in-with-x): the change an exact call added to the wallet's credit; what a call paid
+# from credit was charged and what is left (atomic units).
+CREDIT_ADDED_HEADER = "X-Credit-Added"
+CREDIT_CHARGED_HEADER = "X-Credit-Charged"
+CREDIT_BALANCE_HEADER = "X-Credit-Balance"
+EXPOSED_HEADERS = (
+    "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, X-Receipt, X-Payment-Error, "
+    f"{CREDIT_ADDED_HEADER}, {CREDIT_CHARGED_HEADER}, {CREDIT_BALANCE_HEADER}"
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,7 @@ class Resource:
 class Challenge:
     body: dict[str, Any]  # the v1 PaymentRequired body
     header: str  # the v2 PAYMENT-REQUIRED header value
+    v2: dict[str, Any]  # what the header encodes (a 402 may add per-request extensions to it)
 
     def headers(self) -> dict[str, str]:
         """The 402's headers: ``PAYMENT-REQUIRED`` (v2, base64 JSON), ``Cache-Control: no-store`` and
@@ -71,4 +80,4 @@ def build_challenge(
             if requirement.scheme == "exact"
         ],
     }
-    return Challenge(body=v1, header=encode_header(v2))
+    return Challenge(body=v1, header=encode_header(v2), v2=v2)

@@ -409,6 +409,9 @@ def test_challenge_headers() -> None:
         "X-PAYMENT-RESPONSE",
         "X-Receipt",
         "X-Payment-Error",
+        "X-Credit-Added",  # what a browser may read of credit: change, charge, balance
+        "X-Credit-Charged",
+        "X-Credit-Balance",
     }
     assert headers["Access-Control-Expose-Headers"] == EXPOSED_HEADERS
 
