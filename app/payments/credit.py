@@ -12,8 +12,10 @@ it came from. A hold its request abandoned (the worker died) goes back whole onc
 Expired lots are swept by every script that touches the wallet.
 
 One Redis hash per wallet (``keys.credit_keys``): ``lot:<source>`` = ``<left>:<expires>``,
-``pay:<payment key>`` = ``<amount>:<expires>``, ``hold:<id>`` = ``<amount>:<until>:<lot>=<n>;…``,
-``nonce:<nonce>`` = ``<expires>`` (sign-in nonces used, each once). Every change is one Lua script
+``pay:<payment key>`` = ``<amount>:<expires>``, ``hold:<id>`` = ``<amount>:<until>:<lot>=<n>;…``;
+beside it, in the same slot, the sign-in nonces it used (a sorted set scored by expiry: a script
+reads one nonce and trims the expired ones, never the whole set, however often the wallet signs
+in) and its recent entries. Every change is one Lua script
 that writes its ledger events (``credit``, ``credit_spent``, ``credit_expired``) in the same step,
 into the stream (one node) or the shard's outbox (a cluster), and a line to the wallet's recent
 entries. ``app.payments.books`` counts credit as a liability until it is spent or expires.
@@ -33,7 +35,8 @@ from app.settings import Settings
 LOG_LENGTH = 50  # recent entries kept per wallet
 HELD, SHORT, NONCE_USED = "held", "short", "nonce_used"
 
-# KEYS[1] the wallet's hash, KEYS[2] its recent entries, KEYS[3] where events go (stream or outbox).
+# KEYS[1] the wallet's hash, KEYS[2] its recent entries, KEYS[3] where events go (stream or outbox),
+# KEYS[4] its used sign-in nonces (sorted set, score: expiry).
 # ARGV: 1 now, 2 stream maxlen (0: an outbox), 3 payer, 4 network, 5 seconds both keys outlive the
 # last expiry; then each script's own. Numbers are whole atomic units (Lua doubles: exact to 2**53).
 _PRELUDE = """
@@ -83,13 +86,16 @@ local function give_back(takes, amount)
 end
 -- Return abandoned holds, drop what expired (writing credit_expired for what was left of a lot);
 -- the live lots with something left, those that expire first first, and the number of pointers.
+-- The hash is read once, and again only when an abandoned hold was returned.
 local function sweep()
   local entries = redis.call('HGETALL', KEYS[1])
+  local returned = false
   for i = 1, #entries, 2 do
     if string.sub(entries[i], 1, 5) == 'hold:' then
       local amount, untill, takes = string.match(entries[i + 1], '^(%d+):(%d+):(.*)$')
       if not amount or tonumber(untill) < now then
         redis.call('HDEL', KEYS[1], entries[i])
+        returned = true
         if amount then
           note('returned', amount, '')
           give_back(takes, tonumber(amount))
@@ -97,7 +103,7 @@ local function sweep()
       end
     end
   end
-  entries = redis.call('HGETALL', KEYS[1])
+  if returned then entries = redis.call('HGETALL', KEYS[1]) end
   local live, pointers = {}, 0
   for i = 1, #entries, 2 do
     local field, value = entries[i], entries[i + 1]
@@ -113,16 +119,25 @@ local function sweep()
       elseif tonumber(left) > 0 then
         table.insert(live, {field, tonumber(left), tonumber(expires)})
       end
-    elseif kind == 'pay' or kind == 'nonce' then
+    elseif kind == 'pay' then
       if tonumber(string.match(value, '(%d+)$') or '0') < now then
         redis.call('HDEL', KEYS[1], field)
-      elseif kind == 'pay' then
+      else
         pointers = pointers + 1
       end
     end
   end
   table.sort(live, function(a, b) return a[3] < b[3] or (a[3] == b[3] and a[1] < b[1]) end)
   return live, pointers
+end
+-- Use a sign-in nonce: false when it was used before (and is not expired); trims expired ones.
+local function use_nonce(nonce, expires)
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[1])
+  if redis.call('ZSCORE', KEYS[4], nonce) then return false end
+  redis.call('ZADD', KEYS[4], expires, nonce)
+  local ttl = math.max(tonumber(expires) - now, 1)
+  if redis.call('TTL', KEYS[4]) < ttl then redis.call('EXPIRE', KEYS[4], ttl) end
+  return true
 end
 local function balance(live)
   local total = 0
@@ -187,12 +202,8 @@ return {tonumber(amount), written}
 _HOLD = Script(
     _PRELUDE
     + """
+if ARGV[9] ~= '' and not use_nonce(ARGV[9], ARGV[10]) then return {-1, 0, 0, written} end
 local live, pointers = sweep()
-if ARGV[9] ~= '' then
-  if redis.call('HEXISTS', KEYS[1], 'nonce:' .. ARGV[9]) == 1 then return {-1, 0, pointers, written} end
-  redis.call('HSET', KEYS[1], 'nonce:' .. ARGV[9], ARGV[10])
-  keep_until(ARGV[10])
-end
 local available, need = balance(live), tonumber(ARGV[7])
 if available < need then return {0, int(available), pointers, written} end
 local takes = {}
@@ -233,8 +244,7 @@ return {int(charged), int(balance(live)), written}
 _USE_NONCE = Script(
     _PRELUDE
     + """
-if redis.call('HSETNX', KEYS[1], 'nonce:' .. ARGV[6], ARGV[7]) == 0 then return {0, written} end
-keep_until(ARGV[7])
+if not use_nonce(ARGV[6], ARGV[7]) then return {0, written} end
 return {1, written}
 """
 )
@@ -289,7 +299,7 @@ class Credit:
         self.lifetime = settings.credit_seconds
 
     def _run(self, script: Script, payer: str, args: list[Any]) -> list[Any]:
-        wallet, log_key = credit_keys(self.settings.network.chain_id, self.settings.asset, payer)
+        wallet, log_key, nonces = credit_keys(self.settings.network.chain_id, self.settings.asset, payer)
         single = self.ledger.single_node
         sink = LEDGER_STREAM if single else outbox_key(wallet)
         common = [
@@ -298,7 +308,7 @@ class Credit:
             payer.lower(),
             self.settings.network.caip2,
         ]
-        keys = [wallet, log_key, sink]
+        keys = [wallet, log_key, sink, nonces]
         result = list(
             script(
                 self.ledger.redis, keys, [*common, RETENTION_SECONDS, *args], self.ledger.store.deadline_ms()
@@ -354,7 +364,7 @@ class Credit:
     def statement(self, payer: str) -> Statement:
         """What ``payer``'s credit holds now and its recent entries (read only, no sweep)."""
         now = int(time.time())
-        wallet, log_key = credit_keys(self.settings.network.chain_id, self.settings.asset, payer)
+        wallet, log_key, _nonces = credit_keys(self.settings.network.chain_id, self.settings.asset, payer)
         pipeline = self.ledger.redis.pipeline(transaction=False)
         pipeline.hgetall(wallet)
         pipeline.lrange(log_key, 0, LOG_LENGTH - 1)

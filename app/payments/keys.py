@@ -9,9 +9,10 @@ hash tag (the part in braces):
   the outbox of its ledger events ``x402:{p<n>}:outbox`` share a slot: a transition writes both in
   one atomic step, and no write to another slot can decide a payment's fate. An ``upto`` permit is
   ``x402:{p<n>}:permit2:<chain id>:<asset>:<payer>:<nonce>``, in the same shards.
-- A wallet's credit (``app.payments.credit``) ``x402:{p<n>}:credit:<chain id>:<asset>:<payer>`` and
-  its recent entries ``x402:{p<n>}:credit-log:…`` share a shard tag chosen the same way, so a
-  change to the credit and its ledger events (in that shard's outbox) are one atomic step.
+- A wallet's credit (``app.payments.credit``) ``x402:{p<n>}:credit:<chain id>:<asset>:<payer>``, its
+  recent entries ``x402:{p<n>}:credit-log:…`` and its used sign-in nonces ``…:credit-nonces:…``
+  share a shard tag chosen the same way, so a change to the credit and its ledger events (in that
+  shard's outbox) are one atomic step.
 - A payer's unpaid ``upto`` charges and its ``upto`` calls in flight:
   ``x402:{payer:<chain id>:<asset>:<payer>}:debt`` and ``…:exposure``.
 - The ledger stream ``x402:{ledger}``, what was moved into it from each outbox
@@ -78,12 +79,18 @@ def permit_key(chain_id: int, asset: str, payer: str, nonce: int) -> str:
     return f"x402:{{{tag}}}:{identity}"
 
 
-def credit_keys(chain_id: int, asset: str, payer: str) -> tuple[str, str]:
-    """The hash of a wallet's credit and the list of its recent entries, in one shard:
-    ``x402:{p<n>}:credit:<chain id>:<asset>:<payer>`` and ``x402:{p<n>}:credit-log:…``."""
+def credit_keys(chain_id: int, asset: str, payer: str) -> tuple[str, str, str]:
+    """The hash of a wallet's credit, the list of its recent entries and the sorted set of the
+    sign-in nonces it used, in one shard: ``x402:{p<n>}:credit:<chain id>:<asset>:<payer>``,
+    ``x402:{p<n>}:credit-log:…`` and ``x402:{p<n>}:credit-nonces:…``."""
     identity = f"{chain_id}:{asset.lower()}:{payer.lower()}"
     tag = shard_tags()[key_slot(f"credit:{identity}".encode()) // SLOTS_PER_SHARD]
-    return f"x402:{{{tag}}}:credit:{identity}", f"x402:{{{tag}}}:credit-log:{identity}"
+    prefix = f"x402:{{{tag}}}"
+    return (
+        f"{prefix}:credit:{identity}",
+        f"{prefix}:credit-log:{identity}",
+        f"{prefix}:credit-nonces:{identity}",
+    )
 
 
 def debt_key(chain_id: int, asset: str, payer: str) -> str:

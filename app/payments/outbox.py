@@ -32,11 +32,11 @@ SWEEP_SECONDS = 10.0  # every outbox is looked at this often (seconds)
 GATHER_SECONDS = 0.05  # after a write, how long the drainer waits for more before it moves them
 RETRY_SECONDS = 1.0  # after a pass that failed (a master down), the pause before the next one
 BATCH = 500  # outbox entries moved per script call
-EVENT_FIELDS = ("event", "key", "payer", "amount", "model", "network", "tx", "at")
 
-# KEYS[1] ledger stream, KEYS[2] drained marks. ARGV: 1 outbox key, 2 stream maxlen, 3 number of
-# fields n, 4 .. 3+n field names, then per entry its outbox id and n values. Appends the entries
-# newer than the outbox's mark, in order, and moves the mark. Returns {mark, appended}.
+# KEYS[1] ledger stream, KEYS[2] drained marks. ARGV: 1 outbox key, 2 stream maxlen, then per entry
+# its outbox id, its number of fields n and n name, value pairs (every field an event has: an upto
+# event's scheme, a credit event's kind). Appends the entries newer than the outbox's mark, in
+# order, and moves the mark. Returns {mark, appended}.
 _DRAIN = Script(
     """
 local function newer(a, b)
@@ -46,19 +46,18 @@ local function newer(a, b)
   return am > bm or (am == bm and as > bs)
 end
 local mark = redis.call('HGET', KEYS[2], ARGV[1]) or '0-0'
-local n = tonumber(ARGV[3])
 local appended = 0
-for i = 4 + n, #ARGV, n + 1 do
+local i = 3
+while i <= #ARGV do
+  local n = tonumber(ARGV[i + 1])
   if newer(ARGV[i], mark) then
     local entry = {}
-    for f = 1, n do
-      table.insert(entry, ARGV[3 + f])
-      table.insert(entry, ARGV[i + f])
-    end
+    for f = 1, 2 * n do table.insert(entry, ARGV[i + 1 + f]) end
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(entry))
     mark = ARGV[i]
     appended = appended + 1
   end
+  i = i + 2 + 2 * n
 end
 redis.call('HSET', KEYS[2], ARGV[1], mark)
 return {mark, appended}
@@ -157,16 +156,26 @@ class Outbox:
             entries = client.xrange(outbox, count=BATCH)
             if not entries:
                 return
-            args: list[Any] = [outbox, self._maxlen, len(EVENT_FIELDS), *EVENT_FIELDS]
-            for entry_id, fields in entries:
-                args += [entry_id, *(fields.get(name.encode(), b"") for name in EVENT_FIELDS)]
             try:
-                mark, _appended = _DRAIN(client, [LEDGER_STREAM, DRAINED_KEY], args)
+                mark, _appended = _DRAIN(
+                    client, [LEDGER_STREAM, DRAINED_KEY], drain_args(outbox, self._maxlen, entries)
+                )
             except STORE_ERRORS as exc:
                 raise _StreamDown from exc
             client.xtrim(outbox, minid=following(mark.decode()), approximate=False)
             if len(entries) < BATCH:
                 return
+
+
+def drain_args(outbox: str, maxlen: int, entries: list[tuple[Any, dict[Any, Any]]]) -> list[Any]:
+    """``_DRAIN``'s arguments for ``entries`` (``XRANGE`` of ``outbox``: id and fields each), every
+    field of every entry kept."""
+    args: list[Any] = [outbox, maxlen]
+    for entry_id, fields in entries:
+        args += [entry_id, len(fields)]
+        for name, value in fields.items():
+            args += [name, value]
+    return args
 
 
 class _StreamDown(Exception):

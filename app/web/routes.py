@@ -55,8 +55,10 @@ PING_TEMPLATE = "/v1/models/:model/ping"  # the bazaar's routeTemplate syntax
 INSTRUCTIONS = (
     "OpenAI-compatible calls to models in confidential VMs, paid per call in USDC on Base with x402 "
     "(exact, or upto: charged the model's reported usage). POST a chat or completions body; the 402 "
-    "names its price. GET /v1/models lists the models and their prices; the paid ping checks a model's "
-    "host is up."
+    "names its price. What an exact payment paid beyond the call's usage becomes the wallet's credit: "
+    "sign in with the 402's sign-in-with-x challenge (SIGN-IN-WITH-X) to be served from it, and GET "
+    "/v1/credit signed in to see it. GET /v1/models lists the models and their prices; the paid ping "
+    "checks a model's host is up."
 )
 BODY_JSON_DEPTH = 64
 
@@ -188,9 +190,10 @@ def _paid_call(route: str) -> Response:
 
 @bp.after_request
 def no_blind_retries(response: Response) -> Response:
-    """An error answer to a request that carried a payment tells the OpenAI SDKs not to retry: they
-    would resend the request without its payment header, and their wallet would pay again."""
-    if response.status_code >= 400 and (V2_HEADER in request.headers or V1_HEADER in request.headers):
+    """An error answer to a request that carried a payment (or a sign-in, whose nonce is now used)
+    tells the OpenAI SDKs not to retry: they would resend the request without its payment header,
+    and their wallet would pay again."""
+    if response.status_code >= 400 and any(h in request.headers for h in (V2_HEADER, V1_HEADER, SIWX_HEADER)):
         response.headers["x-should-retry"] = "false"
     return response
 
@@ -296,6 +299,12 @@ def well_known() -> Response:
             "receiptAddress": receipt_address,
             "listing": resources,  # each paid resource: URL, price rule, models
             **({"upto": _upto_terms(upto)} if upto is not None else {}),
+            "credit": {
+                "signIn": SIGN_IN_WITH_X,
+                "balance": "GET /v1/credit",
+                "exactChange": settings.exact_change,
+                "creditSeconds": settings.credit_seconds,
+            },
         }
     )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import redis
@@ -18,7 +19,8 @@ from app.backends.store import Store
 from app.cli import main as cli_main
 from app.devnet import DevChain, Service, Wallets, free_port
 from app.devnet.cluster import RedisClusterProcesses
-from app.payments.books import reconcile, render_findings, revenue
+from app.devnet.standin import StandinModel
+from app.payments.books import credit_outstanding, reconcile, render_findings, revenue
 from app.payments.keys import (
     DRAINED_KEY,
     KEYSPACE_KEY,
@@ -29,8 +31,9 @@ from app.payments.keys import (
     used_keys,
 )
 from app.payments.ledger import Ledger
-from app.payments.outbox import _DRAIN, EVENT_FIELDS, Outbox
+from app.payments.outbox import _DRAIN, Outbox, drain_args
 from app.settings import Settings, SettingsError
+from tests.integration.test_credit import BIG_BODY, signed_in
 from tests.support import (
     Proxy,
     cluster_client,
@@ -259,10 +262,9 @@ def test_outbox_drains_are_idempotent_when_cut_short_or_run_at_once(
         assert ledger.transition(key, ("settling",), "served", tx="0x" + "ab" * 32)
     cut_short = outbox_key(keys[0])
     entries = ledger.redis.xrange(cut_short)
-    args = [cut_short, 1000, len(EVENT_FIELDS), *EVENT_FIELDS]
-    for entry_id, fields in entries:
-        args += [entry_id, *(fields.get(name.encode(), b"") for name in EVENT_FIELDS)]
-    _DRAIN(ledger.redis, [LEDGER_STREAM, DRAINED_KEY], args)  # appended, then the drainer died: not trimmed
+    _DRAIN(
+        ledger.redis, [LEDGER_STREAM, DRAINED_KEY], drain_args(cut_short, 1000, entries)
+    )  # appended, then the drainer died: not trimmed
     with ThreadPoolExecutor(4) as pool:
         assert (
             list(pool.map(lambda _: Outbox(lambda: ledger.redis, 1000).drain(outbox_keys()), range(4)))
@@ -325,3 +327,36 @@ def test_reconcile_reports_a_dead_master_and_still_checks_the_others(
         (f"127.0.0.1:{redis_cluster.ports[2]}", "Redis master did not answer: its payments were not checked")
     ]
     assert "did not answer" in render_findings(findings)
+
+
+def test_credit_on_a_cluster_change_then_a_sign_in_and_the_books(
+    redis_cluster: RedisClusterProcesses,
+    proxies: ClusterProxies,
+    chain: DevChain,
+    standin: StandinModel,
+    catalog_file: Path,
+) -> None:
+    """A wallet's credit lives in its own shard with its events' outbox: change credited on one
+    proxy, spent by a sign-in on another (another master's URL), and counted by the books."""
+    wallets = funded_wallets(chain)
+    proxies.settings = proxies.settings.with_overrides(catalog_path=catalog_file)  # floor 1: change
+    first, second = (
+        proxies.start(redis_cluster.urls[0], wallets),
+        proxies.start(redis_cluster.urls[2], wallets),
+    )
+    requirement = first.requirement(BIG_BODY)
+    paid = first.pay(first.payment(requirement), BIG_BODY)
+    assert paid.status_code == 200, paid.text
+    change = int(paid.headers["X-Credit-Added"])
+    before = second.balances()
+
+    served = signed_in(second)
+
+    assert served.status_code == 200, served.text
+    charged = int(served.headers["X-Credit-Charged"])
+    assert int(served.headers["X-Credit-Balance"]) == change - charged
+    assert second.balances() == before
+    ledger = Ledger(Store(redis_cluster.urls[1]))
+    totals = revenue(ledger, 3600, "scheme")  # moves the outboxes' events into the stream first
+    assert totals == {"exact": int(requirement["amount"]) - change, "credit": charged}
+    assert credit_outstanding(ledger) == change - charged

@@ -166,6 +166,13 @@ def test_well_known_lists_paid_resources_prices_and_the_receipt_address(proxy: P
     chat = next(r for r in discovery["listing"] if r["resource"].endswith("/chat/completions"))
     assert chat["models"][0]["tee"] is True and chat["models"][0]["pricing"]["output_per_million"] > 0
     assert discovery["receiptAddress"] == Account.from_key(proxy.settings.receipt_key).address
+    # how a wallet spends its credit: the sign-in extension, the balance route, the terms
+    assert discovery["credit"] == {
+        "signIn": "sign-in-with-x",
+        "balance": "GET /v1/credit",
+        "exactChange": True,
+        "creditSeconds": 30 * 86400,
+    }
 
 
 def test_the_ping_402_files_every_model_under_one_route_template(proxy: Proxy) -> None:

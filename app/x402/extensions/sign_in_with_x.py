@@ -33,7 +33,7 @@ FUTURE_SKEW = 30  # seconds an issuedAt may be ahead of this host's clock (anoth
 NONCE_RE = re.compile(r"[0-9a-f]{40}")
 ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
 SIGNATURE_RE = re.compile(r"0x(?:[0-9a-fA-F]{2})+")
-MAX_SIGNATURE_BYTES = 4096  # an EIP-1271 wallet may sign with more than 65 bytes, not without bound
+MAX_SIGNATURE_BYTES = 2048  # an EIP-1271 wallet may sign with more than 65 bytes (a multisig's owners)
 
 # Reason codes: the extension's own (x402.extensions.sign_in_with_x.types), and one for a header
 # that cannot be read at all.
@@ -96,9 +96,13 @@ def parse(header: str) -> SignIn | Verdict:
             return reject(INVALID_HEADER, f"SIGN-IN-WITH-X: {name} must be a string")
     resources = raw.get("resources")
     if resources is not None and not (
-        isinstance(resources, list) and all(isinstance(r, str) and "\n" not in r for r in resources)
+        isinstance(resources, list)
+        and resources
+        and all(isinstance(r, str) and "\n" not in r for r in resources)
     ):
-        return reject(INVALID_HEADER, "SIGN-IN-WITH-X: resources must be a list of URIs")
+        return reject(INVALID_HEADER, "SIGN-IN-WITH-X: resources must be a non-empty list of URIs")
+    if raw.get("statement") == "":  # EIP-4361 libraries leave an empty statement out or refuse it
+        return reject(INVALID_HEADER, "SIGN-IN-WITH-X: statement must not be empty")
     if any("\n" in raw[name] for name in (*_TEXT_FIELDS, *_OPTIONAL_TEXT) if isinstance(raw.get(name), str)):
         return reject(INVALID_HEADER, "SIGN-IN-WITH-X: a field holds a line break")
     if not ADDRESS_RE.fullmatch(raw["address"]):
