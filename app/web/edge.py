@@ -28,7 +28,7 @@ CORS_HEADERS = {
 PREFLIGHT_HEADERS = {
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     "Access-Control-Allow-Headers": (
-        "Content-Type, Authorization, PAYMENT-SIGNATURE, X-PAYMENT, Payment-Retry"
+        "Content-Type, Authorization, PAYMENT-SIGNATURE, X-PAYMENT, Payment-Retry, SIGN-IN-WITH-X"
     ),
     "Access-Control-Max-Age": "600",
 }

@@ -340,7 +340,7 @@ def credit() -> Response:
     except STORE_ERRORS as exc:
         raise ApiError(503, "ledger_unavailable", "credit ledger unavailable") from exc
     settings = current_app.config["X402_SETTINGS"]
-    return jsonify(
+    response = jsonify(
         {
             "address": to_checksum_address(payer),
             "network": settings.network.caip2,
@@ -358,6 +358,8 @@ def credit() -> Response:
             "creditSeconds": settings.credit_seconds,
         }
     )
+    response.headers["Cache-Control"] = "no-store, private"  # one wallet's money: never cached
+    return response
 
 
 def _sign_in_required(url: str, code: str, message: str) -> Response:
