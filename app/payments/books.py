@@ -25,7 +25,7 @@ from app.backends.chain import Chain
 from app.backends.rpc import ChainUnavailable, RpcFailure
 from app.backends.token import ReceiptContradiction, pulled_logged, transfer_logged
 from app.backends.upstream import abandoned_after
-from app.payments.credit import Credit
+from app.payments.credit import Credit, sweep_credit
 from app.payments.keys import (
     CREDIT_KEYS,
     LEDGER_STREAM,
@@ -102,6 +102,7 @@ def reconcile(ledger: Ledger, chain: Chain, settings: Settings, since_seconds: i
     """
     cutoff = time.time() - since_seconds
     findings = []
+    sweep_credit(ledger)  # expired credit written as such, abandoned holds returned
     skipped: list[str] = []  # cluster masters that did not answer: reported, the others still checked
     for key in ledger.store.scan(PAYMENT_KEYS, skipped=skipped):
         record = ledger.get(key)
@@ -267,6 +268,7 @@ def revenue(ledger: Ledger, since_seconds: int, by: str) -> dict[str, int]:
     is raised when some cannot be (a master is down), rather than a total that is short. An event
     counts at the time it happened (its ``at`` field, unix seconds), not when it reached the stream;
     events written before that field existed count at their stream id's time."""
+    sweep_credit(ledger)  # credit that expired in wallets nobody touched since: its events
     missing = ledger.flush_events()
     if missing:
         raise RevenueIncomplete(f"{len(missing)} ledger outboxes cannot be read now (a Redis master is down)")

@@ -11,11 +11,14 @@ and is charged its usage price at the end (``catalog.usage.charge``); the rest g
 it came from. A hold its request abandoned (the worker died) goes back whole once past its time.
 Expired lots are swept by every script that touches the wallet.
 
-One Redis hash per wallet (``keys.credit_keys``): ``lot:<source>`` = ``<left>:<expires>``,
-``pay:<payment key>`` = ``<amount>:<expires>``, ``hold:<id>`` = ``<amount>:<until>:<lot>=<n>;…``;
-beside it, in the same slot, the sign-in nonces it used (a sorted set scored by expiry: a script
-reads one nonce and trims the expired ones, never the whole set, however often the wallet signs
-in) and its recent entries. Every change is one Lua script
+One Redis hash per wallet (``keys.credit_keys``): ``lot:<expires>`` = ``<left>:<expires>``,
+``pay:<payment key>`` = ``<amount>:<expires>``, ``hold:<id>`` = ``<amount>:<until>:<lot>=<n>;…``.
+Credit added within one thirtieth of ``X402_CREDIT_SECONDS`` shares a lot (its expiry rounded up to
+that step), so a wallet holds about 31 lots however often it pays; an emptied lot is deleted. Beside
+the hash, in the same slot: the sources already credited (a sorted set scored by expiry: each
+payment's change or failed call counts once) and the sign-in nonces used (the same shape: a script
+reads one member and trims the expired ones, never the whole set), and the recent entries. Every
+change is one Lua script
 that writes its ledger events (``credit``, ``credit_spent``, ``credit_expired``) in the same step,
 into the stream (one node) or the shard's outbox (a cluster), and a line to the wallet's recent
 entries. ``app.payments.books`` counts credit as a liability until it is spent or expires.
@@ -28,17 +31,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.backends.store import Script
-from app.payments.keys import LEDGER_STREAM, credit_keys, outbox_key
+from app.payments.keys import CREDIT_KEY_RE, CREDIT_KEYS, LEDGER_STREAM, CreditKeys, credit_keys, outbox_key
 from app.payments.ledger import LEDGER_MAXLEN, RETENTION_SECONDS, Ledger, text_of
 from app.settings import Settings
 
 LOG_LENGTH = 50  # recent entries kept per wallet
+LOTS_PER_LIFETIME = 30  # credit added within a thirtieth of its life shares a lot
+# A wallet's keys outlive its last lot by this much, so the books (``sweep_credit``) see what expired.
+CREDIT_GRACE_SECONDS = 30 * 86400
 HELD, SHORT, NONCE_USED = "held", "short", "nonce_used"
 
 # KEYS[1] the wallet's hash, KEYS[2] its recent entries, KEYS[3] where events go (stream or outbox),
-# KEYS[4] its used sign-in nonces (sorted set, score: expiry).
-# ARGV: 1 now, 2 stream maxlen (0: an outbox), 3 payer, 4 network, 5 seconds both keys outlive the
-# last expiry; then each script's own. Numbers are whole atomic units (Lua doubles: exact to 2**53).
+# KEYS[4] its used sign-in nonces and KEYS[5] the sources it was credited for (sorted sets, score:
+# expiry).
+# ARGV: 1 now, 2 stream maxlen (0: an outbox), 3 payer, 4 network, 5 seconds the hash and the log
+# outlive the last expiry; then each script's own. Numbers are whole atomic units (Lua doubles:
+# exact to 2**53).
 _PRELUDE = """
 local now, maxlen, payer, network = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local written = 0
@@ -64,6 +72,21 @@ local function keep_until(expires)
     if redis.call('TTL', key) < ttl then redis.call('EXPIRE', key, ttl) end
   end
 end
+-- Add to a lot (made when missing).
+local function add_to_lot(field, amount, expires)
+  local left = tonumber(string.match(redis.call('HGET', KEYS[1], field) or '0:', '^(%d+):') or '0')
+  redis.call('HSET', KEYS[1], field, int(left + amount) .. ':' .. int(expires))
+end
+-- Add ``member`` to the sorted set ``key`` until ``expires`` once: false when it is there already.
+-- Expired members are trimmed first; only the one asked is looked up.
+local function once(key, member, expires)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. ARGV[1])
+  if redis.call('ZSCORE', key, member) then return false end
+  redis.call('ZADD', key, expires, member)
+  local ttl = math.max(tonumber(expires) - now, 1)
+  if redis.call('TTL', key) < ttl then redis.call('EXPIRE', key, ttl) end
+  return true
+end
 -- Put back what a hold took ("<lot>=<n>;…"), the lot taken last first; what finds its lot expired
 -- expires with it.
 local function give_back(takes, amount)
@@ -73,11 +96,9 @@ local function give_back(takes, amount)
     if amount <= 0 then break end
     local back = math.min(amount, parts[i][2])
     amount = amount - back
-    local value = redis.call('HGET', KEYS[1], parts[i][1])
-    local left, expires
-    if value then left, expires = string.match(value, '^(%d+):(%d+)$') end
-    if left and tonumber(expires) >= now then
-      redis.call('HSET', KEYS[1], parts[i][1], int(tonumber(left) + back) .. ':' .. expires)
+    local expires = tonumber(string.match(parts[i][1], '^lot:(%d+)$') or '0')
+    if expires >= now then  -- an emptied lot was deleted: it comes back
+      add_to_lot(parts[i][1], back, expires)
     else
       event('credit_expired', back, '', '', 'expired', 'credit')
       note('expired', back, '')
@@ -130,15 +151,6 @@ local function sweep()
   table.sort(live, function(a, b) return a[3] < b[3] or (a[3] == b[3] and a[1] < b[1]) end)
   return live, pointers
 end
--- Use a sign-in nonce: false when it was used before (and is not expired); trims expired ones.
-local function use_nonce(nonce, expires)
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[1])
-  if redis.call('ZSCORE', KEYS[4], nonce) then return false end
-  redis.call('ZADD', KEYS[4], expires, nonce)
-  local ttl = math.max(tonumber(expires) - now, 1)
-  if redis.call('TTL', KEYS[4]) < ttl then redis.call('EXPIRE', KEYS[4], ttl) end
-  return true
-end
 local function balance(live)
   local total = 0
   for _, lot in ipairs(live) do total = total + lot[2] end
@@ -146,15 +158,15 @@ local function balance(live)
 end
 """.replace("LOG_LENGTH", str(LOG_LENGTH))
 
-# ARGV 6 lot field, 7 amount, 8 expires, 9 kind, 10 model, 11 ref (a tx hash), 12 scheme. Adds the
-# lot once: a source already credited (or one that would expire at once) adds nothing.
-# Returns {1 added | 0, events written}.
+# ARGV 6 source (e.g. change:<payment key>), 7 amount, 8 the lot's expiry (a step boundary), 9 kind,
+# 10 model, 11 ref (a tx hash), 12 scheme. Credits a source once: one already credited (or a lot
+# that would expire at once) adds nothing. Returns {1 added | 0, events written}.
 _ADD = Script(
     _PRELUDE
     + """
 sweep()
-if redis.call('HEXISTS', KEYS[1], ARGV[6]) == 1 or tonumber(ARGV[8]) <= now then return {0, written} end
-redis.call('HSET', KEYS[1], ARGV[6], ARGV[7] .. ':' .. ARGV[8])
+if tonumber(ARGV[8]) <= now or not once(KEYS[5], ARGV[6], ARGV[8]) then return {0, written} end
+add_to_lot('lot:' .. ARGV[8], ARGV[7], ARGV[8])
 event('credit', ARGV[7], ARGV[10], ARGV[11], ARGV[9], ARGV[12])
 note(ARGV[9], ARGV[7], ARGV[11])
 keep_until(ARGV[8])
@@ -174,9 +186,9 @@ return {1, written}
 """
 )
 
-# ARGV 6 pointer field, 7 lot field, 8 model, 9 ref, 10 keep: 1 makes the pointer a lot (its payment
-# is now "credited"), 0 drops it (the payment was redeemed by its header meanwhile).
-# Returns {amount credited, events written}.
+# ARGV 6 pointer field, 7 source (failed_call:<payment key>), 8 model, 9 ref, 10 keep: 1 credits
+# the pointer (its payment is now "credited"), 0 drops it (the payment was redeemed by its header),
+# 11 the lot step (seconds). Returns {amount credited, events written}.
 _CONVERT = Script(
     _PRELUDE
     + """
@@ -184,14 +196,14 @@ local value = redis.call('HGET', KEYS[1], ARGV[6])
 if not value then return {0, written} end
 redis.call('HDEL', KEYS[1], ARGV[6])
 local amount, expires = string.match(value, '^(%d+):(%d+)$')
-if ARGV[10] ~= '1' or not amount or tonumber(expires) <= now
-   or redis.call('HEXISTS', KEYS[1], ARGV[7]) == 1 then
-  return {0, written}
-end
-redis.call('HSET', KEYS[1], ARGV[7], amount .. ':' .. expires)
+if ARGV[10] ~= '1' or not amount or tonumber(expires) <= now then return {0, written} end
+local step = tonumber(ARGV[11])
+local lot_expires = math.ceil(tonumber(expires) / step) * step
+if not once(KEYS[5], ARGV[7], lot_expires) then return {0, written} end
+add_to_lot('lot:' .. int(lot_expires), amount, lot_expires)
 event('credit', amount, ARGV[8], ARGV[9], 'failed_call', 'exact')
 note('failed_call', amount, ARGV[9])
-keep_until(expires)
+keep_until(lot_expires)
 return {tonumber(amount), written}
 """
 )
@@ -202,7 +214,7 @@ return {tonumber(amount), written}
 _HOLD = Script(
     _PRELUDE
     + """
-if ARGV[9] ~= '' and not use_nonce(ARGV[9], ARGV[10]) then return {-1, 0, 0, written} end
+if ARGV[9] ~= '' and not once(KEYS[4], ARGV[9], ARGV[10]) then return {-1, 0, 0, written} end
 local live, pointers = sweep()
 local available, need = balance(live), tonumber(ARGV[7])
 if available < need then return {0, int(available), pointers, written} end
@@ -211,7 +223,11 @@ for _, lot in ipairs(live) do
   if need <= 0 then break end
   local take = math.min(need, lot[2])
   need = need - take
-  redis.call('HSET', KEYS[1], lot[1], int(lot[2] - take) .. ':' .. int(lot[3]))
+  if lot[2] == take then
+    redis.call('HDEL', KEYS[1], lot[1])  -- emptied: gone (what is given back recreates it)
+  else
+    redis.call('HSET', KEYS[1], lot[1], int(lot[2] - take) .. ':' .. int(lot[3]))
+  end
   table.insert(takes, lot[1] .. '=' .. int(take))
 end
 redis.call('HSET', KEYS[1], 'hold:' .. ARGV[6], ARGV[7] .. ':' .. ARGV[8] .. ':' .. table.concat(takes, ';'))
@@ -240,21 +256,54 @@ return {int(charged), int(balance(live)), written}
 """
 )
 
+# Sweeps the wallet (see sweep()). Returns {events written}.
+_SWEEP = Script(_PRELUDE + "\nsweep()\nreturn {written}\n")
+
 # ARGV 6 nonce, 7 its expiry. Returns {1 first use | 0 used before, events written}.
 _USE_NONCE = Script(
     _PRELUDE
     + """
-if not use_nonce(ARGV[6], ARGV[7]) then return {0, written} end
+if not once(KEYS[4], ARGV[6], ARGV[7]) then return {0, written} end
 return {1, written}
 """
 )
 
 
+def _run(
+    ledger: Ledger, script: Script, keys: CreditKeys, payer: str, network: str, args: list[Any]
+) -> list[Any]:
+    """Run one of the wallet's scripts (``keys``, ``network`` its CAIP-2 id); a cluster's events
+    are then moved from the shard's outbox into the stream soon."""
+    single = ledger.single_node
+    sink = LEDGER_STREAM if single else outbox_key(keys.wallet)
+    common = [int(time.time()), LEDGER_MAXLEN if single else 0, payer.lower(), network, CREDIT_GRACE_SECONDS]
+    script_keys = [keys.wallet, keys.log, sink, keys.nonces, keys.sources]
+    result = list(script(ledger.redis, script_keys, [*common, *args], ledger.store.deadline_ms()))
+    if int(result[-1]) and not single:
+        ledger.outbox.written(sink)
+    return result
+
+
+def sweep_credit(ledger: Ledger) -> int:
+    """Sweep every wallet's credit on every master: what expired is written ``credit_expired`` (a
+    wallet that never comes back is swept nowhere else) and abandoned holds go back. Run by
+    ``revenue`` and ``reconcile``; a wallet's keys outlive its last lot ``CREDIT_GRACE_SECONDS``.
+    Returns how many wallets were swept. Raises ``redis.RedisError``."""
+    swept = 0
+    for key in ledger.store.scan(CREDIT_KEYS):
+        match = CREDIT_KEY_RE.match(key)
+        if match is None:
+            continue
+        chain_id, asset, payer = match.groups()
+        _run(ledger, _SWEEP, credit_keys(int(chain_id), asset, payer), payer, f"eip155:{chain_id}", [])
+        swept += 1
+    return swept
+
+
 @dataclass(frozen=True)
 class Lot:
-    """Credit from one source: what is left of it and when it expires (unix seconds)."""
+    """Credit that expires at one time (unix seconds), and what is left of it (atomic units)."""
 
-    source: str  # "change:<payment key>" or "failed_call:<payment key>"
     left: int
     expires: int
 
@@ -299,33 +348,23 @@ class Credit:
         self.lifetime = settings.credit_seconds
 
     def _run(self, script: Script, payer: str, args: list[Any]) -> list[Any]:
-        wallet, log_key, nonces = credit_keys(self.settings.network.chain_id, self.settings.asset, payer)
-        single = self.ledger.single_node
-        sink = LEDGER_STREAM if single else outbox_key(wallet)
-        common = [
-            int(time.time()),
-            LEDGER_MAXLEN if single else 0,
-            payer.lower(),
-            self.settings.network.caip2,
-        ]
-        keys = [wallet, log_key, sink, nonces]
-        result = list(
-            script(
-                self.ledger.redis, keys, [*common, RETENTION_SECONDS, *args], self.ledger.store.deadline_ms()
-            )
-        )
-        if int(result[-1]) and not single:
-            self.ledger.outbox.written(sink)
-        return result
+        keys = credit_keys(self.settings.network.chain_id, self.settings.asset, payer)
+        return _run(self.ledger, script, keys, payer, self.settings.network.caip2, args)
+
+    @property
+    def step(self) -> int:
+        """Seconds a lot's expiry is rounded up to: a thirtieth of the credit's life, rounded up (so
+        a wallet keeps at most ``LOTS_PER_LIFETIME + 1`` live lots)."""
+        return -(-self.lifetime // LOTS_PER_LIFETIME)
 
     def add(self, payer: str, source: str, amount: int, kind: str, model: str, tx: str, at: int) -> bool:
-        """Credit ``amount`` to ``payer`` once per ``source`` (e.g. ``change:<payment key>``), as a lot
-        that expires ``X402_CREDIT_SECONDS`` after ``at`` (unix seconds). False when that source was
-        credited before, or its lot would already have expired."""
+        """Credit ``amount`` to ``payer`` once per ``source`` (e.g. ``change:<payment key>``); it
+        expires ``X402_CREDIT_SECONDS`` after ``at`` (unix seconds), rounded up to ``step``. False
+        when that source was credited before, or its lot would already have expired."""
         if amount <= 0:
             return False
-        expires = at + self.lifetime
-        result = self._run(_ADD, payer, [f"lot:{source}", amount, expires, kind, model, tx, "exact"])
+        expires = -(-(at + self.lifetime) // self.step) * self.step
+        result = self._run(_ADD, payer, [source, amount, expires, kind, model, tx, "exact"])
         return bool(int(result[0]))
 
     def point(self, payer: str, payment_key: str, amount: int, at: int) -> bool:
@@ -337,7 +376,14 @@ class Credit:
     def convert(self, payer: str, payment_key: str, model: str, tx: str, keep: bool) -> int:
         """Turn the pointer to ``payment_key`` into a lot (``keep``: its payment is now
         ``credited``) or drop it (its payment was redeemed by its header). Returns what was credited."""
-        args = [f"pay:{payment_key}", f"lot:failed_call:{payment_key}", model, tx, "1" if keep else "0"]
+        args = [
+            f"pay:{payment_key}",
+            f"failed_call:{payment_key}",
+            model,
+            tx,
+            "1" if keep else "0",
+            self.step,
+        ]
         return int(self._run(_CONVERT, payer, args)[0])
 
     def hold(
@@ -364,7 +410,7 @@ class Credit:
     def statement(self, payer: str) -> Statement:
         """What ``payer``'s credit holds now and its recent entries (read only, no sweep)."""
         now = int(time.time())
-        wallet, log_key, _nonces = credit_keys(self.settings.network.chain_id, self.settings.asset, payer)
+        wallet, log_key, *_sets = credit_keys(self.settings.network.chain_id, self.settings.asset, payer)
         pipeline = self.ledger.redis.pipeline(transaction=False)
         pipeline.hgetall(wallet)
         pipeline.lrange(log_key, 0, LOG_LENGTH - 1)
@@ -375,7 +421,7 @@ class Credit:
             kind, _, name = field.partition(":")
             parts = value.split(":")
             if kind == "lot" and int(parts[1]) >= now:
-                lots.append(Lot(name, int(parts[0]), int(parts[1])))
+                lots.append(Lot(int(parts[0]), int(parts[1])))
             elif kind == "pay" and int(parts[1]) >= now:
                 redeemable[name] = int(parts[0])
             elif kind == "hold" and int(parts[1]) >= now:
@@ -384,6 +430,6 @@ class Credit:
         for line in lines:
             at, kind, amount, tx = [*text_of(line).split(" "), ""][:4]
             recent.append(Entry(int(at), kind, int(amount), tx))
-        lots.sort(key=lambda lot: (lot.expires, lot.source))
+        lots.sort(key=lambda lot: lot.expires)
         balance = sum(lot.left for lot in lots)
         return Statement(balance, held, tuple(lots), redeemable, tuple(recent))

@@ -10,9 +10,9 @@ hash tag (the part in braces):
   one atomic step, and no write to another slot can decide a payment's fate. An ``upto`` permit is
   ``x402:{p<n>}:permit2:<chain id>:<asset>:<payer>:<nonce>``, in the same shards.
 - A wallet's credit (``app.payments.credit``) ``x402:{p<n>}:credit:<chain id>:<asset>:<payer>``, its
-  recent entries ``x402:{p<n>}:credit-log:…`` and its used sign-in nonces ``…:credit-nonces:…``
-  share a shard tag chosen the same way, so a change to the credit and its ledger events (in that
-  shard's outbox) are one atomic step.
+  recent entries ``x402:{p<n>}:credit-log:…``, its used sign-in nonces ``…:credit-nonces:…`` and the
+  sources it was credited for ``…:credit-sources:…`` share a shard tag chosen the same way, so a
+  change to the credit and its ledger events (in that shard's outbox) are one atomic step.
 - A payer's unpaid ``upto`` charges and its ``upto`` calls in flight:
   ``x402:{payer:<chain id>:<asset>:<payer>}:debt`` and ``…:exposure``.
 - The ledger stream ``x402:{ledger}``, what was moved into it from each outbox
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import NamedTuple
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
@@ -79,18 +80,23 @@ def permit_key(chain_id: int, asset: str, payer: str, nonce: int) -> str:
     return f"x402:{{{tag}}}:{identity}"
 
 
-def credit_keys(chain_id: int, asset: str, payer: str) -> tuple[str, str, str]:
-    """The hash of a wallet's credit, the list of its recent entries and the sorted set of the
-    sign-in nonces it used, in one shard: ``x402:{p<n>}:credit:<chain id>:<asset>:<payer>``,
-    ``x402:{p<n>}:credit-log:…`` and ``x402:{p<n>}:credit-nonces:…``."""
+class CreditKeys(NamedTuple):
+    """A wallet's credit keys, in one shard: its hash ``x402:{p<n>}:credit:<chain id>:<asset>:<payer>``,
+    its recent entries ``…:credit-log:…``, the sign-in nonces it used ``…:credit-nonces:…`` and the
+    sources it was credited for ``…:credit-sources:…``."""
+
+    wallet: str
+    log: str
+    nonces: str
+    sources: str
+
+
+def credit_keys(chain_id: int, asset: str, payer: str) -> CreditKeys:
+    """The keys of ``payer``'s credit (``CreditKeys``), sharded by its identity like a payment's."""
     identity = f"{chain_id}:{asset.lower()}:{payer.lower()}"
     tag = shard_tags()[key_slot(f"credit:{identity}".encode()) // SLOTS_PER_SHARD]
-    prefix = f"x402:{{{tag}}}"
-    return (
-        f"{prefix}:credit:{identity}",
-        f"{prefix}:credit-log:{identity}",
-        f"{prefix}:credit-nonces:{identity}",
-    )
+    names = ("credit", "credit-log", "credit-nonces", "credit-sources")
+    return CreditKeys(*(f"x402:{{{tag}}}:{name}:{identity}" for name in names))
 
 
 def debt_key(chain_id: int, asset: str, payer: str) -> str:

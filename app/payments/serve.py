@@ -442,33 +442,17 @@ def _serve_upto(gate: Gate, upto: UptoGate, call: PaidCall, payment: UptoPayment
     only once its charge settled; a stream goes out as it comes and is charged at its end. A host
     that fails, refuses or is cut off costs nothing: the permit is released and may be sent again."""
     hold = upto.begin(call.quote, payment)
-    body, asked_usage = _metered_body(call)
-    upstream_started = time.perf_counter()
-    try:
-        answer = call.call(body)
-        UPSTREAM_SECONDS.observe(time.perf_counter() - upstream_started)
-        streaming = call.streaming and answer.status < 400
-        content = b"" if streaming else answer.read()
-    except UpstreamFailed:
-        upto.release(hold)
-        return _upto_host_failed(502, "upstream_unavailable", "the model host failed")
-    except BaseException:
-        upto.release(hold)
-        raise
-    if streaming:
+    called = _metered_call(gate, call, lambda: upto.release(hold), _upto_host_failed)
+    if isinstance(called, Answer):
+        return called
+    answer, content, asked_usage = called
+    if asked_usage is not None:
         meter = _UptoMeter(gate, upto, call, hold)
         return Answer(
             answer.status,
             _stream_headers(answer),
             _relay_metered(call, answer, asked_usage, meter, gate.settings.receipt_key),
         )
-    if answer.status >= 400 and call.render is None:
-        upto.release(hold)
-        return _upto_refused(gate, call.quote.model, answer.status, content)
-    if not call.still_there():
-        upto.release(hold)
-        note(outcome="client_gone")
-        return Answer(CLIENT_CLOSED, {}, b"")
     usage = usage_of_answer(content) if answer.status < 400 else None
     result = upto.settle(hold, usage)
     if result.outcome in (FAILED, NOT_SENT):  # nothing moved: the answer is withheld, nothing owed
@@ -506,6 +490,39 @@ UPTO_REVERTED = (
     "the settlement of this call's charge reverted (balance, allowance or permit changed during the "
     "call); nothing was charged and the answer was withheld"
 )
+
+
+def _metered_call(
+    gate: Gate, call: PaidCall, release: Callable[[], None], failed: Callable[[int, str, str], Answer]
+) -> Answer | tuple[UpstreamAnswer, bytes, bool | None]:
+    """Call the host for a call charged by its usage (``upto``, credit), its payment held. A host
+    that fails or refuses, or a buyer gone before a whole answer, ends here: ``release`` the hold
+    and the ``failed`` answer (status, code, message), or 499. Otherwise (the host's answer, its
+    body (``b""`` for a stream), whether the buyer asked for the usage event, None for a whole
+    answer)."""
+    body, asked_usage = _metered_body(call)
+    upstream_started = time.perf_counter()
+    try:
+        answer = call.call(body)
+        UPSTREAM_SECONDS.observe(time.perf_counter() - upstream_started)
+        if call.streaming and answer.status < 400:
+            return answer, b"", asked_usage
+        content = answer.read()
+    except UpstreamFailed:
+        release()
+        return failed(502, "upstream_unavailable", "the model host failed")
+    except BaseException:
+        release()
+        raise
+    if answer.status >= 400 and call.render is None:
+        release()  # the host's reason, scrubbed (a model's own host too)
+        text = _refusal_text(gate, call.quote.model, answer.status, content)
+        return failed(answer.status if answer.status in BUYER_ERRORS else 502, "upstream_refused", text)
+    if not call.still_there():
+        release()
+        note(outcome="client_gone")
+        return Answer(CLIENT_CLOSED, {}, b"")
+    return answer, content, None
 
 
 def _metered_body(call: PaidCall) -> tuple[dict[str, Any], bool]:
@@ -659,11 +676,6 @@ def _upto_receipt(gate: Gate, call: PaidCall, hold: Hold, result: Charge, respon
     )
 
 
-def _upto_refused(gate: Gate, model: Model, status: int, content: bytes) -> Answer:
-    text = _refusal_text(gate, model, status, content)  # a model's own host is scrubbed too
-    return _upto_host_failed(status if status in BUYER_ERRORS else 502, "upstream_refused", text)
-
-
 def _upto_host_failed(status: int, code: str, message: str) -> Answer:
     return error_answer(
         status,
@@ -681,38 +693,21 @@ def _serve_credit(gate: Gate, call: PaidCall, hold: CreditHold) -> Answer:
     price charged (``X-Credit-Charged``, ``X-Credit-Balance``; for a stream, an SSE comment at its
     end) and the rest given back. A host that fails, refuses or is cut off costs nothing."""
     signin = gate.signin
-    body, asked_usage = _metered_body(call)
-    try:
-        answer = call.call(body)
-        streaming = call.streaming and answer.status < 400
-        content = b"" if streaming else answer.read()
-    except UpstreamFailed:
-        signin.release(hold)
-        return _credit_host_failed(502, "upstream_unavailable", "the model host failed")
-    except BaseException:
-        signin.release(hold)
-        raise
-    if streaming:
+    called = _metered_call(gate, call, lambda: signin.release(hold), _credit_host_failed)
+    if isinstance(called, Answer):
+        return called
+    answer, content, asked_usage = called
+    if asked_usage is not None:
         meter = _CreditMeter(gate, call, hold)
         return Answer(
             answer.status,
             _stream_headers(answer),
             _relay_metered(call, answer, asked_usage, meter, gate.settings.receipt_key),
         )
-    if answer.status >= 400 and call.render is None:
-        signin.release(hold)
-        text = _refusal_text(gate, call.quote.model, answer.status, content)
-        return _credit_host_failed(
-            answer.status if answer.status in BUYER_ERRORS else 502, "upstream_refused", text
-        )
-    if not call.still_there():
-        signin.release(hold)
-        note(outcome="client_gone")
-        return Answer(CLIENT_CLOSED, {}, b"")
     usage = usage_of_answer(content) if answer.status < 400 else None
     charged = _charge_credit(signin, hold, usage)
-    if charged is None:
-        raise ApiError(503, CREDIT_HOLD_LAPSED, CREDIT_HOLD_LAPSED_TEXT)
+    if isinstance(charged, str):  # nothing was charged, and the answer is withheld
+        raise ApiError(503, charged, f"{charged}: the call could not be charged to your credit; nothing was")
     headers = dict(answer.headers)
     headers.update(
         {
@@ -732,20 +727,19 @@ def _serve_credit(gate: Gate, call: PaidCall, hold: CreditHold) -> Answer:
 
 
 CREDIT_HOLD_LAPSED = "credit_hold_lapsed"
-CREDIT_HOLD_LAPSED_TEXT = (
-    "the call outlasted its credit hold; nothing was charged and the answer was withheld"
-)
 
 
-def _charge_credit(signin: SignInGate, hold: CreditHold, usage: Usage | None) -> tuple[int, int] | None:
-    """(charged, balance after), None when the hold lapsed or Redis failed (nothing was charged)."""
+def _charge_credit(signin: SignInGate, hold: CreditHold, usage: Usage | None) -> tuple[int, int] | str:
+    """(charged, balance after), or why nothing was charged: ``credit_hold_lapsed`` (the hold was
+    returned, the call outlasted it) or ``ledger_unavailable`` (its hold returns once past its time)."""
     try:
         charged = signin.settle(hold, usage)
     except STORE_ERRORS:
         log.error("could not charge a call from credit; its hold returns once past its time")
-        return None
-    if charged is not None:
-        note(outcome="served", amount_charged=charged[0])
+        return "ledger_unavailable"
+    if charged is None:
+        return CREDIT_HOLD_LAPSED
+    note(outcome="served", amount_charged=charged[0])
     return charged
 
 
@@ -778,8 +772,8 @@ class _CreditMeter:
     def charge(self, usage: Usage | None) -> bytes:
         self.usage = usage
         charged = _charge_credit(self.gate.signin, self.hold, usage)
-        if charged is None:
-            return CREDIT_PREFIX + json.dumps({"error": CREDIT_HOLD_LAPSED}).encode() + b"\n\n"
+        if isinstance(charged, str):  # nothing was charged (the answer went out already)
+            return CREDIT_PREFIX + json.dumps({"error": charged}).encode() + b"\n\n"
         self.charged = charged[0]
         return CREDIT_PREFIX + json.dumps({"charged": charged[0], "balance": charged[1]}).encode() + b"\n\n"
 

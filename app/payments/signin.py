@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from app.backends.chain import Chain
 from app.backends.rpc import ChainUnavailable, RpcFailure
@@ -81,7 +82,10 @@ class SignInGate:
 
     def extension(self, resource_url: str) -> dict[str, Any] | None:
         """``extensions["sign-in-with-x"]`` for a 402 on ``resource_url``, with a fresh nonce; None
-        when Redis cannot give the secret now (the 402 then offers payment only)."""
+        when sign-in is not ``offered`` there, or Redis cannot give the secret now (the 402 then
+        offers payment only)."""
+        if not self.offered(siwx.origin_of(resource_url)):
+            return None
         try:
             secret = self.secret()
         except STORE_ERRORS:
@@ -98,9 +102,11 @@ class SignInGate:
         return f"Pay from this wallet's credit. Credit expires {life} after it is added."
 
     def wallet(self, header: str, origin: str) -> tuple[str, str]:
-        """The wallet a ``SIGN-IN-WITH-X`` header signs in (lower-case) and its nonce, once every
-        check but the nonce's single use passed. Raises ``PaymentRequired`` with the reason code
-        (``invalid_siwx_*``), ``ApiError`` 503 when Redis or the chain cannot answer."""
+        """The wallet a ``SIGN-IN-WITH-X`` header signs in (lower-case) and its nonce, still to be
+        used ("" when it was used already: a contract wallet's). Raises ``PaymentRequired`` with the
+        reason code (``invalid_siwx_*``), ``ApiError`` 503 when Redis or the chain cannot answer."""
+        if not self.offered(origin):
+            raise PaymentRequired(reject(siwx.DOMAIN_MISMATCH, SIGN_IN_ELSEWHERE))
         sign_in = siwx.parse(header)
         if isinstance(sign_in, Verdict):
             raise PaymentRequired(sign_in)
@@ -117,10 +123,32 @@ class SignInGate:
         if now - issued > siwx.MAX_AGE + siwx.FUTURE_SKEW:
             raise PaymentRequired(reject(siwx.TOO_OLD, "the nonce is too old: take a fresh 402's"))
         payer = sign_in.address.lower()
-        if siwx.signer(sign_in) != payer and not self._contract_accepts(sign_in):
-            raise PaymentRequired(reject(siwx.SIGNATURE, "the signature is not the address's"))
         note(payer=payer)
-        return payer, sign_in.nonce
+        if siwx.signer(sign_in) == payer:
+            return payer, sign_in.nonce
+        # Not the address's own key: only a contract wallet (EIP-1271) may still accept it. The
+        # nonce is used first, so one nonce costs the chain at most one eth_call.
+        if not self._use_nonce(payer, sign_in.nonce):
+            raise PaymentRequired(reject(siwx.NONCE, "this sign-in was used before: sign a fresh 402's"))
+        if not self._contract_accepts(sign_in):
+            raise PaymentRequired(reject(siwx.SIGNATURE, "the signature is not the address's"))
+        return payer, ""
+
+    def offered(self, origin: str) -> bool:
+        """Whether sign-in is offered at ``origin`` (``scheme://host[:port]``): that of
+        ``X402_PUBLIC_URL`` when it is set, else a loopback host only. A Host header names any
+        domain its sender likes: were sign-in offered under it, a site could have a wallet sign in
+        to that site (no phishing warning) and spend the wallet's credit here."""
+        if self.settings.public_url:
+            return origin == siwx.origin_of(self.settings.public_url)
+        return (urlsplit(origin).hostname or "") in LOOPBACK_HOSTS
+
+    def _use_nonce(self, payer: str, nonce: str) -> bool:
+        """Mark ``nonce`` used by ``payer``; False when it was used before. Raises ``ApiError`` 503."""
+        try:
+            return self.credit.use_nonce(payer, nonce, _nonce_kept_until())
+        except STORE_ERRORS as exc:
+            raise _ledger_down() from exc
 
     def _contract_accepts(self, sign_in: siwx.SignIn) -> bool:
         """EIP-1271: a contract wallet's own word on the signature (one ``eth_call``)."""
@@ -140,9 +168,10 @@ class SignInGate:
         payer, nonce = self.wallet(header, origin)
         now = int(time.time())
         hold = CreditHold(payer, secrets.token_hex(12), quote, now + self.hold_seconds)
-        nonce_expires = now + siwx.MAX_AGE + siwx.FUTURE_SKEW
         try:
-            result = self.credit.hold(payer, hold.hold_id, quote.amount, hold.until, nonce, nonce_expires)
+            result = self.credit.hold(
+                payer, hold.hold_id, quote.amount, hold.until, nonce, _nonce_kept_until()
+            )
             if result.outcome == NONCE_USED:
                 raise PaymentRequired(reject(siwx.NONCE, "this sign-in was used before: sign a fresh 402's"))
             if result.outcome != HELD and result.pointers and self._claim_failed_calls(payer):
@@ -166,9 +195,9 @@ class SignInGate:
         dropped. Returns whether anything was credited. Raises ``redis.RedisError``."""
         credited = 0
         for key in self.credit.statement(payer).redeemable:
-            record = self.ledger.get(key)
             moved = self.ledger.transition(key, (State.REDEEMABLE,), State.CREDITED)
-            keep = moved or record.get("state") == State.CREDITED  # a crash between the two steps
+            record = self.ledger.get(key)  # read after: another sign-in may have moved it meanwhile,
+            keep = record.get("state") == State.CREDITED  # or a crash came between the two steps
             if moved:
                 note(outcome=State.CREDITED)
             credited += self.credit.convert(payer, key, record.get("model", ""), record.get("tx", ""), keep)
@@ -193,12 +222,24 @@ class SignInGate:
         """The signed-in wallet and its credit (``GET /v1/credit``); the nonce is used once. Raises
         ``PaymentRequired`` for a refused sign-in, ``ApiError`` 503 when Redis or the chain fails."""
         payer, nonce = self.wallet(header, origin)
+        if nonce and not self._use_nonce(payer, nonce):
+            raise PaymentRequired(reject(siwx.NONCE, "this sign-in was used before: sign a fresh one"))
         try:
-            if not self.credit.use_nonce(payer, nonce, int(time.time()) + siwx.MAX_AGE + siwx.FUTURE_SKEW):
-                raise PaymentRequired(reject(siwx.NONCE, "this sign-in was used before: sign a fresh one"))
             return payer, self.credit.statement(payer)
         except STORE_ERRORS as exc:
             raise _ledger_down() from exc
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+SIGN_IN_ELSEWHERE = "this proxy offers sign-in at its X402_PUBLIC_URL only (or on a loopback host)"
+# A used nonce is remembered this much longer than it can be used: a host whose clock runs ahead
+# trims it no earlier than this margin allows.
+NONCE_CLOCK_MARGIN = 300
+
+
+def _nonce_kept_until() -> int:
+    """Until when a nonce used now is remembered (unix seconds)."""
+    return int(time.time()) + siwx.MAX_AGE + siwx.FUTURE_SKEW + NONCE_CLOCK_MARGIN
 
 
 def _ledger_down() -> ApiError:

@@ -31,6 +31,7 @@ from app.payments.errors import ApiError
 from app.payments.outcomes import PaymentRequired
 from app.payments.receipts import sha256_hex
 from app.payments.serve import PaidCall, serve
+from app.payments.signin import SIGN_IN_ELSEWHERE
 from app.payments.upto import UptoGate
 from app.web import services
 from app.web.edge import client_gone
@@ -347,10 +348,7 @@ def credit() -> Response:
             "asset": settings.asset,
             "balance": statement.balance,
             "held": statement.held,
-            "lots": [
-                {"source": lot.source.partition(":")[0], "left": lot.left, "expires": lot.expires}
-                for lot in statement.lots
-            ],
+            "lots": [{"left": lot.left, "expires": lot.expires} for lot in statement.lots],
             "redeemable": sum(
                 amount for key, amount in statement.redeemable.items() if states.get(key) == "redeemable"
             ),
@@ -364,7 +362,10 @@ def credit() -> Response:
 
 def _sign_in_required(url: str, code: str, message: str) -> Response:
     """401 with a sign-in challenge (``extensions["sign-in-with-x"]``, as in a 402) in the body."""
-    challenge = services().gate.signin.extension(url)
+    signin = services().gate.signin
+    if not signin.offered(origin_of(url)):
+        raise ApiError(404, "sign_in_unavailable", SIGN_IN_ELSEWHERE)
+    challenge = signin.extension(url)
     if challenge is None:
         raise ApiError(503, "ledger_unavailable", "credit ledger unavailable; sign-in cannot be offered now")
     body = {

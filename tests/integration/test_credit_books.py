@@ -62,8 +62,8 @@ def test_reconcile_credits_change_that_was_recorded_but_not_credited(
     proxy = credit_proxy
     paid = proxy.pay(proxy.payment(proxy.requirement(BIG_BODY)), BIG_BODY)
     change = int(paid.headers["X-Credit-Added"])
-    wallet = credit_keys(8453, proxy.settings.asset, proxy.wallets.payer)[0]
-    redis.Redis.from_url(proxy.settings.redis_url).delete(wallet)
+    keys = credit_keys(8453, proxy.settings.asset, proxy.wallets.payer)
+    redis.Redis.from_url(proxy.settings.redis_url).delete(keys.wallet, keys.sources)
     ledger, chain = Ledger(connect(proxy.settings)), Chain(proxy.settings)
     assert signed_in(proxy).json()["error"] == "insufficient_credit"
 

@@ -33,6 +33,14 @@ FUTURE_SKEW = 30  # seconds an issuedAt may be ahead of this host's clock (anoth
 NONCE_RE = re.compile(r"[0-9a-f]{40}")
 ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
 SIGNATURE_RE = re.compile(r"0x(?:[0-9a-fA-F]{2})+")
+# EIP-4361's ABNF: every field printable ASCII (no line break of any kind), the statement of URI
+# characters and spaces, times RFC 3339. A wallet shows its sign-in warning (another site's domain)
+# only for a message it can parse as EIP-4361.
+PRINTABLE_RE = re.compile(r"[\x20-\x7e]*")
+STATEMENT_RE = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;= ]*")
+RFC3339_RE = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})"
+)
 MAX_SIGNATURE_BYTES = 2048  # an EIP-1271 wallet may sign with more than 65 bytes (a multisig's owners)
 
 # Reason codes: the extension's own (x402.extensions.sign_in_with_x.types), and one for a header
@@ -103,8 +111,11 @@ def parse(header: str) -> SignIn | Verdict:
         return reject(INVALID_HEADER, "SIGN-IN-WITH-X: resources must be a non-empty list of URIs")
     if raw.get("statement") == "":  # EIP-4361 libraries leave an empty statement out or refuse it
         return reject(INVALID_HEADER, "SIGN-IN-WITH-X: statement must not be empty")
-    if any("\n" in raw[name] for name in (*_TEXT_FIELDS, *_OPTIONAL_TEXT) if isinstance(raw.get(name), str)):
-        return reject(INVALID_HEADER, "SIGN-IN-WITH-X: a field holds a line break")
+    texts = [raw[name] for name in (*_TEXT_FIELDS, *_OPTIONAL_TEXT) if isinstance(raw.get(name), str)]
+    if not all(PRINTABLE_RE.fullmatch(text) for text in [*texts, *(resources or [])]):
+        return reject(INVALID_HEADER, "SIGN-IN-WITH-X: fields must be printable ASCII (EIP-4361)")
+    if raw.get("statement") is not None and not STATEMENT_RE.fullmatch(raw["statement"]):
+        return reject(INVALID_HEADER, "SIGN-IN-WITH-X: the statement holds a character EIP-4361 forbids")
     if not ADDRESS_RE.fullmatch(raw["address"]):
         return reject(INVALID_HEADER, "SIGN-IN-WITH-X: address must be a 0x address")
     signature = raw["signature"]
@@ -172,7 +183,9 @@ def signer(sign_in: SignIn) -> str | None:
 
 
 def _instant(text: str) -> float | None:
-    """Unix seconds of an ISO 8601 time with a zone (``Z`` or an offset); None when it is not one."""
+    """Unix seconds of an RFC 3339 time (``Z`` or an offset); None when it is not one."""
+    if not RFC3339_RE.fullmatch(text):
+        return None
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
