@@ -148,9 +148,11 @@ class Gate:
         reason: str,
         extra_headers: Mapping[str, str] = (),
         extensions: dict[str, Any] | None = None,
+        sign_in_origin: str = "",
     ) -> Answer:
         """The 402: v1 body + v2 ``PAYMENT-REQUIRED`` header for this body's price, with a fresh
-        ``sign-in-with-x`` challenge (spend the wallet's credit) in the v2 header."""
+        ``sign-in-with-x`` challenge (spend the wallet's credit) in the v2 header when sign-in is
+        offered at ``sign_in_origin``."""
         # each 402 names the next relayer: upto permits bind the account that settles them
         facilitator = self.upto.settler.pick() if self.upto is not None else ""
         key = (quote.model.name, quote.amount, resource_url, reason, facilitator)
@@ -170,7 +172,7 @@ class Gate:
         metrics.CHALLENGES.labels(reason).inc()
         body, challenge = built
         headers = challenge.headers()
-        sign_in = self.signin.extension(resource_url)  # a nonce per 402: encoded anew each time
+        sign_in = self.signin.extension(resource_url, sign_in_origin)  # a nonce per 402: encoded anew
         if sign_in is not None:
             extensions = {**challenge.v2.get("extensions", {}), SIGN_IN_WITH_X: sign_in}
             headers["PAYMENT-REQUIRED"] = encode_header({**challenge.v2, "extensions": extensions})

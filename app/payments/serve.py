@@ -46,7 +46,6 @@ from app.x402.challenge import (
 from app.x402.codec import MalformedInput, decode_header, encode_header
 from app.x402.extensions.payment_identifier import fingerprint, payment_identifier
 from app.x402.extensions.sign_in_with_x import HEADER as SIWX_HEADER
-from app.x402.extensions.sign_in_with_x import origin_of
 from app.x402.upto import UptoPayment, upto_payment_of
 from app.x402.upto.checks import DEADLINE_EXPIRED, TRANSACTION_FAILED
 from app.x402.verdict import SETTLEMENT_PENDING, UNSUPPORTED_SCHEME, Verdict, reject
@@ -79,7 +78,7 @@ class PaidCall:
     (what a receipt binds); ``started``: ``time.perf_counter()`` at the request's start;
     ``still_there``: False once the buyer has hung up; ``render``: turns the host's body and status
     into the answer's body (the paid ping), None to pass the body through; ``resource_url``: the
-    URL the buyer called.
+    URL the buyer called; ``sign_in_origin``: the origin it may sign in at, "" for none.
     """
 
     quote: Quote
@@ -91,6 +90,7 @@ class PaidCall:
     still_there: Callable[[], bool]
     render: Callable[[bytes, int], bytes] | None = None
     resource_url: str = ""  # what the buyer called (the offer-receipt's resourceUrl)
+    sign_in_origin: str = ""  # where this request may sign in (``SignInGate.offered``), "" nowhere
 
 
 def serve(gate: Gate, call: PaidCall) -> Answer:
@@ -103,7 +103,7 @@ def serve(gate: Gate, call: PaidCall) -> Answer:
     header = call.headers.get(V2_HEADER)
     sign_in = call.headers.get(SIWX_HEADER)
     if header is None and sign_in is not None and V1_HEADER not in call.headers:
-        return _serve_credit(gate, call, gate.signin.begin(call.quote, sign_in, origin_of(call.resource_url)))
+        return _serve_credit(gate, call, gate.signin.begin(call.quote, sign_in, call.sign_in_origin))
     wire = _decoded(header)  # once: the id and the scheme are read from it
     payment_id = payment_identifier(wire)
     if isinstance(payment_id, Verdict):

@@ -80,11 +80,11 @@ class SignInGate:
                 self._secret = bytes.fromhex(value.decode() if isinstance(value, bytes) else value)
             return self._secret
 
-    def extension(self, resource_url: str) -> dict[str, Any] | None:
+    def extension(self, resource_url: str, origin: str) -> dict[str, Any] | None:
         """``extensions["sign-in-with-x"]`` for a 402 on ``resource_url``, with a fresh nonce; None
-        when sign-in is not ``offered`` there, or Redis cannot give the secret now (the 402 then
-        offers payment only)."""
-        if not self.offered(siwx.origin_of(resource_url)):
+        when sign-in is not ``offered`` at ``origin`` (the request's, "" for none), or Redis cannot
+        give the secret now (the 402 then offers payment only)."""
+        if not self.offered(origin):
             return None
         try:
             secret = self.secret()
@@ -135,13 +135,14 @@ class SignInGate:
         return payer, ""
 
     def offered(self, origin: str) -> bool:
-        """Whether sign-in is offered at ``origin`` (``scheme://host[:port]``): that of
-        ``X402_PUBLIC_URL`` when it is set, else a loopback host only. A Host header names any
-        domain its sender likes: were sign-in offered under it, a site could have a wallet sign in
-        to that site (no phishing warning) and spend the wallet's credit here."""
+        """Whether sign-in is offered at ``origin`` (``scheme://host[:port]``, "" for none): that of
+        ``X402_PUBLIC_URL`` when it is set, else a loopback host only (the web layer passes "" for
+        a request that did not come over loopback). A Host header names any domain its sender
+        likes: were sign-in offered under it, a site could have a wallet sign in to that site (no
+        phishing warning) and spend the wallet's credit here."""
         if self.settings.public_url:
             return origin == siwx.origin_of(self.settings.public_url)
-        return (urlsplit(origin).hostname or "") in LOOPBACK_HOSTS
+        return (urlsplit(origin).hostname or "") in LOOPBACK_HOSTS if origin else False
 
     def _use_nonce(self, payer: str, nonce: str) -> bool:
         """Mark ``nonce`` used by ``payer``; False when it was used before. Raises ``ApiError`` 503."""

@@ -7,6 +7,7 @@ confirmed; the answer it returns is sent as it is.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections.abc import Callable
@@ -67,6 +68,23 @@ BODY_JSON_DEPTH = 64
 def _resource_url() -> str:
     public = current_app.config["X402_SETTINGS"].public_url
     return (public or f"{request.scheme}://{request.host}") + request.path
+
+
+def _sign_in_origin() -> str:
+    """Where this request may sign in (``SignInGate.offered`` decides): the origin it called, and
+    without ``X402_PUBLIC_URL`` only when it came over a loopback connection (its Host is its
+    sender's word); "" otherwise."""
+    public = current_app.config["X402_SETTINGS"].public_url
+    if not public and not _loopback(request.remote_addr):
+        return ""
+    return origin_of(_resource_url())
+
+
+def _loopback(address: str | None) -> bool:
+    try:
+        return ipaddress.ip_address(address or "").is_loopback
+    except ValueError:
+        return False
 
 
 def _request_body() -> object:
@@ -146,6 +164,7 @@ def _paid(
         lambda: not client_gone(request.environ),
         render,
         _resource_url(),
+        _sign_in_origin(),
     )
     try:
         response = sent(serve(gate, paid_call))
@@ -158,7 +177,9 @@ def _paid(
         if refusal.verdict.detail and reason != PAYMENT_REQUIRED:  # the reason in words, for people
             extra[ERROR_DETAIL_HEADER] = refusal.verdict.detail.encode("ascii", "replace").decode()
         return sent(
-            gate.challenge(quote, _resource_url(), reason, extra, _discovery(route, quote.model.name))
+            gate.challenge(
+                quote, _resource_url(), reason, extra, _discovery(route, quote.model.name), _sign_in_origin()
+            )
         )
     if measured:
         response.headers[MEASUREMENT_HEADER] = measured
@@ -334,7 +355,7 @@ def credit() -> Response:
             url, "sign_in_required", "sign in with SIGN-IN-WITH-X to see this wallet's credit"
         )
     try:
-        payer, statement = gate.signin.statement(header, origin_of(url))
+        payer, statement = gate.signin.statement(header, _sign_in_origin())
         states = gate.ledger.states(list(statement.redeemable))
     except PaymentRequired as refusal:
         return _sign_in_required(url, refusal.verdict.reason, refusal.verdict.detail)
@@ -363,9 +384,10 @@ def credit() -> Response:
 def _sign_in_required(url: str, code: str, message: str) -> Response:
     """401 with a sign-in challenge (``extensions["sign-in-with-x"]``, as in a 402) in the body."""
     signin = services().gate.signin
-    if not signin.offered(origin_of(url)):
+    origin = _sign_in_origin()
+    if not signin.offered(origin):
         raise ApiError(404, "sign_in_unavailable", SIGN_IN_ELSEWHERE)
-    challenge = signin.extension(url)
+    challenge = signin.extension(url, origin)
     if challenge is None:
         raise ApiError(503, "ledger_unavailable", "credit ledger unavailable; sign-in cannot be offered now")
     body = {

@@ -136,3 +136,43 @@ def test_a_failed_calls_payment_is_spent_through_the_official_clients_sign_in(
     charged = int(served["headers"]["x-credit-charged"])
     assert int(served["headers"]["x-credit-balance"]) == amount - charged
     assert moved_since(proxy, before) == amount  # no new transaction
+
+
+# The README's way to read GET /v1/credit with the official package (its client signs in only on a
+# 402): the 401's challenge, completed with the chain, signed by ``create_siwx_payload``.
+READ_CREDIT = """
+import asyncio, json, sys
+import httpx
+from eth_account import Account
+from x402.extensions.sign_in_with_x import create_siwx_payload, encode_siwx_header
+
+url, key = sys.argv[1], sys.argv[2]
+unsigned = httpx.get(url)
+info = unsigned.json()["extensions"]["sign-in-with-x"]["info"]
+chosen = {**info, "chainId": "eip155:8453", "type": "eip191"}
+payload = asyncio.run(create_siwx_payload(chosen, Account.from_key(key), url))
+signed = httpx.get(url, headers={"SIGN-IN-WITH-X": encode_siwx_header(payload)})
+print(json.dumps({"unsigned": unsigned.status_code, "signed": signed.status_code, "credit": signed.json()}))
+"""
+
+
+def test_the_official_package_signs_in_to_read_the_credit(credit_proxy: Proxy, standin: StandinModel) -> None:
+    official_client(credit_proxy, BIG_BODY)  # pays, and leaves change
+    done = subprocess.run(
+        [
+            str(siwx_python()),
+            "-c",
+            READ_CREDIT,
+            credit_proxy.url + "/v1/credit",
+            credit_proxy.wallets.payer_key,
+        ],
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT,
+        check=True,
+    )
+    read = json.loads(done.stdout)
+    assert (read["unsigned"], read["signed"]) == (401, 200)
+    assert read["credit"]["balance"] > 0 and [e["kind"] for e in read["credit"]["recent"]] == ["change"]

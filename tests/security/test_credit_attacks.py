@@ -12,12 +12,14 @@ from typing import Any
 import pytest
 from eth_account import Account
 
+from app import create_checked_app
 from app.backends.chain import Chain
 from app.devnet.standin import Behaviour, StandinModel
 from app.payments.books import credit_outstanding, revenue
 from app.payments.credit import Credit
 from app.payments.ledger import Ledger, connect
 from app.payments.signin import SignInGate
+from app.x402.codec import decode_header
 from tests.integration.test_credit import (
     BIG_BODY,
     credit_of,
@@ -162,3 +164,34 @@ def test_a_sign_in_that_is_not_eip4361_is_refused(
 
     assert answer.status_code == 402, f"accepted: {answer.status_code}"
     assert reason_of(answer) == ("invalid_siwx_issued_at" if "issuedAt" in changes else "invalid_siwx_header")
+
+
+# --- 6. a remote caller naming a loopback Host (no X402_PUBLIC_URL) ---------------------------------
+
+
+def test_a_remote_caller_naming_a_loopback_host_is_offered_no_sign_in(
+    credit_proxy: Proxy, standin: StandinModel
+) -> None:
+    """Without ``X402_PUBLIC_URL`` sign-in is offered on loopback only, and the Host header is the
+    sender's word: a request from another address that names ``127.0.0.1`` gets no challenge, and
+    its sign-in (valid for that domain) is refused. The same app, over loopback, offers it."""
+    proxy = credit_proxy
+    give_change(proxy)
+    client = create_checked_app(proxy.settings).test_client()
+    remote = {"REMOTE_ADDR": "192.0.2.7"}
+    host = {"Host": proxy.url.removeprefix("http://")}
+
+    unpaid = client.post("/v1/chat/completions", json=CHAT_BODY, headers=host, environ_base=remote)
+    assert unpaid.status_code == 402
+    assert "sign-in-with-x" not in decode_header(unpaid.headers["PAYMENT-REQUIRED"]).get("extensions", {})
+    login = sign_in_header(info_of(proxy), proxy.wallets.payer_key)  # a real sign-in, for the loopback origin
+    refused = client.post(
+        "/v1/chat/completions", json=CHAT_BODY, headers={**host, "SIGN-IN-WITH-X": login}, environ_base=remote
+    )
+    assert refused.status_code == 402
+    assert decode_header(refused.headers["PAYMENT-REQUIRED"])["error"] == "invalid_siwx_domain_mismatch"
+    assert client.get("/v1/credit", headers=host, environ_base=remote).status_code == 404
+    local = client.post(
+        "/v1/chat/completions", json=CHAT_BODY, headers=host, environ_base={"REMOTE_ADDR": "127.0.0.1"}
+    )
+    assert "sign-in-with-x" in decode_header(local.headers["PAYMENT-REQUIRED"])["extensions"]
