@@ -102,8 +102,8 @@ def reconcile(ledger: Ledger, chain: Chain, settings: Settings, since_seconds: i
     """
     cutoff = time.time() - since_seconds
     findings = []
-    sweep_credit(ledger)  # expired credit written as such, abandoned holds returned
     skipped: list[str] = []  # cluster masters that did not answer: reported, the others still checked
+    sweep_credit(ledger, skipped)  # expired credit written as such, abandoned holds returned
     for key in ledger.store.scan(PAYMENT_KEYS, skipped=skipped):
         record = ledger.get(key)
         state, tx = record.get("state", ""), record.get("tx", "")
@@ -268,7 +268,12 @@ def revenue(ledger: Ledger, since_seconds: int, by: str) -> dict[str, int]:
     is raised when some cannot be (a master is down), rather than a total that is short. An event
     counts at the time it happened (its ``at`` field, unix seconds), not when it reached the stream;
     events written before that field existed count at their stream id's time."""
-    sweep_credit(ledger)  # credit that expired in wallets nobody touched since: its events
+    unswept: list[str] = []
+    sweep_credit(ledger, unswept)  # credit that expired in wallets nobody touched since: its events
+    if unswept:
+        raise RevenueIncomplete(
+            f"{len(set(unswept))} Redis masters do not answer: their credit was not swept"
+        )
     missing = ledger.flush_events()
     if missing:
         raise RevenueIncomplete(f"{len(missing)} ledger outboxes cannot be read now (a Redis master is down)")

@@ -284,13 +284,14 @@ def _run(
     return result
 
 
-def sweep_credit(ledger: Ledger) -> int:
+def sweep_credit(ledger: Ledger, skipped: list[str] | None = None) -> int:
     """Sweep every wallet's credit on every master: what expired is written ``credit_expired`` (a
     wallet that never comes back is swept nowhere else) and abandoned holds go back. Run by
     ``revenue`` and ``reconcile``; a wallet's keys outlive its last lot ``CREDIT_GRACE_SECONDS``.
-    Returns how many wallets were swept. Raises ``redis.RedisError``."""
+    Returns how many wallets were swept. Raises ``redis.RedisError``, unless ``skipped`` is given
+    (a cluster): a master that does not answer is then appended there (``Store.scan``)."""
     swept = 0
-    for key in ledger.store.scan(CREDIT_KEYS):
+    for key in ledger.store.scan(CREDIT_KEYS, skipped=skipped):
         match = CREDIT_KEY_RE.match(key)
         if match is None:
             continue
