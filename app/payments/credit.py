@@ -26,6 +26,7 @@ entries. ``app.payments.books`` counts credit as a liability until it is spent o
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ from app.settings import Settings
 
 LOG_LENGTH = 50  # recent entries kept per wallet
 LOTS_PER_LIFETIME = 30  # credit added within a thirtieth of its life shares a lot
+TRIM_BATCH = 64  # expired members of a sorted set removed by one script, at most
 # A wallet's keys outlive its last lot by this much, so the books (``sweep_credit``) see what expired.
 CREDIT_GRACE_SECONDS = 30 * 86400
 HELD, SHORT, NONCE_USED = "held", "short", "nonce_used"
@@ -78,9 +80,11 @@ local function add_to_lot(field, amount, expires)
   redis.call('HSET', KEYS[1], field, int(left + amount) .. ':' .. int(expires))
 end
 -- Add ``member`` to the sorted set ``key`` until ``expires`` once: false when it is there already.
--- Expired members are trimmed first; only the one asked is looked up.
+-- Up to TRIM_BATCH expired members are trimmed first (a wallet back after a long pause does not hold
+-- Redis up trimming them all at once); only the one asked is looked up.
 local function once(key, member, expires)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. ARGV[1])
+  local stale = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. ARGV[1], 'LIMIT', 0, TRIM_BATCH)
+  if #stale > 0 then redis.call('ZREM', key, unpack(stale)) end
   if redis.call('ZSCORE', key, member) then return false end
   redis.call('ZADD', key, expires, member)
   local ttl = math.max(tonumber(expires) - now, 1)
@@ -156,7 +160,7 @@ local function balance(live)
   for _, lot in ipairs(live) do total = total + lot[2] end
   return total
 end
-""".replace("LOG_LENGTH", str(LOG_LENGTH))
+""".replace("LOG_LENGTH", str(LOG_LENGTH)).replace("TRIM_BATCH", str(TRIM_BATCH))
 
 # ARGV 6 source (e.g. change:<payment key>), 7 amount, 8 the lot's expiry (a step boundary), 9 kind,
 # 10 model, 11 ref (a tx hash), 12 scheme. Credits a source once: one already credited (or a lot
@@ -284,6 +288,13 @@ def _run(
     return result
 
 
+def source_id(source: str) -> str:
+    """What the sources set keeps of a source (``change:<payment key>``, ``failed_call:<key>``): the
+    first 16 bytes of its SHA-256, hex (a payment key is ~150 characters; a wallet may keep tens of
+    thousands)."""
+    return hashlib.sha256(source.encode()).hexdigest()[:32]
+
+
 def sweep_credit(ledger: Ledger, skipped: list[str] | None = None) -> int:
     """Sweep every wallet's credit on every master: what expired is written ``credit_expired`` (a
     wallet that never comes back is swept nowhere else) and abandoned holds go back. Run by
@@ -365,7 +376,7 @@ class Credit:
         if amount <= 0:
             return False
         expires = -(-(at + self.lifetime) // self.step) * self.step
-        result = self._run(_ADD, payer, [source, amount, expires, kind, model, tx, "exact"])
+        result = self._run(_ADD, payer, [source_id(source), amount, expires, kind, model, tx, "exact"])
         return bool(int(result[0]))
 
     def point(self, payer: str, payment_key: str, amount: int, at: int) -> bool:
@@ -379,7 +390,7 @@ class Credit:
         ``credited``) or drop it (its payment was redeemed by its header). Returns what was credited."""
         args = [
             f"pay:{payment_key}",
-            f"failed_call:{payment_key}",
+            source_id(f"failed_call:{payment_key}"),
             model,
             tx,
             "1" if keep else "0",

@@ -23,6 +23,7 @@ from app.payments.credit import (
     Entry,
     Lot,
     Statement,
+    source_id,
 )
 from app.payments.keys import CreditKeys, credit_keys, payment_key
 from app.payments.ledger import RETENTION_SECONDS, Ledger
@@ -95,10 +96,22 @@ def lot_fields(credit: Credit, payer: str = PAYER) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in stored.items() if k.startswith(b"lot:")}
 
 
-def sources(credit: Credit, payer: str = PAYER) -> dict[str, int]:
+class Sources(dict[str, int]):
+    """The sources set as stored (each source's ``source_id`` → its lot's expiry), equal to a dict
+    of the sources themselves (``{"change:a": expiry}``) that names the same members."""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, dict):
+            return NotImplemented
+        return dict(self) == {source_id(source): expires for source, expires in other.items()}
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def sources(credit: Credit, payer: str = PAYER) -> Sources:
     """The sources the wallet was credited for, with the expiry of the lot each went to."""
     members = credit.ledger.redis.zrange(keys(payer).sources, 0, -1, withscores=True)
-    return {member.decode(): int(score) for member, score in members}
+    return Sources({member.decode(): int(score) for member, score in members})
 
 
 def add(credit: Credit, source: str, amount: int, at: int = NOW, payer: str = PAYER) -> bool:
@@ -457,6 +470,18 @@ def test_an_expired_lot_is_swept_with_one_event_for_what_was_left(credit: Credit
     assert lefts(credit.statement(PAYER)) == {LATE + LIFETIME + STEP: 11}
 
 
+def test_at_its_expiry_second_an_emptied_lot_still_takes_back(credit: Credit, clock: Clock) -> None:
+    assert add(credit, "change:a", 100)  # LATE
+    clock.now = LATE
+    assert hold(credit, "h", 100, LATE + 60) == HELD
+    assert lot_fields(credit) == {}
+    assert credit.settle(PAYER, "h", 30, "m") == (30, 70)  # made again: it still counts this second
+    assert lot_fields(credit) == {f"lot:{LATE}": f"70:{LATE}"} and events(credit, "credit_expired") == []
+    clock.now = LATE + 1
+    assert hold(credit, "h2", 0, LATE + 60) == HELD
+    assert [e["amount"] for e in events(credit, "credit_expired")] == ["70"] and lot_fields(credit) == {}
+
+
 @pytest.mark.parametrize("swept_first", [False, True])
 def test_what_a_hold_gives_back_to_an_expired_lot_expires(
     credit: Credit, clock: Clock, swept_first: bool
@@ -699,17 +724,19 @@ class Model:
         return amount if self.credit(f"failed_call:{payment}", amount, up(expires), now) else 0
 
 
-waits = st.one_of(st.just(0), st.integers(0, STEP // 2), st.integers(0, 1_200))  # often within one step
+waits = st.one_of(
+    st.just(0), st.integers(0, STEP // 2), st.integers(0, 1_200), st.just(-1)
+)  # seconds waited before (often within one step); -1: to the next second a lot expires
 adds = st.tuples(
     st.just("add"),
     st.integers(0, 7),
     st.integers(1, 1_000),
     st.one_of(st.integers(0, STEP), st.integers(0, LIFETIME + LIFETIME // 2)),
     waits,
-)  # source, amount, age of the credit (often within one step of another), seconds waited before
+)  # source, amount, age of the credit (often within one step of another), wait
 holds = st.tuples(
     st.just("hold"), st.one_of(st.integers(0, 200), st.integers(0, 1_500)), st.integers(0, 1_200), waits
-)  # amount, seconds held, seconds waited before
+)  # amount, seconds held, wait
 settles = st.tuples(
     st.just("settle"), st.integers(0, 3), st.one_of(st.integers(0, 300), st.integers(0, 2_000))
 )  # which standing hold (0: the newest; past the last: one settled, returned or never made), charge
@@ -742,14 +769,14 @@ def test_credit_is_conserved(steps: list[tuple[Any, ...]]) -> None:
         for step in steps:
             if step[0] == "add":
                 _, source, amount, age, wait = step
-                clock.now += wait
+                clock.now = up(clock.now + 1) if wait < 0 else clock.now + wait
                 at = clock.now - age
                 assert add(credit, f"change:{source}", amount, at=at) == model.add(
                     f"change:{source}", amount, at, clock.now
                 )
             elif step[0] == "hold":
                 _, amount, seconds, wait = step
-                clock.now += wait
+                clock.now = up(clock.now + 1) if wait < 0 else clock.now + wait
                 count += 1
                 result = credit.hold(PAYER, str(count), amount, clock.now + seconds, "", 0)
                 expected = model.hold(str(count), amount, clock.now + seconds, clock.now)
@@ -781,7 +808,7 @@ def test_credit_is_conserved(steps: list[tuple[Any, ...]]) -> None:
             assert statement.lots == tuple(Lot(left, e) for e, left in live_lots)
             assert statement.held == sum(a for a, until, _ in model.holds.values() if until >= clock.now)
             assert statement.redeemable == {k: a for k, (a, e) in model.pointers.items() if e >= clock.now}
-            remembered = {s: e for s, e in sources(credit).items() if e >= clock.now}
+            remembered = Sources({s: e for s, e in sources(credit).items() if e >= clock.now})
             assert remembered == {s: e for s, e in model.sources.items() if e >= clock.now}
             stream = events(credit)
             assert all(e["amount"].isdigit() and int(e["amount"]) > 0 for e in stream)
@@ -812,3 +839,14 @@ def test_a_redeemable_payment_is_credited_once() -> None:
     with pytest.raises(ValueError, match="no transition"):
         ledger.transition(key, (State.CREDITED,), State.SETTLED)  # credited is final
     assert ledger.get(key)["state"] == State.CREDITED
+
+
+def test_one_script_trims_at_most_a_batch_of_expired_sources(credit: Credit, clock: Clock) -> None:
+    """A wallet back after a long pause has many expired sources: each script removes at most
+    ``TRIM_BATCH`` of them (Redis is not held up), and a source is still credited once."""
+    stale = {f"old{i}": NOW - 1 - i for i in range(3 * credit_module.TRIM_BATCH)}
+    credit.ledger.redis.zadd(keys(PAYER).sources, stale)
+    assert add(credit, "change:a", 5)
+    assert credit.ledger.redis.zcard(keys(PAYER).sources) == 2 * credit_module.TRIM_BATCH + 1
+    assert not add(credit, "change:a", 5)  # trims the next batch, and still remembers change:a
+    assert credit.ledger.redis.zcard(keys(PAYER).sources) == credit_module.TRIM_BATCH + 1
