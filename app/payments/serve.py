@@ -661,26 +661,47 @@ PAYMENT_WINDOW_EVENT = (
 
 
 def _upto_receipt(gate: Gate, call: PaidCall, hold: Hold, result: Charge, response_sha256: str) -> Receipt:
-    usage = result.usage
+    return _metered_receipt(
+        gate, call, hold.payer, hold.quote, result.tx, result.amount, result.usage, response_sha256
+    )
+
+
+def _metered_receipt(
+    gate: Gate,
+    call: PaidCall,
+    payer: str,
+    quote: Quote,
+    tx: str,
+    charged: int,
+    usage: Usage | None,
+    response_sha256: str,
+) -> Receipt:
+    """The receipt of a call charged by its usage (``upto``, credit): the amount charged, the
+    maximum authorized or held, the usage the host reported."""
     return Receipt(
-        tx=result.tx,
-        payer=hold.payer,
-        amount=result.amount,
-        model=hold.quote.model.name,
+        tx=tx,
+        payer=payer,
+        amount=charged,
+        model=quote.model.name,
         network=gate.settings.network.caip2,
         request_sha256=call.request_sha256,
         response_sha256=response_sha256,
         time=int(time.time()),
-        authorized=hold.quote.amount,
+        authorized=quote.amount,
         usage="unreported" if usage is None else f"{usage.prompt_tokens}+{usage.completion_tokens}",
     )
 
 
 def _upto_host_failed(status: int, code: str, message: str) -> Answer:
+    return _host_failed(status, code, message, "the same payment header may be sent again")
+
+
+def _host_failed(status: int, code: str, message: str, then: str) -> Answer:
+    """The host failed or refused a call charged by its usage: nothing was charged, and ``then``."""
     return error_answer(
         status,
         code,
-        f"{message}; nothing was charged: the same payment header may be sent again",
+        f"{message}; nothing was charged: {then}",
         {"Access-Control-Expose-Headers": EXPOSED_HEADERS},
     )
 
@@ -785,24 +806,8 @@ def _credit_receipt(
     gate: Gate, call: PaidCall, hold: CreditHold, charged: int, usage: Usage | None, response_sha256: str
 ) -> Receipt:
     """The receipt of a call paid from credit: no transaction, the amount charged, the maximum held."""
-    return Receipt(
-        tx="",
-        payer=hold.payer,
-        amount=charged,
-        model=hold.quote.model.name,
-        network=gate.settings.network.caip2,
-        request_sha256=call.request_sha256,
-        response_sha256=response_sha256,
-        time=int(time.time()),
-        authorized=hold.quote.amount,
-        usage="unreported" if usage is None else f"{usage.prompt_tokens}+{usage.completion_tokens}",
-    )
+    return _metered_receipt(gate, call, hold.payer, hold.quote, "", charged, usage, response_sha256)
 
 
 def _credit_host_failed(status: int, code: str, message: str) -> Answer:
-    return error_answer(
-        status,
-        code,
-        f"{message}; nothing was charged to your credit",
-        {"Access-Control-Expose-Headers": EXPOSED_HEADERS},
-    )
+    return _host_failed(status, code, message, "your credit is as it was")
