@@ -554,6 +554,7 @@ def test_the_declaration_names_this_resource_and_a_300_s_window() -> None:
         "nonce": nonce,
         "issuedAt": "2026-11-30T10:13:06.000Z",
         "expirationTime": "2026-11-30T10:18:06.000Z",
+        "resources": [url],
     }
     issued, expires = (datetime.fromisoformat(info[name]) for name in ("issuedAt", "expirationTime"))
     assert (expires - issued).total_seconds() == MAX_AGE

@@ -265,8 +265,8 @@ def declaration(resource_url: str, nonce: str, issued: int, network: str, statem
     """``extensions["sign-in-with-x"]`` of a 402 for ``resource_url``: ``info`` (domain = its
     host[:port], uri = the URL, the ``statement`` (one line), version 1, this 402's ``nonce``,
     ``issuedAt`` and an ``expirationTime`` ``MAX_AGE`` seconds later), ``supportedChains``
-    (``network``, eip191) and the JSON Schema of the payload a client sends back. Kept small (no
-    ``resources``: optional in EIP-4361): a client echoes it in its payment header."""
+    (``network``, eip191) and the JSON Schema of the payload a client sends back (kept small: a
+    client echoes the declaration in its payment header)."""
     info = {
         "domain": urlsplit(resource_url).netloc,
         "uri": resource_url,
@@ -275,6 +275,7 @@ def declaration(resource_url: str, nonce: str, issued: int, network: str, statem
         "nonce": nonce,
         "issuedAt": iso(issued),
         "expirationTime": iso(issued + MAX_AGE),
+        "resources": [resource_url],
     }
     return {"info": info, "supportedChains": [{"chainId": network, "type": "eip191"}], "schema": SCHEMA}
 
