@@ -88,7 +88,7 @@ def _books_parts() -> tuple[Any, Any, Any]:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """``x402-proxy reconcile [--since]``: check recent payments against the chain, resolve the open ones
     and print the findings. Exit 0 when all match, 1 when one has a problem, 2 for bad settings or --since."""
-    from app.payments.books import parse_duration, reconcile, render_findings
+    from app.payments.books import CHAIN_UNAVAILABLE, parse_duration, reconcile, render_findings
     from app.settings import SettingsError
 
     try:
@@ -98,6 +98,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         print(f"x402-proxy reconcile: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(render_findings(findings))
+    unchecked = [f for f in findings if f.problem.startswith(CHAIN_UNAVAILABLE)]
+    if unchecked:  # not a mismatch: the chain could not be asked
+        print(f"x402-proxy reconcile: the RPC did not answer for {len(unchecked)} payments", file=sys.stderr)
+        return 3
     return 1 if any(f.problem for f in findings) else 0
 
 

@@ -47,6 +47,7 @@ DONE = (State.SERVED, State.REDEEMABLE, State.CREDITED)
 # expired (credit is a liability).
 REVENUE_SIGN = {State.SETTLED.value: 1, "credit": -1, "credit_spent": 1, "credit_expired": 1}
 EXPIRED_CREDIT = "(expired credit)"
+CHAIN_UNAVAILABLE = "chain unavailable"  # a finding's problem when no RPC answered for it
 DURATION_RE = re.compile(r"([0-9]+)([smhd])")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -122,7 +123,7 @@ def reconcile(ledger: Ledger, chain: Chain, settings: Settings, since_seconds: i
             confirmed = receipt is not None and transfer_logged(receipt, chain.asset, auth)
             settled_by = tx if confirmed else chain.find_settlement(auth)
         except (ChainUnavailable, RpcFailure) as exc:
-            findings.append(Finding(key, state, tx, f"chain unavailable: {type(exc).__name__}"))
+            findings.append(Finding(key, state, tx, f"{CHAIN_UNAVAILABLE}: {type(exc).__name__}"))
             continue
         findings += _checked(ledger, key, state, tx, age, settled_by, receipt is not None)
         if state == State.SERVED and record.get("change", "").isdigit():
@@ -175,7 +176,7 @@ def _reconcile_upto(
         try:
             receipt = chain.receipt(tx) if tx else None
         except (ChainUnavailable, RpcFailure) as exc:
-            findings.append(Finding(key, state, tx, f"chain unavailable: {type(exc).__name__}"))
+            findings.append(Finding(key, state, tx, f"{CHAIN_UNAVAILABLE}: {type(exc).__name__}"))
             continue
         try:
             moved = receipt is not None and pulled_logged(

@@ -127,6 +127,18 @@ def books_env(monkeypatch: pytest.MonkeyPatch, proxy: Proxy) -> None:
         monkeypatch.setenv(name, value)
 
 
+def test_reconcile_says_the_rpc_did_not_answer_rather_than_report_mismatches(
+    proxy: Proxy, standin: StandinModel, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's exit code 3: with no RPC answering, the payments cannot be checked; that is not
+    a mismatch (exit 1)."""
+    books_env(monkeypatch, proxy)
+    assert proxy.pay(proxy.payment(proxy.requirement())).status_code == 200
+    monkeypatch.setenv("X402_RPC_URLS", f"http://127.0.0.1:{free_port()}")
+    assert main(["reconcile", "--since", "1h"]) == 3
+    assert "the RPC did not answer for 1 payments" in capsys.readouterr().err
+
+
 def test_reconcile_finds_a_tampered_amount_and_resolves_a_pending_payment(
     proxy: Proxy, standin: StandinModel, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
