@@ -628,6 +628,34 @@ def test_the_recent_entries_are_the_newest_50_newest_first(credit: Credit, clock
     assert credit.ledger.redis.llen(keys().log) == LOG_LENGTH  # kept
 
 
+# --- the books' sweep -------------------------------------------------------------------------------
+
+
+def test_sweep_credit_sweeps_every_wallet_nobody_touched(credit: Credit, clock: Clock) -> None:
+    """``sweep_credit`` runs the sweep of every wallet's hash (not its log, nonces or sources): what
+    expired is written, an abandoned hold goes back; a wallet's keys outlive its last lot by
+    ``CREDIT_GRACE_SECONDS`` so the books still find it."""
+    assert add(credit, "change:a", 100, at=NOW - LIFETIME + 1)  # expires at NOW + STEP
+    assert add(credit, "change:b", 50)  # LATE
+    assert add(credit, "change:c", 7, payer=OTHER)
+    assert hold(credit, "h", 120, NOW + 60) == HELD  # a's 100 (its lot deleted), b's 20
+    grace = credit_module.CREDIT_GRACE_SECONDS
+    assert LIFETIME + grace - 5 <= credit.ledger.redis.ttl(keys().wallet) <= LIFETIME + grace
+    clock.now = NOW + STEP + 1
+    assert credit_module.sweep_credit(credit.ledger) == 2
+    assert [e["amount"] for e in events(credit, "credit_expired")] == ["100"]
+    statement = credit.statement(PAYER)
+    assert (statement.lots, statement.held) == ((Lot(50, LATE),), 0)
+    assert statement.recent[:2] == (
+        Entry(NOW + STEP + 1, "expired", 100, ""),
+        Entry(NOW + STEP + 1, "returned", 120, ""),
+    )
+    assert credit.statement(OTHER).lots == (Lot(7, LATE),)
+    stream = events(credit)
+    assert credit_module.sweep_credit(credit.ledger) == 2 and events(credit) == stream  # swept once
+    assert total(credit, "credit") == 157 == 50 + 7 + total(credit, "credit_expired")  # both wallets
+
+
 # --- conservation ------------------------------------------------------------------------------------
 
 
