@@ -24,11 +24,13 @@ TRANSFER_WITH_AUTHORIZATION_TYPEHASH = keccak(
 )
 
 
-def _address_word(address: str) -> bytes:
-    return bytes(12) + bytes.fromhex(address[2:])
-
-
-def _uint_word(value: int) -> bytes:
+def word(value: int | str | bytes) -> bytes:
+    """One 32-byte EIP-712/ABI word: an int (uint, big-endian), a 0x address (left-padded) or 32
+    bytes as they are (bytes32). Shared by every scheme's struct hashes."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return bytes(12) + bytes.fromhex(value[2:])
     return value.to_bytes(32, "big")
 
 
@@ -39,8 +41,8 @@ def domain_separator(name: str, version: str, chain_id: int, verifying_contract:
         DOMAIN_TYPEHASH
         + keccak(name.encode("utf-8"))
         + keccak(version.encode("utf-8"))
-        + _uint_word(chain_id)
-        + _address_word(verifying_contract)
+        + word(chain_id)
+        + word(verifying_contract)
     )
 
 
@@ -56,11 +58,11 @@ def authorization_digest(
     """The 32-byte digest an EIP-3009 authorization signature signs."""
     struct_hash = keccak(
         TRANSFER_WITH_AUTHORIZATION_TYPEHASH
-        + _address_word(from_)
-        + _address_word(to)
-        + _uint_word(value)
-        + _uint_word(valid_after)
-        + _uint_word(valid_before)
+        + word(from_)
+        + word(to)
+        + word(value)
+        + word(valid_after)
+        + word(valid_before)
         + nonce
     )
     return keccak(b"\x19\x01" + separator + struct_hash)

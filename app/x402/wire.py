@@ -175,6 +175,26 @@ def matching(obj: dict[str, Any], key: str, pattern: re.Pattern[str]) -> str:
     return text
 
 
+def address_field(obj: dict[str, Any], key: str) -> str:
+    """``obj[key]`` as a lower-case 0x address; raises ``Invalid`` when it is not one."""
+    return matching(obj, key, ADDRESS_RE).lower()
+
+
+class V2Payment:
+    """What a v2 payment of a scheme of ours (``upto``, ``batch-settlement``) tells of itself: its
+    version, and the network of the requirement it ``accepted``."""
+
+    accepted: dict[str, Any]
+
+    @property
+    def version(self) -> int:
+        return 2
+
+    @property
+    def network(self) -> str:
+        return str(self.accepted.get("network", ""))
+
+
 def keys(obj: Any, required: set[str], optional: frozenset[str] = frozenset()) -> dict[str, Any]:
     """``obj`` when it is an object with every ``required`` key and no key outside ``optional``;
     raises ``Invalid``."""

@@ -27,10 +27,10 @@ from typing import Any, Literal
 from eth_hash.auto import keccak
 from eth_utils import to_checksum_address
 
-from ..eip712 import domain_separator
+from ..eip712 import domain_separator, word
 from ..upto.payload import TOKEN_PERMISSIONS_TYPE, TOKEN_PERMISSIONS_TYPEHASH, permit2_domain_separator
 from ..verdict import INVALID_PAYLOAD, Verdict, reject
-from ..wire import ADDRESS_RE, NONCE_RE, SIGNATURE_RE, Invalid, field, keys, matching, uint
+from ..wire import NONCE_RE, SIGNATURE_RE, Invalid, V2Payment, address_field, field, keys, matching, uint
 
 SCHEME = "batch-settlement"
 
@@ -165,7 +165,7 @@ class Deposit:
 
 
 @dataclass(frozen=True)
-class BatchPayment:
+class BatchPayment(V2Payment):
     """A decoded ``batch-settlement`` ``PAYMENT-SIGNATURE``. ``kind`` is the payload's ``type``:
     a ``voucher`` pays a call from an open channel; a ``deposit`` opens or tops up the channel and
     pays the call with its voucher; a ``refund`` asks for the unused balance back with a zero-charge
@@ -184,18 +184,6 @@ class BatchPayment:
     @property
     def scheme(self) -> str:
         return SCHEME
-
-    @property
-    def version(self) -> int:
-        return 2
-
-    @property
-    def network(self) -> str:
-        return str(self.accepted.get("network", ""))
-
-
-def _address(obj: dict[str, Any], key: str) -> str:
-    return matching(obj, key, ADDRESS_RE).lower()
 
 
 def _bytes32(obj: dict[str, Any], key: str) -> bytes:
@@ -221,11 +209,11 @@ def _config(obj: Any) -> ChannelConfig:
     if type(delay) is not int or not 0 <= delay < UINT40_LIMIT:
         raise Invalid("withdrawDelay must be a JSON integer of uint40")
     return ChannelConfig(
-        payer=_address(cfg, "payer"),
-        payer_authorizer=_address(cfg, "payerAuthorizer"),
-        receiver=_address(cfg, "receiver"),
-        receiver_authorizer=_address(cfg, "receiverAuthorizer"),
-        token=_address(cfg, "token"),
+        payer=address_field(cfg, "payer"),
+        payer_authorizer=address_field(cfg, "payerAuthorizer"),
+        receiver=address_field(cfg, "receiver"),
+        receiver_authorizer=address_field(cfg, "receiverAuthorizer"),
+        token=address_field(cfg, "token"),
         withdraw_delay=delay,
         salt=_bytes32(cfg, "salt"),
     )
@@ -268,10 +256,10 @@ def _deposit(obj: Any) -> Deposit:
         permitted = keys(permit["permitted"], {"token", "amount"})
         witness = keys(permit["witness"], {"channelId"})
         authorization = Permit2Deposit(
-            from_=_address(permit, "from"),
-            token=_address(permitted, "token"),
+            from_=address_field(permit, "from"),
+            token=address_field(permitted, "token"),
             amount=uint(permitted, "amount"),
-            spender=_address(permit, "spender"),
+            spender=address_field(permit, "spender"),
             nonce=uint(permit, "nonce"),
             deadline=uint(permit, "deadline"),
             channel_id=_bytes32(witness, "channelId"),
@@ -356,14 +344,6 @@ def payload_of(wire: Any) -> BatchPayment | Verdict | None:
         return reject(_MALFORMED[kind], str(exc))
 
 
-def _word(value: int | str | bytes) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return bytes(12) + bytes.fromhex(value[2:])
-    return value.to_bytes(32, "big")
-
-
 @lru_cache(maxsize=8)
 def batch_domain_separator(chain_id: int) -> bytes:
     """The scheme's EIP-712 domain separator: ``{name: "x402 Batch Settlement", version: "1",
@@ -377,12 +357,12 @@ def channel_id(config: ChannelConfig, chain_id: int) -> bytes:
     the same config has another id on another chain or deployment."""
     struct = keccak(
         CHANNEL_CONFIG_TYPEHASH
-        + _word(config.payer)
-        + _word(config.payer_authorizer)
-        + _word(config.receiver)
-        + _word(config.receiver_authorizer)
-        + _word(config.token)
-        + _word(config.withdraw_delay)
+        + word(config.payer)
+        + word(config.payer_authorizer)
+        + word(config.receiver)
+        + word(config.receiver_authorizer)
+        + word(config.token)
+        + word(config.withdraw_delay)
         + config.salt
     )
     return keccak(b"\x19\x01" + batch_domain_separator(chain_id) + struct)
@@ -391,7 +371,7 @@ def channel_id(config: ChannelConfig, chain_id: int) -> bytes:
 def voucher_digest(channel: bytes, max_claimable: int, chain_id: int) -> bytes:
     """The 32-byte EIP-712 digest a voucher's signature signs: ``Voucher{channelId,
     maxClaimableAmount}`` in the scheme's domain."""
-    struct = keccak(VOUCHER_TYPEHASH + channel + _word(max_claimable))
+    struct = keccak(VOUCHER_TYPEHASH + channel + word(max_claimable))
     return keccak(b"\x19\x01" + batch_domain_separator(chain_id) + struct)
 
 
@@ -413,11 +393,11 @@ def receive_authorization_digest(
     auth = deposit.authorization
     struct = keccak(
         RECEIVE_WITH_AUTHORIZATION_TYPEHASH
-        + _word(payment.config.payer)
-        + _word(ERC3009_DEPOSIT_COLLECTOR_ADDRESS)
-        + _word(deposit.amount)
-        + _word(auth.valid_after)
-        + _word(auth.valid_before)
+        + word(payment.config.payer)
+        + word(ERC3009_DEPOSIT_COLLECTOR_ADDRESS)
+        + word(deposit.amount)
+        + word(auth.valid_after)
+        + word(auth.valid_before)
         + erc3009_deposit_nonce(payment.voucher.channel_id, auth.salt)
     )
     separator = domain_separator(token_name, token_version, chain_id, payment.config.token)
@@ -427,14 +407,14 @@ def receive_authorization_digest(
 def permit2_deposit_digest(permit: Permit2Deposit, chain_id: int) -> bytes:
     """The EIP-712 digest a Permit2 deposit's signature signs (Permit2's domain; witness
     ``DepositWitness{channelId}``)."""
-    permitted = keccak(TOKEN_PERMISSIONS_TYPEHASH + _word(permit.token) + _word(permit.amount))
+    permitted = keccak(TOKEN_PERMISSIONS_TYPEHASH + word(permit.token) + word(permit.amount))
     witness = keccak(DEPOSIT_WITNESS_TYPEHASH + permit.channel_id)
     struct = keccak(
         PERMIT_DEPOSIT_TYPEHASH
         + permitted
-        + _word(permit.spender)
-        + _word(permit.nonce)
-        + _word(permit.deadline)
+        + word(permit.spender)
+        + word(permit.nonce)
+        + word(permit.deadline)
         + witness
     )
     return keccak(b"\x19\x01" + permit2_domain_separator(chain_id) + struct)

@@ -19,9 +19,9 @@ from typing import Any
 
 from eth_hash.auto import keccak
 
-from ..eip712 import DOMAIN_TYPEHASH
+from ..eip712 import DOMAIN_TYPEHASH, word
 from ..verdict import INVALID_PAYLOAD, Verdict, reject
-from ..wire import ADDRESS_RE, SIGNATURE_RE, Invalid, field, keys, matching, uint
+from ..wire import SIGNATURE_RE, Invalid, V2Payment, address_field, field, keys, matching, uint
 
 # Canonical addresses, the same on every chain (CREATE2; PROTOCOL.md, upto).
 PERMIT2_ADDRESS = "0x000000000022D473030F116dDEE9F6B43aC78BA3"
@@ -75,7 +75,7 @@ class Permit2612:
 
 
 @dataclass(frozen=True)
-class UptoPayment:
+class UptoPayment(V2Payment):
     """A decoded ``upto`` ``PAYMENT-SIGNATURE``: ``accepted`` is the requirement the client says it
     pays (checked against ours, never trusted)."""
 
@@ -89,32 +89,20 @@ class UptoPayment:
     def scheme(self) -> str:
         return "upto"
 
-    @property
-    def version(self) -> int:
-        return 2
-
-    @property
-    def network(self) -> str:
-        return str(self.accepted.get("network", ""))
-
-
-def _address(obj: dict[str, Any], key: str) -> str:
-    return matching(obj, key, ADDRESS_RE).lower()
-
 
 def _authorization(obj: Any) -> Permit2Authorization:
     auth = keys(obj, {"from", "permitted", "spender", "nonce", "deadline", "witness"})
     permitted = keys(auth["permitted"], {"token", "amount"})
     witness = keys(auth["witness"], {"to", "facilitator", "validAfter"})
     return Permit2Authorization(
-        from_=_address(auth, "from"),
-        token=_address(permitted, "token"),
+        from_=address_field(auth, "from"),
+        token=address_field(permitted, "token"),
         amount=uint(permitted, "amount"),
-        spender=_address(auth, "spender"),
+        spender=address_field(auth, "spender"),
         nonce=uint(auth, "nonce"),
         deadline=uint(auth, "deadline"),
-        to=_address(witness, "to"),
-        facilitator=_address(witness, "facilitator"),
+        to=address_field(witness, "to"),
+        facilitator=address_field(witness, "facilitator"),
         valid_after=uint(witness, "validAfter"),
     )
 
@@ -134,9 +122,9 @@ def _permit2612(extensions: dict[str, Any]) -> Permit2612 | None:
     if len(signature) != 65:
         raise Invalid("eip2612GasSponsoring.info.signature must be 65 bytes")
     return Permit2612(
-        owner=_address(info, "from"),
-        asset=_address(info, "asset"),
-        spender=_address(info, "spender"),
+        owner=address_field(info, "from"),
+        asset=address_field(info, "asset"),
+        spender=address_field(info, "spender"),
         value=uint(info, "amount"),
         nonce=uint(info, "nonce"),
         deadline=uint(info, "deadline"),
@@ -164,29 +152,23 @@ def parse_upto_payment(wire: dict[str, Any]) -> UptoPayment:
     )
 
 
-def _word(value: int | str) -> bytes:
-    if isinstance(value, str):
-        return bytes(12) + bytes.fromhex(value[2:])
-    return value.to_bytes(32, "big")
-
-
 @lru_cache(maxsize=8)
 def permit2_domain_separator(chain_id: int) -> bytes:
     """Permit2's EIP-712 domain separator: ``{name: "Permit2", chainId, verifyingContract: Permit2}``."""
-    return keccak(PERMIT2_DOMAIN_TYPEHASH + PERMIT2_NAME_HASH + _word(chain_id) + _word(PERMIT2_ADDRESS))
+    return keccak(PERMIT2_DOMAIN_TYPEHASH + PERMIT2_NAME_HASH + word(chain_id) + word(PERMIT2_ADDRESS))
 
 
 def permit_digest(chain_id: int, auth: Permit2Authorization) -> bytes:
     """The 32-byte EIP-712 digest the payer signs for ``auth`` (Permit2 ``PermitWitnessTransferFrom``
     with witness ``Witness{to, facilitator, validAfter}``, spender = ``auth.spender``)."""
-    permitted = keccak(TOKEN_PERMISSIONS_TYPEHASH + _word(auth.token) + _word(auth.amount))
-    witness = keccak(WITNESS_TYPEHASH + _word(auth.to) + _word(auth.facilitator) + _word(auth.valid_after))
+    permitted = keccak(TOKEN_PERMISSIONS_TYPEHASH + word(auth.token) + word(auth.amount))
+    witness = keccak(WITNESS_TYPEHASH + word(auth.to) + word(auth.facilitator) + word(auth.valid_after))
     struct = keccak(
         PERMIT_WITNESS_TYPEHASH
         + permitted
-        + _word(auth.spender)
-        + _word(auth.nonce)
-        + _word(auth.deadline)
+        + word(auth.spender)
+        + word(auth.nonce)
+        + word(auth.deadline)
         + witness
     )
     return keccak(b"\x19\x01" + permit2_domain_separator(chain_id) + struct)
