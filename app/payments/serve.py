@@ -231,8 +231,10 @@ def _serve(gate: Gate, call: PaidCall, wire: Any) -> Answer:
     ticket = gate.begin(call.quote, call.headers)
     if gate.settings.settle_first:
         ticket.result()
-    # the change of an exact call is its usage price's remainder: a stream must report its usage
-    body, asked_usage = _metered_body(call) if gate.settings.exact_change else (call.quote.body, True)
+    # the change of an exact call is its usage price's remainder: a stream must report its usage,
+    # unless usage cannot change the price (a model priced per call, or change kept)
+    metered = gate.settings.exact_change and call.quote.model.pricing == "per_token"
+    body, asked_usage = _metered_body(call) if metered else (call.quote.body, True)
     upstream_started = time.perf_counter()
     try:
         answer = call.call(body)

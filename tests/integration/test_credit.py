@@ -31,6 +31,7 @@ from app.devnet.standin import Behaviour, StandinModel
 from app.payments.keys import LEDGER_STREAM, SIWX_SECRET_KEY, credit_keys
 from app.payments.receipts import STREAM_RECEIPT_PREFIX, Receipt, verify_receipt
 from app.payments.signin import NONCE_CLOCK_MARGIN
+from app.settings import DEFAULT_CATALOG
 from app.x402.extensions.sign_in_with_x import FUTURE_SKEW, MAX_AGE, SignIn, iso, message_text, new_nonce
 from tests.security.forge import authorization_for, header_of, sign, wrap
 from tests.support import CHAT_BODY, Proxy, key_of, moved_since, proxy_with, usage_price
@@ -972,3 +973,24 @@ def test_a_credit_statement_is_never_stored_by_caches(credit_proxy: Proxy) -> No
     stated = get_credit(credit_proxy, sign_in_header(info, credit_proxy.wallets.payer_key))
     assert stated.status_code == 200
     assert "no-store" in stated.headers.get("Cache-Control", "")
+
+
+def test_a_model_priced_per_call_streams_as_the_buyer_asked(
+    proxy: Proxy, standin: StandinModel, tmp_path: Path
+) -> None:
+    """Usage cannot change a per-call price, so an exact stream of such a model is forwarded as the
+    buyer sent it (no usage asked of the host, which may not support it) and leaves no change."""
+    catalog = tmp_path / "per_call.toml"
+    catalog.write_text(
+        DEFAULT_CATALOG.read_text().replace(
+            '\npricing = "per_token"', '\npricing = "per_call"\nprice = 1777', 1
+        )
+    )
+    for flat in proxy_with(proxy, catalog_path=catalog):
+        body = {**CHAT_BODY, "stream": True}
+        requirement = flat.requirement(body)
+        assert int(requirement["amount"]) == 1777
+        streamed = flat.pay(flat.payment(requirement), body)
+        assert streamed.status_code == 200, streamed.text
+        assert "stream_options" not in standin.received[-1].body
+        assert "x402-credit" not in streamed.text
