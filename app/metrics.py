@@ -53,6 +53,19 @@ OPEN_PAYMENTS = Gauge(
     multiprocess_mode="mostrecent",
 )
 
+CHANNELS_OPEN = Gauge(
+    "x402_channels_open",
+    "batch-settlement channels with a balance (at the last claim run)",
+    multiprocess_mode="mostrecent",
+)
+CHANNELS_UNCLAIMED = Gauge(
+    "x402_channels_unclaimed_atomic",
+    "voucher charges not claimed on chain yet, atomic units (at the last claim run)",
+    multiprocess_mode="mostrecent",
+)
+CLAIM_BATCHES = Counter("x402_claim_batches_total", "claimWithSignature transactions that landed")
+CLAIMED = Counter("x402_claimed_atomic_total", "voucher charges claimed on chain, atomic units")
+
 
 def payment_outcome(outcome: str, reason: str = "") -> None:
     """Count one payment in ``x402_payments_total`` under ``outcome`` and the reason code ``reason``."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from app.backends.attestation import Attestor
-from app.backends.chain import Chain, check_startup, check_upto_contracts
+from app.backends.chain import Chain, check_batch_contracts, check_startup, check_upto_contracts
 from app.backends.store import STORE_ERRORS
 from app.backends.upstream import Upstream
 from app.catalog import Catalog, catalog_models
@@ -50,7 +50,8 @@ def check(services: Services) -> None:
     """Refuse to serve on a wrong set-up (``SettingsError`` naming the variable to fix): Redis
     answers (every master of a cluster) and its keyspace is current; each RPC is on the right chain
     and the token's EIP-712 domain is the one configured; with ``upto`` offered, Permit2 and the
-    x402UptoPermit2Proxy have code; a facilitator settles ``exact`` on our network."""
+    x402UptoPermit2Proxy have code, with ``batch-settlement`` the escrow and its collectors; a
+    facilitator settles ``exact`` on our network."""
     settings = services.settings
     try:
         check_keyspace(services.ledger.store)
@@ -59,5 +60,7 @@ def check(services: Services) -> None:
     check_startup(services.chain, settings)
     if services.gate.upto is not None:
         check_upto_contracts(services.chain)
+    if services.gate.batch is not None:
+        check_batch_contracts(services.chain)
     if isinstance(services.settler, FacilitatorSettler):
         check_facilitator(services.settler, settings)

@@ -87,10 +87,20 @@ class Settings:
     receipt_key: str = field(default="", repr=False)  # signs X-Receipt; "" means no receipts
     settle_first: bool = False
     redis_cluster: str = "auto"  # REDIS_CLUSTER: auto (ask the node), yes, no
-    schemes: tuple[str, ...] = ("exact", "upto")  # X402_SCHEMES: what a call may be paid with
+    # X402_SCHEMES: what a call may be paid with
+    schemes: tuple[str, ...] = ("exact", "upto", "batch-settlement")
     replay_seconds: int = 600  # X402_REPLAY_SECONDS: how long an answer is kept for its payment id
     credit_seconds: int = 30 * 86400  # X402_CREDIT_SECONDS: a lot of a wallet's credit lives this long
     exact_change: bool = True  # X402_EXACT_CHANGE=credit (default) | keep: credit an exact call's change
+    # batch-settlement: X402_RECEIVER_AUTHORIZER_KEY signs claims and refunds (derived from the relayer
+    # key when unset, never a relayer key); X402_WITHDRAW_DELAY (seconds) a payer waits to leave a
+    # channel alone; X402_MIN_DEPOSIT (atomic units, 0: ten calls' maximum) the deposit hint;
+    # X402_CLAIM_INTERVAL / X402_SETTLE_INTERVAL (seconds) between the claim and settle runs
+    receiver_authorizer_key: str = field(default="", repr=False)
+    withdraw_delay: int = 86400
+    min_deposit: int = 0
+    claim_interval: int = 60
+    settle_interval: int = 120
     # X402_RELAYER_KEYS: every key that settles, in turn (empty: relayer_key alone)
     relayer_keys: tuple[str, ...] = field(default=(), repr=False)
 
@@ -146,7 +156,8 @@ class Settings:
             raise SettingsError(
                 "X402_RELAYER_KEY", "required: 32-byte hex private key of the settling account"
             )
-        schemes = _schemes(get("X402_SCHEMES", "exact" if facilitator_url else "exact,upto"), facilitator_url)
+        default_schemes = "exact" if facilitator_url else "exact,upto,batch-settlement"
+        schemes = _schemes(get("X402_SCHEMES", default_schemes), facilitator_url)
         redis_url = get("REDIS_URL")
         if not redis_url:
             raise SettingsError("REDIS_URL", "required, e.g. redis://127.0.0.1:6379/0")
@@ -168,6 +179,15 @@ class Settings:
         catalog_path = Path(catalog) if catalog else DEFAULT_CATALOG
         if not catalog_path.is_file():
             raise SettingsError("X402_CATALOG", f"no such file: {catalog_path}")
+        withdraw_delay = _withdraw_delay(get("X402_WITHDRAW_DELAY", "86400"))
+        claim_interval = _integer("X402_CLAIM_INTERVAL", get("X402_CLAIM_INTERVAL", "60"))
+        if "batch-settlement" in schemes and 4 * claim_interval >= withdraw_delay:
+            # a payer's unilateral withdrawal must never finalize before its charges are claimed
+            raise SettingsError(
+                "X402_CLAIM_INTERVAL",
+                f"must be less than a quarter of X402_WITHDRAW_DELAY ({withdraw_delay} s): "
+                f"below {-(-withdraw_delay // 4)} seconds",
+            )
         return cls(
             pay_to=pay_to,
             relayer_key=relayer_key if relayer_key.startswith("0x") else "0x" + relayer_key,
@@ -198,9 +218,24 @@ class Settings:
             relayer_min_wei=_eth_to_wei("X402_RELAYER_MIN_ETH", get("X402_RELAYER_MIN_ETH", "0.001")),
             log_client_ip=_flag("X402_LOG_CLIENT_IP", get("X402_LOG_CLIENT_IP", "0")),
             metrics_dir=get("PROMETHEUS_MULTIPROC_DIR"),
-            receipt_key=_receipt_key(
-                get("X402_RECEIPT_KEY"), relayer_keys or (relayer_key,), bool(facilitator_url)
+            receipt_key=_derived_key(
+                "X402_RECEIPT_KEY",
+                get("X402_RECEIPT_KEY"),
+                relayer_keys or (relayer_key,),
+                bool(facilitator_url),
+                "receipt",
             ),
+            receiver_authorizer_key=_derived_key(
+                "X402_RECEIVER_AUTHORIZER_KEY",
+                get("X402_RECEIVER_AUTHORIZER_KEY"),
+                relayer_keys or (relayer_key,),
+                bool(facilitator_url),
+                "receiver authorizer",
+            ),
+            withdraw_delay=withdraw_delay,
+            min_deposit=_min_deposit(get("X402_MIN_DEPOSIT")),
+            claim_interval=claim_interval,
+            settle_interval=_integer("X402_SETTLE_INTERVAL", get("X402_SETTLE_INTERVAL", "120")),
             settle_first=_flag("X402_SETTLE_FIRST", get("X402_SETTLE_FIRST", "0")),
             schemes=schemes,
             relayer_keys=relayer_keys,
@@ -231,16 +266,32 @@ def _relayer_keys(listed: str, key_file: str) -> tuple[str, ...]:
 
 
 def _schemes(value: str, facilitator_url: str) -> tuple[str, ...]:
-    """X402_SCHEMES: comma-separated, from "exact" and "upto" (default both; "exact" alone with a
-    facilitator, since ``upto`` is settled by our own relayer, the account its permits name)."""
+    """X402_SCHEMES: comma-separated, from "exact", "upto" and "batch-settlement" (default all
+    three; "exact" alone with a facilitator, since ``upto`` and ``batch-settlement`` are settled by
+    our own relayer and receiver authorizer)."""
     schemes = tuple(dict.fromkeys(part.strip().lower() for part in value.split(",") if part.strip()))
-    if not schemes or not set(schemes) <= {"exact", "upto"}:
-        raise SettingsError("X402_SCHEMES", "comma-separated, from: exact, upto")
-    if "upto" in schemes and facilitator_url:
+    if not schemes or not set(schemes) <= {"exact", "upto", "batch-settlement"}:
+        raise SettingsError("X402_SCHEMES", "comma-separated, from: exact, upto, batch-settlement")
+    own = [scheme for scheme in schemes if scheme != "exact"]
+    if own and facilitator_url:
         raise SettingsError(
-            "X402_SCHEMES", "upto is settled by the proxy's own relayer: not with X402_FACILITATOR_URL"
+            "X402_SCHEMES",
+            f"{', '.join(own)} settled by the proxy's own relayer: not with X402_FACILITATOR_URL",
         )
     return schemes
+
+
+def _min_deposit(value: str) -> int:
+    """X402_MIN_DEPOSIT: atomic units; unset, 0 (the hint is then ten calls' maximum)."""
+    return _integer("X402_MIN_DEPOSIT", value) if value else 0
+
+
+def _withdraw_delay(value: str) -> int:
+    """X402_WITHDRAW_DELAY: seconds, within the escrow's bounds (900 s to 30 days)."""
+    delay = _integer("X402_WITHDRAW_DELAY", value)
+    if not 900 <= delay <= 2_592_000:
+        raise SettingsError("X402_WITHDRAW_DELAY", "must be between 900 and 2592000 seconds")
+    return delay
 
 
 def redis_from_env(env: Mapping[str, str] | None = None) -> tuple[str, str]:
@@ -276,20 +327,22 @@ def _number(variable: str, value: str) -> float:
     return number
 
 
-def _receipt_key(configured: str, relayer_keys: tuple[str, ...], facilitator: bool) -> str:
-    """X402_RECEIPT_KEY, or a key derived from the first relayer key (never a relayer key itself).
-    With a facilitator there is no relayer key to derive from: no receipts unless one is set."""
-    from app.payments.receipts import derived_receipt_key
+def _derived_key(
+    variable: str, configured: str, relayer_keys: tuple[str, ...], facilitator: bool, purpose: str
+) -> str:
+    """``variable`` (a 32-byte hex key), or a key derived from the first relayer key for ``purpose``
+    (never a relayer key itself). With a facilitator there is no relayer key to derive from: ""."""
+    from app.payments.receipts import derived_key
 
     prefixed = [key if key.startswith("0x") else "0x" + key for key in relayer_keys]
     if configured:
         if not KEY_RE.fullmatch(configured):
-            raise SettingsError("X402_RECEIPT_KEY", "must be a 32-byte hex private key")
+            raise SettingsError(variable, "must be a 32-byte hex private key")
         key = configured if configured.startswith("0x") else "0x" + configured
         if key.lower() in {relayer.lower() for relayer in prefixed}:
-            raise SettingsError("X402_RECEIPT_KEY", "must not be a relayer key")
+            raise SettingsError(variable, "must not be a relayer key")
         return key
-    return "" if facilitator else derived_receipt_key(prefixed[0])
+    return "" if facilitator else derived_key(prefixed[0], purpose)
 
 
 def _eth_to_wei(variable: str, value: str) -> int:

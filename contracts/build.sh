@@ -11,7 +11,7 @@ cd "$HERE"
 
 SOLC_VERSION="0.8.30"
 EVM_VERSION="${EVM_VERSION:-cancun}"
-CONTRACTS=(EIP3009Token ERC1271Wallet Permit2 x402UptoPermit2Proxy)
+CONTRACTS=(EIP3009Token ERC1271Wallet Permit2 x402UptoPermit2Proxy x402BatchSettlement ERC3009DepositCollector Permit2DepositCollector)
 
 if [[ -n "${SOLCJS:-}" ]]; then
     SOLC_CMD=("$SOLCJS")

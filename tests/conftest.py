@@ -25,6 +25,7 @@ from app.devnet import (
 )
 from app.devnet.cluster import RedisClusterProcesses, start_redis_cluster
 from app.devnet.standin import Behaviour, StandinModel
+from app.payments.claims import stop_all
 from app.settings import DEFAULT_CATALOG, Settings
 from tests.rpc_proxy import FaultyRpc
 from tests.support import OPERATOR_KEY, USDC, Proxy, proxy_with, serve
@@ -52,6 +53,23 @@ def chain(anvil: Service) -> DevChain:
     dev.place_token()
     place_upto_contracts(dev)
     return dev
+
+
+@pytest.fixture(autouse=True)
+def _claim_loops_end_with_their_test() -> Iterator[None]:
+    """Each proxy app's batch-settlement claim loop (a daemon thread per process) stops when its
+    test ends, so no loop of an earlier test's proxy claims, or holds the claims lock, in a later
+    one."""
+    yield
+    stop_all()
+
+
+@pytest.fixture
+def time_travel(chain: DevChain) -> Iterator[None]:
+    """An anvil snapshot, reverted after the test: its ``evm_increaseTime`` (and state) does not leak."""
+    snapshot = chain.rpc.call("evm_snapshot", [])
+    yield
+    assert chain.rpc.call("evm_revert", [snapshot]) is True
 
 
 @pytest.fixture

@@ -55,6 +55,11 @@ from app.backends.token import (
     transfer_topics,
 )
 from app.settings import Settings, SettingsError
+from app.x402.batch_settlement import (
+    BATCH_SETTLEMENT_ADDRESS,
+    ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+    PERMIT2_DEPOSIT_COLLECTOR_ADDRESS,
+)
 from app.x402.upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPayment
 from app.x402.upto import checks as upto
 from app.x402.verdict import (
@@ -444,26 +449,42 @@ class Chain:
         return abi_string(name), abi_string(version)
 
 
-def check_upto_contracts(chain: Chain) -> None:
-    """``upto`` settles through Permit2 and the x402UptoPermit2Proxy at their canonical addresses: both
-    must have code on this chain. Raises ``SettingsError``: X402_SCHEMES when one has none,
-    X402_RPC_URLS when no endpoint answers."""
+def check_contracts(chain: Chain, scheme: str, contracts: dict[str, str]) -> None:
+    """``scheme`` settles through ``contracts`` ({name: canonical address}): each must have code on
+    this chain. Raises ``SettingsError``: X402_SCHEMES when one has none, X402_RPC_URLS when no
+    endpoint answers."""
     try:
         codes = chain.rpc.batch(
-            [("eth_getCode", [address, "latest"]) for address in (PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS)],
+            [("eth_getCode", [address, "latest"]) for address in contracts.values()],
             well_formed=lambda answers: all(is_data(answer) for answer in answers),
         )
     except ChainUnavailable:
         raise SettingsError("X402_RPC_URLS", "no RPC endpoint answers eth_getCode") from None
-    for name, address, code in zip(
-        ("Permit2", "x402UptoPermit2Proxy"), (PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS), codes, strict=True
-    ):
+    others = ",".join(name for name in ("exact", "upto", "batch-settlement") if name != scheme)
+    for (name, address), code in zip(contracts.items(), codes, strict=True):
         if code in ("0x", "0x0", ""):
             raise SettingsError(
                 "X402_SCHEMES",
-                f"no {name} at {address} on {chain.settings.network.caip2}: upto cannot settle here "
-                "(set X402_SCHEMES=exact)",
+                f"no {name} at {address} on {chain.settings.network.caip2}: {scheme} cannot settle here "
+                f"(leave it out of X402_SCHEMES, e.g. X402_SCHEMES={others})",
             )
+
+
+def check_upto_contracts(chain: Chain) -> None:
+    """``upto`` settles through Permit2 and the x402UptoPermit2Proxy at their canonical addresses
+    (``check_contracts``)."""
+    check_contracts(chain, "upto", {"Permit2": PERMIT2_ADDRESS, "x402UptoPermit2Proxy": UPTO_PROXY_ADDRESS})
+
+
+def check_batch_contracts(chain: Chain) -> None:
+    """``batch-settlement`` deposits and claims through x402BatchSettlement and its two deposit
+    collectors at their canonical addresses (``check_contracts``)."""
+    contracts = {
+        "x402BatchSettlement": BATCH_SETTLEMENT_ADDRESS,
+        "ERC3009DepositCollector": ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+        "Permit2DepositCollector": PERMIT2_DEPOSIT_COLLECTOR_ADDRESS,
+    }
+    check_contracts(chain, "batch-settlement", contracts)
 
 
 def check_startup(chain: Chain, settings: Settings) -> None:

@@ -195,6 +195,13 @@ class Store:
             return [(self.url, client)]
         return [(node.name, client.get_redis_connection(node)) for node in client.get_primaries()]
 
+    def master_of(self, key: str) -> str:
+        """``host:port`` of the master that holds ``key``'s slot (as ``primaries`` names it), the
+        node's URL on one node. No I/O on a cluster whose slot map is known."""
+        if not self.cluster:
+            return self.url
+        return str(self.client.get_node_from_key(key).name)
+
     def scan(self, match: str, count: int = 1000, skipped: list[str] | None = None) -> Iterator[str]:
         """Every key matching ``match`` on every master, as text (``SCAN`` on each primary in turn).
         A master that does not answer raises ``redis.RedisError`` — unless ``skipped`` is given and

@@ -1,4 +1,5 @@
-"""``x402-proxy``: serve · devnet · migrate · pay · reconcile · revenue · catalog import · verify-receipt.
+"""``x402-proxy``: serve · devnet · migrate · pay · reconcile · revenue · channels · catalog import ·
+verify-receipt.
 
 Every command ends an ordinary failure with one line on standard error naming the command, and an
 exit code: 0 done; 1 the command's own "no" (problems found, a payment refused, an invalid receipt,
@@ -19,6 +20,8 @@ from typing import Any
 
 from app import logs
 from app.amounts import USDC_DECIMALS, amount_text
+from app.cli.channels import add_parser as add_channels_parser
+from app.cli.channels import cmd_channels
 from app.cli.common import (
     DEMO_BODY,
     EXIT_BAD_INPUT,
@@ -241,7 +244,7 @@ def cmd_catalog_import(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``x402-proxy`` argument parser: one subcommand per entry of ``COMMANDS`` (``catalog`` has
-    ``import``)."""
+    ``import``; ``channels`` has ``list``, ``claim`` and ``settle``)."""
     parser = argparse.ArgumentParser(prog="x402-proxy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the proxy under gunicorn (configuration from X402_* variables)")
@@ -258,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     revenue.add_argument("--by", choices=("model", "day", "payer", "scheme"), default="model")
     revenue.add_argument("--since", default="30d")
     revenue.add_argument("--csv", action="store_true")
+    add_channels_parser(sub)
     verify = sub.add_parser("verify-receipt", help="check an X-Receipt against saved request/response bodies")
     verify.add_argument("--request", required=True, help="file with the exact request body sent")
     verify.add_argument("--response", required=True, help="file with the response body (or the whole stream)")
@@ -306,6 +310,7 @@ COMMANDS = {
     "pay": cmd_pay,
     "reconcile": cmd_reconcile,
     "revenue": cmd_revenue,
+    "channels": cmd_channels,  # list, claim, settle
     "catalog": cmd_catalog_import,  # `import` is the group's only subcommand so far
     "verify-receipt": cmd_verify_receipt,
 }
@@ -318,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except _unreachable() as exc:
-        command = " ".join(filter(None, (args.command, getattr(args, "catalog_command", None))))
+        group = getattr(args, "catalog_command", None) or getattr(args, "channels_command", None)
+        command = " ".join(filter(None, (args.command, group)))
         print(f"x402-proxy {command}: {_what_did_not_answer(exc)}", file=sys.stderr)
         return EXIT_UNREACHABLE
 

@@ -25,6 +25,11 @@ from eth_account import Account
 from app.backends.rpc import RpcClient
 from app.backends.token import eth_call, selector
 from app.settings import NETWORKS
+from app.x402.batch_settlement.payload import (
+    BATCH_SETTLEMENT_ADDRESS,
+    ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+    PERMIT2_DEPOSIT_COLLECTOR_ADDRESS,
+)
 from app.x402.upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -261,10 +266,11 @@ class Wallets:
 
 
 def prepare_chain(chain: DevChain, wallets: Wallets, payer_usdc: int) -> None:
-    """Place the test token and the ``upto`` contracts, give the relayer 100 ETH (10**20 wei) for gas
-    and mint ``payer_usdc`` atomic units of USDC to the demo payer."""
+    """Place the test token, the ``upto`` and the ``batch-settlement`` contracts, give the relayer
+    100 ETH (10**20 wei) for gas and mint ``payer_usdc`` atomic units of USDC to the demo payer."""
     chain.place_token()
     place_upto_contracts(chain)
+    place_batch_settlement_contracts(chain)
     chain.set_eth(wallets.relayer, 10**20)
     chain.mint(wallets.payer, payer_usdc)
 
@@ -274,6 +280,24 @@ def place_upto_contracts(chain: DevChain) -> dict[str, str]:
     canonical addresses with ``anvil_setCode``, for the x402 ``upto`` scheme; returns {name: address}.
     Raises ``OSError`` outside a checkout, ``RpcFailure`` or ``ChainUnavailable`` from anvil."""
     placed = {"Permit2": PERMIT2_ADDRESS, "x402UptoPermit2Proxy": UPTO_PROXY_ADDRESS}
+    for name, address in placed.items():
+        artifact = json.loads((PROJECT_ROOT / "contracts" / f"{name}.json").read_text())
+        chain.rpc.call("anvil_setCode", [address, artifact["deployedBytecode"]])
+    return placed
+
+
+def place_batch_settlement_contracts(chain: DevChain) -> dict[str, str]:
+    """Put our x402BatchSettlement escrow and its ERC3009DepositCollector and Permit2DepositCollector
+    (runtime code from ``contracts/<name>.json``) at their canonical addresses (PyPI x402 2.25,
+    ``batch_settlement/constants.py``) with ``anvil_setCode``, for the x402 ``batch-settlement`` scheme;
+    returns {name: address}. The Permit2 collector spends through Permit2, which
+    ``place_upto_contracts`` places. Raises ``OSError`` outside a checkout, ``RpcFailure`` or
+    ``ChainUnavailable`` from anvil."""
+    placed = {
+        "x402BatchSettlement": BATCH_SETTLEMENT_ADDRESS,
+        "ERC3009DepositCollector": ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
+        "Permit2DepositCollector": PERMIT2_DEPOSIT_COLLECTOR_ADDRESS,
+    }
     for name, address in placed.items():
         artifact = json.loads((PROJECT_ROOT / "contracts" / f"{name}.json").read_text())
         chain.rpc.call("anvil_setCode", [address, artifact["deployedBytecode"]])

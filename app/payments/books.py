@@ -22,9 +22,11 @@ import redis
 
 from app.amounts import amount_text
 from app.backends.chain import Chain
+from app.backends.escrow import channel_reads, channel_view
 from app.backends.rpc import ChainUnavailable, RpcFailure
 from app.backends.token import ReceiptContradiction, pulled_logged, transfer_logged
 from app.backends.upstream import abandoned_after
+from app.payments.channels import Channels
 from app.payments.credit import Credit, sweep_credit
 from app.payments.keys import (
     CREDIT_KEYS,
@@ -45,7 +47,9 @@ CHECKED = (*MONEY_MOVED, *OPEN)
 DONE = (State.SERVED, State.REDEEMABLE, State.CREDITED)
 # Revenue: a settled payment counts; the part of it credited to the wallet does not, until spent or
 # expired (credit is a liability).
-REVENUE_SIGN = {State.SETTLED.value: 1, "credit": -1, "credit_spent": 1, "credit_expired": 1}
+# A batch-settlement call counts when its voucher is charged (``voucher``): the chain has it as the
+# payer's signed voucher, claimed later in batches.
+REVENUE_SIGN = {State.SETTLED.value: 1, "credit": -1, "credit_spent": 1, "credit_expired": 1, "voucher": 1}
 EXPIRED_CREDIT = "(expired credit)"
 CHAIN_UNAVAILABLE = "chain unavailable"  # a finding's problem when no RPC answered for it
 DURATION_RE = re.compile(r"([0-9]+)([smhd])")
@@ -129,6 +133,7 @@ def reconcile(ledger: Ledger, chain: Chain, settings: Settings, since_seconds: i
         if state == State.SERVED and record.get("change", "").isdigit():
             findings += _credit_change(ledger, settings, key, record)
     findings += _reconcile_upto(ledger, chain, settings, cutoff, skipped)
+    findings += _reconcile_channels(ledger, chain, settings, skipped)
     findings += [
         Finding(master, "", "", "Redis master did not answer: its payments were not checked")
         for master in sorted(set(skipped))
@@ -145,6 +150,42 @@ def _credit_change(ledger: Ledger, settings: Settings, key: str, record: dict[st
         record.get("tx", ""), updated,
     )  # fmt: skip
     return [Finding(key, State.SERVED, record.get("tx", ""), "", resolved="change credited")] if added else []
+
+
+def _reconcile_channels(
+    ledger: Ledger, chain: Chain, settings: Settings, skipped: list[str]
+) -> list[Finding]:
+    """The ``batch-settlement`` channels against the escrow's ``channels(id)``: what was charged and
+    not claimed yet is open (the claims take it); a claimed total above what Redis counts charged is
+    a problem, and Redis takes the chain's (it lost charges: the chain and the payer's vouchers are
+    the record); a charge above the channel's balance is a problem (the payer left before a claim)."""
+    channels = Channels(ledger, settings.network.chain_id, settings.network.caip2)
+    findings = []
+    for stored in channels.every(skipped):
+        try:
+            answers = chain.rpc.batch(channel_reads(stored.channel_id))
+        except (ChainUnavailable, RpcFailure) as exc:
+            findings.append(Finding(stored.key, "channel", "", f"{CHAIN_UNAVAILABLE}: {type(exc).__name__}"))
+            continue
+        view = channel_view(answers)
+        if view is None:
+            findings.append(Finding(stored.key, "channel", "", "the escrow's channel could not be read"))
+            continue
+        balance, claimed = view.balance, view.claimed
+        channels.sync(stored.channel_id, view)
+        if claimed > stored.charged:
+            problem = f"claimed {claimed} on chain, above the {stored.charged} charged here (now counted)"
+            findings.append(Finding(stored.key, "channel", "", problem))
+        elif stored.charged > max(balance, claimed):
+            problem = f"charged {stored.charged}, above the channel's balance {balance} (payer left)"
+            findings.append(Finding(stored.key, "channel", "", problem))
+        elif stored.charged > claimed:
+            findings.append(
+                Finding(
+                    stored.key, "channel", "", "", open=f"{stored.charged - claimed} charged, not claimed yet"
+                )
+            )
+    return findings
 
 
 def _reconcile_upto(

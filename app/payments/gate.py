@@ -29,6 +29,8 @@ from app.backends.upstream import abandoned_after
 from app.catalog import Catalog, Quote
 from app.logs import note
 from app.payments.answers import Answer
+from app.payments.batch import BatchGate
+from app.payments.channels import Channels
 from app.payments.credit import Credit
 from app.payments.errors import ApiError
 from app.payments.keys import payment_key
@@ -48,6 +50,7 @@ from app.payments.signin import SignInGate
 from app.payments.states import State
 from app.payments.upto import UptoGate
 from app.settings import Settings
+from app.x402.batch_settlement import SCHEME
 from app.x402.challenge import Challenge, Resource, build_challenge
 from app.x402.checks import check_authorization, match_requirement
 from app.x402.codec import encode_header
@@ -112,6 +115,14 @@ class Gate:
             if "upto" in settings.schemes and isinstance(settler, LocalSettler)
             else None
         )
+        # batch-settlement too: its deposits are sent by our relayers, its claims signed by our key
+        self.batch = (
+            BatchGate(
+                settings, Channels(ledger, settings.network.chain_id, settings.network.caip2), chain, settler
+            )
+            if "batch-settlement" in settings.schemes and isinstance(settler, LocalSettler)
+            else None
+        )
         # the longest a request can legitimately keep a payment "settling" (receipt + model call)
         self._settling_limit = abandoned_after(settings)
         # answers kept for payment ids; a first request holds its id as long as an upto call may run
@@ -135,10 +146,13 @@ class Gate:
 
     def requirements(self, quote: Quote, facilitator: str) -> list[Requirement]:
         """What this call may be paid with, in the 402's order: ``exact`` first (clients that take the
-        first entry), then ``upto`` settled by ``facilitator`` (``X402_SCHEMES``)."""
+        first entry), then ``upto`` settled by ``facilitator``, then ``batch-settlement``
+        (``X402_SCHEMES``)."""
         offered = [self.requirement(quote)] if "exact" in self.settings.schemes else []
         if self.upto is not None:
             offered.append(self.upto.requirement(quote, facilitator))
+        if self.batch is not None:
+            offered.append(self.batch.requirement(quote))
         return offered
 
     def challenge(
@@ -149,10 +163,12 @@ class Gate:
         extra_headers: Mapping[str, str] = (),
         extensions: dict[str, Any] | None = None,
         sign_in_origin: str = "",
+        corrective: dict[str, Any] | None = None,
     ) -> Answer:
         """The 402: v1 body + v2 ``PAYMENT-REQUIRED`` header for this body's price, with a fresh
         ``sign-in-with-x`` challenge (spend the wallet's credit) in the v2 header when sign-in is
-        offered at ``sign_in_origin``."""
+        offered at ``sign_in_origin``; ``corrective`` is added to the ``batch-settlement``
+        requirement's ``extra`` (a stale voucher's channel state)."""
         # each 402 names the next relayer: upto permits bind the account that settles them
         facilitator = self.upto.settler.pick() if self.upto is not None else ""
         key = (quote.model.name, quote.amount, resource_url, reason, facilitator)
@@ -173,9 +189,18 @@ class Gate:
         body, challenge = built
         headers = challenge.headers()
         sign_in = self.signin.extension(resource_url, sign_in_origin)  # a nonce per 402: encoded anew
-        if sign_in is not None:
-            extensions = {**challenge.v2.get("extensions", {}), SIGN_IN_WITH_X: sign_in}
-            headers["PAYMENT-REQUIRED"] = encode_header({**challenge.v2, "extensions": extensions})
+        if sign_in is not None or corrective:
+            v2 = dict(challenge.v2)
+            if sign_in is not None:
+                v2["extensions"] = {**challenge.v2.get("extensions", {}), SIGN_IN_WITH_X: sign_in}
+            if corrective:
+                v2["accepts"] = [
+                    {**offer, "extra": {**offer["extra"], **corrective}}
+                    if offer["scheme"] == SCHEME
+                    else offer
+                    for offer in challenge.v2["accepts"]
+                ]
+            headers["PAYMENT-REQUIRED"] = encode_header(v2)
         return Answer(402, {"Content-Type": "application/json", **headers, **dict(extra_headers)}, body)
 
     def settle_header(

@@ -13,10 +13,15 @@ hash tag (the part in braces):
   recent entries ``x402:{p<n>}:credit-log:…``, its used sign-in nonces ``…:credit-nonces:…`` and the
   sources it was credited for ``…:credit-sources:…`` share a shard tag chosen the same way, so a
   change to the credit and its ledger events (in that shard's outbox) are one atomic step.
+- A ``batch-settlement`` channel ``x402:{p<n>}:channel:<chain id>:0x<channel id>`` (its charged total,
+  the voucher that covers it, the call holding it) and its shard's index of channels
+  ``x402:{p<n>}:channels`` share a tag chosen the same way: a voucher's charge, the index and the
+  ledger events are one atomic step.
 - A payer's unpaid ``upto`` charges and its ``upto`` calls in flight:
   ``x402:{payer:<chain id>:<asset>:<payer>}:debt`` and ``…:exposure``.
 - The ledger stream ``x402:{ledger}``, what was moved into it from each outbox
-  ``x402:{ledger}:drained``, the keyspace version ``x402:{meta}:keyspace``, and each relayer's
+  ``x402:{ledger}:drained``, the keyspace version ``x402:{meta}:keyspace`` (and, in the same slot,
+  the claims lock and schedule ``x402:{meta}:claims``), and each relayer's
   account-nonce counter ``x402:{relayer:<chain id>:<address>}:nonce`` each have their own tag.
 
 Addresses and nonces are lower-case hex. The slot of a key is CRC16 of its tag modulo 16384 (the
@@ -41,7 +46,13 @@ PAYMENT_KEYS = "x402:{p*}:auth:*"  # SCAN pattern of every payment
 PERMIT_KEYS = "x402:{p*}:permit2:*"  # SCAN pattern of every upto permit
 CREDIT_KEYS = "x402:{p*}:credit:*"  # SCAN pattern of every wallet's credit
 CREDIT_KEY_RE = re.compile(r"^x402:\{p[0-9]+\}:credit:([0-9]+):(0x[0-9a-f]{40}):(0x[0-9a-f]{40})$")
+CHANNEL_KEY_RE = re.compile(r"^x402:\{p[0-9]+\}:channel:([0-9]+):0x([0-9a-f]{64})$")
 SIWX_SECRET_KEY = "x402:{meta}:siwx"  # the secret that tags sign-in nonces (made once, shared)
+# The batch-settlement claims of the deployment (``app.payments.claims``), one JSON string: the lock
+# (``owner``: the process running a claim/settle cycle, "" none; while held the key lives only the
+# lock's time), the schedule (``claim_at``, ``settle_at``: unix ms) and the claim transaction still
+# undecided (``pending``: relayer, account nonce, hashes). Changed only by compare-and-swap.
+CLAIMS_KEY = "x402:{meta}:claims"
 PERMIT_KEY_RE = re.compile(r"^x402:\{p[0-9]+\}:permit2:([0-9]+):(0x[0-9a-f]{40}):(0x[0-9a-f]{40}):([0-9]+)$")
 PAYMENT_KEY_RE = re.compile(
     r"^x402:\{p[0-9]+\}:auth:([0-9]+):(0x[0-9a-f]{40}):(0x[0-9a-f]{40}):0x([0-9a-f]{64})$"
@@ -97,6 +108,25 @@ def credit_keys(chain_id: int, asset: str, payer: str) -> CreditKeys:
     tag = shard_tags()[key_slot(f"credit:{identity}".encode()) // SLOTS_PER_SHARD]
     names = ("credit", "credit-log", "credit-nonces", "credit-sources")
     return CreditKeys(*(f"x402:{{{tag}}}:{name}:{identity}" for name in names))
+
+
+def channel_key(chain_id: int, channel: bytes) -> str:
+    """The Redis hash of one ``batch-settlement`` channel (its 32-byte id on ``chain_id``):
+    ``x402:{p<n>}:channel:<chain id>:0x<id>``, sharded by its identity like a payment's."""
+    identity = f"channel:{chain_id}:0x{channel.hex()}"
+    tag = shard_tags()[key_slot(identity.encode()) // SLOTS_PER_SHARD]
+    return f"x402:{{{tag}}}:{identity}"
+
+
+def channel_index_key(channel: str) -> str:
+    """The sorted set of the channels in ``channel``'s shard (score: when last charged, unix
+    seconds), in the same slot: what the claims walk."""
+    return channel[: channel.index("}") + 1] + ":channels"
+
+
+def channel_index_keys() -> tuple[str, ...]:
+    """Every shard's index of channels, in shard order."""
+    return tuple(f"x402:{{{tag}}}:channels" for tag in shard_tags())
 
 
 def debt_key(chain_id: int, asset: str, payer: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from app.catalog import Quote
 from app.settings import Settings
@@ -17,12 +18,19 @@ from app.x402.wire import V1_HEADER, V2_HEADER, PaymentPayload, Requirement
 
 class PaymentRequired(Exception):
     """Answer 402 with the challenge; ``reason`` is the stable code, ``settle_response`` set when a
-    settlement was attempted (so the client sees the failed transaction)."""
+    settlement was attempted (so the client sees the failed transaction), ``corrective`` what the
+    ``batch-settlement`` requirement's ``extra`` gains in a corrective 402 (the channel's state)."""
 
-    def __init__(self, verdict: Verdict, settle_response: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        verdict: Verdict,
+        settle_response: tuple[str, str] | None = None,
+        corrective: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(verdict.reason)
         self.verdict = verdict
         self.settle_response = settle_response
+        self.corrective = corrective
 
 
 @dataclass(frozen=True)

@@ -70,12 +70,18 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def derived_key(relayer_key: str, purpose: str) -> str:
+    """A key derived from the relayer key for one ``purpose`` ("receipt", "receiver authorizer")
+    when none is configured: distinct from it and from every other purpose's, the same in every
+    worker, and useless for moving funds. 0x-hex, 32 bytes: ``keccak256("x402-tee-proxy <purpose>
+    key" ‖ 0x00 ‖ relayer key)``."""
+    label = f"x402-tee-proxy {purpose} key".encode() + b"\x00"
+    return "0x" + keccak(label + bytes.fromhex(relayer_key.removeprefix("0x"))).hex()
+
+
 def derived_receipt_key(relayer_key: str) -> str:
-    """A receipt key derived from the relayer key when none is configured: distinct from it, the
-    same in every worker, and useless for moving funds."""
-    return (
-        "0x" + keccak(b"x402-tee-proxy receipt key\x00" + bytes.fromhex(relayer_key.removeprefix("0x"))).hex()
-    )
+    """The receipt key derived from the relayer key when none is configured (``derived_key``)."""
+    return derived_key(relayer_key, "receipt")
 
 
 def _chain_id(network: str) -> int:

@@ -29,6 +29,7 @@ from app.catalog.usage import StreamUsage, Usage, charge, usage_of_answer
 from app.logs import note
 from app.metrics import STREAM_FIRST_BYTE_SECONDS, UPSTREAM_SECONDS
 from app.payments.answers import Answer, error_answer
+from app.payments.batch import BatchGate, ChannelHold, VoucherCharge
 from app.payments.errors import ApiError
 from app.payments.gate import PAYMENT_IN_PROGRESS, Gate
 from app.payments.outcomes import Paid, PaymentRequired
@@ -37,6 +38,8 @@ from app.payments.replay import CONFLICT, DONE, RUNNING, Replays, seal, unseal
 from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED
 from app.payments.signin import CreditHold, SignInGate
 from app.payments.upto import Charge, Hold, UptoGate
+from app.x402.batch_settlement import BatchPayment
+from app.x402.batch_settlement import payload_of as batch_payload_of
 from app.x402.challenge import (
     CREDIT_ADDED_HEADER,
     CREDIT_BALANCE_HEADER,
@@ -228,6 +231,15 @@ def _serve(gate: Gate, call: PaidCall, wire: Any) -> Answer:
         if gate.upto is None:
             raise PaymentRequired(reject(UNSUPPORTED_SCHEME, "scheme 'upto' is not offered (X402_SCHEMES)"))
         return _serve_upto(gate, gate.upto, call, upto_payment)
+    batch_payment = batch_payload_of(wire)
+    if isinstance(batch_payment, Verdict):
+        raise PaymentRequired(batch_payment)
+    if batch_payment is not None:
+        if gate.batch is None:
+            raise PaymentRequired(
+                reject(UNSUPPORTED_SCHEME, "scheme 'batch-settlement' is not offered (X402_SCHEMES)")
+            )
+        return _serve_batch(gate, gate.batch, call, batch_payment)
     ticket = gate.begin(call.quote, call.headers)
     if gate.settings.settle_first:
         ticket.result()
@@ -470,17 +482,36 @@ def _serve_upto(gate: Gate, upto: UptoGate, call: PaidCall, payment: UptoPayment
     upto.record(hold, result, answered=True)
     reason = "" if result.outcome == SETTLED else SETTLEMENT_PENDING
     name, value = upto.response_header(result, hold.payer, reason)
-    value = _with_offer_receipt(gate, call, value)
+    return _charged_answer(
+        gate,
+        call,
+        answer,
+        content,
+        {name: _with_offer_receipt(gate, call, value)},
+        lambda sha: _upto_receipt(gate, call, hold, result, sha),
+    )
+
+
+def _charged_answer(
+    gate: Gate,
+    call: PaidCall,
+    answer: UpstreamAnswer,
+    content: bytes,
+    added: dict[str, str],
+    receipt: Callable[[str], Receipt],
+) -> Answer:
+    """A whole answer of a call charged by its usage, once charged: the host's headers with
+    ``added`` (what the charge tells the buyer), rendered when the route renders, with the signed
+    receipt ``receipt(response_sha256)`` when receipts are on."""
     headers = dict(answer.headers)
     headers.update(
-        {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Cache-Control": "no-store, private"}
+        {**added, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Cache-Control": "no-store, private"}
     )
     if call.render is not None:
         content, headers["Content-Type"] = call.render(content, answer.status), "application/json"
     key = gate.settings.receipt_key
     if key:
-        receipt = _upto_receipt(gate, call, hold, result, sha256_hex(content))
-        headers[RECEIPT_HEADER] = receipt.signed(key).to_header()
+        headers[RECEIPT_HEADER] = receipt(sha256_hex(content)).signed(key).to_header()
     return Answer(answer.status, headers, content)
 
 
@@ -731,22 +762,14 @@ def _serve_credit(gate: Gate, call: PaidCall, hold: CreditHold) -> Answer:
     charged = _charge_credit(signin, hold, usage)
     if isinstance(charged, str):  # nothing was charged, and the answer is withheld
         raise ApiError(503, charged, f"{charged}: the call could not be charged to your credit; nothing was")
-    headers = dict(answer.headers)
-    headers.update(
-        {
-            CREDIT_CHARGED_HEADER: str(charged[0]),
-            CREDIT_BALANCE_HEADER: str(charged[1]),
-            "Access-Control-Expose-Headers": EXPOSED_HEADERS,
-            "Cache-Control": "no-store, private",
-        }
+    return _charged_answer(
+        gate,
+        call,
+        answer,
+        content,
+        {CREDIT_CHARGED_HEADER: str(charged[0]), CREDIT_BALANCE_HEADER: str(charged[1])},
+        lambda sha: _credit_receipt(gate, call, hold, charged[0], usage, sha),
     )
-    if call.render is not None:
-        content, headers["Content-Type"] = call.render(content, answer.status), "application/json"
-    key = gate.settings.receipt_key
-    if key:
-        receipt = _credit_receipt(gate, call, hold, charged[0], usage, sha256_hex(content))
-        headers[RECEIPT_HEADER] = receipt.signed(key).to_header()
-    return Answer(answer.status, headers, content)
 
 
 CREDIT_HOLD_LAPSED = "credit_hold_lapsed"
@@ -813,3 +836,120 @@ def _credit_receipt(
 
 def _credit_host_failed(status: int, code: str, message: str) -> Answer:
     return _host_failed(status, code, message, "your credit is as it was")
+
+
+# --- batch-settlement: a voucher on an escrow channel, charged its usage ---------------------------
+
+
+def _serve_batch(gate: Gate, batch: BatchGate, call: PaidCall, payment: BatchPayment) -> Answer:
+    """Hold the channel (sending a deposit the payload carries), call the host, charge the usage
+    price on the channel: no transaction per call. A whole answer is handed over once charged; a
+    stream goes out as it comes and is charged at its end, its ``PAYMENT-RESPONSE`` an SSE comment
+    there (the official clients then resynchronise with the next call's corrective 402). A host
+    that fails, refuses or is cut off costs nothing: the channel is released."""
+    if payment.kind == "refund":
+        return _refund(batch, call, payment)
+    hold = batch.begin(call.quote, payment)
+    called = _metered_call(gate, call, lambda: batch.release(hold), _batch_host_failed)
+    if isinstance(called, Answer):
+        return called
+    answer, content, asked_usage = called
+    if asked_usage is not None:
+        meter = _BatchMeter(gate, batch, call, hold)
+        return Answer(
+            answer.status,
+            _stream_headers(answer),
+            _relay_metered(call, answer, asked_usage, meter, gate.settings.receipt_key),
+        )
+    usage = usage_of_answer(content) if answer.status < 400 else None
+    charged = batch.commit(hold, usage)
+    if charged.state is None:  # nothing was charged, and the answer is withheld
+        raise ApiError(
+            503,
+            CHANNEL_HOLD_LAPSED,
+            "the call outlasted its hold on the channel (or the ledger failed); nothing was charged: "
+            "send the same voucher again",
+        )
+    name, value = batch.response_header(hold, charged)
+    return _charged_answer(
+        gate,
+        call,
+        answer,
+        content,
+        {name: _with_offer_receipt(gate, call, value)},
+        lambda sha: _batch_receipt(gate, call, hold, charged, sha),
+    )
+
+
+def _refund(batch: BatchGate, call: PaidCall, payment: BatchPayment) -> Answer:
+    """A cooperative refund sent to any paid resource: no model is called; the answer says what was
+    returned (``PAYMENT-RESPONSE``: its transaction, ``amount``, ``extra.channelState``)."""
+    refunded = batch.refund(call.quote, payment)
+    name, value = batch.refund_header(payment, refunded)
+    body = {
+        "message": "refunded",
+        "channelId": "0x" + payment.voucher.channel_id.hex(),
+        "amount": str(refunded.amount),
+        "transaction": refunded.tx,
+    }
+    headers = {
+        name: value,
+        "Content-Type": "application/json",
+        "Access-Control-Expose-Headers": EXPOSED_HEADERS,
+        "Cache-Control": "no-store, private",
+    }
+    return Answer(200, headers, json.dumps(body).encode())
+
+
+CHANNEL_HOLD_LAPSED = "channel_hold_lapsed"
+STREAM_CUT_EVENT_BATCH = (
+    b'data: {"error": {"code": "upstream_cut", "message": "the model host cut the stream; nothing '
+    b'was charged to your channel: send the same voucher again"}}\n\n'
+)
+
+
+@dataclass
+class _BatchMeter:
+    """A stream paid by a voucher: its usage price is charged on the channel at its end."""
+
+    gate: Gate
+    batch: BatchGate
+    call: PaidCall
+    hold: ChannelHold
+    charged: VoucherCharge | None = None
+    cut_event: bytes = STREAM_CUT_EVENT_BATCH
+
+    @property
+    def until(self) -> float:
+        # the last chunk read may take X402_UPSTREAM_TIMEOUT; a few seconds more to charge it
+        return self.hold.until - self.gate.settings.upstream_timeout - CREDIT_CHARGE_SECONDS
+
+    def release(self) -> None:
+        self.batch.release(self.hold)
+
+    def charge(self, usage: Usage | None) -> bytes:
+        charged = self.charged = self.batch.commit(self.hold, usage)
+        if charged.state is None:  # nothing was charged (the answer went out already)
+            return PAYMENT_RESPONSE_PREFIX + json.dumps({"error": CHANNEL_HOLD_LAPSED}).encode() + b"\n\n"
+        _name, value = self.batch.response_header(self.hold, charged)
+        return PAYMENT_RESPONSE_PREFIX + _with_offer_receipt(self.gate, self.call, value).encode() + b"\n\n"
+
+    def receipt(self, response_sha256: str) -> Receipt:
+        assert self.charged is not None
+        return _batch_receipt(self.gate, self.call, self.hold, self.charged, response_sha256)
+
+
+def _batch_receipt(
+    gate: Gate, call: PaidCall, hold: ChannelHold, charged: VoucherCharge, response_sha256: str
+) -> Receipt:
+    """The receipt of a call paid by a voucher: the deposit's transaction when it made one, the
+    amount charged (0 when nothing could be), the maximum the voucher authorized."""
+    amount = charged.amount if charged.state is not None else 0
+    quote = hold.quote
+    return _metered_receipt(
+        gate, call, hold.payer, quote, hold.deposit_tx, amount, charged.usage, response_sha256
+    )
+
+
+def _batch_host_failed(status: int, code: str, message: str) -> Answer:
+    return _host_failed(status, code, message, "send the same voucher again")

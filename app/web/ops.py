@@ -129,6 +129,17 @@ def _upstream(settings: Settings) -> dict[str, Any]:
     return result
 
 
+def _claims() -> dict[str, Any]:
+    """The batch-settlement claim loop: started in this process (a worker that serves no voucher
+    still claims), and its last error here, if any. Informational: the proxy stays ready, since the
+    loop retries every ``X402_CLAIM_INTERVAL`` and ``/metrics`` shows the unclaimed charges."""
+    batch = services().gate.batch
+    assert batch is not None
+    batch.claims.ensure_running()
+    error = batch.claims.last_error
+    return {"ok": True, "running": True, "last_error": type(error).__name__ if error else None}
+
+
 def _open_payments() -> dict[str, Any]:
     counts = services().ledger.count_open()
     for state, count in counts.items():
@@ -150,6 +161,8 @@ def _evaluate(settings: Settings) -> tuple[bool, dict[str, Any]]:
     checks["asset"] = _check(lambda: _asset(settings))
     checks["upstream"] = _check(lambda: _upstream(settings))
     checks["open_payments"] = _check(_open_payments)
+    if services().gate.batch is not None:
+        checks["claims"] = _claims()
     rpc_ok = any(c["ok"] for name, c in checks.items() if name.startswith("rpc_"))
     ready = rpc_ok and all(c["ok"] for name, c in checks.items() if not name.startswith("rpc_"))
     return ready, checks

@@ -28,6 +28,7 @@ from app.catalog.policy import ROUTE_FIELDS, ROUTE_INPUT_FIELDS, Rule
 from app.logs import note
 from app.metrics import payment_outcome
 from app.payments.answers import Answer
+from app.payments.batch import BatchGate
 from app.payments.errors import ApiError
 from app.payments.outcomes import PaymentRequired
 from app.payments.receipts import sha256_hex
@@ -36,6 +37,7 @@ from app.payments.signin import SIGN_IN_ELSEWHERE
 from app.payments.upto import UptoGate
 from app.web import services
 from app.web.edge import client_gone
+from app.x402.batch_settlement import BATCH_SETTLEMENT_ADDRESS
 from app.x402.challenge import ERROR_DETAIL_HEADER
 from app.x402.codec import MalformedInput, strict_json_loads
 from app.x402.discovery import bazaar_extension
@@ -178,7 +180,13 @@ def _paid(
             extra[ERROR_DETAIL_HEADER] = refusal.verdict.detail.encode("ascii", "replace").decode()
         return sent(
             gate.challenge(
-                quote, _resource_url(), reason, extra, _discovery(route, quote.model.name), _sign_in_origin()
+                quote,
+                _resource_url(),
+                reason,
+                extra,
+                _discovery(route, quote.model.name),
+                _sign_in_origin(),
+                refusal.corrective,
             )
         )
     if measured:
@@ -301,7 +309,7 @@ def well_known() -> Response:
         for m in listed
     ]
     receipt_address = str(Account.from_key(settings.receipt_key).address) if settings.receipt_key else None
-    upto = services().gate.upto
+    upto, batch = services().gate.upto, services().gate.batch
     paths = ["POST /v1/chat/completions", "POST /v1/completions"]
     paths += [f"GET /v1/models/{m.name}/ping" for m in listed]
     return jsonify(
@@ -321,6 +329,7 @@ def well_known() -> Response:
             "receiptAddress": receipt_address,
             "listing": resources,  # each paid resource: URL, price rule, models
             **({"upto": _upto_terms(upto)} if upto is not None else {}),
+            **({"batch-settlement": _batch_terms(batch)} if batch is not None else {}),
             "credit": {
                 "signIn": SIGN_IN_WITH_X,
                 "balance": "GET /v1/credit",
@@ -329,6 +338,17 @@ def well_known() -> Response:
             },
         }
     )
+
+
+def _batch_terms(batch: BatchGate) -> dict[str, Any]:
+    """How ``batch-settlement`` channels are opened here: the escrow, our receiver authorizer (who
+    signs claims and refunds), the withdraw delay (seconds) and how long a call may hold its channel."""
+    return {
+        "escrow": BATCH_SETTLEMENT_ADDRESS,
+        "receiverAuthorizer": batch.authorizer,
+        "withdrawDelay": batch.settings.withdraw_delay,
+        "maxTimeoutSeconds": batch.max_timeout_seconds,
+    }
 
 
 def _upto_terms(upto: UptoGate) -> dict[str, Any]:

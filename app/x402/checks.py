@@ -7,7 +7,6 @@ simulation) happen in ``app.backends.chain`` after these pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .eip712 import authorization_digest, domain_separator, recover_signer
 from .verdict import (
@@ -23,10 +22,7 @@ from .verdict import (
     Verdict,
     reject,
 )
-from .wire import ADDRESS_RE, PaymentPayload, Requirement
-
-if TYPE_CHECKING:
-    from .upto.payload import UptoPayment
+from .wire import ADDRESS_RE, PaymentPayload, Requirement, V2Payment
 
 # A signature must stay valid this long after we check it, to leave time to settle.
 MIN_VALIDITY_MARGIN = 6
@@ -35,7 +31,12 @@ MIN_VALIDITY_MARGIN = 6
 MAX_CLOCK_SKEW = 30
 
 
-def match_requirement(payment: PaymentPayload | UptoPayment, requirement: Requirement) -> Verdict:
+# What a corrective 402 adds to a batch-settlement requirement's extra (the channel as we hold it): a
+# client that pays the requirement as it came may send it back; it is ours to say, never matched.
+ECHOED_EXTRA = frozenset({"channelState", "voucherState"})
+
+
+def match_requirement(payment: PaymentPayload | V2Payment, requirement: Requirement) -> Verdict:
     """The payment must be for exactly our requirement: a cheap route's payment never buys a dear one."""
     if payment.scheme != requirement.scheme:
         return reject(UNSUPPORTED_SCHEME, f"scheme {payment.scheme!r} is not offered")
@@ -54,7 +55,9 @@ def match_requirement(payment: PaymentPayload | UptoPayment, requirement: Requir
         if not isinstance(value, str) or value.lower() != ours[key].lower():
             return reject(REQUIREMENTS_MISMATCH, f"accepted.{key} differs from this resource's requirement")
     extra = accepted.get("extra", {})
-    if not isinstance(extra, dict) or any(not _same_extra(ours["extra"].get(k), v) for k, v in extra.items()):
+    if not isinstance(extra, dict) or any(
+        not _same_extra(ours["extra"].get(k), v) for k, v in extra.items() if k not in ECHOED_EXTRA
+    ):
         return reject(REQUIREMENTS_MISMATCH, "accepted.extra differs from the token's EIP-712 domain")
     return ACCEPTED
 

@@ -43,6 +43,11 @@ class Requirement:
     asset_version: str
     scheme: str = "exact"
     facilitator: str = ""  # upto: the account that will settle (extra.facilitatorAddress), checksummed
+    # batch-settlement: the key that signs claims and refunds (checksummed), the withdraw delay
+    # (seconds) and the deposit hint (atomic units)
+    receiver_authorizer: str = ""
+    withdraw_delay: int = 0
+    min_deposit: int = 0
 
     @property
     def chain_id(self) -> int:
@@ -68,12 +73,20 @@ class Requirement:
             "extra": self.extra(),
         }
 
-    def extra(self) -> dict[str, str]:
+    def extra(self) -> dict[str, Any]:
         """The ``extra`` of an ``accepts`` entry: the token's EIP-712 domain name and version; for
-        ``upto`` also ``assetTransferMethod: "permit2"`` and the settling ``facilitatorAddress``."""
-        extra = {"name": self.asset_name, "version": self.asset_version}
+        ``upto`` also ``assetTransferMethod: "permit2"`` and the settling ``facilitatorAddress``; for
+        ``batch-settlement`` the ``receiverAuthorizer``, ``withdrawDelay`` (a JSON number, seconds)
+        and ``minDeposit`` (decimal string, atomic units)."""
+        extra: dict[str, Any] = {"name": self.asset_name, "version": self.asset_version}
         if self.scheme == "upto":
             extra.update(assetTransferMethod="permit2", facilitatorAddress=self.facilitator)
+        elif self.scheme == "batch-settlement":
+            extra.update(
+                receiverAuthorizer=self.receiver_authorizer,
+                withdrawDelay=self.withdraw_delay,
+                minDeposit=str(self.min_deposit),
+            )
         return extra
 
     def to_v1(self, resource_url: str, description: str, mime_type: str) -> dict[str, Any]:
@@ -274,10 +287,12 @@ class SettleResponse:
     payer: str
     error_reason: str = ""
     amount: int | None = None  # upto: what was charged (atomic units)
+    extra: dict[str, Any] | None = None  # batch-settlement: chargedAmount and channelState
 
     def to_header(self) -> str:
         """The header value: base64 of compact JSON ``{success, transaction, network, payer}``, with
-        ``errorReason`` when there is one and ``amount`` (decimal string of atomic units) when set."""
+        ``errorReason`` when there is one, ``amount`` (decimal string of atomic units) and ``extra``
+        when set."""
         wire: dict[str, Any] = {
             "success": self.success,
             "transaction": self.transaction,
@@ -288,4 +303,6 @@ class SettleResponse:
             wire["errorReason"] = self.error_reason
         if self.amount is not None:
             wire["amount"] = str(self.amount)
+        if self.extra is not None:
+            wire["extra"] = self.extra
         return encode_header(wire)

@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 import requests
+from eth_account import Account
 
 from app.backends.upstream import abandoned_after
 from app.catalog import load_catalog, quote_for
 from app.payments.keys import LEDGER_STREAM, PAYMENT_KEYS, payment_key
 from app.payments.ledger import Ledger
+from app.payments.receipts import derived_key
 from app.settings import DEFAULT_CATALOG
 from app.x402.codec import decode_header
 from tests.support import CHAT_BODY, OPERATOR_KEY, Proxy, settle_response
@@ -62,7 +64,29 @@ def test_unpaid_call_gets_402_with_v2_header_and_v1_body(proxy: Proxy) -> None:
                 "facilitatorAddress": proxy.wallets.relayer,
             },
         },
+        {
+            "scheme": "batch-settlement",
+            "network": "eip155:8453",
+            "amount": str(amount),  # the most one call may be charged on its channel
+            "asset": "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913",
+            "payTo": proxy.wallets.pay_to,
+            "maxTimeoutSeconds": max(
+                proxy.settings.max_timeout_seconds,
+                math.ceil(abandoned_after(proxy.settings) + proxy.settings.upstream_timeout),
+            ),
+            "extra": {
+                "name": "USD Coin",
+                "version": "2",
+                # our own key, never the relayer's: it signs claims and refunds
+                "receiverAuthorizer": Account.from_key(
+                    derived_key(proxy.wallets.relayer_key, "receiver authorizer")
+                ).address,
+                "withdrawDelay": 86400,
+                "minDeposit": str(10 * amount),  # ten calls' maximum
+            },
+        },
     ]
+    assert v2["accepts"][2]["extra"]["receiverAuthorizer"] != proxy.wallets.relayer
     assert v1["x402Version"] == 1 and v1["error"] == "payment_required"
     (entry,) = v1["accepts"]
     assert entry["network"] == "base" and entry["maxAmountRequired"] == str(amount)
@@ -192,7 +216,7 @@ REFUSALS = [
     ("other payee", {"payTo": "0x000000000000000000000000000000000000dEaD"}, "invalid_payment_requirements"),
     ("other asset", {"asset": "0x036CbD53842c5426634e7929541eC2318f3dCF7e"}, "invalid_payment_requirements"),
     ("other network", {"network": "eip155:84532"}, "network_mismatch"),
-    ("other scheme", {"scheme": "batch-settlement"}, "unsupported_scheme"),
+    ("other scheme", {"scheme": "deferred"}, "unsupported_scheme"),  # a scheme we do not offer
 ]
 
 
@@ -406,8 +430,9 @@ def test_paid_ping_is_a_get_resource_at_the_floor_price(proxy: Proxy, standin) -
     url = "/v1/models/hermes-3-8b-tee/ping"
     unpaid = requests.get(proxy.url + url, timeout=10)
     assert unpaid.status_code == 402
-    requirement, upto = decode_header(unpaid.headers["PAYMENT-REQUIRED"])["accepts"]
+    requirement, upto, batch = decode_header(unpaid.headers["PAYMENT-REQUIRED"])["accepts"]
     assert upto["scheme"] == "upto" and upto["amount"] == requirement["amount"]
+    assert batch["scheme"] == "batch-settlement" and batch["amount"] == requirement["amount"]
     floor = load_catalog(DEFAULT_CATALOG)["hermes-3-8b-tee"].floor
     assert requirement["amount"] == str(floor)
     head = requests.head(proxy.url + url, timeout=10)

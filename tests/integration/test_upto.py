@@ -81,8 +81,8 @@ def sse_events(text: str) -> list[str]:
 def test_the_402_offers_upto_beside_exact(upto_proxy: Proxy) -> None:
     response = upto_proxy.post(body=BODY)
     assert response.status_code == 402
-    exact, upto = offered(response)
-    assert (exact["scheme"], upto["scheme"]) == ("exact", "upto")
+    exact, upto, batch = offered(response)
+    assert (exact["scheme"], upto["scheme"], batch["scheme"]) == ("exact", "upto", "batch-settlement")
     assert upto["amount"] == exact["amount"]  # the priced maximum
     assert upto["extra"]["facilitatorAddress"] == upto_proxy.wallets.relayer
     assert upto["extra"]["assetTransferMethod"] == "permit2"
@@ -361,7 +361,7 @@ def test_calls_in_flight_never_hold_more_than_the_payer_can_pay(
 
 
 def test_the_upto_permit_lives_as_long_as_a_call_may_hold_it(upto_proxy: Proxy) -> None:
-    exact, upto = offered(upto_proxy.post(body=BODY))
+    exact, upto, _batch = offered(upto_proxy.post(body=BODY))
     settings = upto_proxy.settings
     assert exact["maxTimeoutSeconds"] == settings.max_timeout_seconds
     assert upto["maxTimeoutSeconds"] == max(
@@ -603,12 +603,18 @@ def test_an_upto_receipt_binds_the_charge_to_its_usage_and_verifies(
 
 def test_discovery_names_the_schemes_and_the_upto_facilitators(upto_proxy: Proxy) -> None:
     described = requests.get(upto_proxy.url + "/.well-known/x402", timeout=10).json()
-    assert described["schemes"] == ["exact", "upto"]
-    upto = offered(upto_proxy.post(body=BODY))[1]
+    assert described["schemes"] == ["exact", "upto", "batch-settlement"]
+    _exact, upto, batch = offered(upto_proxy.post(body=BODY))
     assert described["upto"] == {
         "maxTimeoutSeconds": upto["maxTimeoutSeconds"],
         "assetTransferMethod": "permit2",
         "facilitatorAddresses": [upto_proxy.wallets.relayer],
+    }
+    assert described["batch-settlement"] == {
+        "escrow": "0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003",
+        "receiverAuthorizer": batch["extra"]["receiverAuthorizer"],
+        "withdrawDelay": batch["extra"]["withdrawDelay"],
+        "maxTimeoutSeconds": batch["maxTimeoutSeconds"],
     }
     assert described["maxTimeoutSeconds"] == upto_proxy.settings.max_timeout_seconds  # exact's
 

@@ -192,8 +192,9 @@ def test_v2_header_and_v1_body_ask_for_the_same_payment(
     """Whichever a client reads, it signs the same thing, and it is the token's real domain."""
     response = unpaid_402(proxy, path, body)
     _, decoded = payment_required_problems(response.status_code, response.headers, response.content)
-    (v2, upto), (v1,) = decoded[2]["accepts"], decoded[1]["accepts"]  # x402 v1 has no upto
+    (v2, upto, batch), (v1,) = decoded[2]["accepts"], decoded[1]["accepts"]  # x402 v1: exact only
     assert (upto["scheme"], upto["amount"]) == ("upto", v2["amount"])
+    assert (batch["scheme"], batch["amount"]) == ("batch-settlement", v2["amount"])
 
     assert (v2["network"], v1["network"]) == ("eip155:8453", "base")
     assert v1["maxAmountRequired"] == v2["amount"]

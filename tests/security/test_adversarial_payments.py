@@ -378,7 +378,7 @@ REFUSALS: list[Refusal] = [
         accepted_differs({"maxTimeoutSeconds": str}),
         REQUIREMENTS_MISMATCH,
     ),
-    Refusal("accepted.scheme", accepted_differs({"scheme": "batch-settlement"}), UNSUPPORTED_SCHEME),
+    Refusal("accepted.scheme", accepted_differs({"scheme": "deferred"}), UNSUPPORTED_SCHEME),
     # an exact payload under the scheme name "upto" is a malformed upto payment
     Refusal("accepted.scheme upto", accepted_differs({"scheme": "upto"}), INVALID_PAYLOAD),
     Refusal("accepted.network", accepted_differs({"network": "eip155:84532"}), NETWORK_MISMATCH),

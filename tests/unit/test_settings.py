@@ -281,12 +281,34 @@ def test_x402_schemes(value: str, expected: tuple[str, ...]) -> None:
 
 
 def test_x402_schemes_default_and_refusals() -> None:
-    assert Settings.from_env(base_env()).schemes == ("exact", "upto")
+    assert Settings.from_env(base_env()).schemes == ("exact", "upto", "batch-settlement")
+    assert Settings.from_env(base_env(X402_SCHEMES="batch-settlement")).schemes == ("batch-settlement",)
     facilitated = base_env(X402_FACILITATOR_URL="http://127.0.0.1:9")
     assert Settings.from_env(facilitated).schemes == ("exact",)  # upto needs our own relayer
     assert error_for({**facilitated, "X402_SCHEMES": "exact,upto"}).variable == "X402_SCHEMES"
-    assert error_for(base_env(X402_SCHEMES="batch-settlement")).variable == "X402_SCHEMES"
+    assert error_for({**facilitated, "X402_SCHEMES": "batch-settlement"}).variable == "X402_SCHEMES"
+    assert error_for(base_env(X402_SCHEMES="deferred")).variable == "X402_SCHEMES"
     assert error_for(base_env(X402_SCHEMES=",")).variable == "X402_SCHEMES"
+
+
+def test_batch_settlement_settings() -> None:
+    """The receiver authorizer is derived from the relayer key when unset (never the relayer key,
+    nor the receipt key); the withdraw delay lies within the escrow's bounds."""
+    settings = Settings.from_env(base_env())
+    keys = {settings.receiver_authorizer_key, settings.receipt_key, settings.relayer_key}
+    assert len(keys) == 3 and all(len(key) == 66 for key in keys)
+    assert settings.withdraw_delay == 86400 and settings.min_deposit == 0
+    assert (settings.claim_interval, settings.settle_interval) == (60, 120)
+    own = "0x" + "ab" * 32
+    assert Settings.from_env(base_env(X402_RECEIVER_AUTHORIZER_KEY=own)).receiver_authorizer_key == own
+    env = base_env()
+    shared = {**env, "X402_RECEIVER_AUTHORIZER_KEY": env["X402_RELAYER_KEY"].upper().replace("0X", "0x")}
+    assert error_for(shared).variable == "X402_RECEIVER_AUTHORIZER_KEY"
+    assert error_for(base_env(X402_RECEIVER_AUTHORIZER_KEY="0x12")).variable == "X402_RECEIVER_AUTHORIZER_KEY"
+    assert Settings.from_env(base_env(X402_WITHDRAW_DELAY="900")).withdraw_delay == 900
+    for bad in ("899", "2592001", "0", "abc"):
+        assert error_for(base_env(X402_WITHDRAW_DELAY=bad)).variable == "X402_WITHDRAW_DELAY"
+    assert Settings.from_env(base_env(X402_MIN_DEPOSIT="5000")).min_deposit == 5000
 
 
 # -- overrides and environment -------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Pure: parsing, the channel id, the EIP-712 digests and the offline voucher check
 (charged so far, balance, claims) lives elsewhere and is given to the checks as integers.
 """
 
-from .checks import ChannelTerms, check_amounts, check_config, check_voucher
+from .checks import ChannelTerms, check_amounts, check_config, check_signed, check_voucher
 from .payload import (
     BATCH_SETTLEMENT_ADDRESS,
     DOMAIN_NAME,
@@ -28,11 +28,13 @@ from .payload import (
     Voucher,
     batch_domain_separator,
     channel_id,
+    claim_batch_digest,
     erc3009_deposit_nonce,
     parse_batch_payment,
     payload_of,
     permit2_deposit_digest,
     receive_authorization_digest,
+    refund_digest,
     voucher_digest,
 )
 
@@ -57,11 +59,14 @@ __all__ = [
     "channel_id",
     "check_amounts",
     "check_config",
+    "check_signed",
     "check_voucher",
+    "claim_batch_digest",
     "erc3009_deposit_nonce",
     "parse_batch_payment",
     "payload_of",
     "permit2_deposit_digest",
     "receive_authorization_digest",
+    "refund_digest",
     "voucher_digest",
 ]

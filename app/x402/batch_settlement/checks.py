@@ -127,6 +127,25 @@ def check_amounts(
     return ACCEPTED
 
 
+def check_signed(payment: BatchPayment, terms: ChannelTerms) -> OfflineCheck:
+    """``check_config``, then the voucher's signature (see ``check_voucher``); an accepting verdict
+    says nothing yet about the amounts, which the channel's state decides (``check_amounts``)."""
+    config_verdict = check_config(payment, terms)
+    if not config_verdict:
+        return OfflineCheck(config_verdict)
+    signature = normalise_signature(payment.voucher.signature)
+    on_chain = payment.config.payer_authorizer == ZERO_ADDRESS
+    if not on_chain:
+        digest = voucher_digest(payment.voucher.channel_id, payment.voucher.max_claimable, terms.chain_id)
+        if len(signature) != 65 or recover_signer(digest, signature) != payment.config.payer_authorizer:
+            return OfflineCheck(
+                reject(
+                    INVALID_VOUCHER_SIGNATURE, "the voucher is not signed by channelConfig.payerAuthorizer"
+                )
+            )
+    return OfflineCheck(ACCEPTED, signature, ecdsa_signer=not on_chain)
+
+
 def check_voucher(
     payment: BatchPayment,
     terms: ChannelTerms,
@@ -147,18 +166,8 @@ def check_voucher(
     voucher holds only once the chain accepts the signature for ``config.payer`` the way
     SignatureChecker does (EIP-1271 when the payer has code, else ecrecover); that check must also
     come before a corrective 402 is sent."""
-    config_verdict = check_config(payment, terms)
-    if not config_verdict:
-        return OfflineCheck(config_verdict)
-    signature = normalise_signature(payment.voucher.signature)
-    on_chain = payment.config.payer_authorizer == ZERO_ADDRESS
-    if not on_chain:
-        digest = voucher_digest(payment.voucher.channel_id, payment.voucher.max_claimable, terms.chain_id)
-        if len(signature) != 65 or recover_signer(digest, signature) != payment.config.payer_authorizer:
-            return OfflineCheck(
-                reject(
-                    INVALID_VOUCHER_SIGNATURE, "the voucher is not signed by channelConfig.payerAuthorizer"
-                )
-            )
+    signed = check_signed(payment, terms)
+    if not signed.verdict:
+        return signed
     amounts = check_amounts(payment, charged=charged, maximum=maximum, balance=balance, claimed=claimed)
-    return OfflineCheck(amounts, signature, ecdsa_signer=not on_chain)
+    return OfflineCheck(amounts, signed.signature, ecdsa_signer=signed.ecdsa_signer)

@@ -60,6 +60,11 @@ CHANNEL_CONFIG_TYPEHASH = keccak(
     b"address token,uint40 withdrawDelay,bytes32 salt)"
 )
 VOUCHER_TYPEHASH = keccak(b"Voucher(bytes32 channelId,uint128 maxClaimableAmount)")
+# The receiver authorizer's signatures: a batch of claims, and a cooperative refund.
+CLAIM_ENTRY_TYPE = b"ClaimEntry(bytes32 channelId,uint128 maxClaimableAmount,uint128 totalClaimed)"
+CLAIM_ENTRY_TYPEHASH = keccak(CLAIM_ENTRY_TYPE)
+CLAIM_BATCH_TYPEHASH = keccak(b"ClaimBatch(ClaimEntry[] claims)" + CLAIM_ENTRY_TYPE)
+REFUND_TYPEHASH = keccak(b"Refund(bytes32 channelId,uint256 nonce,uint128 amount)")
 # ERC-3009 deposits: the payer authorizes the ERC-3009 collector to receive the deposit.
 RECEIVE_WITH_AUTHORIZATION_TYPEHASH = keccak(
     b"ReceiveWithAuthorization(address from,address to,uint256 value,uint256 validAfter,"
@@ -418,3 +423,24 @@ def permit2_deposit_digest(permit: Permit2Deposit, chain_id: int) -> bytes:
         + witness
     )
     return keccak(b"\x19\x01" + permit2_domain_separator(chain_id) + struct)
+
+
+def claim_batch_digest(entries: list[tuple[bytes, int, int]], chain_id: int) -> bytes:
+    """The 32-byte EIP-712 digest the receiver authorizer signs for ``claimWithSignature``:
+    ``ClaimBatch{claims: ClaimEntry[]}`` in the scheme's domain, each entry ``(channelId,
+    maxClaimableAmount, totalClaimed)`` (an array of structs hashes the concatenation of the
+    entries' struct hashes, EIP-712)."""
+    hashed = b"".join(
+        keccak(CLAIM_ENTRY_TYPEHASH + channel + word(signed) + word(total))
+        for channel, signed, total in entries
+    )
+    struct = keccak(CLAIM_BATCH_TYPEHASH + keccak(hashed))
+    return keccak(b"\x19\x01" + batch_domain_separator(chain_id) + struct)
+
+
+def refund_digest(channel: bytes, nonce: int, amount: int, chain_id: int) -> bytes:
+    """The 32-byte EIP-712 digest the receiver authorizer signs for ``refundWithSignature``:
+    ``Refund{channelId, nonce, amount}`` in the scheme's domain (``nonce`` is the channel's
+    ``refundNonce``; ``amount`` atomic units)."""
+    struct = keccak(REFUND_TYPEHASH + channel + word(nonce) + word(amount))
+    return keccak(b"\x19\x01" + batch_domain_separator(chain_id) + struct)

@@ -1,0 +1,140 @@
+"""Leaving a ``batch-settlement`` channel: the cooperative refund the official client asks for, and a
+payer's own withdrawal, which stops the proxy from honouring vouchers on that channel.
+
+Real anvil with our escrow at its canonical address, real redis-server, the stand-in host, and
+PyPI ``x402`` 2.25's ``BatchSettlementEvmScheme`` (``refund`` probes a GET resource: the paid ping).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import redis
+from eth_abi import encode
+from eth_account import Account
+
+from app.backends.escrow import config_tuple
+from app.backends.token import selector
+from app.payments.keys import channel_key
+from app.x402.batch_settlement import BATCH_SETTLEMENT_ADDRESS, ChannelConfig
+from app.x402.codec import decode_header
+from tests.interop.paid import CLIENT_TIMEOUT, decode_settlement
+from tests.interop.test_batch_clients import BODY, batch_session, channel_on_chain
+from tests.support import Proxy, usage_price
+
+pytestmark = pytest.mark.integration
+
+PING = "/v1/models/hermes-3-8b-tee/ping"
+
+
+def paid_calls(proxy: Proxy, count: int) -> tuple[Any, Any, int, str]:
+    """``count`` voucher-paid calls from a fresh official client: (session, scheme, charged, channel)."""
+    session, scheme = batch_session(proxy)
+    charged, channel = 0, ""
+    for _ in range(count):
+        response = session.post(proxy.url + "/v1/chat/completions", json=BODY, timeout=CLIENT_TIMEOUT)
+        assert response.status_code == 200, response.text
+        charged += usage_price(proxy, response.json()["usage"])
+        channel = decode_settlement(response.headers["PAYMENT-RESPONSE"])["extra"]["channelState"][
+            "channelId"
+        ]
+    return session, scheme, charged, channel
+
+
+def test_the_official_client_gets_its_unused_balance_back(upto_proxy: Proxy) -> None:
+    proxy = upto_proxy
+    _session, scheme, charged, channel = paid_calls(proxy, 2)
+    balance, _ = channel_on_chain(proxy, channel)
+    payer_before, payee_before = proxy.balances()
+
+    settled = scheme.refund(proxy.url + PING)
+
+    assert settled.success, settled
+    assert int(settled.amount) == balance - charged
+    payer_after, payee_after = proxy.balances()
+    assert payer_after - payer_before == balance - charged  # the rest came back to the wallet
+    assert payee_after == payee_before  # the charges were claimed into the escrow, not swept yet
+    after_balance, claimed = channel_on_chain(proxy, channel)
+    assert claimed == charged  # what the calls were charged was claimed in the same transaction
+    assert after_balance == charged
+    receipt = proxy.chain.rpc.call("eth_getTransactionReceipt", [settled.transaction])
+    assert receipt["to"].lower() == BATCH_SETTLEMENT_ADDRESS.lower() and receipt["status"] == "0x1"
+
+
+def test_a_refund_of_more_than_is_left_is_refused_and_changes_nothing(upto_proxy: Proxy) -> None:
+    from x402.mechanisms.evm.batch_settlement.client.refund import RefundOptions
+
+    proxy = upto_proxy
+    _session, scheme, charged, channel = paid_calls(proxy, 1)
+    balance, _ = channel_on_chain(proxy, channel)
+    before = proxy.balances()
+    with pytest.raises(RuntimeError, match="refund_no_balance"):
+        scheme.refund(proxy.url + PING, RefundOptions(amount=str(balance - charged + 1)))
+    assert proxy.balances() == before
+    assert channel_on_chain(proxy, channel) == (balance, 0)
+
+
+def _payer_sends(proxy: Proxy, data: bytes) -> dict[str, Any]:
+    """A transaction from the demo payer to the escrow (the payer pays its own gas)."""
+    account = Account.from_key(proxy.wallets.payer_key)
+    proxy.chain.set_eth(account.address, 10**18)
+    nonce = int(proxy.chain.rpc.call("eth_getTransactionCount", [account.address, "pending"]), 16)
+    transaction = {
+        "type": 2,
+        "chainId": 8453,
+        "nonce": nonce,
+        "to": BATCH_SETTLEMENT_ADDRESS,
+        "value": 0,
+        "data": data,
+        "gas": 300_000,
+        "maxPriorityFeePerGas": 10**9,
+        "maxFeePerGas": 10**11,
+    }
+    raw = account.sign_transaction(transaction).raw_transaction
+    tx = proxy.chain.rpc.call("eth_sendRawTransaction", ["0x" + bytes(raw).hex()])
+    deadline = time.monotonic() + 10
+    receipt: dict[str, Any] | None = None
+    while receipt is None and time.monotonic() < deadline:  # automine is quick, not instant
+        receipt = proxy.chain.rpc.call("eth_getTransactionReceipt", [tx])
+        time.sleep(0.01)
+    assert receipt is not None and receipt["status"] == "0x1", receipt
+    return receipt
+
+
+def test_a_pending_withdrawal_stops_the_channel_s_vouchers(upto_proxy: Proxy) -> None:
+    proxy = upto_proxy
+    session, _scheme, charged, channel = paid_calls(proxy, 1)
+    client = redis.Redis.from_url(proxy.settings.redis_url)
+    key = channel_key(8453, bytes.fromhex(channel[2:]))
+    stored: dict[str, Any] = json.loads(client.hget(key, "config"))
+    config = ChannelConfig(
+        payer=stored["payer"].lower(),
+        payer_authorizer=stored["payerAuthorizer"].lower(),
+        receiver=stored["receiver"].lower(),
+        receiver_authorizer=stored["receiverAuthorizer"].lower(),
+        token=stored["token"].lower(),
+        withdraw_delay=stored["withdrawDelay"],
+        salt=bytes.fromhex(stored["salt"][2:]),
+    )
+    call = selector("initiateWithdraw((address,address,address,address,address,uint40,bytes32),uint128)")
+    _payer_sends(
+        proxy,
+        call
+        + encode(
+            ["(address,address,address,address,address,uint40,bytes32)", "uint128"], [config_tuple(config), 1]
+        ),
+    )
+    client.hset(key, "synced", 0)  # as if last read more than half a withdraw delay ago
+
+    refused = session.post(proxy.url + "/v1/chat/completions", json=BODY, timeout=CLIENT_TIMEOUT)
+
+    assert refused.status_code == 402, refused.text
+    challenge = decode_header(refused.headers["PAYMENT-REQUIRED"])
+    assert isinstance(challenge, dict)
+    assert challenge["error"] == "invalid_batch_settlement_evm_withdrawal_pending"
+    assert int(client.hget(key, "charged")) == charged  # nothing more was charged
+    assert int(client.hget(key, "withdraw_at")) > 0
+    assert client.hget(key, "hold") is None  # the channel was given back
