@@ -65,6 +65,7 @@ CHANNELS_UNCLAIMED = Gauge(
 )
 CLAIM_BATCHES = Counter("x402_claim_batches_total", "claimWithSignature transactions that landed")
 CLAIMED = Counter("x402_claimed_atomic_total", "voucher charges claimed on chain, atomic units")
+REFUNDED = Counter("x402_refunded_atomic_total", "channel balances refunded to payers, atomic units")
 
 
 def payment_outcome(outcome: str, reason: str = "") -> None:

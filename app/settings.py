@@ -101,6 +101,7 @@ class Settings:
     min_deposit: int = 0
     claim_interval: int = 60
     settle_interval: int = 120
+    idle_refund_seconds: int = 30 * 86400  # X402_IDLE_REFUND_SECONDS: a channel idle this long is refunded
     # X402_RELAYER_KEYS: every key that settles, in turn (empty: relayer_key alone)
     relayer_keys: tuple[str, ...] = field(default=(), repr=False)
 
@@ -236,6 +237,9 @@ class Settings:
             min_deposit=_min_deposit(get("X402_MIN_DEPOSIT")),
             claim_interval=claim_interval,
             settle_interval=_integer("X402_SETTLE_INTERVAL", get("X402_SETTLE_INTERVAL", "120")),
+            idle_refund_seconds=_integer(
+                "X402_IDLE_REFUND_SECONDS", get("X402_IDLE_REFUND_SECONDS", str(30 * 86400))
+            ),
             settle_first=_flag("X402_SETTLE_FIRST", get("X402_SETTLE_FIRST", "0")),
             schemes=schemes,
             relayer_keys=relayer_keys,

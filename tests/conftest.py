@@ -7,6 +7,7 @@ flushed Redis, so balances and ledger states are its own.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,3 +170,21 @@ def catalog_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def upto_proxy(proxy: Proxy, catalog_file: Path) -> Iterator[Proxy]:
     yield from proxy_with(proxy, catalog_path=catalog_file)
+
+
+@pytest.fixture
+def cli_env(upto_proxy: Proxy, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """``upto_proxy``'s settings as the environment ``x402-proxy`` reads (set for this test)."""
+    settings = upto_proxy.settings
+    env = {
+        "X402_PAY_TO": settings.pay_to,
+        "X402_RELAYER_KEY": settings.relayer_key,
+        "REDIS_URL": settings.redis_url,
+        "X402_RPC_URLS": ",".join(settings.rpc_urls),
+        "X402_RECEIPT_TIMEOUT": "10",
+    }
+    for name in [n for n in os.environ if n.startswith("X402_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env

@@ -310,7 +310,7 @@ COMMANDS = {
     "pay": cmd_pay,
     "reconcile": cmd_reconcile,
     "revenue": cmd_revenue,
-    "channels": cmd_channels,  # list, claim, settle
+    "channels": cmd_channels,  # list, claim, settle, refund
     "catalog": cmd_catalog_import,  # `import` is the group's only subcommand so far
     "verify-receipt": cmd_verify_receipt,
 }

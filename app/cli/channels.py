@@ -1,5 +1,5 @@
-"""``x402-proxy channels list|claim|settle``: the ``batch-settlement`` channels the proxy holds in
-Redis, and one claim or settle cycle now (``app.payments.claims``), for an operator.
+"""``x402-proxy channels list|claim|settle|refund``: the ``batch-settlement`` channels the proxy holds
+in Redis, one claim or settle cycle now (``app.payments.claims``), and refunds, for an operator.
 
 ``list`` reads Redis only (the chain's view as last recorded); ``claim`` and ``settle`` take the
 deployment's claims lock like the background loop does, so they never run beside it. Exit codes as
@@ -26,6 +26,12 @@ def add_parser(sub: Any) -> None:
     channels_sub.add_parser("list", help="every channel: charged, claimed, unclaimed, balance, withdrawal")
     channels_sub.add_parser("claim", help="claim every unclaimed charge on chain now (one cycle)")
     channels_sub.add_parser("settle", help="send what was claimed to payTo now (one cycle)")
+    refund = channels_sub.add_parser(
+        "refund", help="claim a channel's charges and give the rest back to its payer now"
+    )
+    which = refund.add_mutually_exclusive_group(required=True)
+    which.add_argument("channel", nargs="?", help="the channel id (0x and 64 hex digits)")
+    which.add_argument("--idle", action="store_true", help="every channel idle for X402_IDLE_REFUND_SECONDS")
 
 
 def _loop() -> Any:
@@ -42,7 +48,8 @@ def _loop() -> Any:
 
 
 def cmd_channels(args: argparse.Namespace) -> int:
-    """``x402-proxy channels list|claim|settle``: see the module docstring for the exit codes."""
+    """``x402-proxy channels list|claim|settle|refund``: see the module docstring for the exit
+    codes (``refund``: 1 when it was not refunded)."""
     from app.payments.claims import ClaimsLockLost
     from app.settings import SettingsError
 
@@ -55,6 +62,8 @@ def cmd_channels(args: argparse.Namespace) -> int:
     if args.channels_command == "list":
         sys.stdout.write(render_channels(loop.claims.channels.every()))
         return EXIT_OK
+    if args.channels_command == "refund":
+        return _refund(command, loop, args)
     claim = args.channels_command == "claim"
     try:
         cycle = loop.run(claim=claim, settle=not claim, force=True)
@@ -69,6 +78,36 @@ def cmd_channels(args: argparse.Namespace) -> int:
     if cycle.failed:
         print(f"{command}: a transaction did not land (see above)", file=sys.stderr)
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def _refund(command: str, loop: Any, args: argparse.Namespace) -> int:
+    """``channels refund CHANNEL`` or ``--idle``: what went back to whom, one line each."""
+    from app.payments.errors import ApiError
+    from app.payments.outcomes import PaymentRequired
+
+    if args.idle:
+        refunds = loop.claims.refund_idle()
+        for refund in refunds:
+            sys.stdout.write(f"refunded 0x{refund.channel.hex()}  {usdc(refund.amount)}  {refund.tx}\n")
+        sys.stdout.write(f"total: {len(refunds)} idle channels refunded\n")
+        return EXIT_OK
+    channel = str(args.channel).lower()
+    if len(channel) != 66 or not channel.startswith("0x"):
+        print(f"{command}: a channel id is 0x and 64 hex digits", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    matches = [c for c in loop.claims.channels.every() if "0x" + c.channel_id.hex() == channel]
+    if not matches:
+        print(f"{command}: no such channel in Redis ({channel})", file=sys.stderr)
+        return EXIT_FAILED
+    stored = matches[0]
+    try:
+        refunded = loop.claims.refund(stored)
+    except (PaymentRequired, ApiError, ValueError) as exc:
+        reason = exc.verdict.detail if isinstance(exc, PaymentRequired) else str(exc)
+        print(f"{command}: not refunded: {reason}", file=sys.stderr)
+        return EXIT_FAILED
+    sys.stdout.write(f"refunded {channel}  {usdc(refunded.amount)}  {refunded.tx}\n")
     return EXIT_OK
 
 

@@ -46,8 +46,8 @@ from app.backends.upstream import abandoned_after
 from app.catalog import Quote
 from app.catalog.usage import Usage, charge
 from app.logs import note
-from app.payments.channels import BUSY, HELD, MISSING, ChainView, Channels, ChannelState
-from app.payments.claims import ClaimLoop, Claims
+from app.payments.channels import BUSY, HELD, MISSING, ChainView, Channels, ChannelState, StoredChannel
+from app.payments.claims import ClaimLoop, Claims, config_of
 from app.payments.errors import ApiError
 from app.payments.outcomes import PaymentRequired, requirement_for
 from app.payments.receipts import derived_key
@@ -58,8 +58,10 @@ from app.x402.batch_settlement import (
     PERMIT2_DEPOSIT_COLLECTOR_ADDRESS,
     SCHEME,
     BatchPayment,
+    ChannelConfig,
     ChannelTerms,
     Erc3009Deposit,
+    channel_id,
     check_amounts,
     check_signed,
     claim_batch_digest,
@@ -474,31 +476,65 @@ class BatchGate:
         state = self._hold(payment, hold_id, int(until), 0, signed, 0)
         hold = ChannelHold(quote, payment, hold_id, state, until)
         try:
-            return self._refund(hold)
+            voucher = (hold.state.charged, payment.voucher.signature)  # the payer's own, fresh
+            return self._give_back(payment.config, state, voucher, payment.refund_amount)
         finally:
             self.release(hold)
 
-    def _refund(self, hold: ChannelHold) -> Refunded:
-        payment, channel, charged = hold.payment, hold.channel, hold.state.charged
+    def refund_channel(self, stored: StoredChannel) -> Refunded:
+        """The operator's refund of a channel (``x402-proxy channels refund``, and idle channels):
+        what was charged is claimed with the latest voucher we hold, and all the rest goes back to
+        the payer, in one ``multicall``; the channel is held meanwhile. Raises ``PaymentRequired``
+        (``channel_busy``; ``refund_no_balance`` when nothing is left), ``ApiError``, ``ValueError``
+        (a stored record that is not ours to claim)."""
+        config = config_of(stored)
+        if channel_id(config, self.chain_id) != stored.channel_id:
+            raise ValueError("the stored config does not hash to the channel id")
+        signature = bytes.fromhex(stored.signature.removeprefix("0x"))
+        if stored.charged > stored.claimed and (not signature or stored.signed < stored.charged):
+            raise ValueError("no stored voucher covers what was charged")
+        hold_id = secrets.token_hex(16)
+        until = int(time.time()) + self.max_timeout_seconds
+        try:  # a zero-charge hold: it only keeps calls off the channel while it is refunded
+            state = self.channels.hold(stored.channel_id, hold_id, until, 0, stored.charged, signature)
+        except STORE_ERRORS as exc:
+            raise _ledger_down() from exc
+        if state.status != HELD:
+            raise PaymentRequired(reject(CHANNEL_BUSY, f"the channel is {state.status}; try again later"))
+        try:
+            return self._give_back(config, state, (stored.signed, signature), None)
+        finally:
+            try:
+                self.channels.release(stored.channel_id, hold_id)
+            except STORE_ERRORS as exc:  # the hold lapses at its time
+                log.warning("could not release a refunded channel: %s", type(exc).__name__)
+
+    def _give_back(
+        self, config: ChannelConfig, state: ChannelState, voucher: tuple[int, bytes], requested: int | None
+    ) -> Refunded:
+        """Claim what was charged (``state.charged``, with ``voucher``: its cumulative amount and
+        signature) and return ``requested`` (None: all) of the rest to the payer, in one transaction.
+        Raises ``PaymentRequired`` (``refund_no_balance``, a reverted or refused refund) or
+        ``ApiError``."""
+        channel, charged = channel_id(config, self.chain_id), state.charged
         view = self._view(channel)
         left = view.balance - max(charged, view.claimed)
-        amount = left if payment.refund_amount is None else payment.refund_amount
+        amount = left if requested is None else requested
         if left <= 0 or amount > left:
             raise PaymentRequired(
                 reject(REFUND_NO_BALANCE, f"the channel has {max(left, 0)} atomic units left to refund")
             )
         calls = []
-        if charged > view.claimed:  # the charges are claimed first, with the payer's own voucher
-            claim = VoucherClaim(payment.config, charged, payment.voucher.signature, charged)
-            digest = claim_batch_digest([(channel, charged, charged)], self.chain_id)
+        if charged > view.claimed:  # the charges are claimed first
+            signed, signature = voucher
+            claim = VoucherClaim(config, signed, signature, charged)
+            digest = claim_batch_digest([(channel, signed, charged)], self.chain_id)
             calls.append(claim_calldata([claim], sign_digest(self.authorizer_key, digest)))
         digest = refund_digest(channel, view.refund_nonce, amount, self.chain_id)
         calls.append(
-            refund_calldata(
-                payment.config, amount, view.refund_nonce, sign_digest(self.authorizer_key, digest)
-            )
+            refund_calldata(config, amount, view.refund_nonce, sign_digest(self.authorizer_key, digest))
         )
-        token, payer = payment.config.token, payment.config.payer
+        token, payer = config.token, config.payer
         settlement = self.send(
             multicall_calldata(calls) if len(calls) > 1 else calls[0],
             lambda receipt: escrow_moved(receipt, token, amount, to=payer, from_=BATCH_SETTLEMENT_ADDRESS),
@@ -510,10 +546,9 @@ class BatchGate:
             self.channels.sync(channel, after)
         except STORE_ERRORS:
             log.warning("could not record a refund's channel state; the next call reads the chain")
-        state = replace(
-            hold.state, balance=after.balance, claimed=after.claimed, refund_nonce=after.refund_nonce
-        )
+        state = replace(state, balance=after.balance, claimed=after.claimed, refund_nonce=after.refund_nonce)
         note(outcome="refunded", refunded=amount, tx=settlement.tx_hash)
+        metrics.REFUNDED.inc(amount)
         return Refunded(amount, settlement.tx_hash, state)
 
     def refund_header(self, payment: BatchPayment, refunded: Refunded) -> tuple[str, str]:

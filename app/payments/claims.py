@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -235,11 +235,36 @@ class Claims:
         self.settler = settler
         self.authorizer_key = authorizer_key
         self.authorizer = address_of_key(authorizer_key).lower()
+        # the operator's refund of one channel (``BatchGate.refund_channel``), for idle channels
+        self.refund: Callable[[StoredChannel], Any] | None = None
 
     @classmethod
     def of(cls, batch: Any) -> Claims:
-        """The claims of a ``BatchGate`` (its settings, channels, chain, settler and key)."""
-        return cls(batch.settings, batch.channels, batch.chain, batch.settler, batch.authorizer_key)
+        """The claims of a ``BatchGate`` (its settings, channels, chain, settler and key, and its
+        ``refund_channel`` for idle channels)."""
+        claims = cls(batch.settings, batch.channels, batch.chain, batch.settler, batch.authorizer_key)
+        claims.refund = batch.refund_channel
+        return claims
+
+    def refund_idle(self) -> tuple[Refund, ...]:
+        """Give back the unused balance of every channel idle for ``X402_IDLE_REFUND_SECONDS``
+        (no charge since; what was charged is claimed in the same transaction), unless a
+        withdrawal is pending (the payer leaves alone). A channel that cannot be refunded now is
+        logged and tried again next cycle. Raises ``redis.RedisError``."""
+        if self.refund is None:
+            return ()
+        done: list[Refund] = []
+        idle_since = time.time() - self.settings.idle_refund_seconds
+        for stored in self.channels.every():
+            if stored.updated > idle_since or stored.withdraw_at or stored.balance <= stored.charged:
+                continue
+            try:
+                refunded = self.refund(stored)
+            except Exception as exc:  # refused, busy, no RPC: this channel waits for the next cycle
+                log.warning("idle channel 0x%s not refunded: %s", stored.channel_id.hex(), exc)
+                continue
+            done.append(Refund(stored.channel_id, refunded.amount, refunded.tx))
+        return tuple(done)
 
     @property
     def chain_id(self) -> int:
@@ -555,6 +580,15 @@ return 1
 
 
 @dataclass(frozen=True)
+class Refund:
+    """An idle channel's unused balance returned to its payer: ``amount`` atomic units, ``tx``."""
+
+    channel: bytes
+    amount: int
+    tx: str
+
+
+@dataclass(frozen=True)
 class Cycle:
     """One cycle's outcome: ``status`` is ``ran``, ``busy`` (another process holds the lock: it
     names the owner) or ``waiting`` (nothing due yet); ``claimed`` and ``settled`` what ran."""
@@ -563,6 +597,7 @@ class Cycle:
     claimed: ClaimRun | None = None
     settled: SettleRun | None = None
     owner: str = ""
+    refunded: tuple[Refund, ...] = ()  # idle channels given back this cycle
 
     @property
     def failed(self) -> bool:
@@ -702,11 +737,13 @@ class ClaimLoop:
             return Cycle("busy")
         claimed: ClaimRun | None = None
         settled: SettleRun | None = None
+        refunded: tuple[Refund, ...] = ()
         try:
             # the next run is scheduled whatever this one does: a failure is retried then, not at once
             if do_claim:
                 held.state["claim_at"] = now + 1000 * self.settings.claim_interval
                 claimed = self._claim(held)
+                refunded = self.claims.refund_idle()
             if do_settle:
                 held.state["settle_at"] = now + 1000 * self.settings.settle_interval
                 settled = self.claims.settle(held)
@@ -717,7 +754,7 @@ class ClaimLoop:
                     log.warning("the claims lock had expired before the cycle ended")
             except STORE_ERRORS as exc:  # it expires on its own (lock_ms)
                 log.warning("could not let go of the claims lock: %s", type(exc).__name__)
-        cycle = Cycle("ran", claimed, settled, self.owner)
+        cycle = Cycle("ran", claimed, settled, self.owner, refunded)
         self.last = cycle
         return cycle
 
@@ -805,6 +842,7 @@ __all__ = [
     "Claims",
     "ClaimsLockLost",
     "Cycle",
+    "Refund",
     "SettleRun",
     "config_of",
     "stop_all",

@@ -376,24 +376,6 @@ def test_the_claim_interval_must_be_below_a_quarter_of_the_withdraw_delay() -> N
 # --- the command line ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cli_env(batch_proxy: Proxy, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The proxy's settings as the environment ``x402-proxy`` reads."""
-    settings = batch_proxy.settings
-    env = {
-        "X402_PAY_TO": settings.pay_to,
-        "X402_RELAYER_KEY": settings.relayer_key,
-        "REDIS_URL": settings.redis_url,
-        "X402_RPC_URLS": ",".join(settings.rpc_urls),
-        "X402_RECEIPT_TIMEOUT": "10",
-    }
-    for name in [n for n in os.environ if n.startswith("X402_")]:
-        monkeypatch.delenv(name)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return env
-
-
 def test_channels_list_claim_settle_commands(
     batch_proxy: Proxy,
     cli_env: dict[str, str],

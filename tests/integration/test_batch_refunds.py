@@ -18,6 +18,8 @@ from eth_account import Account
 
 from app.backends.escrow import config_tuple
 from app.backends.token import selector
+from app.cli import main
+from app.payments.claims import ClaimLoop
 from app.payments.keys import channel_key
 from app.x402.batch_settlement import BATCH_SETTLEMENT_ADDRESS, ChannelConfig
 from app.x402.codec import decode_header
@@ -138,3 +140,44 @@ def test_a_pending_withdrawal_stops_the_channel_s_vouchers(upto_proxy: Proxy) ->
     assert int(client.hget(key, "charged")) == charged  # nothing more was charged
     assert int(client.hget(key, "withdraw_at")) > 0
     assert client.hget(key, "hold") is None  # the channel was given back
+
+
+def test_the_operator_refunds_a_channel_from_the_command_line(
+    upto_proxy: Proxy, cli_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``x402-proxy channels refund <id>``: the charges are claimed with the voucher we hold and the
+    rest goes back to the payer, in one transaction; a second refund finds nothing left."""
+    proxy = upto_proxy
+    _session, _scheme, charged, channel = paid_calls(proxy, 2)
+    balance, _ = channel_on_chain(proxy, channel)
+    payer_before, _ = proxy.balances()
+
+    assert main(["channels", "refund", channel]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"refunded {channel}  {(balance - charged) / 10**6:.6f} USDC  0x")
+    assert proxy.balances()[0] - payer_before == balance - charged
+    assert channel_on_chain(proxy, channel) == (charged, charged)  # claimed, and nothing else left
+
+    assert main(["channels", "refund", channel]) == 1
+    assert "not refunded: the channel has 0 atomic units left to refund" in capsys.readouterr().err
+    assert main(["channels", "refund", "0x12"]) == 2
+
+
+def test_idle_channels_are_refunded_by_the_claim_loop(upto_proxy: Proxy) -> None:
+    proxy = upto_proxy
+    _session, _scheme, charged, channel = paid_calls(proxy, 1)
+    balance, _ = channel_on_chain(proxy, channel)
+    loop = ClaimLoop.for_settings(proxy.settings.with_overrides(idle_refund_seconds=3600))
+    try:
+        busy = loop.run(settle=False, force=True)
+        assert busy.refunded == ()  # charged a moment ago: not idle
+        key = channel_key(8453, bytes.fromhex(channel[2:]))
+        redis.Redis.from_url(proxy.settings.redis_url).hset(key, "updated", int(time.time()) - 3601)
+        payer_before, _ = proxy.balances()
+        cycle = loop.run(settle=False, force=True)
+        (refund,) = cycle.refunded
+        assert (refund.channel.hex(), refund.amount) == (channel[2:], balance - charged)
+        assert proxy.balances()[0] - payer_before == balance - charged
+        assert loop.run(settle=False, force=True).refunded == ()  # nothing left to give back
+    finally:
+        loop.stop()
