@@ -421,9 +421,11 @@ contract x402BatchSettlement {
 
         ChannelConfig calldata config = c.voucher.channel;
         bytes32 digest = getVoucherDigest(channelId, maxClaimable);
+        // payerAuthorizer zero: the payer signs, checked as SignatureChecker does (EIP-1271 for an
+        // address with code, strict ECDSA otherwise)
         bool valid = config.payerAuthorizer != address(0)
             ? _recover(digest, c.signature) == config.payerAuthorizer
-            : _isValidERC1271(config.payer, digest, c.signature);
+            : _isValidSignature(config.payer, digest, c.signature);
         if (!valid) revert InvalidVoucherSignature(channelId);
 
         channel.totalClaimed = total;

@@ -306,6 +306,14 @@ class Chain:
             return Preflight(reject(upto.SIMULATION_FAILED, gas.message[:200]))
         return _accepted(gas, nonce, gas_price, priority, calldata)
 
+    def has_code(self, address: str) -> bool:
+        """Whether ``address`` has code (a contract, or an EIP-7702 delegated account): what
+        SignatureChecker routes on. Raises ``ChainUnavailable``."""
+        (code,) = self.rpc.batch(
+            [("eth_getCode", [address, "latest"])], well_formed=lambda answers: is_data(answers[0])
+        )
+        return code not in ("0x", "0x0", "")
+
     def accepts_signature(self, wallet: str, digest: bytes, signature: bytes) -> bool:
         """Whether the contract at ``wallet`` says ``signature`` is its own for ``digest`` (EIP-1271:
         ``isValidSignature(bytes32, bytes)`` returns the magic value ``0x1626ba7e``). False for an

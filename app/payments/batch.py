@@ -260,17 +260,22 @@ class BatchGate:
         return signed.signature
 
     def _check_payer_signature(self, payment: BatchPayment, signature: bytes) -> None:
-        """A voucher whose ``payerAuthorizer`` is zero is the payer's own: ecrecover for an account
-        that recovers, else the payer's EIP-1271 ``isValidSignature`` (SignatureChecker's rule)."""
+        """A voucher whose ``payerAuthorizer`` is zero is the payer's own, checked as the escrow's
+        SignatureChecker does: EIP-1271 ``isValidSignature`` when the payer has code (a wallet
+        contract, an EIP-7702 account), strict ECDSA otherwise (one RPC round trip, two with code)."""
         digest = voucher_digest(payment.voucher.channel_id, payment.voucher.max_claimable, self.chain_id)
-        if len(signature) == 65 and recover_signer(digest, signature) == payment.config.payer:
-            return
+        payer = payment.config.payer
         try:
-            accepted = self.chain.accepts_signature(payment.config.payer, digest, signature)
+            has_code = self.chain.has_code(payer)
+            accepted = (
+                self.chain.accepts_signature(payer, digest, signature)
+                if has_code
+                else len(signature) == 65 and recover_signer(digest, signature) == payer
+            )
         except ChainUnavailable as exc:
             raise _rpc_down() from exc
         if not accepted:
-            raise PaymentRequired(reject(INVALID_VOUCHER_SIGNATURE, "the payer's wallet refuses the voucher"))
+            raise PaymentRequired(reject(INVALID_VOUCHER_SIGNATURE, "the voucher is not signed by the payer"))
 
     def _check_deposit(self, payment: BatchPayment) -> None:
         """The parts of a deposit the chain cannot tell apart from a bad signature: the collector's

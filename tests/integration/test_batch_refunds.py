@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+import requests
 from eth_abi import encode
 from eth_account import Account
 
@@ -181,3 +182,37 @@ def test_idle_channels_are_refunded_by_the_claim_loop(upto_proxy: Proxy) -> None
         assert loop.run(settle=False, force=True).refunded == ()  # nothing left to give back
     finally:
         loop.stop()
+
+
+def test_a_payer_that_signs_its_own_vouchers_pays_too(upto_proxy: Proxy) -> None:
+    """``payerAuthorizer`` zero: the payer itself signs each voucher (ecrecover for an account,
+    EIP-1271 for a wallet contract, as SignatureChecker decides on chain); the proxy accepts it,
+    and its claim lands with those vouchers."""
+    from x402 import x402ClientSync
+    from x402.http.clients import wrapRequestsWithPayment
+    from x402.mechanisms.evm.batch_settlement.client import BatchSettlementEvmScheme
+    from x402.mechanisms.evm.batch_settlement.client.config import BatchSettlementEvmSchemeOptions
+    from x402.mechanisms.evm.signers import EthAccountSignerWithRPC
+
+    proxy = upto_proxy
+    signer = EthAccountSignerWithRPC(Account.from_key(proxy.wallets.payer_key), proxy.settings.rpc_urls[0])
+    options = BatchSettlementEvmSchemeOptions(payer_authorizer="0x" + "00" * 20)
+    client = x402ClientSync()
+    client.register("eip155:*", BatchSettlementEvmScheme(signer, options))
+    session = wrapRequestsWithPayment(requests.Session(), client)
+    charged = 0
+    for _ in range(2):
+        response = session.post(proxy.url + "/v1/chat/completions", json=BODY, timeout=CLIENT_TIMEOUT)
+        assert response.status_code == 200, response.text
+        charged += usage_price(proxy, response.json()["usage"])
+        state = decode_settlement(response.headers["PAYMENT-RESPONSE"])["extra"]["channelState"]
+    assert state["chargedCumulativeAmount"] == str(charged)
+    client_redis = redis.Redis.from_url(proxy.settings.redis_url)
+    stored = json.loads(client_redis.hget(channel_key(8453, bytes.fromhex(state["channelId"][2:])), "config"))
+    assert int(stored["payerAuthorizer"], 16) == 0
+    loop = ClaimLoop.for_settings(proxy.settings)
+    try:
+        assert loop.run(settle=False, force=True).claimed.amount == charged
+    finally:
+        loop.stop()
+    assert channel_on_chain(proxy, state["channelId"])[1] == charged
