@@ -56,3 +56,12 @@ def child_exit(server: object, worker: object) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+
+
+def post_worker_init(worker: object) -> None:
+    """A worker is ready: its batch-settlement claim loop starts now (gunicorn server hook), so
+    what was charged before a restart is claimed even if no voucher comes; the deployment runs one
+    cycle at a time whatever the number of workers and hosts."""
+    services = worker.wsgi.extensions["x402"]  # type: ignore[attr-defined]  # the preloaded app
+    if services.gate.batch is not None:
+        services.gate.batch.claims.ensure_running()

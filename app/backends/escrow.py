@@ -15,6 +15,7 @@ from typing import Any
 
 from eth_abi import decode, encode
 
+from app.backends.permit2 import nonce_bitmap_calldata, nonce_used
 from app.backends.rpc import Call, RpcError
 from app.backends.token import (
     SEL_AUTHORIZATION_STATE,
@@ -32,6 +33,7 @@ from app.x402.batch_settlement import (
     Erc3009Deposit,
 )
 from app.x402.batch_settlement.payload import erc3009_deposit_nonce
+from app.x402.upto import PERMIT2_ADDRESS
 
 CONFIG_TUPLE = "(address,address,address,address,address,uint40,bytes32)"
 CLAIM_TUPLE = f"(({CONFIG_TUPLE},uint128),bytes,uint128)"
@@ -165,15 +167,28 @@ def words(answer: Any, count: int) -> tuple[int, ...] | None:
     return tuple(decode(["uint256"] * count, bytes.fromhex(answer[2 : 2 + 64 * count])))
 
 
-def deposit_authorization_read(payment: BatchPayment) -> Call | None:
-    """For an ERC-3009 deposit: the token's ``authorizationState(payer, nonce)`` (True once the
-    deposit landed); None for a Permit2 deposit."""
+def deposit_authorization_read(payment: BatchPayment) -> Call:
+    """Whether a deposit's authorization was used (the deposit landed, or was spent elsewhere): the
+    token's ``authorizationState(payer, nonce)`` for ERC-3009, Permit2's ``nonceBitmap`` word for
+    Permit2 (``deposit_authorization_used`` reads the answer). ``ValueError`` for no deposit."""
     deposit = payment.deposit
-    if deposit is None or not isinstance(deposit.authorization, Erc3009Deposit):
+    if deposit is None:
+        raise ValueError("not a deposit")
+    auth = deposit.authorization
+    if isinstance(auth, Erc3009Deposit):
+        nonce = erc3009_deposit_nonce(payment.voucher.channel_id, auth.salt)
+        data = SEL_AUTHORIZATION_STATE + encode(["address", "bytes32"], [payment.config.payer, nonce])
+        return eth_call(payment.config.token, data)
+    return eth_call(PERMIT2_ADDRESS, nonce_bitmap_calldata(auth))
+
+
+def deposit_authorization_used(payment: BatchPayment, answer: Any) -> bool | None:
+    """The answer of ``deposit_authorization_read``: True when used, None when not an ABI word."""
+    word = words(answer, 1)
+    if word is None or payment.deposit is None:
         return None
-    nonce = erc3009_deposit_nonce(payment.voucher.channel_id, deposit.authorization.salt)
-    data = SEL_AUTHORIZATION_STATE + encode(["address", "bytes32"], [payment.config.payer, nonce])
-    return eth_call(payment.config.token, data)
+    auth = payment.deposit.authorization
+    return word[0] == 1 if isinstance(auth, Erc3009Deposit) else nonce_used(auth, word[0])
 
 
 def deposit_logged(receipt: dict[str, Any], token: str, amount: int) -> bool:

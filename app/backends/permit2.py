@@ -8,6 +8,8 @@ pulls ``amount`` (atomic units, at most the permitted amount) from ``owner`` to 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from eth_abi import encode
 
 from app.backends.token import selector
@@ -53,11 +55,22 @@ def allowance_calldata(owner: str) -> bytes:
     return SEL_ALLOWANCE + encode(["address", "address"], [owner, PERMIT2_ADDRESS])
 
 
-def nonce_bitmap_calldata(auth: Permit2Authorization) -> bytes:
+class Permit(Protocol):
+    """A Permit2 signature transfer's owner and unordered nonce (an ``upto`` permit, a
+    ``batch-settlement`` deposit)."""
+
+    @property
+    def from_(self) -> str: ...
+
+    @property
+    def nonce(self) -> int: ...
+
+
+def nonce_bitmap_calldata(auth: Permit) -> bytes:
     """``Permit2.nonceBitmap(owner, nonce >> 8)``: bit ``nonce & 0xff`` of the word is set once used."""
     return SEL_NONCE_BITMAP + encode(["address", "uint256"], [auth.from_, auth.nonce >> 8])
 
 
-def nonce_used(auth: Permit2Authorization, bitmap: int) -> bool:
+def nonce_used(auth: Permit, bitmap: int) -> bool:
     """Whether ``auth``'s Permit2 nonce is marked used in its ``nonceBitmap`` word."""
     return bool(bitmap >> (auth.nonce & 0xFF) & 1)

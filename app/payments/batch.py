@@ -33,12 +33,12 @@ from app.backends.escrow import (
     channel_view,
     claim_calldata,
     deposit_authorization_read,
+    deposit_authorization_used,
     deposit_calldata,
     deposit_logged,
     escrow_moved,
     multicall_calldata,
     refund_calldata,
-    words,
 )
 from app.backends.rpc import ChainUnavailable, RpcFailure
 from app.backends.store import STORE_ERRORS
@@ -46,8 +46,17 @@ from app.backends.upstream import abandoned_after
 from app.catalog import Quote
 from app.catalog.usage import Usage, charge
 from app.logs import note
-from app.payments.channels import BUSY, HELD, MISSING, ChainView, Channels, ChannelState, StoredChannel
-from app.payments.claims import ClaimLoop, Claims, config_of
+from app.payments.channels import (
+    BUSY,
+    CLOSED,
+    HELD,
+    MISSING,
+    ChainView,
+    Channels,
+    ChannelState,
+    StoredChannel,
+)
+from app.payments.claims import ClaimLoop, Claims, config_of, send_to_escrow
 from app.payments.errors import ApiError
 from app.payments.outcomes import PaymentRequired, requirement_for
 from app.payments.receipts import derived_key
@@ -71,6 +80,7 @@ from app.x402.batch_settlement import (
 from app.x402.batch_settlement.checks import (
     CHANNEL_BUSY,
     CUMULATIVE_AMOUNT_MISMATCH,
+    DEPOSIT_BELOW_MIN_DEPOSIT,
     INVALID_VOUCHER_SIGNATURE,
     REFUND_NO_BALANCE,
 )
@@ -94,6 +104,9 @@ RPC_READ_FAILED = "invalid_batch_settlement_evm_rpc_read_failed"
 # ours: the escrow lets a payer leave alone (initiateWithdraw, then finalizeWithdraw after the delay);
 # while that is pending the proxy honours no more vouchers on the channel
 WITHDRAWAL_PENDING = "invalid_batch_settlement_evm_withdrawal_pending"
+# ours: a channel whose vouchers the escrow refused in a claim (a wallet contract's EIP-1271 answer
+# changed) takes no more calls
+CHANNEL_CLOSED = "invalid_batch_settlement_evm_channel_closed"
 MIN_DEPOSIT_CALLS = 10  # without X402_MIN_DEPOSIT, the deposit hint is this many calls' maximum
 # Channel amounts go through Redis Lua numbers (doubles): exact below 2**53 atomic units (≈ 9·10^9
 # USDC); a voucher or deposit at or above it is refused before any script runs.
@@ -198,7 +211,7 @@ class BatchGate:
         incoming = deposit.amount if deposit is not None else 0
         signature = self._signed(payment, requirement)
         if deposit is not None:
-            self._check_deposit(payment)
+            self._check_deposit(payment, requirement.min_deposit)
         note(model=quote.model.name, amount=quote.amount, payer=payment.config.payer, scheme=SCHEME)
         hold_id = secrets.token_hex(16)
         until = time.time() + self.max_timeout_seconds
@@ -277,13 +290,17 @@ class BatchGate:
         if not accepted:
             raise PaymentRequired(reject(INVALID_VOUCHER_SIGNATURE, "the voucher is not signed by the payer"))
 
-    def _check_deposit(self, payment: BatchPayment) -> None:
-        """The parts of a deposit the chain cannot tell apart from a bad signature: the collector's
-        terms. The signature and funds are the simulation's to check."""
+    def _check_deposit(self, payment: BatchPayment, minimum: int) -> None:
+        """The parts of a deposit the chain cannot tell apart from a bad signature: at least the
+        ``minDeposit`` we offered (atomic units; our relayer pays each deposit's gas, so it is never
+        sent for a token amount), and the collector's terms. The signature and funds are the
+        simulation's to check."""
         assert payment.deposit is not None
         auth, now = payment.deposit.authorization, int(time.time())
-        if payment.deposit.amount <= 0:
-            raise PaymentRequired(reject(DEPOSIT_PAYLOAD_INVALID, "deposit.amount must be positive"))
+        if payment.deposit.amount < minimum:
+            raise PaymentRequired(
+                reject(DEPOSIT_BELOW_MIN_DEPOSIT, f"a deposit here is at least extra.minDeposit ({minimum})")
+            )
         if isinstance(auth, Erc3009Deposit):
             if auth.valid_before < now + MIN_VALIDITY_MARGIN or auth.valid_after > now:
                 raise PaymentRequired(
@@ -329,6 +346,14 @@ class BatchGate:
         if state.status == BUSY:
             raise PaymentRequired(
                 reject(CHANNEL_BUSY, "another call is using this channel; retry once it ends")
+            )
+        if state.status == CLOSED:
+            raise PaymentRequired(
+                reject(
+                    CHANNEL_CLOSED,
+                    "this channel's vouchers could not be claimed on chain (the payer's wallet refused "
+                    "them): it takes no more calls; open another channel",
+                )
             )
         verdict = check_amounts(
             payment,
@@ -377,19 +402,21 @@ class BatchGate:
         return view
 
     def _deposit(self, hold: ChannelHold) -> ChannelHold:
-        """Send the payload's deposit and wait for it, unless it landed already (a retry of the same
-        header: its ERC-3009 authorization is used); then the channel's balance must cover the
-        voucher. Raises ``PaymentRequired`` (the deposit reverted or cannot) or ``ApiError``."""
+        """Send the payload's deposit and wait for it, unless its authorization was used already (a
+        retry of the same header: the ERC-3009 authorization's state, or the Permit2 nonce); then
+        the channel's balance must cover the voucher. Raises ``PaymentRequired`` (the deposit
+        reverted or cannot) or ``ApiError``."""
         payment = hold.payment
-        used = deposit_authorization_read(payment)
-        landed = False
-        if used is not None:
-            try:
-                (answer,) = self.chain.rpc.batch([used])
-            except (ChainUnavailable, RpcFailure) as exc:
-                raise _rpc_down() from exc
-            landed = words(answer, 1) == (1,)
-        tx = "" if landed else self._send_deposit(payment)
+        try:
+            (answer,) = self.chain.rpc.batch([deposit_authorization_read(payment)])
+        except (ChainUnavailable, RpcFailure) as exc:
+            raise _rpc_down() from exc
+        used = deposit_authorization_used(payment, answer)
+        if used is None:
+            raise ApiError(
+                503, RPC_READ_FAILED, "the deposit's authorization could not be read; nothing was charged"
+            )
+        tx = "" if used else self._send_deposit(payment)  # used: only the balance counts now
         view = self._view(hold.channel)
         try:
             self.channels.sync(hold.channel, view)
@@ -438,15 +465,8 @@ class BatchGate:
             raise PaymentRequired(reject(simulation_failed, preflight.verdict.detail))
         proof = Proof(shows, lambda tx_hash: Settlement(FAILED, tx_hash, transaction_failed))
         try:
-            settlement = self.settler.send(
-                relayer,
-                BATCH_SETTLEMENT_ADDRESS,
-                preflight,
-                lambda: self.channels.ledger.reserve_relayer_nonce(
-                    self.chain_id, relayer, preflight.relayer_nonce
-                ),
-                proof,
-                lambda _tx: None,
+            settlement = send_to_escrow(
+                self.settler, self.channels.ledger, self.chain_id, relayer, preflight, proof
             )
         except STORE_ERRORS as exc:
             raise _ledger_down() from exc
@@ -540,6 +560,10 @@ class BatchGate:
             refund_calldata(config, amount, view.refund_nonce, sign_digest(self.authorizer_key, digest))
         )
         token, payer = config.token, config.payer
+        try:  # whatever becomes of the refund, the next call reads the chain's balance first
+            self.channels.mark_stale(channel)
+        except STORE_ERRORS as exc:
+            raise _ledger_down() from exc
         settlement = self.send(
             multicall_calldata(calls) if len(calls) > 1 else calls[0],
             lambda receipt: escrow_moved(receipt, token, amount, to=payer, from_=BATCH_SETTLEMENT_ADDRESS),
@@ -549,8 +573,8 @@ class BatchGate:
         after = self._view(channel)
         try:
             self.channels.sync(channel, after)
-        except STORE_ERRORS:
-            log.warning("could not record a refund's channel state; the next call reads the chain")
+        except STORE_ERRORS:  # marked stale before the refund was sent: the next call reads the chain
+            log.warning("could not record a refund's channel state")
         state = replace(state, balance=after.balance, claimed=after.claimed, refund_nonce=after.refund_nonce)
         note(outcome="refunded", refunded=amount, tx=settlement.tx_hash)
         metrics.REFUNDED.inc(amount)

@@ -10,7 +10,8 @@ enough to claim all of it), ``balance`` and ``claimed`` (the chain's ``channels(
 (unix seconds of the last charge), and, while a call runs, ``hold`` (its id), ``hold_until``,
 ``hold_max``, ``hold_signed`` and ``hold_sig`` (the voucher it brought); ``made_by`` names the
 hold that rebuilt the channel until the chain shows it funded or a charge lands (released, that
-hold takes the record with it).
+hold takes the record with it); ``closed`` says why no call is taken on it any more (its vouchers
+could not be claimed).
 
 Every change is one Lua script on the channel's slot: ``hold`` takes the channel for one call iff no
 live call holds it and the voucher is exactly ``charged + maximum`` within the balance; ``commit``
@@ -44,7 +45,7 @@ from app.x402.batch_settlement import ChannelConfig
 # Channels are kept this long after their last charge (seconds): longer than the longest withdraw
 # delay (30 days), so a channel is never forgotten while its payer could still leave with a charge.
 CHANNEL_RETENTION_SECONDS = 45 * 86400
-HELD, BUSY, REFUSED, MISSING = "held", "busy", "refused", "missing"
+HELD, BUSY, REFUSED, MISSING, CLOSED = "held", "busy", "refused", "missing", "closed"
 
 # KEYS[1] the channel, KEYS[2] its shard's index, KEYS[3] where events go (stream, or the shard's outbox).
 # ARGV[1] now, ARGV[2] stream maxlen (0: an outbox), ARGV[3] retention seconds, then the script's own.
@@ -89,6 +90,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
              'made_by', id)
   redis.call('EXPIRE', KEYS[1], keep)
 end
+if redis.call('HEXISTS', KEYS[1], 'closed') == 1 then return state('closed') end
 local hold, held_until = redis.call('HGET', KEYS[1], 'hold'), num('hold_until')
 if hold and hold ~= '' and held_until >= now then return state('busy') end
 local charged, balance, claimed = num('charged'), num('balance'), num('claimed')
@@ -138,6 +140,25 @@ if redis.call('HGET', KEYS[1], 'made_by') == ARGV[4] then
   return {1}
 end
 redis.call('HDEL', KEYS[1], 'hold', 'hold_until', 'hold_max', 'hold_signed', 'hold_sig')
+return {1}
+"""
+)
+
+# stale: the next hold must read the chain first (a refund or a claim is on its way).
+_STALE = Script(
+    _PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'synced', '0') end
+return {1}
+"""
+)
+
+# closed: the channel's vouchers could not be claimed on chain (its payer's wallet refused them):
+# no more calls on it. ARGV[4] why.
+_CLOSE = Script(
+    _PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'closed', ARGV[4]) end
 return {1}
 """
 )
@@ -215,6 +236,7 @@ class StoredChannel:
     claimed: int
     withdraw_at: int
     updated: int
+    closed: str = ""  # why the channel takes no more calls ("" open)
 
     @property
     def unclaimed(self) -> int:
@@ -279,6 +301,15 @@ class Channels:
         """Give the channel back with nothing charged; False when the hold was gone already."""
         return bool(int(self._run(_RELEASE, channel, [hold_id])[0]))
 
+    def mark_stale(self, channel: bytes) -> None:
+        """Make the next call on the channel read the chain first (``synced`` = 0)."""
+        self._run(_STALE, channel, [])
+
+    def close(self, channel: bytes, why: str) -> None:
+        """Refuse every further call on the channel (``closed``: why), for good: its vouchers are
+        not claimable. Raises ``redis.RedisError``."""
+        self._run(_CLOSE, channel, [why])
+
     def sync(self, channel: bytes, view: ChainView) -> None:
         """Record the chain's view of a channel Redis knows (the claimed total only grows)."""
         args = [view.balance, view.claimed, view.withdraw_at, view.refund_nonce]
@@ -305,6 +336,7 @@ class Channels:
             claimed=int(raw.get("claimed", "0")),
             withdraw_at=int(raw.get("withdraw_at", "0")),
             updated=int(raw.get("updated", "0")),
+            closed=raw.get("closed", ""),
         )
 
     def every(self, skipped: list[str] | None = None) -> list[StoredChannel]:

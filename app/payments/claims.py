@@ -42,7 +42,7 @@ from typing import Any, Protocol
 from eth_hash.auto import keccak
 
 from app import metrics
-from app.backends.chain import Chain
+from app.backends.chain import Chain, Preflight
 from app.backends.escrow import (
     VoucherClaim,
     channel_reads,
@@ -61,7 +61,7 @@ from app.backends.token import (
 )
 from app.payments.channels import ChainView, Channels, StoredChannel
 from app.payments.keys import CLAIMS_KEY
-from app.payments.ledger import text_of
+from app.payments.ledger import Ledger, text_of
 from app.payments.settlement import FAILED, NOT_SENT, PENDING, SETTLED, LocalSettler, Proof, Settlement
 from app.settings import Settings
 from app.x402.batch_settlement import BATCH_SETTLEMENT_ADDRESS, ChannelConfig, channel_id, claim_batch_digest
@@ -198,6 +198,12 @@ class _Entry:
     def withdrawing(self) -> bool:
         return self.view.withdraw_at > 0 or self.stored.withdraw_at > 0
 
+    @property
+    def own_signer(self) -> bool:
+        """The payer signs its vouchers itself (``payerAuthorizer`` zero): SignatureChecker's
+        answer, EIP-1271 for a wallet, can change between a simulation and the transaction."""
+        return int(self.config.payer_authorizer, 16) == 0
+
 
 def config_of(stored: StoredChannel) -> ChannelConfig:
     """The ``ChannelConfig`` of a stored channel (its ``channelConfig`` JSON, as the client sent
@@ -296,9 +302,15 @@ class Claims:
             candidates.append((stored, config))
         entries = self._entries(candidates, skipped)
         entries.sort(key=lambda e: (not e.withdrawing, e.view.withdraw_at or e.stored.withdraw_at, -e.total))
+        # A payer that signs its own vouchers (payerAuthorizer zero) may be a wallet contract whose
+        # EIP-1271 answer differs between our simulation and the real transaction: its claim could
+        # revert a whole batch. Such channels are claimed one per transaction; the others batched.
+        batches = [[e] for e in entries if e.own_signer]
+        ecdsa = [e for e in entries if not e.own_signer]
+        batches += [ecdsa[i : i + MAX_CLAIMS_PER_BATCH] for i in range(0, len(ecdsa), MAX_CLAIMS_PER_BATCH)]
         run = ClaimRun(skipped=tuple(skipped))
-        for start in range(0, len(entries), MAX_CLAIMS_PER_BATCH):
-            sent, stop = self._claim_batch(entries[start : start + MAX_CLAIMS_PER_BATCH], record)
+        for batch in sorted(batches, key=lambda b: (not b[0].withdrawing, b[0].view.withdraw_at)):
+            sent, stop = self._claim_batch(batch, record)
             run = ClaimRun(
                 run.channels + sent.channels,
                 run.amount + sent.amount,
@@ -312,6 +324,8 @@ class Claims:
 
     def _claimable(self, stored: StoredChannel) -> tuple[str, ChannelConfig | None]:
         """Why the stored channel cannot be claimed by us ("" when it can), and its config."""
+        if stored.closed:
+            return f"closed ({stored.closed})", None
         if not stored.signature:
             return "no voucher signature stored", None
         try:
@@ -365,9 +379,10 @@ class Claims:
         return views
 
     def _claim_batch(self, entries: list[_Entry], record: SendRecord) -> tuple[ClaimRun, bool]:
-        """Send one ``claimWithSignature`` for ``entries``; a batch whose simulation fails is split
-        in halves until the entry that fails it is found (and skipped). Returns what moved and
-        whether the cycle must stop (a claim undecided or not sent)."""
+        """Send one ``claimWithSignature`` for ``entries``; a batch the escrow refuses (in its
+        simulation, or mined) is claimed apart until the entry that fails it is found, and that
+        channel closed (``_closed``). Returns what moved and whether the cycle must stop (a claim
+        undecided or not sent)."""
         if not entries:
             return ClaimRun(), False
         claims = [
@@ -385,17 +400,8 @@ class Claims:
         preflight = self.chain.send_preflight(BATCH_SETTLEMENT_ADDRESS, calldata, relayer)
         if not preflight.verdict:
             if len(entries) > 1:
-                half = len(entries) // 2
-                first, stop = self._claim_batch(entries[:half], record)
-                if stop:
-                    return first, True
-                second, stop = self._claim_batch(entries[half:], record)
-                return _joined(first, second), stop
-            channel = "0x" + entries[0].stored.channel_id.hex()
-            log.error("claim of %s refused in simulation: %s", channel, preflight.verdict.detail)
-            return ClaimRun(
-                skipped=(f"{channel}: claim refused in simulation: {preflight.verdict.detail}",)
-            ), False
+                return self._apart(entries, record, ())
+            return self._closed(entries[0], f"claim refused in simulation: {preflight.verdict.detail}"), False
         seen: dict[str, Any] = {}
         expected = {e.stored.channel_id: e.total for e in entries}
         proof = Proof(
@@ -415,6 +421,15 @@ class Claims:
         )
         record.decided(settlement)
         gas = _gas_used(seen.get("receipt"))
+        if settlement.outcome == FAILED:  # mined and reverted although its simulation passed
+            failed = (ClaimTx(settlement.tx_hash, FAILED, 0, 0, gas, settlement.reason),)
+            if len(entries) > 1:
+                log.error(
+                    "claim of %d channels reverted in %s: claimed apart", len(entries), settlement.tx_hash
+                )
+                return self._apart(entries, record, failed)
+            closed = self._closed(entries[0], f"claim reverted on chain in {settlement.tx_hash}")
+            return ClaimRun(transactions=failed, skipped=closed.skipped), False
         if settlement.outcome != SETTLED:
             level = logging.WARNING if settlement.outcome == PENDING else logging.ERROR
             log.log(
@@ -443,6 +458,26 @@ class Claims:
         metrics.CLAIMED.inc(amount)
         tx = ClaimTx(settlement.tx_hash, SETTLED, len(deltas), amount, gas)
         return ClaimRun(len(deltas), amount, (tx,)), False
+
+    def _apart(
+        self, entries: list[_Entry], record: SendRecord, failed: tuple[ClaimTx, ...]
+    ) -> tuple[ClaimRun, bool]:
+        """A batch the escrow refused (in simulation, or mined: ``failed``), claimed in halves until
+        the entry that fails it is found and its channel closed; the others are claimed."""
+        half = len(entries) // 2
+        first, stop = self._claim_batch(entries[:half], record)
+        if not stop:
+            second, stop = self._claim_batch(entries[half:], record)
+            first = _joined(first, second)
+        return _joined(ClaimRun(transactions=failed), first), stop
+
+    def _closed(self, entry: _Entry, why: str) -> ClaimRun:
+        """A channel whose claim the escrow refuses: it takes no more calls (``Channels.close``);
+        what it was charged since its last claim is lost, and logged."""
+        channel = "0x" + entry.stored.channel_id.hex()
+        log.error("channel %s closed: %s (%d atomic units not claimable)", channel, why, entry.total)
+        self.channels.close(entry.stored.channel_id, why)
+        return ClaimRun(skipped=(f"{channel}: {why}; the channel is closed",))
 
     # -- settle --------------------------------------------------------------------------------------
 
@@ -479,15 +514,8 @@ class Claims:
             lambda receipt: _settle_logged(receipt, token, pay_to, expected, seen),
             lambda tx_hash: Settlement(FAILED, tx_hash, SETTLE_TRANSACTION_FAILED),
         )
-        settlement = self.settler.send(
-            relayer,
-            BATCH_SETTLEMENT_ADDRESS,
-            preflight,
-            lambda: self.channels.ledger.reserve_relayer_nonce(
-                self.chain_id, relayer, preflight.relayer_nonce
-            ),
-            proof,
-            lambda _tx: None,
+        settlement = send_to_escrow(
+            self.settler, self.channels.ledger, self.chain_id, relayer, preflight, proof
         )
         gas = _gas_used(seen.get("receipt"))
         amount = int(seen.get("amount", 0)) if settlement.outcome == SETTLED else 0
@@ -498,6 +526,18 @@ class Claims:
         return SettleRun(
             amount, ClaimTx(settlement.tx_hash, settlement.outcome, 0, amount, gas, settlement.reason)
         )
+
+
+def send_to_escrow(
+    settler: LocalSettler, ledger: Ledger, chain_id: int, relayer: str, preflight: Preflight, proof: Proof
+) -> Settlement:
+    """Send the preflight's calldata to the escrow from ``relayer`` with its next account nonce
+    (reserved in Redis) and wait until ``proof`` decides it (``LocalSettler.send``)."""
+
+    def reserve() -> int:
+        return ledger.reserve_relayer_nonce(chain_id, relayer, preflight.relayer_nonce)
+
+    return settler.send(relayer, BATCH_SETTLEMENT_ADDRESS, preflight, reserve, proof, lambda _tx: None)
 
 
 def _joined(first: ClaimRun, second: ClaimRun) -> ClaimRun:

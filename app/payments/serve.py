@@ -456,17 +456,12 @@ def _serve_upto(gate: Gate, upto: UptoGate, call: PaidCall, payment: UptoPayment
     only once its charge settled; a stream goes out as it comes and is charged at its end. A host
     that fails, refuses or is cut off costs nothing: the permit is released and may be sent again."""
     hold = upto.begin(call.quote, payment)
-    called = _metered_call(gate, call, lambda: upto.release(hold), _upto_host_failed)
+    called = _called(
+        gate, call, lambda: upto.release(hold), _upto_host_failed, lambda: _UptoMeter(gate, upto, call, hold)
+    )
     if isinstance(called, Answer):
         return called
-    answer, content, asked_usage = called
-    if asked_usage is not None:
-        meter = _UptoMeter(gate, upto, call, hold)
-        return Answer(
-            answer.status,
-            _stream_headers(answer),
-            _relay_metered(call, answer, asked_usage, meter, gate.settings.receipt_key),
-        )
+    answer, content = called
     usage = usage_of_answer(content) if answer.status < 400 else None
     result = upto.settle(hold, usage)
     if result.outcome in (FAILED, NOT_SENT):  # nothing moved: the answer is withheld, nothing owed
@@ -556,6 +551,25 @@ def _metered_call(
         note(outcome="client_gone")
         return Answer(CLIENT_CLOSED, {}, b"")
     return answer, content, None
+
+
+def _called(
+    gate: Gate,
+    call: PaidCall,
+    release: Callable[[], None],
+    failed: Callable[[int, str, str], Answer],
+    meter: Callable[[], Meter],
+) -> Answer | tuple[UpstreamAnswer, bytes]:
+    """``_metered_call``, with a stream handed to its ``meter`` (made only then) as the answer to
+    send: an ``Answer`` ready to go, or the host's whole answer and its body, to be charged."""
+    called = _metered_call(gate, call, release, failed)
+    if isinstance(called, Answer):
+        return called
+    answer, content, asked_usage = called
+    if asked_usage is None:
+        return answer, content
+    relay = _relay_metered(call, answer, asked_usage, meter(), gate.settings.receipt_key)
+    return Answer(answer.status, _stream_headers(answer), relay)
 
 
 def _metered_body(call: PaidCall) -> tuple[dict[str, Any], bool]:
@@ -747,17 +761,12 @@ def _serve_credit(gate: Gate, call: PaidCall, hold: CreditHold) -> Answer:
     price charged (``X-Credit-Charged``, ``X-Credit-Balance``; for a stream, an SSE comment at its
     end) and the rest given back. A host that fails, refuses or is cut off costs nothing."""
     signin = gate.signin
-    called = _metered_call(gate, call, lambda: signin.release(hold), _credit_host_failed)
+    called = _called(
+        gate, call, lambda: signin.release(hold), _credit_host_failed, lambda: _CreditMeter(gate, call, hold)
+    )
     if isinstance(called, Answer):
         return called
-    answer, content, asked_usage = called
-    if asked_usage is not None:
-        meter = _CreditMeter(gate, call, hold)
-        return Answer(
-            answer.status,
-            _stream_headers(answer),
-            _relay_metered(call, answer, asked_usage, meter, gate.settings.receipt_key),
-        )
+    answer, content = called
     usage = usage_of_answer(content) if answer.status < 400 else None
     charged = _charge_credit(signin, hold, usage)
     if isinstance(charged, str):  # nothing was charged, and the answer is withheld
@@ -850,17 +859,16 @@ def _serve_batch(gate: Gate, batch: BatchGate, call: PaidCall, payment: BatchPay
     if payment.kind == "refund":
         return _refund(batch, call, payment)
     hold = batch.begin(call.quote, payment)
-    called = _metered_call(gate, call, lambda: batch.release(hold), _batch_host_failed)
+    called = _called(
+        gate,
+        call,
+        lambda: batch.release(hold),
+        _batch_host_failed,
+        lambda: _BatchMeter(gate, batch, call, hold),
+    )
     if isinstance(called, Answer):
         return called
-    answer, content, asked_usage = called
-    if asked_usage is not None:
-        meter = _BatchMeter(gate, batch, call, hold)
-        return Answer(
-            answer.status,
-            _stream_headers(answer),
-            _relay_metered(call, answer, asked_usage, meter, gate.settings.receipt_key),
-        )
+    answer, content = called
     usage = usage_of_answer(content) if answer.status < 400 else None
     charged = batch.commit(hold, usage)
     if charged.state is None:  # nothing was charged, and the answer is withheld

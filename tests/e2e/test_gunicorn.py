@@ -266,3 +266,34 @@ def test_the_gunicorn_settings_load_before_any_metric_exists(tmp_path: Path) -> 
             timeout=60,
         )
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_each_worker_claims_batch_charges_without_any_request(
+    anvil: Service,
+    redis_service: Service,
+    redis_client,
+    upto_proxy: Proxy,
+    chain: DevChain,
+    standin: StandinModel,
+) -> None:
+    """Charges made before gunicorn started (here by another app on the same Redis) are claimed by
+    the workers' claim loops, though no request reaches gunicorn: they start with each worker."""
+    from app.payments.claims import stop_all
+    from tests.integration.test_batch_claims import on_chain, paid_calls
+
+    channel, charged = paid_calls(upto_proxy, upto_proxy.wallets.payer_key, 2)
+    stop_all()  # the in-process app's loop is not the one under test
+    port = free_port()
+    env = gunicorn_env(anvil, redis_service, upto_proxy.wallets, standin.url, port)
+    env.update(X402_CLAIM_INTERVAL="1", X402_CATALOG=str(upto_proxy.settings.catalog_path))
+    redis_client.set("x402:{meta}:claims", '{"claim_at": 0, "settle_at": 0}')  # due (as after a restart)
+    process = start_gunicorn(env)
+    try:
+        deadline = time.monotonic() + 30
+        while on_chain(upto_proxy, channel)[1] != charged:
+            assert time.monotonic() < deadline, "the workers did not claim"
+            assert process.poll() is None, process.communicate()[1][-2000:]
+            time.sleep(0.2)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)

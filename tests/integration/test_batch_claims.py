@@ -8,6 +8,7 @@ Amounts are atomic USDC units (6 decimals), times unix seconds; gas in units of 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -17,14 +18,24 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import requests
 from eth_abi import encode
 from eth_account import Account
 from eth_hash.auto import keccak
+from x402.mechanisms.evm.batch_settlement.client.eip3009 import (
+    create_batch_settlement_eip3009_deposit_payload,
+)
+from x402.mechanisms.evm.batch_settlement.client.voucher import sign_voucher
+from x402.mechanisms.evm.batch_settlement.types import ChannelConfig as OfficialConfig
+from x402.mechanisms.evm.batch_settlement.types import VoucherPayload
+from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
+from x402.mechanisms.evm.signers import EthAccountSigner
+from x402.schemas import PaymentRequirements
 
 from app.backends.escrow import CONFIG_TUPLE, channel_reads, config_tuple, receivers_read, words
 from app.backends.token import selector
 from app.cli import main
-from app.devnet import DevChain, Service, free_port
+from app.devnet import PROJECT_ROOT, DevChain, Service, free_port
 from app.devnet.standin import StandinModel
 from app.payments.channels import ChainView
 from app.payments.claims import MAX_CLAIMS_PER_BATCH, ClaimLoop, config_of
@@ -33,7 +44,7 @@ from app.settings import Settings, SettingsError
 from app.x402.batch_settlement import BATCH_SETTLEMENT_ADDRESS, ChannelConfig, channel_id, voucher_digest
 from app.x402.eip712 import sign_digest
 from tests.interop.paid import CLIENT_TIMEOUT, decode_settlement
-from tests.interop.test_batch_clients import BODY, batch_session
+from tests.interop.test_batch_clients import BODY, batch_entry, batch_session, error_of
 from tests.support import USDC, Proxy, proxy_with
 
 pytestmark = pytest.mark.integration
@@ -353,6 +364,10 @@ def test_a_voucher_the_escrow_refuses_does_not_sink_its_batch(
     assert any(line.startswith("0x" + bad.hex()) and "simulation" in line for line in run.skipped)
     assert on_chain(proxy, bad)[1] == 0
     assert all(on_chain(proxy, channel)[1] == charged for channel, charged in good)
+    # the channel whose vouchers cannot be claimed takes no more calls
+    assert loop.redis.hget(loop.claims.channels.key(bad), "closed")
+    held = loop.claims.channels.hold(bad, "next", int(time.time()) + 60, 1, stored.charged + 1, b"")
+    assert held.status == "closed"
 
 
 # --- settings ------------------------------------------------------------------------------------------
@@ -550,3 +565,88 @@ def test_gas_per_channel_of_a_claim_batch(batch_proxy: Proxy, loop: ClaimLoop, t
     per_channel = {count: used // count for count, used in gas.items()}
     print(f"claim gas used: {gas}; per channel: {per_channel}")
     assert gas[1] < 120_000 and per_channel[MAX_CLAIMS_PER_BATCH] < 40_000
+
+
+class _WalletSigner:
+    """Signs for a wallet contract (``ERC1271Wallet``): its address, its owner's signatures (the
+    wallet's ``isValidSignature`` accepts the owner's ECDSA over the digest)."""
+
+    def __init__(self, wallet: str, owner: Any) -> None:
+        self.address = wallet
+        self._owner = EthAccountSigner(owner)
+
+    def sign_typed_data(self, *args: Any, **kwargs: Any) -> bytes:
+        return self._owner.sign_typed_data(*args, **kwargs)
+
+
+# A wallet runtime whose EIP-1271 answer is the magic value only when tx.gasprice is 0: what an
+# eth_call or eth_estimateGas sees, never a real transaction (GASPRICE ISZERO … MSTORE RETURN).
+GAS_PRICE_WALLET = "0x3a15600957600080fd5b631626ba7e60e01b60005260206000f3"
+
+
+def test_a_wallet_payer_whose_claim_reverts_on_chain_is_claimed_apart_and_closed(
+    batch_proxy: Proxy, loop: ClaimLoop, chain: DevChain, standin: StandinModel
+) -> None:
+    """A payer that signs its own vouchers through a wallet contract (payerAuthorizer zero) whose
+    EIP-1271 answer passes every simulation and fails the real claim: it is claimed in a
+    transaction of its own, so the other channels' batch lands; its channel is closed."""
+    proxy = batch_proxy
+    honest, honest_charged = paid_calls(proxy, proxy.wallets.payer_key, 1)
+    owner, wallet = Account.create(), Account.create().address
+    artifact = json.loads((PROJECT_ROOT / "contracts" / "ERC1271Wallet.json").read_text())
+    chain.rpc.call("anvil_setCode", [wallet, artifact["deployedBytecode"]])
+    chain.transact(wallet, selector("setOwner(address)") + encode(["address"], [owner.address]))
+    chain.mint(wallet, 10 * USDC)
+    entry = batch_entry(proxy)
+    maximum = int(entry["amount"])
+    config = OfficialConfig(
+        payer=wallet,
+        payer_authorizer="0x" + "00" * 20,
+        receiver=entry["payTo"],
+        receiver_authorizer=entry["extra"]["receiverAuthorizer"],
+        token=entry["asset"],
+        withdraw_delay=int(entry["extra"]["withdrawDelay"]),
+        salt="0x" + os.urandom(32).hex(),
+    )
+    signer = _WalletSigner(wallet, owner)
+    deposit = create_batch_settlement_eip3009_deposit_payload(
+        signer, PaymentRequirements.model_validate(entry), config, 10 * maximum, maximum
+    )
+    header = {"x402Version": 2, "accepted": entry, "payload": deposit.to_dict()}
+    served = requests.post(
+        proxy.url + "/v1/chat/completions",
+        json=BODY,
+        headers={"PAYMENT-SIGNATURE": base64.b64encode(json.dumps(header).encode()).decode()},
+        timeout=CLIENT_TIMEOUT,
+    )
+    assert served.status_code == 200, served.text  # the wallet's EIP-1271 answer holds today
+    state = decode_settlement(served.headers["PAYMENT-RESPONSE"])["extra"]["channelState"]
+    channel = bytes.fromhex(state["channelId"][2:])
+    chain.rpc.call("anvil_setCode", [wallet, GAS_PRICE_WALLET])  # an upgraded wallet
+
+    run = loop.run(settle=False, force=True).claimed
+    assert run is not None
+    assert on_chain(proxy, honest)[1] == honest_charged  # its batch was not sunk
+    assert on_chain(proxy, channel)[1] == 0
+    assert [tx.outcome for tx in run.transactions].count("failed") == 1  # the wallet's own claim
+    assert any("reverted on chain" in line for line in run.skipped)
+    assert loop.redis.hget(loop.claims.channels.key(channel), "closed")
+    again = loop.run(settle=False, force=True).claimed
+    assert again is not None and again.transactions == ()  # a closed channel burns no more gas
+    refused = requests.post(
+        proxy.url + "/v1/chat/completions",
+        json=BODY,
+        headers=voucher_for(entry, config, signer, maximum),
+        timeout=30,
+    )
+    assert error_of(refused) == "invalid_batch_settlement_evm_channel_closed"
+
+
+def voucher_for(entry: dict[str, Any], config: Any, signer: Any, charged_before: int) -> dict[str, str]:
+    """A voucher payload on ``config``'s channel for one more call after ``charged_before``."""
+    payload = VoucherPayload()
+    payload.channel_config = config
+    channel = compute_channel_id(config, entry["network"])
+    payload.voucher = sign_voucher(signer, channel, charged_before + int(entry["amount"]), entry["network"])
+    wire = {"x402Version": 2, "accepted": entry, "payload": payload.to_dict()}
+    return {"PAYMENT-SIGNATURE": base64.b64encode(json.dumps(wire).encode()).decode()}

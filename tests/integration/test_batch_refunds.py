@@ -16,6 +16,7 @@ import redis
 import requests
 from eth_abi import encode
 from eth_account import Account
+from x402.mechanisms.evm.batch_settlement.types import ChannelConfig as OfficialConfig
 
 from app.backends.escrow import config_tuple
 from app.backends.token import selector
@@ -25,7 +26,14 @@ from app.payments.keys import channel_key
 from app.x402.batch_settlement import BATCH_SETTLEMENT_ADDRESS, ChannelConfig
 from app.x402.codec import decode_header
 from tests.interop.paid import CLIENT_TIMEOUT, decode_settlement
-from tests.interop.test_batch_clients import BODY, batch_session, channel_on_chain
+from tests.interop.test_batch_clients import (
+    BODY,
+    batch_entry,
+    batch_session,
+    channel_on_chain,
+    error_of,
+    voucher_header,
+)
 from tests.support import Proxy, usage_price
 
 pytestmark = pytest.mark.integration
@@ -216,3 +224,37 @@ def test_a_payer_that_signs_its_own_vouchers_pays_too(upto_proxy: Proxy) -> None
     finally:
         loop.stop()
     assert channel_on_chain(proxy, state["channelId"])[1] == charged
+
+
+def test_after_a_refund_the_next_voucher_is_checked_against_the_chain_s_balance(
+    upto_proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refund landed but Redis could not record its result: the channel was marked stale before
+    the refund was sent, so the next voucher is checked against what the escrow holds now, not the
+    balance Redis remembers, and a call the channel can no longer pay is refused."""
+    from app.payments.channels import Channels
+
+    proxy = upto_proxy
+    _session, scheme, charged, channel = paid_calls(proxy, 1)
+    real_sync = Channels.sync
+    failures = iter([True])
+
+    def sync_failing_once_after_the_refund(self: Channels, channel_id: bytes, view: Any) -> None:
+        if view.balance == charged and next(failures, False):  # the refund's result
+            raise redis.ConnectionError("Redis went away")
+        real_sync(self, channel_id, view)
+
+    monkeypatch.setattr(Channels, "sync", sync_failing_once_after_the_refund)
+    assert scheme.refund(proxy.url + PING).success
+    assert channel_on_chain(proxy, channel) == (charged, charged)
+    key = channel_key(8453, bytes.fromhex(channel[2:]))
+    client = redis.Redis.from_url(proxy.settings.redis_url)
+    assert int(client.hget(key, "balance")) > charged  # Redis still remembers the old balance
+    # the payer's next voucher, as if nothing had been refunded: charged so far plus one call
+    entry = batch_entry(proxy)
+    config = OfficialConfig.from_dict(json.loads(client.hget(key, "config")))
+    header = voucher_header(entry, config, charged + int(entry["amount"]), proxy.wallets.payer_key)
+    refused = requests.post(proxy.url + "/v1/chat/completions", json=BODY, headers=header, timeout=30)
+    assert error_of(refused) == "invalid_batch_settlement_evm_cumulative_exceeds_balance"
+    assert int(client.hget(key, "charged")) == charged
+    assert int(client.hget(key, "balance")) == charged  # the chain's, read again

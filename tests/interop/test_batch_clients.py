@@ -839,34 +839,41 @@ def test_a_deposit_with_a_bad_authorization_moves_nothing(
 def test_a_voucher_above_the_channel_balance_is_refused(
     batch_proxy: Proxy, standin: StandinModel, store: redis.Redis
 ) -> None:
-    """A channel opened (by hand, with the official client's ERC-3009 helper) with exactly one call's
-    maximum: after one call, the next voucher (charged + maximum) is above its balance."""
+    """A channel opened (by hand, with the official client's ERC-3009 helper) with the least deposit
+    the 402 asks (``minDeposit``, ten calls of ``BODY``): after one call, a voucher for a body whose
+    maximum is above what is left (charged + that maximum) is above its balance."""
     proxy = batch_proxy
     key = proxy.wallets.payer_key
     entry = batch_entry(proxy)
-    maximum = int(entry["amount"])
+    maximum, minimum = int(entry["amount"]), int(entry["extra"]["minDeposit"])
     config = honest_config(entry, key)
     channel = compute_channel_id(config, entry["network"])
     opened = requests.post(
         proxy.url + CHAT,
         json=BODY,
-        headers={"PAYMENT-SIGNATURE": deposit_header(entry, config, key, maximum, maximum)},
+        headers={"PAYMENT-SIGNATURE": deposit_header(entry, config, key, minimum, maximum)},
     )
     charged = price_of(proxy, opened)
-    assert settled_of(opened)["extra"]["channelState"]["balance"] == str(maximum)
+    assert settled_of(opened)["extra"]["channelState"]["balance"] == str(minimum)
     before = redis_snapshot(store)
+    big_body = {**BODY, "max_tokens": 4096}
+    big = batch_entry(proxy, big_body)
+    assert charged + int(big["amount"]) > minimum  # the precondition: this call does not fit
 
     response = requests.post(
-        proxy.url + CHAT, json=BODY, headers=voucher_header(entry, config, charged + maximum, key), timeout=30
+        proxy.url + CHAT,
+        json=big_body,
+        headers=voucher_header(big, config, charged + int(big["amount"]), key),
+        timeout=30,
     )
 
     assert error_of(response) == EXCEEDS_BALANCE
     assert redis_snapshot(store) == before
     assert stored(proxy, store, channel)["charged"] == str(charged)
     assert len(standin.received) == 1
-    # the official client, resynchronised, tops the channel up and pays on
+    # the official client, resynchronised, tops the channel up and pays the big call
     session, _scheme = batch_session(proxy)
-    topped = session.post(proxy.url + CHAT, json=BODY, timeout=CLIENT_TIMEOUT)
+    topped = session.post(proxy.url + CHAT, json=big_body, timeout=CLIENT_TIMEOUT)
     settled = settled_of(topped)
     assert TX_HASH_RE.fullmatch(settled["transaction"]), settled  # the top-up deposit
     assert settled["extra"]["channelState"]["chargedCumulativeAmount"] == str(
@@ -887,7 +894,7 @@ def test_a_permit2_deposit_built_by_the_official_helper_is_accepted(
     config = honest_config(entry, key)
     channel = compute_channel_id(config, entry["network"])
     payload = create_batch_settlement_permit2_deposit_payload(
-        EthAccountSigner(Account.from_key(key)), requirements_of(entry), config, 5 * maximum, maximum
+        EthAccountSigner(Account.from_key(key)), requirements_of(entry), config, 10 * maximum, maximum
     )
     payer_before, _ = proxy.balances()
 
@@ -904,6 +911,32 @@ def test_a_permit2_deposit_built_by_the_official_helper_is_accepted(
     assert TX_HASH_RE.fullmatch(settled["transaction"]), settled
     price = price_of(proxy, response)
     assert settled["extra"]["channelState"]["chargedCumulativeAmount"] == str(price)
-    assert channel_on_chain(proxy, channel) == (5 * maximum, 0)
-    assert payer_before - proxy.balances()[0] == 5 * maximum
+    assert channel_on_chain(proxy, channel) == (10 * maximum, 0)
+    assert payer_before - proxy.balances()[0] == 10 * maximum
     assert stored(proxy, store, channel)["charged"] == str(price)
+
+
+def test_a_deposit_below_the_offered_minimum_is_refused_before_any_transaction(
+    batch_proxy: Proxy, standin: StandinModel, store: redis.Redis
+) -> None:
+    """Our relayer pays each deposit's gas: a deposit below ``extra.minDeposit`` is never sent."""
+    proxy = batch_proxy
+    key = proxy.wallets.payer_key
+    entry = batch_entry(proxy)
+    maximum, minimum = int(entry["amount"]), int(entry["extra"]["minDeposit"])
+    config = honest_config(entry, key, salt="0x" + os.urandom(32).hex())
+    relayer_nonce = proxy.chain.rpc.call("eth_getTransactionCount", [proxy.wallets.relayer, "latest"])
+    before = proxy.balances()
+
+    response = requests.post(
+        proxy.url + CHAT,
+        json=BODY,
+        headers={"PAYMENT-SIGNATURE": deposit_header(entry, config, key, minimum - 1, maximum)},
+        timeout=30,
+    )
+
+    assert error_of(response) == "invalid_batch_settlement_evm_deposit_below_min_deposit"
+    assert proxy.balances() == before
+    assert proxy.chain.rpc.call("eth_getTransactionCount", [proxy.wallets.relayer, "latest"]) == relayer_nonce
+    assert stored(proxy, store, compute_channel_id(config, entry["network"])) == {}
+    assert len(standin.received) == 0
