@@ -62,6 +62,7 @@ def post_worker_init(worker: object) -> None:
     """A worker is ready: its batch-settlement claim loop starts now (gunicorn server hook), so
     what was charged before a restart is claimed even if no voucher comes; the deployment runs one
     cycle at a time whatever the number of workers and hosts."""
-    services = worker.wsgi.extensions["x402"]  # type: ignore[attr-defined]  # the preloaded app
-    if services.gate.batch is not None:
+    extensions = getattr(getattr(worker, "wsgi", None), "extensions", {})
+    services = extensions.get("x402")  # None for another app (a benchmark's reference stack)
+    if services is not None and services.gate.batch is not None:
         services.gate.batch.claims.ensure_running()

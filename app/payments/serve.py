@@ -376,13 +376,10 @@ def _with_offer_receipt(gate: Gate, call: PaidCall, value: str) -> str:
     the resource's URL is the operator's (``X402_PUBLIC_URL``), never one a client's Host header
     names."""
     key = gate.settings.receipt_key
+    if not key or not gate.settings.public_url:  # no receipt: nothing to decode
+        return value
     settled = decode_header(value)
-    if (
-        not key
-        or not gate.settings.public_url
-        or not isinstance(settled, dict)
-        or settled.get("success") is not True
-    ):
+    if not isinstance(settled, dict) or settled.get("success") is not True:
         return value
     network = gate.settings.network.caip2
     extension = offer_receipt(
