@@ -3,7 +3,7 @@
     python -m benchmarks [--only challenge,stream] [--skip memory] [--no-profile]
 
 Each benchmark also runs alone: ``python -m benchmarks.<name>`` (challenge, paid_latency, throughput,
-stream, verify_cpu, io_counts, memory, phases, upto, credit). A benchmark that crashes is reported as a
+stream, verify_cpu, io_counts, memory, phases, upto, credit, batch). A benchmark that crashes is reported as a
 FAIL row with its error, and the others still run. Everything is on loopback and stops by itself.
 """
 
@@ -59,6 +59,7 @@ BENCHMARKS: dict[str, Callable[[], list[Row]]] = {
     "phases": _phases,
     "upto": _module("upto"),
     "credit": _module("credit"),
+    "batch": _module("batch"),
 }
 
 

@@ -1,11 +1,14 @@
 """A bounded closed-loop load generator for paid calls: N client threads, one keep-alive session each,
-each payment header used once. Stops when the time is up or the headers run out, whichever is first."""
+each payment header used once. Stops when the time is up or the headers run out, whichever is first.
+With ``lanes``, each client has its own headers, taken in order (``benchmarks.batch``: one channel
+per client, whose vouchers must come one after another)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,31 +45,36 @@ def paid_load(
     body: Any = None,
     timeout: float = 30.0,
     result: LoadResult | None = None,
+    lanes: Sequence[Sequence[dict[str, str]]] | None = None,
 ) -> LoadResult:
     """Run until ``seconds`` have passed (None: until every header is used); one call per header.
-    ``result``: an empty ``LoadResult`` (of a subclass) to fill and return, instead of a new one."""
+    ``result``: an empty ``LoadResult`` (of a subclass) to fill and return, instead of a new one.
+    ``lanes``: one list of headers per client instead of ``headers`` shared by ``clients``."""
     body = CHAT_BODY if body is None else body
     result = LoadResult() if result is None else result
+    sources = [headers] * clients if lanes is None else list(lanes)
+    clients = len(sources)
     lock = threading.Lock()
-    position = {"next": 0}
+    position = [0] * clients  # shared (index 0) without lanes, one per client with them
     started = time.perf_counter()
     deadline = started + seconds if seconds is not None else float("inf")
 
-    def take() -> dict[str, str] | None:
+    def take(lane: int) -> dict[str, str] | None:
+        index = 0 if lanes is None else lane
         with lock:
             if time.perf_counter() >= deadline:
                 return None
-            if position["next"] >= len(headers):
+            if position[index] >= len(sources[lane]):
                 result.exhausted = seconds is not None
                 return None
-            header = headers[position["next"]]
-            position["next"] += 1
+            header = sources[lane][position[index]]
+            position[index] += 1
             return header
 
-    def client() -> None:
+    def client(lane: int) -> None:
         s = session()
         try:
-            while (header := take()) is not None:
+            while (header := take(lane)) is not None:
                 t0 = time.perf_counter()
                 try:
                     response = s.post(url, json=body, headers=header, timeout=timeout)
@@ -86,10 +94,11 @@ def paid_load(
         finally:
             s.close()
 
-    threads = [threading.Thread(target=client, name=f"load-{i}") for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(i,), name=f"load-{i}") for i in range(clients)]
     for t in threads:
         t.start()
+    calls = len(headers) if lanes is None else max(map(len, sources), default=0) * clients
     for t in threads:
-        t.join((seconds or 0) + len(headers) * timeout / max(clients, 1) + 60)
+        t.join((seconds or 0) + calls * timeout / max(clients, 1) + 60)
     result.elapsed = time.perf_counter() - started
     return result

@@ -46,6 +46,7 @@ from .reference_stack import reference_stack
 
 GOAL_RATIO = 2.0
 MAX_HEADERS = 12_000
+RATE_FLOOR = 200  # calls/s to sign payments for at least (a cold warm-up can underestimate the rate)
 STACKS = ("ours", "reference")
 REFERENCE_PRICE = 1000  # the reference's price when ours is not run to offer its own
 
@@ -118,7 +119,7 @@ def paid_run(
     price = int(requirement["amount"])
     warm = paid_load(url, sign_headers(requirement, dev.payer_key, 4 * clients), clients)
     assert warm.ok, (name, warm.statuses, warm.errors)
-    wanted = min(MAX_HEADERS, int(warm.rate * seconds * 1.6) + 300)
+    wanted = min(MAX_HEADERS, int(max(warm.rate, RATE_FLOOR) * seconds * 1.6) + 300)
     headers = sign_headers(requirement, dev.payer_key, wanted)
     balance, nonce = dev.chain.balance(payee), dev.nonce_of(settler)
     meter = CpuMeter(
