@@ -234,7 +234,12 @@ def settled_of(response: requests.Response) -> dict[str, Any]:
 
 
 def price_of(proxy: Proxy, response: requests.Response) -> int:
-    return usage_price(proxy, response.json()["usage"])
+    return price_of_body(proxy, response.json())
+
+
+def price_of_body(proxy: Proxy, body: dict[str, Any]) -> int:
+    """The usage price of an answer's body (``usage``)."""
+    return usage_price(proxy, body["usage"])
 
 
 # -- the Python client ----------------------------------------------------------------------------------
@@ -564,18 +569,36 @@ def test_a_flushed_redis_is_rebuilt_from_the_chain_and_the_payers_voucher(
 # -- the npm client -------------------------------------------------------------------------------------
 
 
-def pay_batch_npm(proxy: Proxy, calls: int, key: str | None = None) -> dict[str, Any]:
+def pay_batch_npm(proxy: Proxy, calls: int, key: str | None = None, refund: bool = False) -> dict[str, Any]:
+    """``calls`` calls by the npm client in one process, then (``refund``) its cooperative refund
+    asked at the paid ping."""
     assert (PROJECT_ROOT / "node_modules" / "@x402" / "evm").is_dir(), "run npm ci at the project root"
-    return run_node(
-        PAY_BATCH,
-        {
-            "X402_URL": proxy.url + CHAT,
-            "X402_PAYER_KEY": key or proxy.wallets.payer_key,
-            "X402_BODY": json.dumps(BODY),
-            "X402_RPC_URL": proxy.settings.rpc_urls[0],
-            "X402_CALLS": str(calls),
-        },
-    )
+    env = {
+        "X402_URL": proxy.url + CHAT,
+        "X402_PAYER_KEY": key or proxy.wallets.payer_key,
+        "X402_BODY": json.dumps(BODY),
+        "X402_RPC_URL": proxy.settings.rpc_urls[0],
+        "X402_CALLS": str(calls),
+    }
+    if refund:
+        env["X402_REFUND_URL"] = proxy.url + "/v1/models/hermes-3-8b-tee/ping"
+    return run_node(PAY_BATCH, env)
+
+
+def test_npm_client_gets_its_unused_deposit_back(batch_proxy: Proxy, standin: StandinModel) -> None:
+    proxy = batch_proxy
+    payer_before, payee_before = proxy.balances()
+
+    line = pay_batch_npm(proxy, 2, refund=True)
+
+    assert [call["status"] for call in line["calls"]] == [200, 200], line
+    charged = sum(price_of_body(proxy, call["body"]) for call in line["calls"])
+    refund = line["refund"]
+    assert refund["success"] is True and TX_HASH_RE.fullmatch(refund["transaction"]), refund
+    assert payer_before - proxy.balances()[0] == charged  # the deposit came back, but what was charged
+    assert proxy.balances()[1] == payee_before  # claimed into the escrow with the refund, not swept yet
+    channel = line["calls"][-1]["paymentResponse"]["extra"]["channelState"]["channelId"]
+    assert channel_on_chain(proxy, channel) == (charged, charged)
 
 
 def test_npm_client_deposits_once_then_pays_with_vouchers_and_a_second_process_resynchronises(

@@ -1,7 +1,8 @@
 // Pays several calls in a row with the official v2 npm client, batch-settlement scheme
 // (@x402/fetch + @x402/evm/batch-settlement/client, 2.27, unmodified, defaults).
 //
-//   X402_URL, X402_PAYER_KEY, X402_BODY, X402_RPC_URL, X402_CALLS (default 1) in the environment
+//   X402_URL, X402_PAYER_KEY, X402_BODY, X402_RPC_URL, X402_CALLS (default 1) in the environment;
+//   X402_REFUND_URL (optional): then the client's cooperative refund of the channel, asked there
 //
 // One BatchSettlementEvmScheme (its default in-memory channel storage, salt zero) is registered for
 // eip155:* with wrapFetchWithPaymentFromConfig; its signer is a viem local account composed with a
@@ -10,11 +11,12 @@
 // X402_CALLS times, one after the other. Every request the wrapper sends is recorded (status, and
 // for a paid one the payload's type and voucher amount), so a test can tell a deposit from a voucher
 // and see a corrective 402 answered. Prints one JSON line:
-//   {calls: [{status, body, paymentResponseHeader, paymentResponse, exchanges: [...]}], channel}
+//   {calls: [{status, body, paymentResponseHeader, paymentResponse, exchanges: [...]}], channel, refund}
 // where body is the answer parsed as JSON (or its raw text), paymentResponse the PAYMENT-RESPONSE
 // header as the SDK decodes it, exchanges the wire requests of that call
 // ({status, paid, type?, maxClaimableAmount?, error?}) and channel the client's own record of the
-// channel after the last call. On a client-side error it prints {error} and exits 1.
+// channel after the last call, refund the settle response of the refund (null when not asked). On a
+// client-side error it prints {error} and exits 1.
 
 import { toClientEvmSigner } from "@x402/evm";
 import { BatchSettlementEvmScheme, InMemoryClientChannelStorage } from "@x402/evm/batch-settlement/client";
@@ -91,7 +93,8 @@ async function main() {
     });
   }
   const channels = [...storage.channels.entries()].map(([id, ctx]) => ({ id, ...ctx }));
-  emit({ calls: results, channel: channels[0] ?? null }, 0);
+  const refund = env.X402_REFUND_URL ? await scheme.refund(env.X402_REFUND_URL) : null;
+  emit({ calls: results, channel: channels[0] ?? null, refund }, 0);
 }
 
 main().catch((error) => emit({ error: String(error?.stack || error) }, 1));
