@@ -15,7 +15,7 @@ from app import logs
 
 bind = os.environ.get("X402_BIND", "0.0.0.0:8402")
 workers = int(os.environ.get("X402_WORKERS", str(max(2, multiprocessing.cpu_count()))))
-worker_class = "gthread"
+worker_class = "app.gunicorn_worker.ThreadWorker"  # gthread, its lingering closes off the main thread
 # A stream holds a thread for its whole length: size it to the streams one worker should carry.
 threads = int(os.environ.get("X402_THREADS", "32"))
 # A gthread worker accepts a connection whenever it holds fewer than worker_connections (gunicorn's

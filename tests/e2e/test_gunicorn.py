@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -294,6 +295,34 @@ def test_each_worker_claims_batch_charges_without_any_request(
             assert time.monotonic() < deadline, "the workers did not claim"
             assert process.poll() is None, process.communicate()[1][-2000:]
             time.sleep(0.2)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+
+def test_a_client_that_keeps_its_socket_open_does_not_hold_up_the_others(
+    anvil: Service, redis_service: Service, wallets: Wallets, chain: DevChain, standin: StandinModel, settings
+) -> None:
+    """Every answer closes its connection (keep-alive is off); a client that reads its answer and
+    keeps the socket open made gunicorn's worker wait up to 2 s for it on its main thread, accepting
+    nothing meanwhile. With one worker, another client is now answered while that socket stays open."""
+    port = free_port()
+    env = {**gunicorn_env(anvil, redis_service, wallets, standin.url, port), "X402_WORKERS": "1"}
+    process = start_gunicorn(env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(process, url)
+        holder = socket.create_connection(("127.0.0.1", port))
+        holder.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            answer += holder.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200"), answer  # read whole; the socket stays open
+        started = time.monotonic()
+        assert requests.get(url + "/healthz", timeout=10).status_code == 200
+        waited = time.monotonic() - started
+        holder.close()
+        assert waited < 1.0, f"another client waited {waited:.2f} s behind a held socket"
     finally:
         process.terminate()
         process.communicate(timeout=30)
