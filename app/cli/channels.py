@@ -112,8 +112,10 @@ def _refund(command: str, loop: Any, args: argparse.Namespace) -> int:
 
 
 def render_channels(channels: list[Any]) -> str:
-    """One line per channel (``StoredChannel``: id, payer, charged, claimed, unclaimed, balance,
-    withdrawal pending since when) and a total line; amounts in USDC (6 decimals)."""
+    """One line per channel (``StoredChannel``: id, payer, charged, claimed, unclaimed, balance (what
+    the escrow holds for it: deposits less withdrawals and refunds, claims included), refundable
+    (balance less what was charged), withdrawal pending since when) and a total line; amounts in
+    USDC (6 decimals)."""
     lines: list[str] = []
     for c in sorted(channels, key=lambda c: (-c.unclaimed, c.channel_id)):
         withdraw = (
@@ -121,9 +123,11 @@ def render_channels(channels: list[Any]) -> str:
             if c.withdraw_at
             else "no withdrawal"
         )
+        refundable = max(c.balance - max(c.charged, c.claimed), 0)
         lines.append(
             f"0x{c.channel_id.hex()}  payer {c.payer}  charged {usdc(c.charged)}  claimed {usdc(c.claimed)}  "
-            f"unclaimed {usdc(c.unclaimed)}  balance {usdc(c.balance)}  {withdraw}\n"
+            f"unclaimed {usdc(c.unclaimed)}  balance {usdc(c.balance)}  refundable {usdc(refundable)}  "
+            f"{withdraw}\n"
         )
     charged = sum(c.charged for c in channels)
     claimed = sum(c.claimed for c in channels)

@@ -499,12 +499,11 @@ class BatchGate:
         hold_id = secrets.token_hex(16)
         until = time.time() + self.max_timeout_seconds
         state = self._hold(payment, hold_id, int(until), 0, signed, 0)
-        hold = ChannelHold(quote, payment, hold_id, state, until)
         try:
-            voucher = (hold.state.charged, payment.voucher.signature)  # the payer's own, fresh
+            voucher = (state.charged, payment.voucher.signature)  # the payer's own, fresh
             return self._give_back(payment.config, state, voucher, payment.refund_amount)
         finally:
-            self.release(hold)
+            self._let_go(payment.voucher.channel_id, hold_id)
 
     def refund_channel(self, stored: StoredChannel) -> Refunded:
         """The operator's refund of a channel (``x402-proxy channels refund``, and idle channels):
@@ -529,10 +528,14 @@ class BatchGate:
         try:
             return self._give_back(config, state, (stored.signed, signature), None)
         finally:
-            try:
-                self.channels.release(stored.channel_id, hold_id)
-            except STORE_ERRORS as exc:  # the hold lapses at its time
-                log.warning("could not release a refunded channel: %s", type(exc).__name__)
+            self._let_go(stored.channel_id, hold_id)
+
+    def _let_go(self, channel: bytes, hold_id: str) -> None:
+        """Give the channel back (a hold whose end is noted by its caller, if at all)."""
+        try:
+            self.channels.release(channel, hold_id)
+        except STORE_ERRORS as exc:  # the hold lapses at its time
+            log.warning("could not release a refunded channel: %s", type(exc).__name__)
 
     def _give_back(
         self, config: ChannelConfig, state: ChannelState, voucher: tuple[int, bytes], requested: int | None
@@ -578,6 +581,8 @@ class BatchGate:
         state = replace(state, balance=after.balance, claimed=after.claimed, refund_nonce=after.refund_nonce)
         note(outcome="refunded", refunded=amount, tx=settlement.tx_hash)
         metrics.REFUNDED.inc(amount)
+        if len(calls) > 1:  # its claim landed with it
+            metrics.CLAIMED.inc(charged - view.claimed)
         return Refunded(amount, settlement.tx_hash, state)
 
     def refund_header(self, payment: BatchPayment, refunded: Refunded) -> tuple[str, str]:
@@ -597,10 +602,7 @@ class BatchGate:
     def release(self, hold: ChannelHold) -> None:
         """The call failed before an answer went out: the channel is free again, uncharged (the
         client's next voucher is the same cumulative)."""
-        try:
-            self.channels.release(hold.channel, hold.hold_id)
-        except STORE_ERRORS as exc:  # the hold lapses at its time
-            log.warning("could not release a channel: %s", type(exc).__name__)
+        self._let_go(hold.channel, hold.hold_id)
         note(outcome="released")
 
     def commit(self, hold: ChannelHold, usage: Usage | None) -> VoucherCharge:

@@ -58,7 +58,9 @@ log = logging.getLogger("x402.routes")
 PING_TEMPLATE = "/v1/models/:model/ping"  # the bazaar's routeTemplate syntax
 INSTRUCTIONS = (
     "OpenAI-compatible calls to models in confidential VMs, paid per call in USDC on Base with x402 "
-    "(exact, or upto: charged the model's reported usage). POST a chat or completions body; the 402 "
+    "(exact; upto, charged the model's reported usage; or batch-settlement: one deposit into an escrow "
+    "channel, a voucher per call charged its usage, the rest refunded on request at the paid ping). "
+    "POST a chat or completions body; the 402 "
     "names its price. What an exact payment paid beyond the call's usage becomes the wallet's credit: "
     "sign in with the 402's sign-in-with-x challenge (SIGN-IN-WITH-X) to be served from it, and GET "
     "/v1/credit signed in to see it. GET /v1/models lists the models and their prices; the paid ping "

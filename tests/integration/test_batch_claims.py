@@ -413,6 +413,10 @@ def test_channels_list_claim_settle_commands(
     assert f"payer {payer}" in row and f"charged {usdc(charged_first)}" in row
     assert f"claimed {usdc(0)}" in row and f"unclaimed {usdc(charged_first)}" in row
     assert "balance " in row and "no withdrawal" in row
+    (stored,) = [
+        c for c in ClaimLoop.for_settings(proxy.settings).claims.channels.every() if c.channel_id == first
+    ]
+    assert f"refundable {usdc(stored.balance - charged_first)}" in row
     assert lines[-1].startswith(f"total: 2 channels, charged {usdc(total)}, claimed {usdc(0)}")
 
     assert main(["channels", "claim"]) == 0

@@ -25,6 +25,7 @@ from app.payments.claims import ClaimLoop
 from app.payments.keys import channel_key
 from app.x402.batch_settlement import BATCH_SETTLEMENT_ADDRESS, ChannelConfig
 from app.x402.codec import decode_header
+from tests.integration.test_batch_books import metric
 from tests.interop.paid import CLIENT_TIMEOUT, decode_settlement
 from tests.interop.test_batch_clients import (
     BODY,
@@ -60,6 +61,7 @@ def test_the_official_client_gets_its_unused_balance_back(upto_proxy: Proxy) -> 
     _session, scheme, charged, channel = paid_calls(proxy, 2)
     balance, _ = channel_on_chain(proxy, channel)
     payer_before, payee_before = proxy.balances()
+    before = requests.get(proxy.url + "/metrics", timeout=10).text
 
     settled = scheme.refund(proxy.url + PING)
 
@@ -73,6 +75,12 @@ def test_the_official_client_gets_its_unused_balance_back(upto_proxy: Proxy) -> 
     assert after_balance == charged
     receipt = proxy.chain.rpc.call("eth_getTransactionReceipt", [settled.transaction])
     assert receipt["to"].lower() == BATCH_SETTLEMENT_ADDRESS.lower() and receipt["status"] == "0x1"
+    after = requests.get(proxy.url + "/metrics", timeout=10).text
+    for name, moved in (
+        ("x402_refunded_atomic_total", balance - charged),
+        ("x402_claimed_atomic_total", charged),
+    ):
+        assert metric(after, name) - metric(before, name) == moved, name
 
 
 def test_a_refund_of_more_than_is_left_is_refused_and_changes_nothing(upto_proxy: Proxy) -> None:
