@@ -110,6 +110,9 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     print(f"demo payer {wallets.payer} holds {usdc(chain.balance(wallets.payer))}; payee {wallets.pay_to}")
     print(f"demo payer key (devnet only): {wallets.payer_key}")
     print(f"try: x402-proxy pay {url} --key {wallets.payer_key}")
+    if redis_service:  # the operator's commands (reconcile, revenue, channels) read these, as serve does
+        env = {k: overrides[k] for k in ("REDIS_URL", "X402_PAY_TO", "X402_RPC_URLS", "X402_RELAYER_KEY")}
+        print("operator commands (devnet only): export " + " ".join(f"{k}={v}" for k, v in env.items()))
     try:
         if args.demo:
             before = chain.balance(wallets.pay_to)

@@ -46,6 +46,12 @@ def test_devnet_demo_makes_a_paid_call_and_moves_the_price() -> None:
     assert "'success': True" in result.stdout
     assert "payee balance 0.000000 USDC → 0.001000 USDC (price 0.001000 USDC)" in result.stdout
     assert "WARNING" not in result.stderr  # redis-server is installed here, so no fake Redis
+    # the environment the operator's commands (channels, reconcile, revenue) read, as printed
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("operator commands")]
+    exported = dict(part.split("=", 1) for part in line.split("export ", 1)[1].split())
+    assert sorted(exported) == ["REDIS_URL", "X402_PAY_TO", "X402_RELAYER_KEY", "X402_RPC_URLS"]
+    settings = Settings.from_env(env={}, overrides=exported)
+    assert settings.redis_url.startswith("redis://127.0.0.1:") and settings.rpc_urls[0].startswith("http://")
 
 
 def test_devnet_runs_its_own_relayer_whatever_relayer_keys_the_environment_holds() -> None:
