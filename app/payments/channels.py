@@ -56,17 +56,21 @@ _PRELUDE = """
 local now, maxlen, keep = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local function int(n) return string.format('%.0f', tonumber(n)) end
 local function num(field) return tonumber(redis.call('HGET', KEYS[1], field) or '0') end
+-- The channel as one space-separated reply (one RESP element to parse, not eleven): status charged
+-- signed signature balance claimed withdraw_at refund_nonce hold hold_until synced; "" as "-".
 local function state(status)
   local f = redis.call('HMGET', KEYS[1], 'charged', 'signed', 'signature', 'balance', 'claimed',
                        'withdraw_at', 'refund_nonce', 'hold', 'hold_until', 'synced')
-  return {status, f[1] or '0', f[2] or '0', f[3] or '', f[4] or '0', f[5] or '0', f[6] or '0',
-          f[7] or '0', f[8] or '', f[9] or '0', f[10] or '0'}
+  local function text(v, default) if not v or v == '' then return default end return v end
+  return table.concat({status, text(f[1], '0'), text(f[2], '0'), text(f[3], '-'), text(f[4], '0'),
+                       text(f[5], '0'), text(f[6], '0'), text(f[7], '0'), text(f[8], '-'),
+                       text(f[9], '0'), text(f[10], '0')}, ' ')
 end
 """
 
 # hold: ARGV[4] hold id, [5] held until (unix s), [6] this call's maximum, [7] the voucher's
 # maxClaimableAmount, [8] its signature (hex), [9] a deposit's amount on its way (0 none); to make a
-# missing channel: [10] its config (JSON, "" to answer "missing"), [11] payer, [12] the chain's
+# missing channel (absent: answer "missing"): [10] its config (JSON), [11] payer, [12] the chain's
 # balance, [13] the chain's totalClaimed, [14] withdrawal started at (0 none).
 _HOLD = Script(
     _PRELUDE
@@ -74,7 +78,7 @@ _HOLD = Script(
 local id, untill, maximum, signed = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local incoming = tonumber(ARGV[9])
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  if ARGV[10] == '' then return {'missing'} end
+  if not ARGV[10] then return 'missing' end
   -- rebuilt from the chain and the payer's voucher: its base (what it says was charged) is taken
   -- when at least what was claimed on chain, else what was claimed is (and the voucher is stale).
   -- Written only when this call holds it, and marked made by this hold until the chain shows a
@@ -82,7 +86,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   local claimed, balance = tonumber(ARGV[13]), tonumber(ARGV[12])
   local base = math.max(signed - maximum, claimed)
   if base + maximum ~= signed or signed > balance + incoming then
-    return {'refused', int(base), '0', '', ARGV[12], ARGV[13], ARGV[14], '0', '', '0', ARGV[1]}
+    return table.concat({'refused', int(base), '0', '-', ARGV[12], ARGV[13], ARGV[14], '0', '-', '0',
+                         ARGV[1]}, ' ')
   end
   redis.call('HSET', KEYS[1], 'config', ARGV[10], 'payer', ARGV[11], 'charged', int(base),
              'signed', '0', 'signature', '', 'balance', ARGV[12], 'claimed', ARGV[13],
@@ -108,9 +113,9 @@ return state('held')
 _COMMIT = Script(
     _PRELUDE
     + """
-if redis.call('HGET', KEYS[1], 'hold') ~= ARGV[4] then return {'lapsed'} end
+if redis.call('HGET', KEYS[1], 'hold') ~= ARGV[4] then return 'lapsed' end
 local amount = tonumber(ARGV[5])
-if amount > num('hold_max') then return {'lapsed'} end
+if amount > num('hold_max') then return 'lapsed' end
 local charged = num('charged') + amount
 redis.call('HSET', KEYS[1], 'charged', int(charged), 'signed', redis.call('HGET', KEYS[1], 'hold_signed'),
            'signature', redis.call('HGET', KEYS[1], 'hold_sig'), 'updated', ARGV[1])
@@ -200,8 +205,10 @@ class ChannelState:
     synced: int = 0  # unix seconds the chain's view was last recorded (0 never)
 
     @classmethod
-    def of(cls, reply: list[Any]) -> ChannelState:
-        values = [text_of(value) for value in reply]
+    def of(cls, reply: Any) -> ChannelState:
+        """From a script's reply: the status alone, or the status and the ten fields ``state()``
+        joins with spaces (an empty text as ``-``)."""
+        values = [value if value != "-" else "" for value in text_of(reply).split(" ")]
         if len(values) == 1:
             return cls(values[0])
         status, charged, signed, signature, balance, claimed, withdraw_at, nonce, hold, until, synced = values
@@ -255,12 +262,12 @@ class Channels:
     def key(self, channel: bytes) -> str:
         return channel_key(self.chain_id, channel)
 
-    def _run(self, script: Script, channel: bytes, args: list[Any]) -> list[Any]:
+    def _run(self, script: Script, channel: bytes, args: list[Any]) -> Any:
         key = self.key(channel)
         single = self.ledger.single_node
         sink = LEDGER_STREAM if single else outbox_key(key)
         common = [int(time.time()), LEDGER_MAXLEN if single else 0, CHANNEL_RETENTION_SECONDS]
-        return list(self.ledger._run(script, [key, channel_index_key(key), sink], [*common, *args]))
+        return self.ledger._run(script, [key, channel_index_key(key), sink], [*common, *args])
 
     def hold(
         self,
@@ -278,9 +285,7 @@ class Channels:
         way (counted in the balance). A channel Redis does not know is ``missing``, unless
         ``rebuild`` gives its config and the chain's view. Raises ``redis.RedisError``."""
         args: list[Any] = [hold_id, until, maximum, signed, "0x" + signature.hex(), incoming]
-        if rebuild is None:
-            args += ["", "", 0, 0, 0]
-        else:
+        if rebuild is not None:
             config, view = rebuild
             args += [json.dumps(config.to_wire()), config.payer, view.balance, view.claimed, view.withdraw_at]
         return ChannelState.of(self._run(_HOLD, channel, args))
