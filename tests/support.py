@@ -277,3 +277,29 @@ def offered(response: requests.Response) -> list[dict[str, Any]]:
     challenge = decode_header(response.headers["PAYMENT-REQUIRED"])
     assert isinstance(challenge, dict)
     return list(challenge["accepts"])
+
+
+def send_signed(chain: DevChain, key: str, to: str, data: bytes, gas: int = 2_000_000) -> dict[str, Any]:
+    """Sign ``data`` to ``to`` with ``key`` (EIP-1559, a fixed ``gas`` limit, so a reverting call is
+    mined too), broadcast it and return its receipt once mined (within 20 s)."""
+    account = Account.from_key(key)
+    nonce = int(chain.rpc.call("eth_getTransactionCount", [account.address, "pending"]), 16)
+    fee = int(chain.rpc.call("eth_gasPrice", []), 16)
+    transaction = {
+        "type": 2,
+        "chainId": 8453,
+        "nonce": nonce,
+        "to": to,
+        "value": 0,
+        "data": data,
+        "gas": gas,
+        "maxFeePerGas": 2 * fee + 10**9,
+        "maxPriorityFeePerGas": 10**9,
+    }
+    raw = bytes(account.sign_transaction(transaction).raw_transaction)
+    tx_hash = chain.rpc.call("eth_sendRawTransaction", ["0x" + raw.hex()])
+    deadline = time.monotonic() + 20
+    while (receipt := chain.rpc.call("eth_getTransactionReceipt", [tx_hash])) is None:
+        assert time.monotonic() < deadline, f"no receipt for {tx_hash}"
+        time.sleep(0.01)
+    return dict(receipt)

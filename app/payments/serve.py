@@ -796,6 +796,14 @@ def _charge_credit(signin: SignInGate, hold: CreditHold, usage: Usage | None) ->
 
 
 CREDIT_CHARGE_SECONDS = 5
+
+
+def _charged_before(gate: Gate, hold_until: float) -> float:
+    """Unix time after which no more of a stream held until ``hold_until`` is passed on: the last
+    chunk read may take ``X402_UPSTREAM_TIMEOUT``, and charging it a few seconds more."""
+    return hold_until - gate.settings.upstream_timeout - CREDIT_CHARGE_SECONDS
+
+
 STREAM_CUT_EVENT_CREDIT = (
     b'data: {"error": {"code": "upstream_cut", "message": "the model host cut the stream; nothing '
     b'was charged to your credit"}}\n\n'
@@ -815,8 +823,7 @@ class _CreditMeter:
 
     @property
     def until(self) -> float:
-        # the last chunk read may take X402_UPSTREAM_TIMEOUT; a few seconds more to charge it
-        return self.hold.until - self.gate.settings.upstream_timeout - CREDIT_CHARGE_SECONDS
+        return _charged_before(self.gate, self.hold.until)
 
     def release(self) -> None:
         self.gate.signin.release(self.hold)
@@ -926,8 +933,7 @@ class _BatchMeter:
 
     @property
     def until(self) -> float:
-        # the last chunk read may take X402_UPSTREAM_TIMEOUT; a few seconds more to charge it
-        return self.hold.until - self.gate.settings.upstream_timeout - CREDIT_CHARGE_SECONDS
+        return _charged_before(self.gate, self.hold.until)
 
     def release(self) -> None:
         self.batch.release(self.hold)

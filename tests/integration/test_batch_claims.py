@@ -45,7 +45,7 @@ from app.x402.batch_settlement import BATCH_SETTLEMENT_ADDRESS, ChannelConfig, c
 from app.x402.eip712 import sign_digest
 from tests.interop.paid import CLIENT_TIMEOUT, decode_settlement
 from tests.interop.test_batch_clients import BODY, batch_entry, batch_session, error_of
-from tests.support import USDC, Proxy, proxy_with
+from tests.support import USDC, Proxy, proxy_with, send_signed
 
 pytestmark = pytest.mark.integration
 
@@ -96,29 +96,9 @@ def receivers(proxy: Proxy) -> tuple[int, int]:
 
 def send_from(chain: DevChain, key: str, to: str, data: bytes) -> dict[str, Any]:
     """Sign ``data`` to ``to`` with ``key`` and wait for the receipt, which must be a success."""
-    account = Account.from_key(key)
-    nonce = int(chain.rpc.call("eth_getTransactionCount", [account.address, "pending"]), 16)
-    fee = int(chain.rpc.call("eth_gasPrice", []), 16)
-    signed = account.sign_transaction(
-        {
-            "type": 2,
-            "chainId": CHAIN_ID,
-            "nonce": nonce,
-            "to": to,
-            "value": 0,
-            "data": data,
-            "gas": 1_000_000,
-            "maxFeePerGas": 2 * fee + 10**9,
-            "maxPriorityFeePerGas": 10**9,
-        }
-    )
-    tx_hash = chain.rpc.call("eth_sendRawTransaction", ["0x" + bytes(signed.raw_transaction).hex()])
-    deadline = time.monotonic() + 20
-    while (receipt := chain.rpc.call("eth_getTransactionReceipt", [tx_hash])) is None:
-        assert time.monotonic() < deadline, f"no receipt for {tx_hash}"
-        time.sleep(0.01)
+    receipt = send_signed(chain, key, to, data, 1_000_000)
     assert receipt["status"] == "0x1", receipt
-    return dict(receipt)
+    return receipt
 
 
 def stored_config(loop: ClaimLoop, channel: bytes) -> ChannelConfig:

@@ -35,7 +35,7 @@ from tests.interop.test_batch_clients import (
     error_of,
     voucher_header,
 )
-from tests.support import Proxy, usage_price
+from tests.support import Proxy, send_signed, usage_price
 
 pytestmark = pytest.mark.integration
 
@@ -98,28 +98,9 @@ def test_a_refund_of_more_than_is_left_is_refused_and_changes_nothing(upto_proxy
 
 def _payer_sends(proxy: Proxy, data: bytes) -> dict[str, Any]:
     """A transaction from the demo payer to the escrow (the payer pays its own gas)."""
-    account = Account.from_key(proxy.wallets.payer_key)
-    proxy.chain.set_eth(account.address, 10**18)
-    nonce = int(proxy.chain.rpc.call("eth_getTransactionCount", [account.address, "pending"]), 16)
-    transaction = {
-        "type": 2,
-        "chainId": 8453,
-        "nonce": nonce,
-        "to": BATCH_SETTLEMENT_ADDRESS,
-        "value": 0,
-        "data": data,
-        "gas": 300_000,
-        "maxPriorityFeePerGas": 10**9,
-        "maxFeePerGas": 10**11,
-    }
-    raw = account.sign_transaction(transaction).raw_transaction
-    tx = proxy.chain.rpc.call("eth_sendRawTransaction", ["0x" + bytes(raw).hex()])
-    deadline = time.monotonic() + 10
-    receipt: dict[str, Any] | None = None
-    while receipt is None and time.monotonic() < deadline:  # automine is quick, not instant
-        receipt = proxy.chain.rpc.call("eth_getTransactionReceipt", [tx])
-        time.sleep(0.01)
-    assert receipt is not None and receipt["status"] == "0x1", receipt
+    proxy.chain.set_eth(Account.from_key(proxy.wallets.payer_key).address, 10**18)
+    receipt = send_signed(proxy.chain, proxy.wallets.payer_key, BATCH_SETTLEMENT_ADDRESS, data, 300_000)
+    assert receipt["status"] == "0x1", receipt
     return receipt
 
 

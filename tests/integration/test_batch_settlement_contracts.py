@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +77,7 @@ from app.backends.rpc import RpcFailure
 from app.backends.token import selector
 from app.devnet import BASE_USDC, PROJECT_ROOT, DevChain, Service, place_batch_settlement_contracts
 from app.x402.batch_settlement import payload as ours
-from tests.support import USDC, RpcSigner, abi_type, calldata
+from tests.support import USDC, RpcSigner, abi_type, calldata, send_signed
 
 pytestmark = pytest.mark.integration
 
@@ -144,28 +143,7 @@ class Parties:
 def send(chain: DevChain, sender: Key, to: str, data: bytes, gas: int = 2_000_000) -> dict[str, Any]:
     """Sign ``data`` to ``to`` with ``sender``'s key and broadcast it with a fixed ``gas`` limit (so a
     reverting call is mined too); returns the receipt once mined."""
-    account = Account.from_key(sender.key)
-    nonce = int(chain.rpc.call("eth_getTransactionCount", [account.address, "pending"]), 16)
-    fee = int(chain.rpc.call("eth_gasPrice", []), 16)
-    signed = account.sign_transaction(
-        {
-            "type": 2,
-            "chainId": CHAIN_ID,
-            "nonce": nonce,
-            "to": to,
-            "value": 0,
-            "data": data,
-            "gas": gas,
-            "maxFeePerGas": 2 * fee + 10**9,
-            "maxPriorityFeePerGas": 10**9,
-        }
-    )
-    tx_hash = chain.rpc.call("eth_sendRawTransaction", ["0x" + bytes(signed.raw_transaction).hex()])
-    deadline = time.monotonic() + 20
-    while (receipt := chain.rpc.call("eth_getTransactionReceipt", [tx_hash])) is None:
-        assert time.monotonic() < deadline, f"no receipt for {tx_hash}"
-        time.sleep(0.01)
-    return dict(receipt)
+    return send_signed(chain, sender.key, to, data, gas)
 
 
 def sent_ok(chain: DevChain, sender: Key, to: str, data: bytes, gas: int = 2_000_000) -> dict[str, Any]:
