@@ -963,3 +963,23 @@ def test_a_deposit_below_the_offered_minimum_is_refused_before_any_transaction(
     assert proxy.chain.rpc.call("eth_getTransactionCount", [proxy.wallets.relayer, "latest"]) == relayer_nonce
     assert stored(proxy, store, compute_channel_id(config, entry["network"])) == {}
     assert len(standin.received) == 0
+
+
+def test_a_voucher_of_2_to_the_53_or_more_is_refused_before_redis(
+    batch_proxy: Proxy, standin: StandinModel, store: redis.Redis
+) -> None:
+    """Channel amounts go through Lua numbers (doubles, exact below 2**53): a voucher at 2**53 is
+    refused before any script runs, and nothing is written."""
+    proxy = batch_proxy
+    key = proxy.wallets.payer_key
+    entry = batch_entry(proxy)
+    config = honest_config(entry, key, salt="0x" + os.urandom(32).hex())
+    before = redis_snapshot(store)
+
+    response = requests.post(
+        proxy.url + CHAT, json=BODY, headers=voucher_header(entry, config, 2**53, key), timeout=30
+    )
+
+    assert error_of(response) == "invalid_batch_settlement_evm_voucher_payload"
+    assert redis_snapshot(store) == before
+    assert len(standin.received) == 0
