@@ -227,11 +227,12 @@ def vcek_hwid(vcek: x509.Certificate) -> bytes:
     return raw
 
 
-def verify_report_signature(report: Report, vcek: x509.Certificate) -> None:
+def verify_report_signature(report: Report, vcek: x509.Certificate, product: str | None = None) -> None:
     """The report is signed by the VCEK (ECDSA P-384, SHA-384 of bytes 0x000–0x29F), and the VCEK is
     for this chip at this TCB: its hwID equals CHIP_ID (Turin: the first 8 bytes) and its SPLs the
-    REPORTED_TCB's. Raises ``EvidenceError`` (``signature_invalid``, ``vcek_mismatch``)."""
-    product = report.product or "Milan"
+    REPORTED_TCB's, read as ``product``'s (default: the report's CPUID, else Milan's layout). Raises
+    ``EvidenceError`` (``signature_invalid``, ``vcek_mismatch``)."""
+    product = product or report.product or "Milan"
     key = vcek.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise EvidenceError("vcek_malformed", "the VCEK's key is not P-384")

@@ -178,12 +178,14 @@ def make_report(
     chip_id: bytes | None = None,
     version: int = 3,
     signer: ec.EllipticCurvePrivateKey | None = None,
+    report_data: bytes = bytes(64),
 ) -> bytes:
     """A report as a Milan chip writes it (version 3: CPUID family 0x19 model 0x01), signed."""
     tcb = tcb or chain.tcb
     raw = bytearray(REPORT_SIZE)
     struct.pack_into("<IIQ", raw, 0, version, 0, policy)
     struct.pack_into("<II", raw, 0x30, vmpl, 1)
+    raw[0x50:0x90] = report_data
     raw[0x90:0xC0] = measurement
     raw[0x180:0x188] = bytes([tcb.bootloader, tcb.tee, 0, 0, 0, 0, tcb.snp, tcb.microcode])
     raw[0x188:0x18B] = bytes([0x19, 0x01, 0x01])
