@@ -1,0 +1,110 @@
+"""Fetching trusted-execution evidence (issue 18; checked by ``app.tee``): the RA-TLS certificate an
+enclave serves, and AMD's VCEK for a report from its key distribution service (KDS).
+
+- ``served_certificate``: one TLS handshake with the enclave's origin, without a CA check (an RA-TLS
+  certificate is self-signed: what it carries is verified instead), returning the certificate's DER.
+- ``Kds``: VCEKs by URL, cached on disk under ``cache_dir`` (one file per URL, shared by the workers,
+  written atomically), asked at most once per ``MIN_INTERVAL`` seconds per process, and after a
+  failure not again before a backoff that doubles up to ``MAX_BACKOFF`` seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import requests
+
+from app.backends.http import Sessions
+
+MIN_INTERVAL = 1.0  # seconds between two requests to the KDS, per process
+MAX_BACKOFF = 60.0  # seconds: the longest wait after failures
+
+
+class TeeUnavailable(RuntimeError):
+    """The evidence could not be fetched now (the enclave or the KDS did not answer as expected)."""
+
+
+def served_certificate(origin: str, timeout: float) -> bytes:
+    """The DER of the TLS certificate ``origin`` (``https://host[:port]``) serves now. Raises
+    ``TeeUnavailable``."""
+    parts = urlsplit(origin)
+    if parts.scheme != "https" or not parts.hostname:
+        raise TeeUnavailable(f"not an https origin: {origin}")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # self-signed by design: its content is what gets verified
+    try:
+        with (
+            socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=parts.hostname) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError) as exc:
+        raise TeeUnavailable(f"no TLS handshake with {origin}: {type(exc).__name__}") from None
+    if not der:
+        raise TeeUnavailable(f"{origin} served no certificate")
+    return der
+
+
+class Kds:
+    """AMD's key distribution service for VCEKs (``X402_AMD_KDS_URL``), cached on disk."""
+
+    def __init__(self, base_url: str, cache_dir: Path, timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.cache_dir = cache_dir
+        self.timeout = timeout
+        self._sessions = Sessions()
+        self._lock = threading.Lock()
+        self._next_at = 0.0  # monotonic time before which the KDS is not asked
+        self._backoff = MIN_INTERVAL
+
+    def _path(self, url: str) -> Path:
+        return self.cache_dir / (hashlib.sha256(url.encode()).hexdigest() + ".der")
+
+    def vcek(self, url: str) -> bytes:
+        """The VCEK's DER at ``url`` (one of ``self.base_url``): from the disk cache, else from the
+        KDS when it may be asked now. Raises ``TeeUnavailable`` (not ours to ask, throttled, an
+        answer other than 200, no answer)."""
+        if not url.startswith(self.base_url + "/"):
+            raise TeeUnavailable("a VCEK URL outside the configured KDS")
+        path = self._path(url)
+        if path.is_file():
+            return path.read_bytes()
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next_at:
+                raise TeeUnavailable(f"the KDS is asked again in {self._next_at - now:.1f} s")
+            self._next_at = now + MIN_INTERVAL
+        try:
+            answer = self._sessions.get().get(url, timeout=self.timeout)
+        except requests.RequestException as exc:
+            self._failed()
+            raise TeeUnavailable(f"the KDS did not answer: {type(exc).__name__}") from None
+        if answer.status_code != 200 or not answer.content:
+            self._failed()
+            raise TeeUnavailable(f"the KDS answered {answer.status_code}")
+        with self._lock:
+            self._backoff = MIN_INTERVAL
+        self._keep(path, answer.content)
+        return answer.content
+
+    def _failed(self) -> None:
+        with self._lock:
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+            self._next_at = time.monotonic() + self._backoff
+
+    def _keep(self, path: Path, der: bytes) -> None:
+        """Write the cache file atomically (a temporary file renamed), so a worker never reads half."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
+        with os.fdopen(handle, "wb") as file:
+            file.write(der)
+        os.replace(temporary, path)
