@@ -96,6 +96,8 @@ def test_the_wheel_holds_the_package_migrations_and_catalog_and_no_solidity(inst
         "app/migrations/__init__.py",
         "app/migrations/0001_initial.py",
         "app/catalog/catalog.toml",
+        "app/tee/roots/ark_milan.pem",
+        "app/tee/roots/ask_turin.pem",
     } <= set(names)
     assert {"app/gunicorn_conf.py", "app/wsgi.py", "app/logs.py"} <= set(names)
     modules = {str(p.relative_to(installed.source)) for p in (installed.source / "app").rglob("*.py")}

@@ -291,3 +291,23 @@ def test_report_sha384_is_what_the_signature_covers() -> None:
     raw[SIGNED_PART + 200] ^= 0xFF  # reserved bytes after the signature's R and S
     assert hashlib.sha384(bytes(raw[:SIGNED_PART])).digest() == digest
     verify_report_signature(parse_report(bytes(raw)), CHAIN.vcek)
+
+
+def test_the_packaged_amd_roots_are_pinned_and_verify_the_genuine_report() -> None:
+    """AMD's chains ship with the package (``app/tee/roots``), each ARK pinned by its published key
+    hash; the genuine Milan report verifies against them; Genoa's and Turin's load too."""
+    from app.tee.amd import amd_roots
+
+    milan = amd_roots("Milan")
+    raw, vcek = genuine()
+    verify_chain(milan.ark, milan.ask, vcek, set(milan.pinned))
+    verify_report_signature(parse_report(raw), vcek, "Milan")
+    assert ARK_MILAN_SPKI in milan.pinned
+    assert amd_roots("Genoa").pinned == {ARK_GENOA_SPKI}
+    for product in ("Genoa", "Turin"):  # their ARK and ASK check out; a Milan VCEK is not theirs
+        roots = amd_roots(product)
+        with pytest.raises(EvidenceError) as crossed:
+            verify_chain(roots.ark, roots.ask, vcek, set(roots.pinned))
+        assert crossed.value.reason == "chain_invalid" and "the VCEK" in crossed.value.detail
+    with pytest.raises(EvidenceError):
+        amd_roots("Naples")
