@@ -3,8 +3,9 @@
     python -m benchmarks [--only challenge,stream] [--skip memory] [--no-profile]
 
 Each benchmark also runs alone: ``python -m benchmarks.<name>`` (challenge, paid_latency, throughput,
-stream, verify_cpu, io_counts, memory, phases, upto, credit, batch). A benchmark that crashes is reported as a
-FAIL row with its error, and the others still run. Everything is on loopback and stops by itself.
+stream, verify_cpu, io_counts, memory, phases, upto, credit, batch, tee). A benchmark that crashes is
+reported as a FAIL row with its error, and the others still run. Everything is on loopback and
+stops by itself.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ BENCHMARKS: dict[str, Callable[[], list[Row]]] = {
     "upto": _module("upto"),
     "credit": _module("credit"),
     "batch": _module("batch"),
+    "tee": _module("tee"),
 }
 
 
