@@ -220,6 +220,20 @@ def keys(obj: Any, required: set[str], optional: frozenset[str] = frozenset()) -
     return obj
 
 
+def v2_envelope(wire: Any) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
+    """(``accepted``, ``resource``, ``extensions``) of a decoded v2 payment of a scheme of ours:
+    ``x402Version``, ``accepted`` (an object) and ``payload`` required, ``resource`` and
+    ``extensions`` objects when present, no other key. Raises ``Invalid``."""
+    top = keys(wire, {"x402Version", "accepted", "payload"}, frozenset({"resource", "extensions"}))
+    accepted = field(top, "accepted", dict)
+    resource, extensions = top.get("resource"), top.get("extensions")
+    if resource is not None and not isinstance(resource, dict):
+        raise Invalid("resource must be an object")
+    if extensions is not None and not isinstance(extensions, dict):
+        raise Invalid("extensions must be an object")
+    return accepted, resource, extensions
+
+
 def _authorization(obj: Any) -> Authorization:
     auth = keys(obj, {"from", "to", "value", "validAfter", "validBefore", "nonce"})
     return Authorization(

@@ -30,7 +30,18 @@ from eth_utils import to_checksum_address
 from ..eip712 import domain_separator, word
 from ..upto.payload import TOKEN_PERMISSIONS_TYPE, TOKEN_PERMISSIONS_TYPEHASH, permit2_domain_separator
 from ..verdict import INVALID_PAYLOAD, Verdict, reject
-from ..wire import NONCE_RE, SIGNATURE_RE, Invalid, V2Payment, address_field, field, keys, matching, uint
+from ..wire import (
+    NONCE_RE,
+    SIGNATURE_RE,
+    Invalid,
+    V2Payment,
+    address_field,
+    field,
+    keys,
+    matching,
+    uint,
+    v2_envelope,
+)
 
 SCHEME = "batch-settlement"
 
@@ -275,17 +286,6 @@ def _deposit(obj: Any) -> Deposit:
     return Deposit(amount=_uint128(body, "amount"), authorization=authorization)
 
 
-def _envelope(wire: Any) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
-    top = keys(wire, {"x402Version", "accepted", "payload"}, frozenset({"resource", "extensions"}))
-    accepted = field(top, "accepted", dict)
-    resource, extensions = top.get("resource"), top.get("extensions")
-    if resource is not None and not isinstance(resource, dict):
-        raise Invalid("resource must be an object")
-    if extensions is not None and not isinstance(extensions, dict):
-        raise Invalid("extensions must be an object")
-    return accepted, resource, extensions
-
-
 class _BadKind(Invalid):
     pass
 
@@ -301,7 +301,7 @@ def parse_batch_payment(wire: Any) -> BatchPayment:
     """Build a ``BatchPayment`` from a decoded v2 header whose ``accepted.scheme`` is
     "batch-settlement"; raises ``Invalid`` (``app.x402.wire``) on any deviation. ``payload_of``
     also names the reason."""
-    accepted, resource, extensions = _envelope(wire)
+    accepted, resource, extensions = v2_envelope(wire)
     kind = _kind(wire["payload"])
     required = {"type", "channelConfig", "voucher"} | ({"deposit"} if kind == "deposit" else set())
     body = keys(wire["payload"], required, frozenset({"amount"}) if kind == "refund" else frozenset())
@@ -334,7 +334,7 @@ def payload_of(wire: Any) -> BatchPayment | Verdict | None:
     if not isinstance(accepted, dict) or accepted.get("scheme") != SCHEME or wire.get("x402Version") != 2:
         return None
     try:
-        _envelope(wire)
+        v2_envelope(wire)
     except Invalid as exc:
         return reject(INVALID_PAYLOAD, str(exc))
     try:

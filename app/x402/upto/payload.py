@@ -21,7 +21,7 @@ from eth_hash.auto import keccak
 
 from ..eip712 import DOMAIN_TYPEHASH, word
 from ..verdict import INVALID_PAYLOAD, Verdict, reject
-from ..wire import SIGNATURE_RE, Invalid, V2Payment, address_field, field, keys, matching, uint
+from ..wire import SIGNATURE_RE, Invalid, V2Payment, address_field, keys, matching, uint, v2_envelope
 
 # Canonical addresses, the same on every chain (CREATE2; PROTOCOL.md, upto).
 PERMIT2_ADDRESS = "0x000000000022D473030F116dDEE9F6B43aC78BA3"
@@ -135,19 +135,13 @@ def _permit2612(extensions: dict[str, Any]) -> Permit2612 | None:
 def parse_upto_payment(wire: dict[str, Any]) -> UptoPayment:
     """Build an ``UptoPayment`` from a decoded v2 header whose ``accepted.scheme`` is "upto"; raises
     ``Invalid`` (``app.x402.wire``) on any deviation."""
-    top = keys(wire, {"x402Version", "accepted", "payload"}, frozenset({"resource", "extensions"}))
-    accepted = field(top, "accepted", dict)
-    body = keys(top["payload"], {"signature", "permit2Authorization"})
-    resource, extensions = top.get("resource"), top.get("extensions") or {}
-    if resource is not None and not isinstance(resource, dict):
-        raise Invalid("resource must be an object")
-    if not isinstance(extensions, dict):
-        raise Invalid("extensions must be an object")
+    accepted, resource, extensions = v2_envelope(wire)
+    body = keys(wire["payload"], {"signature", "permit2Authorization"})
     return UptoPayment(
         accepted=accepted,
         authorization=_authorization(body["permit2Authorization"]),
         signature=bytes.fromhex(matching(body, "signature", SIGNATURE_RE)[2:]),
-        permit2612=_permit2612(extensions),
+        permit2612=_permit2612(extensions or {}),
         resource=resource,
     )
 
