@@ -306,13 +306,19 @@ class Chain:
             return Preflight(reject(upto.SIMULATION_FAILED, gas.message[:200]))
         return _accepted(gas, nonce, gas_price, priority, calldata)
 
-    def has_code(self, address: str) -> bool:
-        """Whether ``address`` has code (a contract, or an EIP-7702 delegated account): what
-        SignatureChecker routes on. Raises ``ChainUnavailable``."""
-        (code,) = self.rpc.batch(
-            [("eth_getCode", [address, "latest"])], well_formed=lambda answers: is_data(answers[0])
+    def signature_checker_accepts(self, signer: str, digest: bytes, signature: bytes) -> bool | None:
+        """SignatureChecker's answer for ``signer``, in one round trip: for an address with code (a
+        contract, an EIP-7702 account) whether its EIP-1271 ``isValidSignature`` accepts
+        ``signature`` for ``digest``; None for an address without code (strict ECDSA decides, the
+        caller's). Raises ``ChainUnavailable``."""
+        data = SEL_IS_VALID_SIGNATURE + encode(["bytes32", "bytes"], [digest, signature])
+        code, answer = self.rpc.batch(
+            [("eth_getCode", [signer, "latest"]), eth_call(signer, data)],
+            well_formed=lambda answers: is_data(answers[0]),
         )
-        return code not in ("0x", "0x0", "")
+        if code in ("0x", "0x0", ""):
+            return None
+        return isinstance(answer, str) and answer[:10].lower() == EIP1271_MAGIC and len(answer) == 66
 
     def accepts_signature(self, wallet: str, digest: bytes, signature: bytes) -> bool:
         """Whether the contract at ``wallet`` says ``signature`` is its own for ``digest`` (EIP-1271:

@@ -275,18 +275,15 @@ class BatchGate:
     def _check_payer_signature(self, payment: BatchPayment, signature: bytes) -> None:
         """A voucher whose ``payerAuthorizer`` is zero is the payer's own, checked as the escrow's
         SignatureChecker does: EIP-1271 ``isValidSignature`` when the payer has code (a wallet
-        contract, an EIP-7702 account), strict ECDSA otherwise (one RPC round trip, two with code)."""
+        contract, an EIP-7702 account), strict ECDSA otherwise (one RPC round trip)."""
         digest = voucher_digest(payment.voucher.channel_id, payment.voucher.max_claimable, self.chain_id)
         payer = payment.config.payer
         try:
-            has_code = self.chain.has_code(payer)
-            accepted = (
-                self.chain.accepts_signature(payer, digest, signature)
-                if has_code
-                else len(signature) == 65 and recover_signer(digest, signature) == payer
-            )
+            accepted = self.chain.signature_checker_accepts(payer, digest, signature)
         except ChainUnavailable as exc:
             raise _rpc_down() from exc
+        if accepted is None:  # no code: strict ECDSA by the payer
+            accepted = len(signature) == 65 and recover_signer(digest, signature) == payer
         if not accepted:
             raise PaymentRequired(reject(INVALID_VOUCHER_SIGNATURE, "the voucher is not signed by the payer"))
 
