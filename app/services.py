@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.backends.attestation import Attestor
 from app.backends.chain import Chain, check_batch_contracts, check_startup, check_upto_contracts
+from app.backends.enclave import Attestor
 from app.backends.store import STORE_ERRORS
 from app.backends.upstream import Upstream
 from app.catalog import Catalog, catalog_models
@@ -18,6 +18,8 @@ from app.payments.gate import Gate
 from app.payments.ledger import Ledger, check_keyspace, connect
 from app.payments.settlement import FacilitatorSettler, LocalSettler, Settler, check_facilitator
 from app.settings import Settings, SettingsError
+from app.tee.amd import amd_trust, roots_from_pem
+from app.tee.ra_tls import Roots
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class Services:
 
 def build(settings: Settings) -> Services:
     """The services for ``settings``; raises ``SettingsError`` for a catalog that cannot be used."""
-    catalog = Catalog(catalog_models(settings), settings.tee_only)
+    catalog = Catalog(catalog_models(settings), settings.tee_only, settings.require_attestation)
     ledger = Ledger(connect(settings))
     chain = Chain(settings)
     settler: Settler = (
@@ -43,7 +45,20 @@ def build(settings: Settings) -> Services:
         else LocalSettler(settings, chain, ledger)
     )
     gate = Gate(settings, catalog, ledger, chain, settler)
-    return Services(settings, catalog, ledger, chain, settler, Upstream(settings), Attestor(), gate)
+    attestor = Attestor(settings, _trust(settings))
+    return Services(settings, catalog, ledger, chain, settler, Upstream(settings, attestor), attestor, gate)
+
+
+def _trust(settings: Settings) -> dict[str, Roots]:
+    """The roots attested models' evidence must chain to: AMD's, pinned, unless
+    ``X402_ATTESTATION_ROOTS`` (allowed by ``X402_ALLOW_TEST_ROOTS``) replaces them. Raises
+    ``SettingsError`` for a roots file that cannot be used."""
+    if settings.attestation_roots is None:
+        return amd_trust()
+    try:
+        return roots_from_pem(settings.attestation_roots.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise SettingsError("X402_ATTESTATION_ROOTS", f"{settings.attestation_roots}: {exc}") from None
 
 
 def check(services: Services) -> None:

@@ -43,6 +43,7 @@ NETWORKS: dict[str, Network] = {
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog") / "catalog.toml"
 UPSTREAM_KEY_PREFIX = "X402_UPSTREAM_API_KEY_"
+VCEK_CACHE = Path("x402-tee-proxy") / "vcek"  # under the user's cache directory
 REDIS_CLUSTER_MODES = ("auto", "yes", "no")  # REDIS_CLUSTER: ask the node, or say
 
 
@@ -104,6 +105,16 @@ class Settings:
     idle_refund_seconds: int = 30 * 86400  # X402_IDLE_REFUND_SECONDS: a channel idle this long is refunded
     # X402_RELAYER_KEYS: every key that settles, in turn (empty: relayer_key alone)
     relayer_keys: tuple[str, ...] = field(default=(), repr=False)
+    # SEV-SNP attestation of catalog models with ``attestation = "sev-snp"`` (issue 18):
+    # X402_AMD_KDS_URL: AMD's key distribution service; X402_VCEK_CACHE_DIR: VCEKs on disk, shared by
+    # the workers; X402_ATTESTATION_ROOTS: a PEM file of ARKs and ASKs replacing AMD's (only with
+    # X402_ALLOW_TEST_ROOTS=1); X402_ATTESTATION_TTL: seconds a verification is trusted before it is
+    # redone in the background; X402_REQUIRE_ATTESTATION: sell only attested models
+    amd_kds_url: str = "https://kdsintf.amd.com"
+    vcek_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / VCEK_CACHE)
+    attestation_roots: Path | None = None
+    attestation_ttl: float = 600.0
+    require_attestation: bool = False
 
     @property
     def settling_keys(self) -> tuple[str, ...]:
@@ -181,6 +192,10 @@ class Settings:
         if not catalog_path.is_file():
             raise SettingsError("X402_CATALOG", f"no such file: {catalog_path}")
         withdraw_delay = _withdraw_delay(get("X402_WITHDRAW_DELAY", "86400"))
+        kds_url = get("X402_AMD_KDS_URL", "https://kdsintf.amd.com").rstrip("/")
+        if not kds_url.startswith(("http://", "https://")):
+            raise SettingsError("X402_AMD_KDS_URL", "must be an http(s) URL")
+        roots = _attestation_roots(get("X402_ATTESTATION_ROOTS"), get("X402_ALLOW_TEST_ROOTS", "0"))
         claim_interval = _integer("X402_CLAIM_INTERVAL", get("X402_CLAIM_INTERVAL", "60"))
         if "batch-settlement" in schemes and 4 * claim_interval >= withdraw_delay:
             # a payer's unilateral withdrawal must never finalize before its charges are claimed
@@ -246,7 +261,31 @@ class Settings:
             replay_seconds=_integer("X402_REPLAY_SECONDS", get("X402_REPLAY_SECONDS", "600")),
             credit_seconds=_integer("X402_CREDIT_SECONDS", get("X402_CREDIT_SECONDS", str(30 * 86400))),
             exact_change=_exact_change(get("X402_EXACT_CHANGE", "credit")),
+            amd_kds_url=kds_url,
+            vcek_cache_dir=Path(
+                get("X402_VCEK_CACHE_DIR")
+                or Path(get("XDG_CACHE_HOME") or Path.home() / ".cache") / VCEK_CACHE
+            ),
+            attestation_roots=roots,
+            attestation_ttl=_number("X402_ATTESTATION_TTL", get("X402_ATTESTATION_TTL", "600")),
+            require_attestation=_flag("X402_REQUIRE_ATTESTATION", get("X402_REQUIRE_ATTESTATION", "0")),
         )
+
+
+def _attestation_roots(path: str, allow: str) -> Path | None:
+    """X402_ATTESTATION_ROOTS, the PEM file of roots that replace AMD's: only with
+    X402_ALLOW_TEST_ROOTS=1 (such roots make any enclave's evidence forgeable by whoever holds them)."""
+    allowed = _flag("X402_ALLOW_TEST_ROOTS", allow)
+    if not path:
+        return None
+    if not allowed:
+        raise SettingsError(
+            "X402_ATTESTATION_ROOTS",
+            "replaces AMD's roots, so it is refused unless X402_ALLOW_TEST_ROOTS=1 is set too",
+        )
+    if not Path(path).is_file():
+        raise SettingsError("X402_ATTESTATION_ROOTS", f"no such file: {path}")
+    return Path(path)
 
 
 def _relayer_keys(listed: str, key_file: str) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import requests
 
 from app.backends.http import Sessions
+from app.tee.sev_snp import load_vcek
 
 MIN_INTERVAL = 1.0  # seconds between two requests to the KDS, per process
 MAX_BACKOFF = 60.0  # seconds: the longest wait after failures
@@ -52,6 +53,15 @@ def served_certificate(origin: str, timeout: float) -> bytes:
     if not der:
         raise TeeUnavailable(f"{origin} served no certificate")
     return der
+
+
+def _is_certificate(der: bytes) -> bool:
+    """Whether ``der`` reads as an X.509 certificate (only those are cached)."""
+    try:
+        load_vcek(der)
+    except ValueError:
+        return False
+    return True
 
 
 class Kds:
@@ -88,13 +98,17 @@ class Kds:
         except requests.RequestException as exc:
             self._failed()
             raise TeeUnavailable(f"the KDS did not answer: {type(exc).__name__}") from None
-        if answer.status_code != 200 or not answer.content:
+        if answer.status_code != 200 or not _is_certificate(answer.content):
             self._failed()
-            raise TeeUnavailable(f"the KDS answered {answer.status_code}")
+            raise TeeUnavailable(f"the KDS answered {answer.status_code} without a certificate")
         with self._lock:
             self._backoff = MIN_INTERVAL
         self._keep(path, answer.content)
         return answer.content
+
+    def forget(self, url: str) -> None:
+        """Drop the cached VCEK of ``url`` (it did not verify: the next check asks the KDS again)."""
+        self._path(url).unlink(missing_ok=True)
 
     def _failed(self) -> None:
         with self._lock:

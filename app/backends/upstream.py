@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from app.backends.enclave import Admission, AttestationFailed, Attestor, Evidence
 from app.backends.http import Sessions
 from app.catalog import Model
 from app.settings import Settings
@@ -75,7 +76,18 @@ def host_error_message(content: bytes, secrets: Iterable[str], hosts: Iterable[s
 
 
 class UpstreamFailed(RuntimeError):
-    """The model host could not be reached or answered with a server error."""
+    """The model host could not be reached or answered with a server error: the buyer hears
+    ``status`` and ``code``."""
+
+    status = 502
+    code = "upstream_unavailable"
+
+
+class Unattested(UpstreamFailed):
+    """An attested model's enclave served a certificate that does not verify: nothing was sent."""
+
+    status = 503
+    code = "attestation_failed"
 
 
 @dataclass
@@ -108,27 +120,50 @@ class UpstreamAnswer:
 class Upstream:
     """The model hosts: the shared ``X402_UPSTREAM_URL``, or a catalog model's own host and key."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, attestor: Attestor | None = None) -> None:
         self.settings = settings
+        self.attestor = attestor
         self._sessions = Sessions()
 
-    def forward(self, route: str, body: dict[str, object], model: Model | None = None) -> UpstreamAnswer:
+    def forward(
+        self,
+        route: str,
+        body: dict[str, object],
+        model: Model | None = None,
+        admission: Admission | None = None,
+    ) -> UpstreamAnswer:
         """POST the priced JSON ``body`` to the model's host at the path of ``route`` ("chat" or
-        "completions"); the answer streams. Raises ``UpstreamFailed`` when a connection error or
-        5xx happens on both of ``ATTEMPTS`` tries, or at once when the host takes longer than
-        ``X402_UPSTREAM_TIMEOUT`` seconds to answer."""
-        return self._request("POST", route_path=ROUTE_PATHS[route], body=body, model=model)
+        "completions"); the answer streams. With an ``admission`` (an attested model) the request
+        goes only over a connection pinned to its evidence's certificate (``_pinned``). Raises
+        ``UpstreamFailed`` when a connection error or 5xx happens on both of ``ATTEMPTS`` tries, or
+        at once when the host takes longer than ``X402_UPSTREAM_TIMEOUT`` seconds to answer;
+        ``Unattested`` when the enclave now serves a certificate that does not verify."""
+        return self._request("POST", ROUTE_PATHS[route], body, model, admission)
 
-    def probe(self, model: Model | None = None) -> UpstreamAnswer:
+    def probe(self, model: Model | None = None, admission: Admission | None = None) -> UpstreamAnswer:
         """GET the model host's model list (the paid ping, and readiness); raises ``UpstreamFailed``
         as ``forward`` does."""
-        return self._request("GET", route_path="/v1/models", body=None, model=model)
+        return self._request("GET", "/v1/models", None, model, admission)
+
+    def _session(self, admission: Admission | None) -> requests.Session:
+        if admission is None:
+            return self._sessions.get()
+        assert self.attestor is not None  # an admission comes from it
+        return self.attestor.session(admission.model, admission.evidence)
 
     def _request(
-        self, method: str, route_path: str, body: dict[str, object] | None, model: Model | None
+        self,
+        method: str,
+        route_path: str,
+        body: dict[str, object] | None,
+        model: Model | None,
+        admission: Admission | None,
     ) -> UpstreamAnswer:
         """The model's own host and key when the catalog names them (a direct TEE host), else the
-        shared upstream with the operator's key."""
+        shared upstream with the operator's key. A pinned connection whose TLS fails (another
+        certificate, or a broken handshake) has the certificate served now verified before the next
+        try: a new one that verifies replaces ``admission.evidence``; one that does not raises
+        ``Unattested``."""
         base = (model.upstream_url if model else "") or self.settings.upstream_url
         key = (
             self.settings.upstream_keys[model.upstream_key]
@@ -142,7 +177,7 @@ class Upstream:
         failure = UpstreamFailed("no attempt")
         for _attempt in range(ATTEMPTS):
             try:
-                response = self._sessions.get().request(
+                response = self._session(admission).request(
                     method,
                     url,
                     json=body,
@@ -150,6 +185,11 @@ class Upstream:
                     stream=True,
                     timeout=(CONNECT_TIMEOUT, self.settings.upstream_timeout),
                 )
+            except requests.exceptions.SSLError as exc:
+                failure = UpstreamFailed(type(exc).__name__)
+                if admission is not None:
+                    admission.evidence = self._renewed(admission)
+                continue
             except requests.ConnectionError as exc:  # refused, reset, or no connection in time
                 failure = UpstreamFailed(type(exc).__name__)
                 failure.__cause__ = exc
@@ -163,3 +203,10 @@ class Upstream:
             passed = {k: v for k, v in response.headers.items() if k in PASSED_RESPONSE_HEADERS}
             return UpstreamAnswer(response.status_code, passed, response)
         raise failure
+
+    def _renewed(self, admission: Admission) -> Evidence:
+        assert self.attestor is not None
+        try:
+            return self.attestor.renewed(admission.model, admission.evidence)
+        except AttestationFailed as exc:
+            raise Unattested(f"{exc.reason}: {exc.detail}") from None

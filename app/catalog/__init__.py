@@ -7,6 +7,7 @@ of the body costs and builds the body that is forwarded, so nobody receives more
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 from app.catalog.policy import read
 from app.catalog.reading import IMAGE, MODALITIES, TEXT, Limits, PolicyError, Work
 from app.settings import Settings, SettingsError
+from app.tee.sev_snp import PRODUCTS, Tcb, Terms
 
 
 class CatalogError(ValueError):
@@ -48,9 +50,33 @@ class Model:
     schema_key_overhead: int = 32  # template bytes per key of a tool's parameters schema
     upstream_url: str = ""
     upstream_key: str = ""  # names X402_UPSTREAM_API_KEY_<NAME>: a direct TEE host's own key
-    attestation_url: str = ""  # where the host publishes its attestation report
-    measurement: str = ""  # the launch measurement the report must show
-    attestation_max_age: int = 3600  # seconds: an older report is not trusted
+    # attestation = "sev-snp": the host at ``upstream_url`` (https) is an AMD SEV-SNP confidential VM
+    # serving an RA-TLS certificate; its report must show one of ``measurements`` (48-byte launch
+    # digests, hex), exactly ``policy`` when set, and a reported TCB at or above ``tcb_floor``.
+    # ``product`` (Milan, Genoa, Turin) names the chip line of a version 2 report, which does not.
+    attestation: str = ""
+    measurements: tuple[str, ...] = ()
+    policy: int | None = None
+    tcb_floor: Tcb | None = None
+    product: str = ""
+
+    @property
+    def attested(self) -> bool:
+        """Sold on evidence the proxy verifies (``attestation`` set), not on the operator's word."""
+        return bool(self.attestation)
+
+    @property
+    def trust(self) -> str:
+        """What the TEE label rests on, in words: the buyer's view in ``/v1/models``, the 402 and
+        discovery."""
+        if self.attested:
+            return f"TEE (AMD SEV-SNP, verified by the proxy: GET /v1/attestation/{self.name})"
+        return "TEE (operator's statement)" if self.tee else "not a TEE"
+
+    @property
+    def terms(self) -> Terms:
+        """What the attestation report must show (``app.tee.sev_snp.check_terms``)."""
+        return Terms(frozenset(bytes.fromhex(m) for m in self.measurements), self.policy, self.tcb_floor)
 
     @property
     def limits(self) -> Limits:
@@ -73,7 +99,8 @@ class Model:
         """The entry as ``/v1/models`` shows it."""
         entry: dict[str, Any] = {"id": self.name, "object": "model", "description": self.description}
         entry["tee"] = self.tee
-        entry["attested"] = bool(self.attestation_url)
+        entry["attested"] = self.attested
+        entry["trust"] = self.trust
         entry["context_length"] = self.context_length
         entry["modalities"] = sorted(self.modalities)
         entry["max_choices"] = self.max_choices
@@ -121,6 +148,66 @@ def _modalities(entry: dict[str, Any], name: str) -> frozenset[str]:
     return frozenset(value)
 
 
+HEX_MEASUREMENT = re.compile(r"(0x)?[0-9a-fA-F]{96}")
+TCB_LEVELS = ("bootloader", "tee", "snp", "microcode")
+RETIRED = ("attestation_url", "measurement", "attestation_max_age")  # the JSON report format, gone
+
+
+def _attestation(entry: dict[str, Any], name: str) -> dict[str, Any]:
+    """The attestation fields of an entry: ``attestation`` ("sev-snp" or absent), ``measurements``
+    (hex, 48 bytes each), ``policy`` (integer), ``tcb_floor`` (a table of ``bootloader``, ``tee``,
+    ``snp``, ``microcode``, each 0–255), ``product`` (for version 2 reports). Raises
+    ``CatalogError``."""
+    retired = [key for key in RETIRED if key in entry]
+    if retired:
+        raise CatalogError(
+            f"model {name!r}: {', '.join(retired)} no longer exist(s): an attested host is checked with "
+            'attestation = "sev-snp", measurements = [...] and an https upstream_url (README, "Trust")'
+        )
+    attestation = entry.get("attestation", "")
+    keys = [key for key in ("measurements", "policy", "tcb_floor", "product") if key in entry]
+    if attestation == "":
+        if keys:
+            raise CatalogError(f'model {name!r}: {", ".join(keys)} need(s) attestation = "sev-snp"')
+        return {}
+    if attestation != "sev-snp":
+        raise CatalogError(f'model {name!r}: attestation must be "sev-snp"')
+    if not str(entry.get("upstream_url", "")).startswith("https://"):
+        raise CatalogError(f"model {name!r}: an attested model needs its enclave's https:// upstream_url")
+    measurements = entry.get("measurements")
+    if (
+        not isinstance(measurements, list)
+        or not measurements
+        or not all(isinstance(m, str) and HEX_MEASUREMENT.fullmatch(m) for m in measurements)
+    ):
+        raise CatalogError(f"model {name!r}: measurements must list 48-byte launch measurements in hex")
+    policy = entry.get("policy")
+    if policy is not None and (type(policy) is not int or not 0 <= policy < 2**64):
+        raise CatalogError(f"model {name!r}: policy must be the guest policy as an integer (e.g. 0x30000)")
+    product = entry.get("product", "")
+    if product not in ("", *PRODUCTS.values()):
+        raise CatalogError(f"model {name!r}: product must be one of {', '.join(PRODUCTS.values())}")
+    return {
+        "attestation": attestation,
+        "measurements": tuple(m.lower().removeprefix("0x") for m in measurements),
+        "policy": policy,
+        "tcb_floor": _tcb_floor(entry.get("tcb_floor"), name),
+        "product": product,
+    }
+
+
+def _tcb_floor(value: Any, name: str) -> Tcb | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, dict)
+        or not set(value) <= set(TCB_LEVELS)
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value.values())
+    ):
+        raise CatalogError(f"model {name!r}: tcb_floor is a table of {', '.join(TCB_LEVELS)}, each 0 to 255")
+    return Tcb(**{level: value.get(level, 0) for level in TCB_LEVELS})
+
+
 def load_catalog(path: Path) -> dict[str, Model]:
     """Read and validate a TOML catalog."""
     try:
@@ -159,12 +246,10 @@ def load_catalog(path: Path) -> dict[str, Model]:
             schema_key_overhead=_positive_int(entry, "schema_key_overhead", name, 32),
             upstream_url=str(entry.get("upstream_url", "")).rstrip("/"),
             upstream_key=str(entry.get("upstream_key", "")),
-            attestation_url=str(entry.get("attestation_url", "")),
-            measurement=str(entry.get("measurement", "")).lower().removeprefix("0x"),
-            attestation_max_age=_positive_int(entry, "attestation_max_age", name, 3600),
+            **_attestation(entry, name),
         )
-        if bool(model.attestation_url) != bool(model.measurement):
-            raise CatalogError(f"model {name!r}: attestation_url and measurement go together")
+        if model.attested and not model.tee:
+            raise CatalogError(f"model {name!r}: an attested model is a TEE model (tee = true)")
         if model.default_max_tokens > model.max_tokens_cap or model.default_max_tokens < 1:
             raise CatalogError(f"model {name!r}: default_max_tokens must be within 1..max_tokens_cap")
         if model.max_tokens_cap >= model.context_length:
@@ -214,13 +299,19 @@ def catalog_models(settings: Settings) -> dict[str, Model]:
 class Catalog:
     """The loaded catalog, one per app."""
 
-    def __init__(self, models: dict[str, Model], tee_only: bool = True) -> None:
+    def __init__(self, models: dict[str, Model], tee_only: bool = True, attested_only: bool = False) -> None:
         self.models = models
         self.tee_only = tee_only
+        self.attested_only = attested_only
 
     def listed(self) -> list[Model]:
-        """The models on sale: only TEE ones when ``X402_TEE_ONLY`` is on."""
-        return [m for m in self.models.values() if m.tee or not self.tee_only]
+        """The models on sale: only TEE ones when ``X402_TEE_ONLY`` is on, only attested ones when
+        ``X402_REQUIRE_ATTESTATION`` is."""
+        return [
+            m
+            for m in self.models.values()
+            if (m.tee or not self.tee_only) and (m.attested or not self.attested_only)
+        ]
 
     def model(self, name: Any) -> Model:
         """The model on sale under ``name`` (404 unknown, 403 not a TEE model under TEE-only)."""
@@ -232,6 +323,12 @@ class Catalog:
         if self.tee_only and not model.tee:
             raise QuoteError(
                 "model_not_tee", f"{name} does not run in a TEE and this proxy sells TEE models only", 403
+            )
+        if self.attested_only and not model.attested:
+            raise QuoteError(
+                "model_not_attested",
+                f"{name} is a TEE on its operator's word only, and this proxy sells attested models only",
+                403,
             )
         return model
 

@@ -10,6 +10,9 @@ Prompts are never logged nor echoed: answers only say how many messages and whic
 they saw, and every answer reports the field paths the request carried (``standin_received``: names
 such as ``messages[].content``, never values), so a test on real processes can check what the proxy
 forwarded. The bodies are also kept in memory (``received``).
+
+With ``tls`` (a certificate and a private key, PEM files) it serves HTTPS, as an enclave serving an
+RA-TLS certificate does; ``reload_certificate`` makes later connections get another certificate.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import argparse
 import dataclasses
 import itertools
 import signal
+import ssl
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -74,20 +79,44 @@ def _usage(mode: UsageMode, prompt_tokens: int, completion_tokens: int) -> dict[
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
-class StandinModel:
-    """Threaded HTTP server on 127.0.0.1 (port 0 = free port)."""
+def _tls_context(certificate: Path, key: Path) -> ssl.SSLContext:
+    """A server context serving ``certificate`` (PEM, leaf first) with ``key`` (PEM, unencrypted)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, key)
+    return context
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, model: str = "hermes-3-8b-tee") -> None:
+
+class StandinModel:
+    """Threaded HTTP/1.1 server on 127.0.0.1 (port 0 = free port); HTTPS with ``tls``.
+
+    ``tls``: (certificate PEM file, private key PEM file); ``url`` is then ``https://host:port``.
+    Connections are kept alive (HTTP/1.1, closed after 120 s idle), so a client that pools them keeps
+    the certificate it first saw: only new connections see one swapped in by ``reload_certificate``.
+
+    For tests: ``received`` lists every request (GET ``/v1/models`` probes too: path, headers, JSON
+    body or {}), and ``handshakes`` counts completed TLS handshakes (new connections, including a
+    handshake-only certificate probe that sends no request at all).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        model: str = "hermes-3-8b-tee",
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
         self.model = model
         self.behaviour = Behaviour()
         self.received: list[Received] = []
+        self.handshakes = 0
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._server = _Server((host, port), self)  # binds now, so url is known before start()
+        context = _tls_context(*tls) if tls is not None else None  # a bad file fails here, before binding
+        self._server = _Server((host, port), self, context)  # binds now, so url is known before start()
         bound_host, bound_port = self._server.server_address[:2]
         self.host: str = str(bound_host)
         self.port: int = int(bound_port)
-        self.url = f"http://{self.host}:{self.port}"
+        self.url = f"{'https' if tls is not None else 'http'}://{self.host}:{self.port}"
         self._thread: threading.Thread | None = None
         self._stopped = False
 
@@ -134,7 +163,24 @@ class StandinModel:
     ) -> None:
         self.stop()
 
+    # --- TLS ----------------------------------------------------------------------------------
+
+    def reload_certificate(self, certificate: Path, key: Path, restart: bool = False) -> None:
+        """Serve ``certificate`` (PEM) with ``key`` (PEM) to connections accepted from now on; open
+        connections keep theirs, unless ``restart`` closes them as an enclave's restart would. The
+        files are loaded into a new context first, so a bad pair raises (``ssl.SSLError`` or
+        ``OSError``) and leaves the current certificate served."""
+        if self._server.tls is None:
+            raise RuntimeError("this stand-in serves plain HTTP; create it with tls=(certificate, key)")
+        self._server.tls = _tls_context(certificate, key)
+        if restart:
+            self._server.drop_connections()
+
     # --- answers (called from handler threads) ------------------------------------------------
+
+    def _handshake_done(self) -> None:
+        with self._lock:
+            self.handshakes += 1
 
     def _record(self, item: Received) -> None:
         with self._lock:
@@ -262,9 +308,16 @@ def main(argv: list[str] | None = None) -> int:
         default="report",
         help="token usage in answers: report it, omit it, or report a malformed one",
     )
+    parser.add_argument(
+        "--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM); needs --tls-key"
+    )
+    parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert is not None else None
 
-    server = StandinModel(host=args.host, port=args.port, model=args.model)
+    server = StandinModel(host=args.host, port=args.port, model=args.model, tls=tls)
     server.behaviour = Behaviour(
         status=args.status,
         delay=args.delay,

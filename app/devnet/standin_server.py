@@ -1,12 +1,17 @@
 """The stand-in model's HTTP side: a threaded server that knows its open connections (so a stopped
 stand-in really stops) and a handler that routes requests, reads bodies byte for byte, answers JSON,
-streams one chunk per SSE event, cuts streams and resets connections as ``Behaviour`` says."""
+streams one chunk per SSE event, cuts streams and resets connections as ``Behaviour`` says.
+
+With TLS, the accept loop only wraps each accepted socket (no I/O: ``do_handshake_on_connect=False``)
+with the context current at that moment; the handshake runs in the connection's handler thread, so a
+client that never completes one pins only its own thread (for at most ``HANDSHAKE_TIMEOUT`` seconds)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -22,6 +27,7 @@ ERROR_BODY: dict[str, Any] = {"error": {"message": "stand-in failure", "type": "
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 MODELS_PATH = "/v1/models"
+HANDSHAKE_TIMEOUT = 10.0  # seconds a TLS client has to complete its handshake
 
 # How answers report token usage: "report" truthfully, "omit" never (no ``usage`` in JSON answers, no
 # usage event in streams even when asked), "malformed" with ``MALFORMED_USAGE`` in place of the counts.
@@ -69,11 +75,26 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], owner: StandinModel) -> None:
+    def __init__(
+        self, address: tuple[str, int], owner: StandinModel, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.owner = owner
+        self.tls = tls  # replaced whole (never mutated) by StandinModel.reload_certificate
         self.connections: set[socket.socket] = set()
         self.connections_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept one connection; with TLS, wrap it for a handshake its handler thread will run."""
+        sock, address = super().get_request()
+        context = self.tls  # one read: a concurrent reload gives this connection the old or the new one
+        if context is None:
+            return sock, address
+        try:
+            return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+        except OSError:
+            sock.close()
+            raise  # serve_forever's _handle_request_noblock drops it quietly
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Stay silent: the default prints a traceback to stderr for every client that hangs up."""
@@ -99,9 +120,22 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def setup(self) -> None:
-        super().setup()
+        """Register the connection (so stop() can drop it, mid-handshake too), then, with TLS, run the
+        handshake here, in this connection's thread. A failed or timed-out handshake raises: the
+        server's ``handle_error`` stays silent and the socket is closed."""
+        sock: socket.socket = self.request  # super().setup() names it self.connection
         with self.server.connections_lock:
-            self.server.connections.add(self.connection)
+            self.server.connections.add(sock)
+        try:
+            if isinstance(sock, ssl.SSLSocket):
+                sock.settimeout(HANDSHAKE_TIMEOUT)
+                sock.do_handshake()
+                self.server.owner._handshake_done()
+            super().setup()  # sets the keep-alive read timeout
+        except BaseException:
+            with self.server.connections_lock:
+                self.server.connections.discard(sock)
+            raise
 
     def finish(self) -> None:
         with self.server.connections_lock:

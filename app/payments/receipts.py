@@ -29,7 +29,7 @@ from app.x402.verdict import ACCEPTED, Verdict, reject
 RECEIPT_HEADER = "X-Receipt"
 NETWORK_RE = re.compile(r"eip155:[0-9]{1,20}")
 STREAM_RECEIPT_PREFIX = b": x402-receipt "
-DOMAIN = {"name": "x402-tee-proxy receipt", "version": "3"}  # chainId: the payment's network
+DOMAIN = {"name": "x402-tee-proxy receipt", "version": "4"}  # chainId: the payment's network
 DOMAIN_TYPE = [
     {"name": "name", "type": "string"},
     {"name": "version", "type": "string"},
@@ -46,11 +46,15 @@ RECEIPT_TYPE = [
     {"name": "time", "type": "uint256"},
     {"name": "authorized", "type": "uint256"},
     {"name": "usage", "type": "string"},
+    {"name": "teeMeasurement", "type": "string"},
+    {"name": "teeEvidence", "type": "string"},
 ]
 TYPES = {"EIP712Domain": DOMAIN_TYPE, "Receipt": RECEIPT_TYPE}
 MESSAGE_NAMES = {
     "request_sha256": "requestSha256",
     "response_sha256": "responseSha256",
+    "tee_measurement": "teeMeasurement",
+    "tee_evidence": "teeEvidence",
 }
 OFFER_RECEIPT = "offer-receipt"
 OFFER_RECEIPT_TYPES = {
@@ -93,7 +97,10 @@ class Receipt:
     """What the proxy signs about one paid answer. ``amount`` and ``authorized`` in atomic units
     (``authorized`` 0 for ``exact``), ``time`` unix seconds, the SHA-256s as 64 hex digits
     (``response_sha256`` "" in the header of a stream: its closing comment carries the full one),
-    ``usage`` "<prompt tokens>+<completion tokens>" or "unreported" (``upto``), "" (``exact``)."""
+    ``usage`` "<prompt tokens>+<completion tokens>" or "unreported" (``upto``), "" (``exact``);
+    for an attested model, ``tee_measurement`` the enclave's launch measurement (96 hex digits) and
+    ``tee_evidence`` the ``evidence_sha256`` of the bundle its connection was pinned to ("" both
+    otherwise)."""
 
     tx: str
     payer: str
@@ -106,6 +113,8 @@ class Receipt:
     signature: str = ""
     authorized: int = 0
     usage: str = ""
+    tee_measurement: str = ""
+    tee_evidence: str = ""
 
     def typed_data(self) -> dict[str, Any]:
         """The EIP-712 typed data that is signed: ``{domain, types, primaryType, message}``."""

@@ -22,8 +22,9 @@ from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 
+from app.backends.enclave import Admission
 from app.backends.store import STORE_ERRORS
-from app.backends.upstream import BUYER_ERRORS, UpstreamAnswer, UpstreamFailed, host_error_message
+from app.backends.upstream import BUYER_ERRORS, Unattested, UpstreamAnswer, UpstreamFailed, host_error_message
 from app.catalog import Model, Quote
 from app.catalog.usage import StreamUsage, Usage, charge, usage_of_answer
 from app.logs import note
@@ -94,6 +95,14 @@ class PaidCall:
     render: Callable[[bytes, int], bytes] | None = None
     resource_url: str = ""  # what the buyer called (the offer-receipt's resourceUrl)
     sign_in_origin: str = ""  # where this request may sign in (``SignInGate.offered``), "" nowhere
+    tee: Admission | None = None  # an attested model's evidence, as the connection was pinned to it
+
+    def tee_binding(self) -> dict[str, str]:
+        """The receipt's ``tee_measurement`` and ``tee_evidence`` ("" for a model not attested)."""
+        if self.tee is None:
+            return {}
+        verdict = self.tee.evidence.verdict
+        return {"tee_measurement": verdict.measurement, "tee_evidence": verdict.evidence_sha256}
 
 
 def serve(gate: Gate, call: PaidCall) -> Answer:
@@ -254,10 +263,10 @@ def _serve(gate: Gate, call: PaidCall, wire: Any) -> Answer:
         note(upstream_ms=round((time.perf_counter() - upstream_started) * 1000, 1))
         streaming = call.streaming and answer.status < 400  # an error answer is read whole, like JSON
         content = b"" if streaming else answer.read()
-    except UpstreamFailed:
+    except UpstreamFailed as failure:
         paid = ticket.result()  # a failed settlement raises here: 402, nothing charged, nothing served
         gate.redeemable(paid)
-        return _upstream_failed(paid)
+        return _upstream_failed(paid, failure)
     try:
         paid = ticket.result()
     except BaseException:
@@ -367,6 +376,7 @@ def _unsigned_receipt(gate: Gate, call: PaidCall, paid: Paid) -> Receipt:
         request_sha256=call.request_sha256,
         response_sha256="",
         time=int(time.time()),
+        **call.tee_binding(),
     )
 
 
@@ -427,14 +437,21 @@ def _upstream_refused(gate: Gate, paid: Paid, status: int, content: bytes) -> An
     )
 
 
-def _upstream_failed(paid: Paid) -> Answer:
+def _upstream_failed(paid: Paid, failure: UpstreamFailed) -> Answer:
     name, value = paid.response_header
     return error_answer(
-        502,
-        "upstream_unavailable",
-        "the model host failed after your payment settled; retry the same payment header to be served",
+        failure.status,
+        failure.code,
+        f"{_host_failure(failure)} after your payment settled; retry the same payment header to be served",
         {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Retry-After": "1"},
     )
+
+
+def _host_failure(failure: UpstreamFailed) -> str:
+    """What the buyer is told of a failed host: its enclave's failed attestation says why."""
+    if isinstance(failure, Unattested):
+        return f"the model host's enclave failed attestation ({failure})"
+    return "the model host failed"
 
 
 # --- upto: the answer first, then the charge by the host's reported usage --------------------------
@@ -533,9 +550,9 @@ def _metered_call(
         if call.streaming and answer.status < 400:
             return answer, b"", asked_usage
         content = answer.read()
-    except UpstreamFailed:
+    except UpstreamFailed as failure:
         release()
-        return failed(502, "upstream_unavailable", "the model host failed")
+        return failed(failure.status, failure.code, _host_failure(failure))
     except BaseException:
         release()
         raise
@@ -733,6 +750,7 @@ def _metered_receipt(
         time=int(time.time()),
         authorized=quote.amount,
         usage="unreported" if usage is None else f"{usage.prompt_tokens}+{usage.completion_tokens}",
+        **call.tee_binding(),
     )
 
 

@@ -155,7 +155,7 @@ def spki_sha256(certificate: x509.Certificate) -> str:
     return hashlib.sha256(spki).hexdigest()
 
 
-def _pss_signed_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+def pss_signed_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
     """``certificate`` is signed by ``issuer``'s RSA key with RSA-PSS SHA-384 (AMD's scheme)."""
     key = issuer.public_key()
     if not isinstance(key, rsa.RSAPublicKey):
@@ -181,7 +181,7 @@ def verify_chain(
     if spki_sha256(ark) not in pinned:
         raise EvidenceError("root_not_pinned", "the ARK is not one of the pinned roots")
     for certificate, issuer, name in ((ark, ark, "ARK"), (ask, ark, "ASK"), (vcek, ask, "VCEK")):
-        if not _pss_signed_by(certificate, issuer):
+        if not pss_signed_by(certificate, issuer):
             raise EvidenceError("chain_invalid", f"the {name} is not signed by its issuer")
 
 

@@ -18,7 +18,7 @@ from eth_account import Account
 from eth_utils import to_checksum_address
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from app.backends.attestation import MEASUREMENT_HEADER
+from app.backends.enclave import EVIDENCE_HEADER, MEASUREMENT_HEADER, Admission, AttestationFailed
 from app.backends.store import STORE_ERRORS
 from app.backends.upstream import (
     UpstreamAnswer,
@@ -108,7 +108,8 @@ def _request_body() -> object:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {reason}") from None
 
 
-UpstreamCall = Callable[[dict[str, Any]], UpstreamAnswer]  # the body to forward → the host's answer
+# the body to forward, and the attested enclave's admission (None: not attested) → the host's answer
+UpstreamCall = Callable[[dict[str, Any], Admission | None], UpstreamAnswer]
 Render = Callable[[bytes, int], bytes]
 
 
@@ -157,11 +158,11 @@ def _paid(
 ) -> Response:
     """Charge for ``quote`` and answer with what ``call`` gets from the model host (``serve``)."""
     gate = services().gate
-    measured = _attested(quote)
+    admission = _admitted(quote)
     paid_call = PaidCall(
         quote,
         request.headers,
-        call,
+        lambda body: call(body, admission),
         streaming,
         getattr(g, "x402_request_sha256", sha256_hex(b"")),
         g.x402_started,
@@ -169,6 +170,7 @@ def _paid(
         render,
         _resource_url(),
         _sign_in_origin(),
+        admission,
     )
     try:
         response = sent(serve(gate, paid_call))
@@ -191,22 +193,33 @@ def _paid(
                 refusal.corrective,
             )
         )
-    if measured:
-        response.headers[MEASUREMENT_HEADER] = measured
+    if admission is not None and response.status_code < 400:
+        verdict = admission.evidence.verdict  # the certificate the answer came over
+        response.headers[MEASUREMENT_HEADER] = verdict.measurement
+        response.headers[EVIDENCE_HEADER] = verdict.evidence_sha256
     return response
 
 
-def _attested(quote: Quote) -> str:
-    """For a model whose host publishes attestation: its checked measurement, or 503 before any
-    payment is taken when the report does not match."""
-    if not quote.model.attestation_url:
-        return ""
-    check = services().attestor.check(quote.model)
-    if not check.ok:
-        raise ApiError(
-            503, "attestation_mismatch", f"the host of {quote.model.name} failed attestation: {check.reason}"
-        )
-    return check.measured
+def _attestation_failed(name: str, failure: AttestationFailed) -> ApiError:
+    return ApiError(
+        503,
+        "attestation_failed",
+        f"the enclave of {name} is not verified now ({failure.reason}: {failure.detail}); "
+        "nothing was charged",
+        {"Retry-After": "5"},
+    )
+
+
+def _admitted(quote: Quote) -> Admission | None:
+    """For an attested model: the evidence its enclave verified with, or 503 ``attestation_failed``
+    before any 402 or payment (``app.backends.enclave``). None for a model sold on its operator's
+    word."""
+    if not quote.model.attested:
+        return None
+    try:
+        return Admission(quote.model, services().attestor.evidence(quote.model))
+    except AttestationFailed as failure:
+        raise _attestation_failed(quote.model.name, failure) from None
 
 
 def _paid_call(route: str) -> Response:
@@ -214,7 +227,7 @@ def _paid_call(route: str) -> Response:
     upstream = services().upstream
     return _paid(
         quote,
-        lambda body: upstream.forward(route, body, quote.model),
+        lambda body, admission: upstream.forward(route, body, quote.model, admission),
         quote.body.get("stream") is True,
         route,
     )
@@ -259,24 +272,24 @@ def ping(name: str) -> Response:
         ping = {"model": name, "tee": quote.model.tee, "upstream_status": status, "listed": name in listed}
         return json.dumps(ping).encode()
 
-    return _paid(quote, lambda _body: upstream.probe(quote.model), False, "ping", render)
+    return _paid(
+        quote, lambda _body, admission: upstream.probe(quote.model, admission), False, "ping", render
+    )
 
 
 @bp.get("/v1/attestation/<name>")
 def attestation(name: str) -> Response:
-    """What was checked about a model's host, and when (free)."""
+    """The evidence a model's enclave verified with (free): the RA-TLS bundle a buyer can verify
+    again (``Evidence.public``); for a model sold on its operator's word, that it is only that; 503
+    ``attestation_failed`` while the enclave does not verify."""
     model = _quote(lambda: services().catalog.quote_ping(name)).model
-    if not model.attestation_url:
-        return jsonify(
-            {
-                "model": name,
-                "tee": model.tee,
-                "attested": False,
-                "note": "this host publishes no attestation report the proxy can check",
-            }
-        )
-    check = services().attestor.check(model)
-    return jsonify({"attested": True, "tee": model.tee, **check.public()})
+    if not model.attested:
+        return jsonify({"model": name, "tee": model.tee, "attested": False, "trust": model.trust})
+    try:
+        evidence = services().attestor.evidence(model)
+    except AttestationFailed as failure:
+        raise _attestation_failed(name, failure) from None
+    return jsonify({**evidence.public(), "attested": True, "tee": True, "trust": model.trust})
 
 
 @bp.get("/.well-known/x402")

@@ -5,87 +5,44 @@ then the whole bundle verified (``app.tee.ra_tls.verify``)."""
 
 from __future__ import annotations
 
-import http.server
-import ssl
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from app.backends.tee import Kds, TeeUnavailable, served_certificate
 from app.devnet import free_port
+from app.devnet.standin import StandinModel
 from app.tee.ra_tls import Roots, verify
 from app.tee.sev_snp import Terms
-from tests.unit.test_ra_tls import NOW, enclave_certificate
+from tests.tee_support import KdsStandin, write_enclave_files
+from tests.unit.test_ra_tls import NOW
 from tests.unit.test_sev_snp import CHAIN, MEASUREMENT
 
 pytestmark = pytest.mark.integration
 
 
-class _Quiet(http.server.BaseHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        return None
-
-
 @pytest.fixture
 def enclave(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
-    """An HTTPS server on 127.0.0.1 serving an RA-TLS certificate: (origin, its DER)."""
-    der, key = enclave_certificate()
-    certificate = tmp_path / "cert.pem"
-    private = tmp_path / "key.pem"
-    certificate.write_bytes(x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM))
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-
-    class Enclave(_Quiet):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Enclave)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certificate, private)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"https://127.0.0.1:{server.server_port}", der
-    server.shutdown()
+    """The model stand-in over HTTPS on 127.0.0.1, serving an RA-TLS certificate: (origin, its DER)."""
+    certificate, key, der = write_enclave_files(tmp_path / "enclave")
+    with StandinModel(tls=(certificate, key)) as server:
+        yield server.url, der
 
 
 @pytest.fixture
-def kds() -> Iterator[tuple[str, list[str], dict[str, int]]]:
-    """A KDS stand-in: ``/vcek/v1/...`` answers our chain's VCEK, or the status set in ``answers``;
-    every path asked is recorded."""
-    asked: list[str] = []
-    answers: dict[str, int] = {}
-    vcek = CHAIN.vcek.public_bytes(serialization.Encoding.DER)
-
-    class Service(_Quiet):
-        def do_GET(self) -> None:
-            asked.append(self.path)
-            status = answers.get("status", 200)
-            self.send_response(status)
-            self.end_headers()
-            if status == 200:
-                self.wfile.write(vcek)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Service)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", asked, answers
-    server.shutdown()
+def kds() -> Iterator[KdsStandin]:
+    """A KDS stand-in answering our chain's VCEK (``tests/tee_support.py``)."""
+    with KdsStandin() as service:
+        yield service
 
 
 def test_the_served_certificate_and_amd_s_vcek_verify_together(
-    enclave: tuple[str, bytes], kds: tuple[str, list[str], dict[str, int]], tmp_path: Path
+    enclave: tuple[str, bytes], kds: KdsStandin, tmp_path: Path
 ) -> None:
     origin, served = enclave
-    base, asked, _ = kds
+    base, asked = kds.url, kds.asked
     der = served_certificate(origin, timeout=5)
     assert der == served
     client = Kds(base, tmp_path / "vcek", timeout=5)
@@ -100,12 +57,10 @@ def test_the_served_certificate_and_amd_s_vcek_verify_together(
     assert Kds(base, tmp_path / "vcek", timeout=5).vcek(url) == vcek_der and len(asked) == 1  # another worker
 
 
-def test_the_kds_is_asked_sparingly_and_backs_off_after_failures(
-    kds: tuple[str, list[str], dict[str, int]], tmp_path: Path
-) -> None:
-    base, asked, answers = kds
+def test_the_kds_is_asked_sparingly_and_backs_off_after_failures(kds: KdsStandin, tmp_path: Path) -> None:
+    base, asked = kds.url, kds.asked
     client = Kds(base, tmp_path, timeout=5)
-    answers["status"] = 503
+    kds.status = 503
     with pytest.raises(TeeUnavailable, match="503"):
         client.vcek(base + "/vcek/v1/Milan/aa")
     with pytest.raises(TeeUnavailable, match="asked again"):

@@ -73,7 +73,8 @@ def test_malformed_receipt_fields_are_refused_not_crashed_on(field: str, value: 
 
 def test_the_receipt_domain_and_type_are_the_published_ones() -> None:
     typed = RECEIPT.typed_data()
-    assert typed["domain"] == {"name": "x402-tee-proxy receipt", "version": "3", "chainId": 8453}
+    assert typed["domain"] == {"name": "x402-tee-proxy receipt", "version": "4", "chainId": 8453}
     assert typed["primaryType"] == "Receipt"
     names = ["tx", "payer", "amount", "model", "network", "requestSha256", "responseSha256", "time"]
-    assert [f["name"] for f in typed["types"]["Receipt"]] == [*names, "authorized", "usage"]
+    tee = ["teeMeasurement", "teeEvidence"]  # an attested enclave's measurement and evidence hash
+    assert [f["name"] for f in typed["types"]["Receipt"]] == [*names, "authorized", "usage", *tee]

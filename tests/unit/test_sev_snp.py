@@ -142,13 +142,16 @@ class Chain:
 CHAIN_TCB = Tcb(3, 0, 8, 115)
 
 
-def make_chain(tcb: Tcb = CHAIN_TCB, chip_id: bytes = b"\x5a" * 64) -> Chain:
-    """An AMD-shaped chain (smaller RSA keys than AMD's 4096 bits, for speed; the scheme is AMD's)."""
+def make_chain(tcb: Tcb = CHAIN_TCB, chip_id: bytes = b"\x5a" * 64, product: str = "Milan") -> Chain:
+    """An AMD-shaped chain (smaller RSA keys than AMD's 4096 bits, for speed; the scheme is AMD's),
+    named as AMD names each product line's: ARK ``ARK-<product>``, ASK ``SEV-<product>``, VCEK
+    ``SEV-VCEK``. ``chip_id``: 64 bytes (the VCEK's hwID); ``tcb``: the VCEK's TCB levels."""
     ark_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ask_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     vcek_key = ec.generate_private_key(ec.SECP384R1())
-    ark = _certificate("ARK-Test", ark_key, "ARK-Test", ark_key, [])
-    ask = _certificate("SEV-Test", ask_key, "ARK-Test", ark_key, [])
+    ark_name, ask_name = f"ARK-{product}", f"SEV-{product}"
+    ark = _certificate(ark_name, ark_key, ark_name, ark_key, [])
+    ask = _certificate(ask_name, ask_key, ark_name, ark_key, [])
 
     def ext(oid: x509.ObjectIdentifier, value: bytes) -> x509.Extension:
         return x509.Extension(oid, False, x509.UnrecognizedExtension(oid, value))
@@ -160,7 +163,7 @@ def make_chain(tcb: Tcb = CHAIN_TCB, chip_id: bytes = b"\x5a" * 64) -> Chain:
         ext(OID_MICROCODE, _der_integer(tcb.microcode)),
         ext(OID_HWID, chip_id),
     ]
-    vcek = _certificate("SEV-VCEK", vcek_key, "SEV-Test", ask_key, spls)
+    vcek = _certificate("SEV-VCEK", vcek_key, ask_name, ask_key, spls)
     return Chain(ark, ask, vcek, vcek_key, chip_id, tcb)
 
 
@@ -238,6 +241,23 @@ def test_a_report_of_our_chain_verifies_with_its_terms() -> None:
 )
 def test_every_way_evidence_fails_names_its_reason(report: bytes, terms: Terms | None, reason: str) -> None:
     assert reason_of(report, terms) == reason
+
+
+def _common_name(name: x509.Name) -> str:
+    return str(name.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+def test_our_chain_is_named_per_product_line_as_amd_names_its_own() -> None:
+    """AMD's ARK and ASK say their product line in their CN (``ARK-Milan``, ``SEV-Milan``): ours too."""
+    assert [_common_name(pem(f"{kind}_milan.pem").subject) for kind in ("ark", "ask")] == [
+        "ARK-Milan",
+        "SEV-Milan",
+    ]
+    assert _common_name(CHAIN.ark.subject) == _common_name(CHAIN.ask.issuer) == "ARK-Milan"
+    assert _common_name(CHAIN.ask.subject) == _common_name(CHAIN.vcek.issuer) == "SEV-Milan"
+    genoa = make_chain(product="Genoa")
+    assert (_common_name(genoa.ark.subject), _common_name(genoa.ask.subject)) == ("ARK-Genoa", "SEV-Genoa")
+    verify_chain(genoa.ark, genoa.ask, genoa.vcek, genoa.pinned)
 
 
 def test_a_chain_whose_vcek_another_ask_signed_is_refused() -> None:

@@ -15,7 +15,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from app import create_app
-from app.backends.attestation import Attestor
+from app.backends.enclave import Attestor
 from app.catalog import Catalog, load_catalog
 from app.payments.gate import Gate
 from app.payments.ledger import Ledger
@@ -38,7 +38,9 @@ class ModelHost:
         self.calls = 0
         self.ok = True
 
-    def forward(self, route: str, body: dict[str, object], model: object = None) -> Any:
+    def forward(
+        self, route: str, body: dict[str, object], model: object = None, admission: object = None
+    ) -> Any:
         self.calls += 1
         return host_answer(self.ok)
 
@@ -55,7 +57,7 @@ def parts() -> Iterator[tuple[FlaskClient, ModelSettler, ModelHost, Settings]]:
     settler = ModelSettler(chain)
     host = ModelHost()
     gate = Gate(settings, catalog, ledger, chain, settler)  # type: ignore[arg-type]
-    services = Services(settings, catalog, ledger, chain, settler, host, Attestor(), gate)  # type: ignore[arg-type]
+    services = Services(settings, catalog, ledger, chain, settler, host, Attestor(settings, {}), gate)  # type: ignore[arg-type]
     app = create_app(settings, services)
     yield app.test_client(), settler, host, settings
 

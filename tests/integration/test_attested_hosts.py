@@ -1,0 +1,242 @@
+"""Attested models on real sockets (issue 18): the proxy, an HTTPS enclave stand-in serving an RA-TLS
+certificate of our own AMD-shaped chain, a stand-in of AMD's key distribution service, a real chain
+and Redis. A model is sold only while its enclave verifies; buyers' requests go only over connections
+pinned to the verified certificate; every paid answer names the evidence, which anyone can fetch and
+verify again."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from app import create_checked_app
+from app.devnet.standin import StandinModel
+from app.payments.receipts import Receipt
+from app.settings import DEFAULT_CATALOG
+from app.tee.ra_tls import Roots, verify
+from app.tee.sev_snp import POLICY_DEBUG, Terms, load_vcek, spki_sha256
+from app.x402.codec import decode_header
+from tests.support import CHAT_BODY, Proxy, moved_since, serve, settle_response
+from tests.tee_support import KdsStandin, write_enclave_files, write_roots
+from tests.unit.test_sev_snp import CHAIN, MEASUREMENT, make_report
+
+pytestmark = pytest.mark.integration
+MODEL = "hermes-3-8b-tee"
+STATED = "stated-tee"
+STATED_MODEL = f"""
+[models."{STATED}"]
+description = "a TEE on its operator's word"
+tee = true
+pricing = "per_call"
+price = 1000
+"""
+
+
+@dataclass
+class Enclave:
+    """The HTTPS enclave stand-in and where its certificates are written."""
+
+    host: StandinModel
+    directory: Path
+    der: bytes
+
+    def restart_with(self, name: str, **certificate: Any) -> bytes:
+        """The enclave restarts serving another RA-TLS certificate (``enclave_certificate``'s
+        arguments): open connections close, new ones get it. Returns its DER."""
+        path, key, der = write_enclave_files(self.directory / name, **certificate)
+        self.host.reload_certificate(path, key, restart=True)
+        return der
+
+
+@pytest.fixture
+def enclave(tmp_path: Path) -> Iterator[Enclave]:
+    path, key, der = write_enclave_files(tmp_path / "enclave-first")
+    with StandinModel(tls=(path, key)) as host:
+        yield Enclave(host, tmp_path, der)
+
+
+@pytest.fixture
+def kds() -> Iterator[KdsStandin]:
+    with KdsStandin() as service:
+        yield service
+
+
+def bound_report(key: ec.EllipticCurvePrivateKey, **report: Any) -> bytes:
+    """A report of our chain bound to ``key``'s certificate (``make_report``'s arguments)."""
+    point = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    return make_report(
+        report_data=hashlib.sha384(b"aleph-attest-tls-key-v1\x00" + point).digest() + bytes(16), **report
+    )
+
+
+@contextlib.contextmanager
+def attested_proxy(
+    proxy: Proxy,
+    tmp_path: Path,
+    enclave: Enclave,
+    kds: KdsStandin,
+    terms: str = "",
+    test_roots: bool = True,
+    measurement: str = MEASUREMENT.hex(),
+    **changes: Any,
+) -> Iterator[Proxy]:
+    """The proxy selling ``MODEL`` from ``enclave`` (attested, ``measurement`` accepted, ``terms``
+    added to its entry) and ``STATED`` from the shared host, the test roots allowed unless
+    ``test_roots`` is False (AMD's), VCEKs from ``kds``, verifications trusted 2 s."""
+    catalog = tmp_path / "attested.toml"
+    catalog.write_text(
+        DEFAULT_CATALOG.read_text()
+        + f'upstream_url = "{enclave.host.url}"\nattestation = "sev-snp"\n'
+        + f'measurements = ["{measurement}"]\n{terms}\n'
+        + STATED_MODEL
+    )
+    settings = proxy.settings.with_overrides(
+        catalog_path=catalog,
+        amd_kds_url=kds.url,
+        vcek_cache_dir=tmp_path / "vcek",
+        attestation_roots=write_roots(tmp_path / "roots.pem") if test_roots else None,
+        attestation_ttl=2.0,
+        **changes,
+    )
+    server = serve(create_checked_app(settings))
+    try:
+        yield Proxy(f"http://127.0.0.1:{server.server_port}", settings, proxy.wallets, proxy.chain, server)
+    finally:
+        server.shutdown()
+
+
+def evidence_of(proxy: Proxy) -> requests.Response:
+    return requests.get(f"{proxy.url}/v1/attestation/{MODEL}", timeout=10)
+
+
+def described(challenge: requests.Response) -> str:
+    """The 402's resource description (v2 ``PAYMENT-REQUIRED``; the v1 body's is the same)."""
+    description = decode_header(challenge.headers["PAYMENT-REQUIRED"])["resource"]["description"]
+    assert challenge.json()["accepts"][0]["description"] == description
+    return str(description)
+
+
+def error_code(response: requests.Response) -> str:
+    return str(response.json()["error"]["code"])
+
+
+def test_a_verified_enclave_is_sold_and_every_answer_names_its_evidence(
+    proxy: Proxy, standin: StandinModel, enclave: Enclave, kds: KdsStandin, tmp_path: Path
+) -> None:
+    with attested_proxy(proxy, tmp_path, enclave, kds) as attested:
+        unpaid = attested.post()
+        assert unpaid.status_code == 402
+        assert "AMD SEV-SNP, verified by the proxy" in described(unpaid)
+        response = attested.pay(attested.payment(attested.requirement()))
+        assert response.status_code == 200 and settle_response(response)["success"] is True
+        bundle = evidence_of(attested).json()
+
+        # the answer came from the enclave, over TLS, and names the evidence it was pinned to
+        assert [r.path for r in enclave.host.received] == ["/v1/chat/completions"] and standin.received == []
+        assert response.headers["X-TEE-Measurement"] == MEASUREMENT.hex()
+        assert response.headers["X-TEE-Evidence"] == bundle["evidence_sha256"]
+        receipt = Receipt.from_header(response.headers["X-Receipt"])
+        assert receipt.tee_measurement == MEASUREMENT.hex()
+        assert receipt.tee_evidence == bundle["evidence_sha256"]
+        assert receipt.signer() is not None
+
+        # the bundle: the certificate served, its report, AMD's VCEK and chain, what they proved
+        certificate = base64.b64decode(bundle["certificate"])
+        report = base64.b64decode(bundle["report"])
+        vcek = base64.b64decode(bundle["vcek"])
+        assert certificate == enclave.der and len(report) == 1184 and vcek == kds.vcek_der
+        assert bundle["evidence_sha256"] == hashlib.sha256(certificate + report + vcek).hexdigest()
+        assert bundle["vcek_url"].startswith(kds.url + "/vcek/v1/Milan/" + CHAIN.chip_id.hex() + "?blSPL=3&")
+        assert bundle["ark"] == CHAIN.ark.public_bytes(serialization.Encoding.PEM).decode()
+        assert bundle["ask"] == CHAIN.ask.public_bytes(serialization.Encoding.PEM).decode()
+        verdict = bundle["verdict"]
+        assert verdict["measurement"] == MEASUREMENT.hex() and verdict["product"] == "Milan"
+        assert verdict["vmpl"] == 0 and verdict["policy"] == 0x30000
+        assert verdict["reported_tcb"] == {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115, "fmc": 0}
+        assert verdict["verifier"].startswith("x402-tee-proxy") and verdict["verified_at"] <= time.time()
+
+        # a buyer verifies it again with nothing from the proxy but the bundle, pinning the root
+        ark = x509.load_pem_x509_certificate(bundle["ark"].encode())
+        ask = x509.load_pem_x509_certificate(bundle["ask"].encode())
+        pinned = frozenset({spki_sha256(CHAIN.ark)})  # the buyer's own pin, not the bundle's
+        again = verify(
+            certificate,
+            load_vcek(vcek),
+            vcek,
+            Roots("Milan", ark, ask, pinned),
+            Terms(frozenset({MEASUREMENT})),
+            datetime.datetime.now(datetime.UTC),
+        )
+        assert again.evidence_sha256 == bundle["evidence_sha256"]
+
+        # verified again once the TTL passed, in the background: the same bundle, a later time
+        deadline = time.monotonic() + 15
+        while evidence_of(attested).json()["verdict"]["verified_at"] == verdict["verified_at"]:
+            assert time.monotonic() < deadline, "never verified again"
+            time.sleep(0.3)
+        assert evidence_of(attested).json()["evidence_sha256"] == bundle["evidence_sha256"]
+        assert len(kds.asked) == 1  # the VCEK came from the disk cache ever after
+
+
+def _flipped_measurement_bit() -> dict[str, Any]:
+    key = ec.generate_private_key(ec.SECP384R1())
+    report = bytearray(bound_report(key))
+    report[0x90] ^= 0x01  # one bit of the measurement: the signature no longer covers the report
+    return {"key": key, "report": bytes(report)}
+
+
+def _debug_policy() -> dict[str, Any]:
+    key = ec.generate_private_key(ec.SECP384R1())
+    return {"key": key, "report": bound_report(key, policy=0x30000 | POLICY_DEBUG)}
+
+
+FAULTS: dict[str, tuple[Any, dict[str, Any], str]] = {
+    # name: (certificate arguments, attested_proxy arguments, reason)
+    "one flipped report bit": (_flipped_measurement_bit, {}, "signature_invalid"),
+    "debug policy": (_debug_policy, {}, "debug_enabled"),
+    "wrong measurement": (dict, {"measurement": "cd" * 48}, "measurement_unknown"),
+    "low tcb": (dict, {"terms": "tcb_floor = { snp = 9 }"}, "tcb_below_floor"),
+    "bound to another key": (
+        lambda: {"bound_to": ec.generate_private_key(ec.SECP384R1())},
+        {},
+        "key_not_bound",
+    ),
+    "expired certificate": (lambda: {"days": -1}, {}, "certificate_expired"),
+    "the default AMD roots": (dict, {"test_roots": False}, "chain_invalid"),  # ours is not AMD's VCEK
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_an_enclave_that_does_not_verify_is_refused_before_any_payment(
+    proxy: Proxy, standin: StandinModel, enclave: Enclave, kds: KdsStandin, tmp_path: Path, fault: str
+) -> None:
+    certificate, arguments, reason = FAULTS[fault]
+    enclave.restart_with("faulty", **certificate())
+    payment = proxy.payment(proxy.requirement())  # what the same body costs where it is sold
+    before = proxy.balances()
+    with attested_proxy(proxy, tmp_path, enclave, kds, **arguments) as attested:
+        unpaid = attested.post()
+        paid = attested.pay(payment)
+        shown = evidence_of(attested)
+        for refused in (unpaid, paid, shown):
+            assert refused.status_code == 503 and error_code(refused) == "attestation_failed"
+            assert reason in refused.json()["error"]["message"]
+        assert moved_since(proxy, before) == 0 and enclave.host.received == []
+        # the operator's other model keeps being sold
+        other = attested.post(body={**CHAT_BODY, "model": STATED})
+        assert other.status_code == 402 and "TEE (operator's statement)" in described(other)
