@@ -106,12 +106,14 @@ def attested_proxy(
         + STATED_MODEL
     )
     settings = proxy.settings.with_overrides(
-        catalog_path=catalog,
-        amd_kds_url=kds.url,
-        vcek_cache_dir=tmp_path / "vcek",
-        attestation_roots=write_roots(tmp_path / "roots.pem") if test_roots else None,
-        attestation_ttl=2.0,
-        **changes,
+        **{
+            "catalog_path": catalog,
+            "amd_kds_url": kds.url,
+            "vcek_cache_dir": tmp_path / "vcek",
+            "attestation_roots": write_roots(tmp_path / "roots.pem") if test_roots else None,
+            "attestation_ttl": 2.0,
+            **changes,
+        }
     )
     server = serve(create_checked_app(settings))
     try:
@@ -240,3 +242,126 @@ def test_an_enclave_that_does_not_verify_is_refused_before_any_payment(
         # the operator's other model keeps being sold
         other = attested.post(body={**CHAT_BODY, "model": STATED})
         assert other.status_code == 402 and "TEE (operator's statement)" in described(other)
+
+
+def test_a_changed_certificate_is_verified_before_any_byte_of_a_request_reaches_it(
+    proxy: Proxy, standin: StandinModel, enclave: Enclave, kds: KdsStandin, tmp_path: Path
+) -> None:
+    # a long TTL: only the pinned connection can notice the change, mid-call
+    with attested_proxy(proxy, tmp_path, enclave, kds, attestation_ttl=600.0) as attested:
+        first = attested.pay(attested.payment(attested.requirement()))
+        assert first.status_code == 200
+
+        # the enclave restarts with a new key and a report bound to it: verified, then served
+        renewed = enclave.restart_with("renewed")
+        second = attested.pay(attested.payment(attested.requirement()))
+        assert second.status_code == 200 and len(enclave.host.received) == 2
+        assert second.headers["X-TEE-Evidence"] != first.headers["X-TEE-Evidence"]
+        bundle = evidence_of(attested).json()
+        assert base64.b64decode(bundle["certificate"]) == renewed
+        assert second.headers["X-TEE-Evidence"] == bundle["evidence_sha256"]
+
+        # someone else's certificate (its report bound to another key): nothing is sent to it
+        payment = attested.payment(attested.requirement())
+        before = proxy.balances()
+        handshakes = enclave.host.handshakes
+        enclave.restart_with("impostor", bound_to=ec.generate_private_key(ec.SECP384R1()))
+        refused = attested.pay(payment)
+        assert refused.status_code == 503 and error_code(refused) == "attestation_failed"
+        assert "key_not_bound" in refused.json()["error"]["message"]
+        assert len(enclave.host.received) == 2  # handshakes only, no request
+        assert enclave.host.handshakes > handshakes
+        assert refused.headers["x-should-retry"] == "false"
+        assert settle_response(refused)["success"] is True  # paid just before the change was seen
+        assert attested.post().status_code == 503  # no 402 while it fails
+
+        # the enclave is back with a verified certificate: the same payment is served, once
+        enclave.restart_with("back")
+        deadline = time.monotonic() + 15  # a failure is verified again within RETRY_FAILED seconds
+        while attested.post().status_code != 402:
+            assert time.monotonic() < deadline, "never verified again"
+            time.sleep(0.3)
+        served = attested.pay(payment)
+        assert served.status_code == 200 and len(enclave.host.received) == 3
+        assert moved_since(proxy, before) == int(payment.to_wire()["accepted"]["amount"])
+
+
+def test_the_evidence_is_verified_again_in_the_background(
+    proxy: Proxy, standin: StandinModel, enclave: Enclave, kds: KdsStandin, tmp_path: Path
+) -> None:
+    with attested_proxy(proxy, tmp_path, enclave, kds) as attested:
+        assert evidence_of(attested).status_code == 200
+        enclave.restart_with("impostor", bound_to=ec.generate_private_key(ec.SECP384R1()))
+        deadline = time.monotonic() + 15  # TTL 2 s: no buyer request is needed to notice
+        while (shown := evidence_of(attested)).status_code == 200:
+            assert time.monotonic() < deadline, "the change was never noticed"
+            time.sleep(0.3)
+        assert error_code(shown) == "attestation_failed" and "key_not_bound" in shown.text
+        assert enclave.host.received == []
+        enclave.restart_with("back")
+        deadline = time.monotonic() + 15  # a failure is tried again within RETRY_FAILED seconds
+        while evidence_of(attested).status_code != 200:
+            assert time.monotonic() < deadline, "never verified again"
+            time.sleep(0.3)
+        assert attested.pay(attested.payment(attested.requirement())).status_code == 200
+
+
+def test_vcek_s_come_from_the_kds_once_then_from_the_disk_the_workers_share(
+    proxy: Proxy, standin: StandinModel, enclave: Enclave, kds: KdsStandin, tmp_path: Path
+) -> None:
+    with attested_proxy(proxy, tmp_path, enclave, kds) as first:
+        assert evidence_of(first).status_code == 200
+    assert len(kds.asked) == 1 and kds.asked[0].startswith("/vcek/v1/Milan/")
+    assert "&snpSPL=8&ucodeSPL=115" in kds.asked[0]
+    kds.status = 503  # the KDS is down: a second process still verifies from the shared cache
+    with attested_proxy(proxy, tmp_path, enclave, kds) as second:
+        assert evidence_of(second).status_code == 200
+        assert second.pay(second.payment(second.requirement())).status_code == 200
+    assert len(kds.asked) == 1
+
+
+def test_without_a_vcek_the_model_waits_for_the_kds_and_nothing_is_free(
+    proxy: Proxy, standin: StandinModel, enclave: Enclave, kds: KdsStandin, tmp_path: Path
+) -> None:
+    kds.status = 503
+    payment = proxy.payment(proxy.requirement())
+    before = proxy.balances()
+    with attested_proxy(proxy, tmp_path, enclave, kds) as attested:
+        refused = attested.pay(payment)
+        assert refused.status_code == 503 and "evidence_unavailable" in refused.text
+        assert moved_since(proxy, before) == 0 and enclave.host.received == []
+        asked = len(kds.asked)
+        for _ in range(5):  # asked again only after its backoff, however many buyers ask
+            attested.post()
+        assert len(kds.asked) == asked
+        kds.status = 200
+        deadline = time.monotonic() + 20
+        while attested.post().status_code != 402:
+            assert time.monotonic() < deadline, "never recovered"
+            time.sleep(0.5)
+        assert attested.pay(payment).status_code == 200
+
+
+def test_models_sold_on_the_operator_s_word_say_so_and_can_be_withheld(
+    proxy: Proxy, standin: StandinModel, enclave: Enclave, kds: KdsStandin, tmp_path: Path
+) -> None:
+    with attested_proxy(proxy, tmp_path, enclave, kds) as attested:
+        listed = {m["id"]: m for m in requests.get(attested.url + "/v1/models", timeout=10).json()["data"]}
+        assert listed[STATED]["trust"] == "TEE (operator's statement)" and not listed[STATED]["attested"]
+        assert listed[MODEL]["attested"] and "verified by the proxy" in listed[MODEL]["trust"]
+        discovered = requests.get(attested.url + "/.well-known/x402", timeout=10).json()
+        models = {m["id"]: m for m in discovered["listing"][0]["models"]}
+        assert models[STATED]["trust"] == "TEE (operator's statement)"
+        shown = requests.get(f"{attested.url}/v1/attestation/{STATED}", timeout=10).json()
+        assert shown == {
+            "model": STATED,
+            "tee": True,
+            "attested": False,
+            "trust": "TEE (operator's statement)",
+        }
+    with attested_proxy(proxy, tmp_path, enclave, kds, require_attestation=True) as strict:
+        listed = [m["id"] for m in requests.get(strict.url + "/v1/models", timeout=10).json()["data"]]
+        assert listed == [MODEL]
+        refused = strict.post(body={**CHAT_BODY, "model": STATED})
+        assert refused.status_code == 403 and error_code(refused) == "model_not_attested"
+        assert strict.post().status_code == 402
