@@ -50,6 +50,8 @@ h3 { margin: 0; font-size: 17px; }
   border-radius: 4px; padding: 1px 7px; margin-left: 8px; vertical-align: 2px; }
 .badge.tee { background: var(--tee); color: #fff; }
 .badge.plain { background: #e6e9ef; color: var(--mute); }
+.badge.stated { background: #fff4d6; color: #6b4e00; }
+.badge a { color: inherit; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: 4px 16px; margin: 0; }
 dt { color: var(--mute); }
 dd { margin: 0; }
@@ -100,11 +102,18 @@ def _price_rows(model: Model) -> list[tuple[str, str]]:
 
 
 def _model_card(model: Model) -> str:
-    badge = (
-        '<span class="badge tee" title="runs in a confidential VM">TEE</span>'
-        if model.tee
-        else '<span class="badge plain" title="not a confidential VM">no TEE</span>'
-    )
+    if model.attested:
+        badge = (
+            '<span class="badge tee" title="AMD SEV-SNP evidence verified by this proxy before each sale">'
+            f'<a href="/v1/attestation/{escape(model.name)}">TEE, verified</a></span>'
+        )
+    elif model.tee:
+        badge = (
+            '<span class="badge stated" title="a confidential VM on its operator&#39;s word">'
+            "TEE (operator&#39;s statement)</span>"
+        )
+    else:
+        badge = '<span class="badge plain" title="not a confidential VM">no TEE</span>'
     rows = "".join(f"<dt>{escape(label)}</dt><dd>{escape(text)}</dd>" for label, text in _price_rows(model))
     return (
         f'<article class="model"><h3><code>{escape(model.name)}</code>{badge}</h3>'
@@ -233,14 +242,20 @@ request again. Your wallet needs USDC only: the proxy pays the gas.{upto_rule}</
 <ol>
 <li>The proxy checks each payment against the chain and settles it on {chain}
 before it releases the answer; a refused payment moves no money and gets no answer.</li>
-<li>Models marked TEE run in a confidential VM operated by the model host, not by whoever
-operates this proxy.</li>
+<li>Models marked <em>TEE, verified</em> run in an AMD SEV-SNP confidential VM whose attestation
+the proxy verifies to AMD's root before it quotes a price, and your request reaches that VM only over
+a connection pinned to the certificate its report is bound to. Each answer names the evidence
+(<code>X-TEE-Evidence</code>); fetch it at <code>/v1/attestation/&lt;model&gt;</code> and verify it
+yourself with <code>x402-proxy verify-evidence</code>.</li>
+<li>Models marked <em>TEE (operator's statement)</em> run in a confidential VM on the operator's word
+only: nothing here checks it.</li>
 <li>The proxy never logs or stores prompts or completions, though it does read them in transit to
 forward them.</li>
 </ol>
-<p class="note">What it cannot prove to you: it forwards each call to the host its catalog names,
-and you cannot check from here which machine answered; a model's TEE guarantee is only as good as the
-attestation that host exposes, and the no-logging promise above is the operator's word.</p>
+<p class="note">What it cannot prove to you: the proxy itself is not in the enclave, so it reads your
+prompt and the answer on the way, and the no-logging promise above is the operator's word; the
+measurements it accepts are the operator's choice (compare them with the ones the model's publisher
+signs). To take the proxy out of the path, talk to the enclave directly.</p>
 </section>
 
 <footer>Free endpoints: <a href="/v1/models">/v1/models</a> ·

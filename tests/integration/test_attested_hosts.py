@@ -352,6 +352,9 @@ def test_models_sold_on_the_operator_s_word_say_so_and_can_be_withheld(
         discovered = requests.get(attested.url + "/.well-known/x402", timeout=10).json()
         models = {m["id"]: m for m in discovered["listing"][0]["models"]}
         assert models[STATED]["trust"] == "TEE (operator's statement)"
+        page = requests.get(attested.url + "/", headers={"Accept": "text/html"}, timeout=10).text
+        assert f'<a href="/v1/attestation/{MODEL}">TEE, verified</a>' in page
+        assert "TEE (operator&#39;s statement)</span>" in page
         shown = requests.get(f"{attested.url}/v1/attestation/{STATED}", timeout=10).json()
         assert shown == {
             "model": STATED,
