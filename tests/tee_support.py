@@ -121,3 +121,23 @@ class KdsStandin:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+ATTESTED_MODEL = "hermes-3-8b-tee"
+STATED_MODEL = "stated-tee"
+
+
+def attested_catalog(path: Path, origin: str, measurement: str, terms: str = "") -> Path:
+    """Write a catalog to ``path``: the packaged ``ATTESTED_MODEL`` entry served by the enclave at
+    ``origin`` with ``attestation = "sev-snp"``, ``measurement`` (hex) accepted and ``terms`` (TOML
+    lines) added, and ``STATED_MODEL``, a TEE on its operator's word from the shared host."""
+    from app.settings import DEFAULT_CATALOG
+
+    path.write_text(
+        DEFAULT_CATALOG.read_text()
+        + f'upstream_url = "{origin}"\nattestation = "sev-snp"\n'
+        + f'measurements = ["{measurement}"]\n{terms}\n'
+        + f'\n[models."{STATED_MODEL}"]\ndescription = "a TEE on its operator\'s word"\n'
+        + 'tee = true\npricing = "per_call"\nprice = 1000\n'
+    )
+    return path

@@ -25,24 +25,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from app import create_checked_app
 from app.devnet.standin import StandinModel
 from app.payments.receipts import Receipt
-from app.settings import DEFAULT_CATALOG
 from app.tee.ra_tls import Roots, verify
 from app.tee.sev_snp import POLICY_DEBUG, Terms, load_vcek, spki_sha256
 from app.x402.codec import decode_header
 from tests.support import CHAT_BODY, Proxy, moved_since, serve, settle_response
-from tests.tee_support import KdsStandin, write_enclave_files, write_roots
+from tests.tee_support import (
+    ATTESTED_MODEL,
+    STATED_MODEL,
+    KdsStandin,
+    attested_catalog,
+    write_enclave_files,
+    write_roots,
+)
 from tests.unit.test_sev_snp import CHAIN, MEASUREMENT, make_report
 
 pytestmark = pytest.mark.integration
-MODEL = "hermes-3-8b-tee"
-STATED = "stated-tee"
-STATED_MODEL = f"""
-[models."{STATED}"]
-description = "a TEE on its operator's word"
-tee = true
-pricing = "per_call"
-price = 1000
-"""
+MODEL, STATED = ATTESTED_MODEL, STATED_MODEL
 
 
 @dataclass
@@ -98,13 +96,7 @@ def attested_proxy(
     """The proxy selling ``MODEL`` from ``enclave`` (attested, ``measurement`` accepted, ``terms``
     added to its entry) and ``STATED`` from the shared host, the test roots allowed unless
     ``test_roots`` is False (AMD's), VCEKs from ``kds``, verifications trusted 2 s."""
-    catalog = tmp_path / "attested.toml"
-    catalog.write_text(
-        DEFAULT_CATALOG.read_text()
-        + f'upstream_url = "{enclave.host.url}"\nattestation = "sev-snp"\n'
-        + f'measurements = ["{measurement}"]\n{terms}\n'
-        + STATED_MODEL
-    )
+    catalog = attested_catalog(tmp_path / "attested.toml", enclave.host.url, measurement, terms)
     settings = proxy.settings.with_overrides(
         **{
             "catalog_path": catalog,
