@@ -71,3 +71,16 @@ REFUNDED = Counter("x402_refunded_atomic_total", "channel balances refunded to p
 def payment_outcome(outcome: str, reason: str = "") -> None:
     """Count one payment in ``x402_payments_total`` under ``outcome`` and the reason code ``reason``."""
     PAYMENTS.labels(outcome, reason).inc()
+
+
+ATTESTATIONS = Counter(
+    "x402_attestations_total",
+    "verifications of attested models' enclaves, by model and result (verified, or the reason code)",
+    ["model", "result"],
+)
+ATTESTED = Gauge(
+    "x402_attested",
+    "1 while an attested model's enclave verifies, else 0 (at its last verification)",
+    ["model"],
+    multiprocess_mode="mostrecent",
+)

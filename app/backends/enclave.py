@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -33,12 +34,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from requests.adapters import HTTPAdapter
 
+from app import metrics
 from app.backends.tee import Kds, TeeUnavailable, served_certificate
 from app.catalog import Model
 from app.settings import Settings
 from app.tee.ra_tls import Roots, Verdict, report_of, vcek_url, verify
 from app.tee.sev_snp import EvidenceError, load_vcek, parse_report
 
+log = logging.getLogger("x402.enclave")
 RETRY_FAILED = 5.0  # seconds: a failed verification is tried again this soon at most (in the background)
 HANDSHAKE_TIMEOUT = 5.0  # seconds for the TLS handshake that reads the served certificate
 MEASUREMENT_HEADER = "X-TEE-Measurement"
@@ -230,8 +233,7 @@ class Attestor:
             if not stale and entry is not None:
                 return entry
             entry = _Entry(self._verify(model), time.monotonic())
-            with self._lock:
-                self._entries[model.name] = entry
+            self._store(model, entry, None)
             return entry
 
     def _refresh_if_due(self, model: Model, entry: _Entry) -> None:
@@ -244,14 +246,35 @@ class Attestor:
 
         def refresh() -> None:
             try:
-                fresh = _Entry(self._verify(model), time.monotonic())
-                with self._lock:
-                    if self._entries.get(model.name) is entry:
-                        self._entries[model.name] = fresh
+                self._store(model, _Entry(self._verify(model), time.monotonic()), entry)
             finally:
                 entry.refreshing = False
 
         threading.Thread(target=refresh, name=f"attest-{model.name}", daemon=True).start()
+
+    def _store(self, model: Model, entry: _Entry, replacing: _Entry | None) -> None:
+        """Keep ``entry`` as the model's result (a background refresh only if nothing newer came
+        first: ``replacing`` is what it refreshed), count it, and log a change of outcome."""
+        with self._lock:
+            previous = self._entries.get(model.name)
+            if replacing is not None and previous is not replacing:
+                return
+            self._entries[model.name] = entry
+        result = entry.result
+        outcome = "verified" if isinstance(result, Evidence) else result.reason
+        metrics.ATTESTATIONS.labels(model.name, outcome).inc()
+        metrics.ATTESTED.labels(model.name).set(1 if isinstance(result, Evidence) else 0)
+        before = previous.result if previous is not None else None
+        if isinstance(result, AttestationFailed):
+            if not isinstance(before, AttestationFailed) or before.reason != result.reason:
+                log.warning("enclave of %s not verified: %s", model.name, result)
+        elif not isinstance(before, Evidence) or before.fingerprint != result.fingerprint:
+            log.info(
+                "enclave of %s verified: measurement %s, evidence %s",
+                model.name,
+                result.verdict.measurement,
+                result.verdict.evidence_sha256,
+            )
 
     def _verify(self, model: Model) -> Evidence | AttestationFailed:
         """One whole verification of the certificate the enclave serves now; never raises."""

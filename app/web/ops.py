@@ -15,8 +15,10 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from app import metrics
+from app.backends.enclave import AttestationFailed
 from app.backends.store import STORE_ERRORS
 from app.backends.upstream import UpstreamFailed
+from app.catalog import Model
 from app.payments.keys import KEYSPACE_VERSION, relayer_nonce_key, used_keys
 from app.payments.ledger import keyspace_version
 from app.settings import Settings
@@ -140,6 +142,25 @@ def _claims() -> dict[str, Any]:
     return {"ok": True, "running": True, "last_error": type(error).__name__ if error else None}
 
 
+def _attestation(models: list[Model]) -> dict[str, Any]:
+    """Each attested model's enclave: verified (its measurement and evidence hash) or why not.
+    Informational: the proxy stays ready, since the other models are still sold and a model whose
+    enclave fails answers 503 ``attestation_failed`` on its own."""
+    result: dict[str, Any] = {"ok": True}
+    for model in models:
+        try:
+            verdict = services().attestor.evidence(model).verdict
+        except AttestationFailed as failure:
+            result[model.name] = {"verified": False, "reason": failure.reason, "detail": failure.detail}
+        else:
+            result[model.name] = {
+                "verified": True,
+                "measurement": verdict.measurement,
+                "evidence_sha256": verdict.evidence_sha256,
+            }
+    return result
+
+
 def _open_payments() -> dict[str, Any]:
     counts = services().ledger.count_open()
     for state, count in counts.items():
@@ -163,6 +184,9 @@ def _evaluate(settings: Settings) -> tuple[bool, dict[str, Any]]:
     checks["open_payments"] = _check(_open_payments)
     if services().gate.batch is not None:
         checks["claims"] = _claims()
+    attested = [m for m in services().catalog.listed() if m.attested]
+    if attested:
+        checks["attestation"] = _attestation(attested)
     rpc_ok = any(c["ok"] for name, c in checks.items() if name.startswith("rpc_"))
     ready = rpc_ok and all(c["ok"] for name, c in checks.items() if not name.startswith("rpc_"))
     return ready, checks

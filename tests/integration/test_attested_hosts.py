@@ -290,12 +290,30 @@ def test_the_evidence_is_verified_again_in_the_background(
             time.sleep(0.3)
         assert error_code(shown) == "attestation_failed" and "key_not_bound" in shown.text
         assert enclave.host.received == []
+        ready = requests.get(attested.url + "/readyz", timeout=10).json()
+        assert ready["checks"]["attestation"][MODEL] == {
+            "verified": False,
+            "reason": "key_not_bound",
+            "detail": "the report is not bound to this certificate's key",
+        }
+        assert ready["checks"]["attestation"]["ok"] is True  # the other models are still sold
+        exposed = requests.get(attested.url + "/metrics", timeout=10).text
+        assert f'x402_attestations_total{{model="{MODEL}",result="key_not_bound"}}' in exposed
+        assert f'x402_attested{{model="{MODEL}"}} 0.0' in exposed
         enclave.restart_with("back")
         deadline = time.monotonic() + 15  # a failure is tried again within RETRY_FAILED seconds
         while evidence_of(attested).status_code != 200:
             assert time.monotonic() < deadline, "never verified again"
             time.sleep(0.3)
         assert attested.pay(attested.payment(attested.requirement())).status_code == 200
+        deadline = time.monotonic() + 10  # /readyz answers from a 2 s cache
+        while (
+            not (ready := requests.get(attested.url + "/readyz", timeout=10).json())["ready"]
+            or not ready["checks"]["attestation"][MODEL]["verified"]
+        ):
+            assert time.monotonic() < deadline, ready
+            time.sleep(0.5)
+        assert ready["checks"]["attestation"][MODEL]["measurement"] == MEASUREMENT.hex()
 
 
 def test_vcek_s_come_from_the_kds_once_then_from_the_disk_the_workers_share(
