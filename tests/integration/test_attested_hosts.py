@@ -28,7 +28,7 @@ from app.payments.receipts import Receipt
 from app.tee.ra_tls import Roots, verify
 from app.tee.sev_snp import POLICY_DEBUG, Terms, load_vcek, spki_sha256
 from app.x402.codec import decode_header
-from tests.support import CHAT_BODY, Proxy, moved_since, serve, settle_response
+from tests.support import CHAT_BODY, Proxy, approve_permit2, moved_since, serve, settle_response, upto_session
 from tests.tee_support import (
     ATTESTED_MODEL,
     STATED_MODEL,
@@ -378,3 +378,27 @@ def test_models_sold_on_the_operator_s_word_say_so_and_can_be_withheld(
         refused = strict.post(body={**CHAT_BODY, "model": STATED})
         assert refused.status_code == 403 and error_code(refused) == "model_not_attested"
         assert strict.post().status_code == 402
+
+
+def test_upto_and_streamed_answers_bind_the_enclave_s_evidence_too(
+    proxy: Proxy, standin: StandinModel, enclave: Enclave, kds: KdsStandin, tmp_path: Path
+) -> None:
+    with attested_proxy(proxy, tmp_path, enclave, kds) as attested:
+        evidence = evidence_of(attested).json()["evidence_sha256"]
+        approve_permit2(attested.chain, attested.wallets.payer)
+        session = upto_session(attested.wallets.payer_key)
+        metered = session.post(attested.url + "/v1/chat/completions", json=CHAT_BODY, timeout=60)
+        assert metered.status_code == 200 and metered.headers["X-TEE-Evidence"] == evidence
+        receipt = Receipt.from_header(metered.headers["X-Receipt"])
+        assert receipt.usage and (receipt.tee_measurement, receipt.tee_evidence) == (
+            MEASUREMENT.hex(),
+            evidence,
+        )
+
+        body = {**CHAT_BODY, "stream": True}
+        streamed = attested.pay(attested.payment(attested.requirement(body)), body=body)
+        assert streamed.status_code == 200 and streamed.headers["X-TEE-Evidence"] == evidence
+        (closing,) = [line for line in streamed.text.splitlines() if line.startswith(": x402-receipt ")]
+        receipt = Receipt.from_header(closing.removeprefix(": x402-receipt "))
+        assert receipt.response_sha256 and receipt.tee_evidence == evidence
+        assert [r.path for r in enclave.host.received] == ["/v1/chat/completions"] * 2
