@@ -184,6 +184,7 @@ class Upstream:
                     headers=headers,
                     stream=True,
                     timeout=(CONNECT_TIMEOUT, self.settings.upstream_timeout),
+                    allow_redirects=admission is None,  # an enclave's answer comes from the enclave
                 )
             except requests.exceptions.SSLError as exc:
                 failure = UpstreamFailed(type(exc).__name__)

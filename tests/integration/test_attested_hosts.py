@@ -402,3 +402,15 @@ def test_upto_and_streamed_answers_bind_the_enclave_s_evidence_too(
         receipt = Receipt.from_header(closing.removeprefix(": x402-receipt "))
         assert receipt.response_sha256 and receipt.tee_evidence == evidence
         assert [r.path for r in enclave.host.received] == ["/v1/chat/completions"] * 2
+
+
+def test_an_enclave_that_does_not_answer_is_refused_without_naming_where_it_runs(
+    proxy: Proxy, standin: StandinModel, enclave: Enclave, kds: KdsStandin, tmp_path: Path
+) -> None:
+    origin = enclave.host.url
+    enclave.host.stop()
+    with attested_proxy(proxy, tmp_path, enclave, kds) as attested:
+        for refused in (attested.post(), evidence_of(attested)):
+            assert refused.status_code == 503 and error_code(refused) == "attestation_failed"
+            assert "evidence_unavailable" in refused.text
+            assert origin.removeprefix("https://") not in refused.text and "127.0.0.1" not in refused.text
