@@ -414,3 +414,16 @@ def test_an_enclave_that_does_not_answer_is_refused_without_naming_where_it_runs
             assert refused.status_code == 503 and error_code(refused) == "attestation_failed"
             assert "evidence_unavailable" in refused.text
             assert origin.removeprefix("https://") not in refused.text and "127.0.0.1" not in refused.text
+
+
+def test_a_version_2_report_is_verified_for_the_product_line_the_catalog_names(
+    proxy: Proxy, standin: StandinModel, enclave: Enclave, kds: KdsStandin, tmp_path: Path
+) -> None:
+    key = ec.generate_private_key(ec.SECP384R1())
+    enclave.restart_with("version-2", key=key, report=bound_report(key, version=2))  # no CPUID fields
+    with attested_proxy(proxy, tmp_path, enclave, kds) as unnamed:
+        refused = unnamed.post()
+        assert refused.status_code == 503 and "product_unknown" in refused.text
+    with attested_proxy(proxy, tmp_path, enclave, kds, terms='product = "Milan"') as named:
+        assert named.pay(named.payment(named.requirement())).status_code == 200
+        assert evidence_of(named).json()["verdict"]["product"] == "Milan"
