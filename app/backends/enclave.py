@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from requests.adapters import HTTPAdapter
 
 from app import metrics
+from app.backends.aleph import Measurements
 from app.backends.tee import Kds, TeeUnavailable, served_certificate
 from app.catalog import Model
 from app.settings import Settings
@@ -174,6 +175,7 @@ class Attestor:
         self.settings = settings
         self.trust = trust
         self.kds = kds or Kds(settings.amd_kds_url, settings.vcek_cache_dir, settings.rpc_timeout)
+        self.aleph = Measurements(settings.attestation_ttl, settings.rpc_timeout)
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._model_locks: dict[str, threading.Lock] = {}
@@ -246,7 +248,7 @@ class Attestor:
 
         def refresh() -> None:
             try:
-                self._store(model, _Entry(self._verify(model), time.monotonic()), entry)
+                self._store(model, _Entry(self._verify(model, background=True), time.monotonic()), entry)
             finally:
                 entry.refreshing = False
 
@@ -276,10 +278,13 @@ class Attestor:
                 result.verdict.evidence_sha256,
             )
 
-    def _verify(self, model: Model) -> Evidence | AttestationFailed:
-        """One whole verification of the certificate the enclave serves now; never raises."""
+    def _verify(self, model: Model, background: bool = False) -> Evidence | AttestationFailed:
+        """One whole verification of the certificate the enclave serves now; never raises. A model
+        whose measurements are published on Aleph is checked against them (``app.backends.aleph``:
+        fetched again only by a ``background`` check, or when none are cached yet)."""
         url = ""
         try:
+            terms = self.aleph.terms(model, background) if model.aleph_publisher else model.terms
             der = served_certificate(model.upstream_url, HANDSHAKE_TIMEOUT)
             certificate = x509.load_der_x509_certificate(der)
             raw = report_of(certificate)
@@ -295,7 +300,7 @@ class Attestor:
             url = vcek_url(self.settings.amd_kds_url, report, product)
             vcek_der = self.kds.vcek(url)
             now = datetime.datetime.now(datetime.UTC)
-            verdict = verify(der, load_vcek(vcek_der), vcek_der, roots, model.terms, now)
+            verdict = verify(der, load_vcek(vcek_der), vcek_der, roots, terms, now)
         except TeeUnavailable as exc:
             return AttestationFailed("evidence_unavailable", str(exc))
         except EvidenceError as exc:

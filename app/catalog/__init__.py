@@ -13,9 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eth_utils import is_checksum_address
+
 from app.catalog.policy import read
 from app.catalog.reading import IMAGE, MODALITIES, TEXT, Limits, PolicyError, Work
 from app.settings import Settings, SettingsError
+from app.tee.aleph import ADDRESS as ALEPH_ADDRESS
+from app.tee.aleph import DEFAULT_API as ALEPH_API
 from app.tee.sev_snp import PRODUCTS, Tcb, Terms
 
 
@@ -59,6 +63,12 @@ class Model:
     policy: int | None = None
     tcb_floor: Tcb | None = None
     product: str = ""
+    # Instead of ``measurements``: the launch measurements the publisher at ``aleph_publisher`` (an
+    # Ethereum address) signed for ``aleph_model`` in its Aleph manifest, read from ``aleph_api``
+    # (``app.tee.aleph``, ``app.backends.aleph``).
+    aleph_publisher: str = ""
+    aleph_model: str = ""
+    aleph_api: str = ""
 
     @property
     def attested(self) -> bool:
@@ -151,13 +161,15 @@ def _modalities(entry: dict[str, Any], name: str) -> frozenset[str]:
 HEX_MEASUREMENT = re.compile(r"(0x)?[0-9a-fA-F]{96}")
 TCB_LEVELS = ("bootloader", "tee", "snp", "microcode")
 RETIRED = ("attestation_url", "measurement", "attestation_max_age")  # the JSON report format, gone
+ALEPH_KEYS = ("aleph_publisher", "aleph_model", "aleph_api")
 
 
 def _attestation(entry: dict[str, Any], name: str) -> dict[str, Any]:
     """The attestation fields of an entry: ``attestation`` ("sev-snp" or absent), ``measurements``
-    (hex, 48 bytes each), ``policy`` (integer), ``tcb_floor`` (a table of ``bootloader``, ``tee``,
-    ``snp``, ``microcode``, each 0–255), ``product`` (for version 2 reports). Raises
-    ``CatalogError``."""
+    (hex, 48 bytes each) or else ``aleph_publisher`` (an address) and ``aleph_model`` (its name in
+    the publisher's manifest) with ``aleph_api`` (default ``app.tee.aleph.DEFAULT_API``), ``policy``
+    (integer), ``tcb_floor`` (a table of ``bootloader``, ``tee``, ``snp``, ``microcode``, each
+    0–255), ``product`` (for version 2 reports). Raises ``CatalogError``."""
     retired = [key for key in RETIRED if key in entry]
     if retired:
         raise CatalogError(
@@ -165,7 +177,7 @@ def _attestation(entry: dict[str, Any], name: str) -> dict[str, Any]:
             'attestation = "sev-snp", measurements = [...] and an https upstream_url (README, "Trust")'
         )
     attestation = entry.get("attestation", "")
-    keys = [key for key in ("measurements", "policy", "tcb_floor", "product") if key in entry]
+    keys = [key for key in ("measurements", "policy", "tcb_floor", "product", *ALEPH_KEYS) if key in entry]
     if attestation == "":
         if keys:
             raise CatalogError(f'model {name!r}: {", ".join(keys)} need(s) attestation = "sev-snp"')
@@ -174,13 +186,17 @@ def _attestation(entry: dict[str, Any], name: str) -> dict[str, Any]:
         raise CatalogError(f'model {name!r}: attestation must be "sev-snp"')
     if not str(entry.get("upstream_url", "")).startswith("https://"):
         raise CatalogError(f"model {name!r}: an attested model needs its enclave's https:// upstream_url")
-    measurements = entry.get("measurements")
+    aleph = _aleph(entry, name)
+    measurements = entry.get("measurements", [] if aleph else None)
     if (
         not isinstance(measurements, list)
-        or not measurements
+        or not (measurements or aleph)
         or not all(isinstance(m, str) and HEX_MEASUREMENT.fullmatch(m) for m in measurements)
     ):
-        raise CatalogError(f"model {name!r}: measurements must list 48-byte launch measurements in hex")
+        raise CatalogError(
+            f"model {name!r}: measurements must list 48-byte launch measurements in hex "
+            "(or name aleph_publisher and aleph_model instead)"
+        )
     policy = entry.get("policy")
     if policy is not None and (type(policy) is not int or not 0 <= policy < 2**64):
         raise CatalogError(f"model {name!r}: policy must be the guest policy as an integer (e.g. 0x30000)")
@@ -193,7 +209,35 @@ def _attestation(entry: dict[str, Any], name: str) -> dict[str, Any]:
         "policy": policy,
         "tcb_floor": _tcb_floor(entry.get("tcb_floor"), name),
         "product": product,
+        **aleph,
     }
+
+
+def _aleph(entry: dict[str, Any], name: str) -> dict[str, str]:
+    """The Aleph source of an attested entry's measurements (``app.tee.aleph``), {} when it pins
+    ``measurements`` itself: ``aleph_publisher`` (0x and 40 hex digits; mixed case must be its
+    EIP-55 checksum), ``aleph_model`` (text), ``aleph_api`` (an http(s) URL, default Aleph's public
+    API). Exactly one source per entry. Raises ``CatalogError``."""
+    named = [key for key in ALEPH_KEYS if key in entry]
+    if not named:
+        return {}
+    if "measurements" in entry:
+        raise CatalogError(
+            f"model {name!r}: name either measurements or aleph_publisher and aleph_model, not both"
+        )
+    publisher, model = entry.get("aleph_publisher"), entry.get("aleph_model")
+    if not isinstance(publisher, str) or not ALEPH_ADDRESS.fullmatch(publisher):
+        raise CatalogError(f"model {name!r}: aleph_publisher must be the publisher's address (0x and 40 hex)")
+    if publisher[2:] not in (publisher[2:].lower(), publisher[2:].upper()) and not is_checksum_address(
+        publisher
+    ):
+        raise CatalogError(f"model {name!r}: aleph_publisher is not a valid EIP-55 checksummed address")
+    if not isinstance(model, str) or not model:
+        raise CatalogError(f"model {name!r}: aleph_model must name the model in the publisher's manifest")
+    api = entry.get("aleph_api", ALEPH_API)
+    if not isinstance(api, str) or not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", api):
+        raise CatalogError(f"model {name!r}: aleph_api must be an http(s) URL (default {ALEPH_API})")
+    return {"aleph_publisher": publisher, "aleph_model": model, "aleph_api": api.rstrip("/")}
 
 
 def _tcb_floor(value: Any, name: str) -> Tcb | None:
