@@ -1,5 +1,5 @@
 """``x402-proxy``: serve · devnet · migrate · pay · reconcile · revenue · channels · catalog import ·
-verify-receipt.
+verify-receipt · verify-evidence.
 
 Every command ends an ordinary failure with one line on standard error naming the command, and an
 exit code: 0 done; 1 the command's own "no" (problems found, a payment refused, an invalid receipt,
@@ -33,6 +33,8 @@ from app.cli.common import (
     usdc,
 )
 from app.cli.devnet import cmd_devnet
+from app.cli.evidence import add_parser as add_evidence_parser
+from app.cli.evidence import cmd_verify_evidence
 
 
 def parse_address(text: str) -> str:
@@ -170,9 +172,14 @@ def cmd_verify_receipt(args: argparse.Namespace) -> int:
     charged = (
         f" (upto: of at most {usdc(receipt.authorized)}, usage {receipt.usage})" if receipt.usage else ""
     )
+    enclave = (
+        f"; enclave measurement {receipt.tee_measurement}, evidence {receipt.tee_evidence}"
+        if receipt.tee_evidence
+        else ""
+    )
     print(
         f"valid: {usdc(receipt.amount)}{charged} from {receipt.payer} for {receipt.model}, tx {receipt.tx}, "
-        f"signed by {address} at {receipt.time}"
+        f"signed by {address} at {receipt.time}{enclave}"
     )
     return 0
 
@@ -272,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--proxy", help="the proxy's base URL, to read the receipt address from /.well-known/x402"
     )
+    add_evidence_parser(sub)
     pay = sub.add_parser("pay", help="call a paid URL, paying its 402 from a key")
     pay.add_argument("url")
     pay.add_argument("--key", help="payer private key (hex)")
@@ -313,6 +321,7 @@ COMMANDS = {
     "channels": cmd_channels,  # list, claim, settle, refund
     "catalog": cmd_catalog_import,  # `import` is the group's only subcommand so far
     "verify-receipt": cmd_verify_receipt,
+    "verify-evidence": cmd_verify_evidence,  # an attested model's RA-TLS evidence, against AMD's roots
 }
 
 

@@ -44,7 +44,7 @@ from typing import Any
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
-from app.tee.sev_snp import EvidenceError, Tcb, Terms
+from .sev_snp import EvidenceError, Tcb, Terms
 
 DEFAULT_API = "https://api.aleph.im"
 MANIFEST_KEY = "confidential-inference"  # LibertAI's aggregate key for its deployment manifest

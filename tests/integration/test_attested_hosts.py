@@ -10,6 +10,8 @@ import base64
 import contextlib
 import datetime
 import hashlib
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -147,7 +149,20 @@ def test_a_verified_enclave_is_sold_and_every_answer_names_its_evidence(
         receipt = Receipt.from_header(response.headers["X-Receipt"])
         assert receipt.tee_measurement == MEASUREMENT.hex()
         assert receipt.tee_evidence == bundle["evidence_sha256"]
-        assert receipt.signer() is not None
+        (tmp_path / "request.json").write_bytes(response.request.body)  # type: ignore[arg-type]
+        (tmp_path / "response.json").write_bytes(response.content)
+        files = ["--request", str(tmp_path / "request.json"), "--response", str(tmp_path / "response.json")]
+        given = ["--proxy", attested.url, "--receipt", response.headers["X-Receipt"]]
+        checked = subprocess.run(
+            [sys.executable, "-m", "app.cli", "verify-receipt", *files, *given],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert checked.returncode == 0, checked.stderr
+        assert (
+            f"enclave measurement {MEASUREMENT.hex()}, evidence {bundle['evidence_sha256']}" in checked.stdout
+        )
 
         # the bundle: the certificate served, its report, AMD's VCEK and chain, what they proved
         certificate = base64.b64decode(bundle["certificate"])
