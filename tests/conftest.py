@@ -30,6 +30,7 @@ from app.payments.claims import stop_all
 from app.settings import DEFAULT_CATALOG, Settings
 from tests.rpc_proxy import FaultyRpc
 from tests.support import OPERATOR_KEY, USDC, Proxy, proxy_with, serve
+from tests.tee_support import Enclave, KdsStandin, write_enclave_files
 
 
 @pytest.fixture(scope="session")
@@ -188,3 +189,18 @@ def cli_env(upto_proxy: Proxy, monkeypatch: pytest.MonkeyPatch) -> dict[str, str
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+@pytest.fixture
+def enclave(tmp_path: Path) -> Iterator[Enclave]:
+    """An HTTPS enclave stand-in serving an RA-TLS certificate of the tests' chain (issue 18)."""
+    path, key, der = write_enclave_files(tmp_path / "enclave-first")
+    with StandinModel(tls=(path, key)) as host:
+        yield Enclave(host, tmp_path, der)
+
+
+@pytest.fixture
+def kds() -> Iterator[KdsStandin]:
+    """A stand-in of AMD's key distribution service serving the tests' chain's VCEK."""
+    with KdsStandin() as service:
+        yield service

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from app.devnet.standin import StandinModel
 from tests.unit.test_ra_tls import enclave_certificate
 from tests.unit.test_sev_snp import CHAIN, Chain
 
@@ -141,3 +143,21 @@ def attested_catalog(path: Path, origin: str, measurement: str, terms: str = "")
         + 'tee = true\npricing = "per_call"\nprice = 1000\n'
     )
     return path
+
+
+@dataclass
+class Enclave:
+    """An HTTPS enclave stand-in (``StandinModel`` serving an RA-TLS certificate of our chain), the
+    directory its certificates are written to, and the DER of the one it started with."""
+
+    host: StandinModel
+    directory: Path
+    der: bytes
+
+    def restart_with(self, name: str, **certificate: Any) -> bytes:
+        """The enclave restarts serving another RA-TLS certificate (``enclave_certificate``'s
+        arguments), written under ``directory / name``: open connections close, new ones get it.
+        Returns its DER."""
+        path, key, der = write_enclave_files(self.directory / name, **certificate)
+        self.host.reload_certificate(path, key, restart=True)
+        return der

@@ -3,7 +3,6 @@ VCEK cache on disk, and the start-up refusal of roots other than AMD's without t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,17 +13,10 @@ from app.devnet.standin import StandinModel
 from app.settings import Settings
 from tests.e2e.test_gunicorn import gunicorn_env, start_gunicorn, wait_until_up
 from tests.support import Proxy
-from tests.tee_support import KdsStandin, attested_catalog, write_enclave_files, write_roots
+from tests.tee_support import Enclave, KdsStandin, attested_catalog, write_roots
 from tests.unit.test_sev_snp import MEASUREMENT
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def enclave(tmp_path: Path) -> Iterator[StandinModel]:
-    certificate, key, _der = write_enclave_files(tmp_path / "enclave")
-    with StandinModel(tls=(certificate, key)) as host:
-        yield host
 
 
 def attested_env(
@@ -47,31 +39,32 @@ def test_gunicorn_workers_verify_the_enclave_and_share_its_vcek(
     chain: DevChain,
     standin: StandinModel,
     settings: Settings,
-    enclave: StandinModel,
+    enclave: Enclave,
+    kds: KdsStandin,
     tmp_path: Path,
 ) -> None:
-    with KdsStandin() as kds:
-        env = attested_env(anvil, redis_service, wallets, standin, tmp_path)
-        env["X402_AMD_KDS_URL"] = kds.url
-        env["X402_CATALOG"] = str(attested_catalog(tmp_path / "catalog.toml", enclave.url, MEASUREMENT.hex()))
-        process = start_gunicorn(env)
-        url = "http://" + env["X402_BIND"]
-        try:
-            wait_until_up(process, url)
-            proxy = Proxy(url, settings, wallets, chain)
-            requirement = proxy.requirement()
-            payments = [proxy.payment(requirement) for _ in range(6)]
-            with ThreadPoolExecutor(6) as pool:
-                answers = list(pool.map(proxy.pay, payments))
-        finally:
-            process.terminate()
-            process.wait(timeout=20)
-        assert [a.status_code for a in answers] == [200] * 6
-        assert len({a.headers["X-TEE-Evidence"] for a in answers}) == 1
-        assert len([r for r in enclave.received if r.path == "/v1/chat/completions"]) == 6
-        assert standin.received == []
-        assert 1 <= len(kds.asked) <= 2  # at most once per worker; then the shared disk cache
-        assert len(list((tmp_path / "vcek").glob("*.der"))) == 1
+    env = attested_env(anvil, redis_service, wallets, standin, tmp_path)
+    env["X402_AMD_KDS_URL"] = kds.url
+    catalog = attested_catalog(tmp_path / "catalog.toml", enclave.host.url, MEASUREMENT.hex())
+    env["X402_CATALOG"] = str(catalog)
+    process = start_gunicorn(env)
+    url = "http://" + env["X402_BIND"]
+    try:
+        wait_until_up(process, url)
+        proxy = Proxy(url, settings, wallets, chain)
+        requirement = proxy.requirement()
+        payments = [proxy.payment(requirement) for _ in range(6)]
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(proxy.pay, payments))
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    assert [a.status_code for a in answers] == [200] * 6
+    assert len({a.headers["X-TEE-Evidence"] for a in answers}) == 1
+    assert len([r for r in enclave.host.received if r.path == "/v1/chat/completions"]) == 6
+    assert standin.received == []
+    assert 1 <= len(kds.asked) <= 2  # at most once per worker; then the shared disk cache
+    assert len(list((tmp_path / "vcek").glob("*.der"))) == 1
 
 
 def test_test_roots_without_the_allow_switch_refuse_the_start_in_one_line(

@@ -20,9 +20,9 @@ import pytest
 
 from app.devnet.standin import StandinModel
 from app.settings import DEFAULT_CATALOG
-from tests.integration.test_attested_hosts import STATED, Enclave, attested_proxy, error_code, evidence_of
+from tests.integration.test_attested_hosts import STATED, attested_proxy, error_code, evidence_of
 from tests.support import CHAT_BODY, Proxy, moved_since
-from tests.tee_support import KdsStandin, write_enclave_files
+from tests.tee_support import Enclave, KdsStandin
 from tests.unit.test_aleph import PUBLISHER, STRANGER, aggregate, manifest, program, sign
 from tests.unit.test_sev_snp import MEASUREMENT
 
@@ -113,20 +113,6 @@ def aleph() -> Iterator[AlephStandin]:
     node = AlephStandin()
     yield node
     node.close()
-
-
-@pytest.fixture
-def enclave(tmp_path: Path) -> Iterator[Enclave]:
-    """The HTTPS enclave stand-in serving an RA-TLS certificate whose report shows ``MEASUREMENT``."""
-    path, key, der = write_enclave_files(tmp_path / "enclave-first")
-    with StandinModel(tls=(path, key)) as host:
-        yield Enclave(host, tmp_path, der)
-
-
-@pytest.fixture
-def kds() -> Iterator[KdsStandin]:
-    with KdsStandin() as service:
-        yield service
 
 
 def deployment(

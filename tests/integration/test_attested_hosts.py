@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,44 +33,15 @@ from tests.support import CHAT_BODY, Proxy, approve_permit2, moved_since, serve,
 from tests.tee_support import (
     ATTESTED_MODEL,
     STATED_MODEL,
+    Enclave,
     KdsStandin,
     attested_catalog,
-    write_enclave_files,
     write_roots,
 )
 from tests.unit.test_sev_snp import CHAIN, MEASUREMENT, make_report
 
 pytestmark = pytest.mark.integration
 MODEL, STATED = ATTESTED_MODEL, STATED_MODEL
-
-
-@dataclass
-class Enclave:
-    """The HTTPS enclave stand-in and where its certificates are written."""
-
-    host: StandinModel
-    directory: Path
-    der: bytes
-
-    def restart_with(self, name: str, **certificate: Any) -> bytes:
-        """The enclave restarts serving another RA-TLS certificate (``enclave_certificate``'s
-        arguments): open connections close, new ones get it. Returns its DER."""
-        path, key, der = write_enclave_files(self.directory / name, **certificate)
-        self.host.reload_certificate(path, key, restart=True)
-        return der
-
-
-@pytest.fixture
-def enclave(tmp_path: Path) -> Iterator[Enclave]:
-    path, key, der = write_enclave_files(tmp_path / "enclave-first")
-    with StandinModel(tls=(path, key)) as host:
-        yield Enclave(host, tmp_path, der)
-
-
-@pytest.fixture
-def kds() -> Iterator[KdsStandin]:
-    with KdsStandin() as service:
-        yield service
 
 
 def bound_report(key: ec.EllipticCurvePrivateKey, **report: Any) -> bytes:

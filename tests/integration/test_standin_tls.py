@@ -25,6 +25,7 @@ from urllib3.exceptions import InsecureRequestWarning
 
 from app.devnet.standin import StandinModel
 from tests.tee_support import write_enclave_files
+from tests.unit.test_standin_model import standin_cli
 
 pytestmark = pytest.mark.integration
 
@@ -162,29 +163,9 @@ def test_a_client_stuck_before_its_handshake_holds_up_nobody(
     assert "Traceback" not in captured.err and "SSLError" not in captured.err
 
 
-@contextlib.contextmanager
-def standin_cli(*options: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """``python -m app.devnet.standin --port 0 *options``: yields (its URL, the process); stopped with
-    SIGTERM, it must exit 0."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.devnet.standin", "--port", "0", *options],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        yield proc.stdout.readline().strip().rsplit(" ", 1)[-1], proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-    assert proc.returncode == 0
-
-
 def test_the_command_line_serves_https_with_the_files_given(files: tuple[Path, Path, bytes]) -> None:
     certificate, key, der = files
-    with standin_cli("--tls-cert", str(certificate), "--tls-key", str(key)) as (url, _proc):
+    with standin_cli("--tls-cert", str(certificate), "--tls-key", str(key)) as url:
         assert url.startswith("https://127.0.0.1:")
         assert served_der(url) == der
         assert post_chat(url).status_code == 200

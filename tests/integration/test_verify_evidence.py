@@ -27,15 +27,13 @@ from app.devnet import free_port
 from app.devnet.standin import StandinModel
 from app.tee.ra_tls import evidence_sha256, report_of
 from app.tee.sev_snp import POLICY_DEBUG, parse_report
-from tests.integration import test_attested_hosts as attested_hosts
-from tests.integration.test_attested_hosts import MODEL, STATED, Enclave, attested_proxy, bound_report
+from tests.integration.test_attested_hosts import MODEL, STATED, attested_proxy, bound_report
 from tests.support import Proxy
-from tests.tee_support import KdsStandin, write_roots
+from tests.tee_support import Enclave, KdsStandin, write_roots
 from tests.unit.test_ra_tls import enclave_certificate
 from tests.unit.test_sev_snp import CHAIN, MEASUREMENT, make_chain
 
 pytestmark = pytest.mark.integration
-enclave, kds = attested_hosts.enclave, attested_hosts.kds  # their fixtures, found here by name
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 README = PROJECT_ROOT / "README.md"
 

@@ -367,7 +367,7 @@ def standin_cli(*options: str) -> Iterator[str]:
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().strip().rsplit(" ", 1)[-1]
-        assert url.startswith("http://127.0.0.1:")
+        assert url.startswith(("http://127.0.0.1:", "https://127.0.0.1:"))  # https with --tls-cert
         yield url
     finally:
         proc.terminate()
