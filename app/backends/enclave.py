@@ -59,14 +59,10 @@ def _verifier() -> str:
 VERIFIER = _verifier()
 
 
-class AttestationFailed(RuntimeError):
-    """The model's enclave is not verified now: ``reason`` a stable code (``app.tee.sev_snp`` codes,
-    ``evidence_unavailable``, ``certificate_expired``…), ``detail`` why in words."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class AttestationFailed(EvidenceError):
+    """The model's enclave is not verified now: ``reason`` a stable code (``app.tee.sev_snp`` and
+    ``app.tee.aleph`` codes, ``evidence_unavailable``, ``certificate_expired``…), ``detail`` why in
+    words."""
 
 
 @dataclass(frozen=True)
