@@ -46,7 +46,7 @@ def build(settings: Settings) -> Services:
     )
     gate = Gate(settings, catalog, ledger, chain, settler)
     attestor = Attestor(settings, _trust(settings))
-    return Services(settings, catalog, ledger, chain, settler, Upstream(settings, attestor), attestor, gate)
+    return Services(settings, catalog, ledger, chain, settler, Upstream(settings), attestor, gate)
 
 
 def _trust(settings: Settings) -> dict[str, Roots]:

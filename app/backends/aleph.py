@@ -47,7 +47,7 @@ from app.tee.aleph import (
     active_deployments,
     combine,
     measurements_of,
-    newest_manifest,
+    newest_manifest_entry,
     terms_of,
     verify_message,
 )
@@ -56,6 +56,9 @@ from app.tee.sev_snp import Terms
 log = logging.getLogger("x402.aleph")
 PAGE_SIZE = 50  # AGGREGATE messages read, newest first: the newest manifest is among them
 MAX_ANSWER = 8 * 2**20  # bytes: a node's answer larger than this is not read
+# a node that does not answer, or answers with an older manifest than one believed, withholds an
+# update: the last verified list stays in force
+WITHHELD = frozenset({"aleph_unavailable", "aleph_rollback"})
 RETRY_FAILED = 5.0  # seconds: a failed lookup is tried again this soon at most (by the background check)
 
 
@@ -74,6 +77,8 @@ class Measurements:
         self._sessions = Sessions()
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str, str], _Cached] = {}
+        # (api, publisher, model) → the newest manifest time believed: an older one is a rollback
+        self._manifest_times: dict[tuple[str, str, str], float] = {}
 
     def terms(self, model: Model, background: bool = False) -> Terms:
         """The ``Terms`` for ``model`` (which names ``aleph_publisher``): the published measurements,
@@ -97,7 +102,7 @@ class Measurements:
         with self._lock:
             previous = self._cache.get(key)
             last = previous.result if previous is not None else None
-            unavailable = isinstance(result, AlephError) and result.reason == "aleph_unavailable"
+            unavailable = isinstance(result, AlephError) and result.reason in WITHHELD
             if unavailable and isinstance(last, Published):
                 log.warning("%s: Aleph measurements kept (%s)", model.name, result)
                 return last  # not marked fresh: the next background check asks again
@@ -122,7 +127,12 @@ class Measurements:
         ``publisher``'s. Raises ``AlephError``."""
         query = {"addresses": publisher, "msgType": "AGGREGATE", "pagination": PAGE_SIZE, "page": 1}
         aggregates = self._messages(api, query)
-        manifest = newest_manifest(aggregates, publisher, MANIFEST_KEY)
+        published_at, manifest = newest_manifest_entry(aggregates, publisher, MANIFEST_KEY)
+        source_key = (api, publisher, model)
+        with self._lock:
+            accepted = self._manifest_times.get(source_key, float("-inf"))
+        if published_at < accepted:  # an older signed manifest than one already believed: withheld
+            raise AlephError("aleph_rollback", "the node served an older manifest than one already accepted")
         programs: dict[str, tuple[list[str], int | None]] = {}
         refused: AlephError | None = None
         for item_hash in active_deployments(manifest, model):
@@ -134,7 +144,12 @@ class Measurements:
                 refused = refused or exc
         if not programs and refused is not None:
             raise AlephError(refused.reason, f"no active deployment of {model!r} is usable: {refused.detail}")
-        return combine(programs)
+        published = combine(programs)
+        with self._lock:  # believed from now on: no older manifest replaces it
+            self._manifest_times[source_key] = max(
+                published_at, self._manifest_times.get(source_key, published_at)
+            )
+        return published
 
     def _program(self, api: str, publisher: str, item_hash: str) -> dict[str, Any]:
         """The verified content of the program message ``item_hash``. Raises ``AlephError``

@@ -128,11 +128,18 @@ class Evidence:
 
 @dataclass
 class Admission:
-    """One paid call's tie to an attested enclave: the evidence its connection is pinned to (changed
-    by ``Upstream`` when the enclave's certificate changed and the new one verified)."""
+    """One paid call's tie to an attested enclave: ``admit`` verifies it (before any 402 or
+    payment); ``evidence`` is then what the call's connection is pinned to (changed by ``Upstream``
+    when the enclave's certificate changed and the new one verified)."""
 
+    attestor: Attestor
     model: Model
-    evidence: Evidence
+    evidence: Evidence | None = None
+
+    def admit(self) -> Evidence:
+        """The model's verified evidence, kept as this call's. Raises ``AttestationFailed``."""
+        self.evidence = self.attestor.evidence(self.model)
+        return self.evidence
 
 
 @dataclass
@@ -300,11 +307,16 @@ class Attestor:
         except TeeUnavailable as exc:
             return AttestationFailed("evidence_unavailable", str(exc))
         except EvidenceError as exc:
-            if url and exc.reason in ("chain_invalid", "signature_invalid", "vcek_mismatch"):
-                self.kds.forget(url)  # a VCEK that does not verify is not kept
+            if url and exc.reason == "chain_invalid":
+                self.kds.forget(url)  # a VCEK that is not AMD's is not kept (a report at fault is no reason)
             return AttestationFailed(exc.reason, exc.detail)
         except ValueError as exc:  # a certificate that does not parse
             return AttestationFailed("certificate_malformed", f"the certificate does not parse: {exc}")
+        except Exception as exc:  # whatever else a hostile certificate makes a parser raise: fail closed
+            log.warning("enclave of %s: verification raised %s", model.name, type(exc).__name__)
+            return AttestationFailed(
+                "evidence_malformed", f"the evidence could not be read ({type(exc).__name__})"
+            )
         return Evidence(
             model=model.name,
             certificate=der,

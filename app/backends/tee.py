@@ -4,13 +4,16 @@ enclave serves, and AMD's VCEK for a report from its key distribution service (K
 - ``served_certificate``: one TLS handshake with the enclave's origin, without a CA check (an RA-TLS
   certificate is self-signed: what it carries is verified instead), returning the certificate's DER.
 - ``Kds``: VCEKs by URL, cached on disk under ``cache_dir`` (one file per URL, shared by the workers,
-  written atomically), asked at most once per ``MIN_INTERVAL`` seconds per process, and after a
-  failure not again before a backoff that doubles up to ``MAX_BACKOFF`` seconds.
+  written atomically; a cache that cannot be written or read only costs a request), asked at most
+  once per ``MIN_INTERVAL`` seconds per process (a caller waits its turn), and after a failure not
+  again for that URL before a backoff that doubles up to ``MAX_BACKOFF`` seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import socket
 import ssl
@@ -25,8 +28,10 @@ import requests
 from app.backends.http import Sessions
 from app.tee.sev_snp import load_vcek
 
+log = logging.getLogger("x402.tee")
 MIN_INTERVAL = 1.0  # seconds between two requests to the KDS, per process
 MAX_BACKOFF = 60.0  # seconds: the longest wait after failures
+MAX_WAIT = 3.0  # seconds a caller waits for its turn to ask the KDS
 
 
 class TeeUnavailable(RuntimeError):
@@ -73,52 +78,69 @@ class Kds:
         self.timeout = timeout
         self._sessions = Sessions()
         self._lock = threading.Lock()
-        self._next_at = 0.0  # monotonic time before which the KDS is not asked
-        self._backoff = MIN_INTERVAL
+        self._next_at = 0.0  # monotonic time of this process's next turn to ask the KDS
+        self._retry_at: dict[str, float] = {}  # URL → monotonic time before which it is not asked again
+        self._backoff: dict[str, float] = {}  # URL → its current backoff, seconds
 
     def _path(self, url: str) -> Path:
         return self.cache_dir / (hashlib.sha256(url.encode()).hexdigest() + ".der")
 
     def vcek(self, url: str) -> bytes:
         """The VCEK's DER at ``url`` (one of ``self.base_url``): from the disk cache, else from the
-        KDS when it may be asked now. Raises ``TeeUnavailable`` (not ours to ask, throttled, an
-        answer other than 200, no answer)."""
+        KDS, in this process's turn (at most one request per ``MIN_INTERVAL`` seconds: a caller waits
+        up to ``MAX_WAIT`` for it) unless this URL failed within its backoff. Raises
+        ``TeeUnavailable`` (not ours to ask, backing off, busy, an answer other than a certificate, no
+        answer)."""
         if not url.startswith(self.base_url + "/"):
             raise TeeUnavailable("a VCEK URL outside the configured KDS")
         path = self._path(url)
-        if path.is_file():
+        with contextlib.suppress(OSError):  # unreadable, or removed meanwhile: not cached
             return path.read_bytes()
         with self._lock:
             now = time.monotonic()
-            if now < self._next_at:
-                raise TeeUnavailable(f"the KDS is asked again in {self._next_at - now:.1f} s")
-            self._next_at = now + MIN_INTERVAL
+            if now < self._retry_at.get(url, 0.0):
+                raise TeeUnavailable(f"the KDS is asked again in {self._retry_at[url] - now:.1f} s")
+            wait = max(0.0, self._next_at - now)
+            if wait > MAX_WAIT:
+                raise TeeUnavailable("the KDS is busy: too many VCEKs asked at once")
+            self._next_at = now + wait + MIN_INTERVAL
+        time.sleep(wait)
         try:
             answer = self._sessions.get().get(url, timeout=self.timeout)
         except requests.RequestException as exc:
-            self._failed()
+            self._failed(url)
             raise TeeUnavailable(f"the KDS did not answer: {type(exc).__name__}") from None
         if answer.status_code != 200 or not _is_certificate(answer.content):
-            self._failed()
+            self._failed(url)
             raise TeeUnavailable(f"the KDS answered {answer.status_code} without a certificate")
         with self._lock:
-            self._backoff = MIN_INTERVAL
-        self._keep(path, answer.content)
+            self._backoff.pop(url, None)
+            self._retry_at.pop(url, None)
+        try:
+            self._keep(path, answer.content)
+        except OSError as exc:  # a cache that cannot be written costs a KDS request next time, no more
+            log.warning("VCEK not cached in %s: %s", self.cache_dir, type(exc).__name__)
         return answer.content
 
     def forget(self, url: str) -> None:
         """Drop the cached VCEK of ``url`` (it did not verify: the next check asks the KDS again)."""
         self._path(url).unlink(missing_ok=True)
 
-    def _failed(self) -> None:
+    def _failed(self, url: str) -> None:
+        """``url`` is not asked again before its backoff, which doubles with each failure."""
         with self._lock:
-            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
-            self._next_at = time.monotonic() + self._backoff
+            backoff = min(self._backoff.get(url, MIN_INTERVAL) * 2, MAX_BACKOFF)
+            self._backoff[url] = backoff
+            self._retry_at[url] = time.monotonic() + backoff
 
     def _keep(self, path: Path, der: bytes) -> None:
         """Write the cache file atomically (a temporary file renamed), so a worker never reads half."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
-        with os.fdopen(handle, "wb") as file:
-            file.write(der)
-        os.replace(temporary, path)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(der)
+            os.replace(temporary, path)
+        except OSError:
+            Path(temporary).unlink(missing_ok=True)
+            raise

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from app.backends.enclave import Admission, AttestationFailed, Attestor, Evidence
+from app.backends.enclave import Admission, AttestationFailed, Evidence
 from app.backends.http import Sessions
 from app.catalog import Model
 from app.settings import Settings
@@ -120,9 +120,8 @@ class UpstreamAnswer:
 class Upstream:
     """The model hosts: the shared ``X402_UPSTREAM_URL``, or a catalog model's own host and key."""
 
-    def __init__(self, settings: Settings, attestor: Attestor | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.attestor = attestor
         self._sessions = Sessions()
 
     def forward(
@@ -148,8 +147,8 @@ class Upstream:
     def _session(self, admission: Admission | None) -> requests.Session:
         if admission is None:
             return self._sessions.get()
-        assert self.attestor is not None  # an admission comes from it
-        return self.attestor.session(admission.model, admission.evidence)
+        assert admission.evidence is not None, "a call to an attested model is admitted first"
+        return admission.attestor.session(admission.model, admission.evidence)
 
     def _request(
         self,
@@ -202,6 +201,8 @@ class Upstream:
                 continue
             except requests.RequestException as exc:  # a host that took too long is not asked twice
                 raise UpstreamFailed(type(exc).__name__) from exc
+            except Exception as exc:  # anything else the HTTP stack raises: a failed host, never a 500
+                raise UpstreamFailed(type(exc).__name__) from exc
             if response.status_code >= 500:
                 response.close()
                 failure = UpstreamFailed(f"status {response.status_code}")
@@ -211,8 +212,8 @@ class Upstream:
         raise failure
 
     def _renewed(self, admission: Admission) -> Evidence:
-        assert self.attestor is not None
+        assert admission.evidence is not None
         try:
-            return self.attestor.renewed(admission.model, admission.evidence)
+            return admission.attestor.renewed(admission.model, admission.evidence)
         except AttestationFailed as exc:
             raise Unattested(f"{exc.reason}: {exc.detail}") from None

@@ -201,8 +201,8 @@ def _attestation(entry: dict[str, Any], name: str) -> dict[str, Any]:
     if policy is not None and (type(policy) is not int or not 0 <= policy < 2**64):
         raise CatalogError(f"model {name!r}: policy must be the guest policy as an integer (e.g. 0x30000)")
     product = entry.get("product", "")
-    if product not in ("", *PRODUCTS.values()):
-        raise CatalogError(f"model {name!r}: product must be one of {', '.join(PRODUCTS.values())}")
+    if product not in ("", *PRODUCTS):
+        raise CatalogError(f"model {name!r}: product must be one of {', '.join(PRODUCTS)}")
     return {
         "attestation": attestation,
         "measurements": tuple(m.lower().removeprefix("0x") for m in measurements),

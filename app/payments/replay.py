@@ -35,6 +35,8 @@ KEPT_HEADERS = frozenset(
         "payment-response",
         "x-payment-response",
         "x-receipt",
+        "x-tee-measurement",
+        "x-tee-evidence",
         "access-control-expose-headers",
         "cache-control",
         "x-accel-buffering",

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 
-from app.backends.enclave import Admission
+from app.backends.enclave import EVIDENCE_HEADER, MEASUREMENT_HEADER, Admission, AttestationFailed
 from app.backends.store import STORE_ERRORS
 from app.backends.upstream import BUYER_ERRORS, Unattested, UpstreamAnswer, UpstreamFailed, host_error_message
 from app.catalog import Model, Quote
@@ -95,14 +95,46 @@ class PaidCall:
     render: Callable[[bytes, int], bytes] | None = None
     resource_url: str = ""  # what the buyer called (the offer-receipt's resourceUrl)
     sign_in_origin: str = ""  # where this request may sign in (``SignInGate.offered``), "" nowhere
-    tee: Admission | None = None  # an attested model's evidence, as the connection was pinned to it
+    tee: Admission | None = None  # an attested model's enclave: admitted first, then pinned to
 
     def tee_binding(self) -> dict[str, str]:
         """The receipt's ``tee_measurement`` and ``tee_evidence`` ("" for a model not attested)."""
-        if self.tee is None:
+        if self.tee is None or self.tee.evidence is None:
             return {}
         verdict = self.tee.evidence.verdict
         return {"tee_measurement": verdict.measurement, "tee_evidence": verdict.evidence_sha256}
+
+
+def attestation_failed(model: str, failure: AttestationFailed) -> ApiError:
+    """503 ``attestation_failed``: ``model``'s enclave is not verified now (``failure`` says why)."""
+    return ApiError(
+        503,
+        "attestation_failed",
+        f"the enclave of {model} is not verified now ({failure.reason}: {failure.detail}); "
+        "nothing was charged",
+        {"Retry-After": "5"},
+    )
+
+
+def _admitted(call: PaidCall) -> None:
+    """An attested model is sold only while its enclave verifies: 503 before any 402, hold or
+    payment otherwise (``app.backends.enclave``)."""
+    if call.tee is not None:
+        try:
+            call.tee.admit()
+        except AttestationFailed as failure:
+            raise attestation_failed(call.quote.model.name, failure) from None
+
+
+def _named_evidence(call: PaidCall, answer: Answer) -> Answer:
+    """A served answer from an attested enclave names the evidence its connection was pinned to
+    (``X-TEE-Measurement``, ``X-TEE-Evidence``), which its receipt binds; kept with the answer for
+    a payment id's retries."""
+    if call.tee is not None and call.tee.evidence is not None and answer.status < 400:
+        verdict = call.tee.evidence.verdict
+        answer.headers[MEASUREMENT_HEADER] = verdict.measurement
+        answer.headers[EVIDENCE_HEADER] = verdict.evidence_sha256
+    return answer
 
 
 def serve(gate: Gate, call: PaidCall) -> Answer:
@@ -115,7 +147,9 @@ def serve(gate: Gate, call: PaidCall) -> Answer:
     header = call.headers.get(V2_HEADER)
     sign_in = call.headers.get(SIWX_HEADER)
     if header is None and sign_in is not None and V1_HEADER not in call.headers:
-        return _serve_credit(gate, call, gate.signin.begin(call.quote, sign_in, call.sign_in_origin))
+        _admitted(call)
+        hold = gate.signin.begin(call.quote, sign_in, call.sign_in_origin)
+        return _named_evidence(call, _serve_credit(gate, call, hold))
     wire = _decoded(header)  # once: the id and the scheme are read from it
     payment_id = payment_identifier(wire)
     if isinstance(payment_id, Verdict):
@@ -234,7 +268,14 @@ def _forget(replays: Replays, payment_id: str, fp: str) -> None:
 
 
 def _serve(gate: Gate, call: PaidCall, wire: Any) -> Answer:
-    """The payment path for the decoded v2 header ``wire``: ``upto`` or ``exact``, then the model host."""
+    """The payment path for the decoded v2 header ``wire`` (None: no payment, the 402), once an
+    attested model's enclave is admitted."""
+    _admitted(call)
+    return _named_evidence(call, _serve_scheme(gate, call, wire))
+
+
+def _serve_scheme(gate: Gate, call: PaidCall, wire: Any) -> Answer:
+    """``upto``, ``batch-settlement`` or ``exact``, then the model host."""
     upto_payment = _upto_payment(wire)
     if upto_payment is not None:
         if gate.upto is None:

@@ -154,12 +154,20 @@ def _number(value: Any) -> bool:
 
 
 def newest_manifest(messages: Iterable[Any], publisher: str, key: str = MANIFEST_KEY) -> dict[str, Any]:
+    """The content of ``newest_manifest_entry``: what ``publisher`` published last under ``key``."""
+    return newest_manifest_entry(messages, publisher, key)[1]
+
+
+def newest_manifest_entry(
+    messages: Iterable[Any], publisher: str, key: str = MANIFEST_KEY
+) -> tuple[float, dict[str, Any]]:
     """The manifest ``publisher`` published last under ``key``: among ``messages`` (AGGREGATE
     messages as the API lists them), those that verify (``verify_message``, type AGGREGATE) and
     whose content is ``{"key": key, "time": <number>, "content": {...}}``, the one of the highest
     ``time`` (a tie goes to the higher item hash, so the order of ``messages`` never matters);
-    returns its ``content``. A message that does not verify is passed over (a node that adds one
-    can only hide an update, which it can do anyway). Raises ``AlephError``: the reason of the first
+    returns its ``time`` (unix seconds, as published) and ``content``. A message that does not
+    verify is passed over (a node that adds one can only hide an update, which it can do anyway).
+    Raises ``AlephError``: the reason of the first
     refused message that claims ``key`` when none verifies, else ``aleph_no_manifest``."""
     best: tuple[float, str, dict[str, Any]] | None = None
     refused: AlephError | None = None
@@ -181,7 +189,7 @@ def newest_manifest(messages: Iterable[Any], publisher: str, key: str = MANIFEST
         if best is None or candidate[:2] > best[:2]:
             best = candidate
     if best is not None:
-        return best[2]
+        return best[0], best[2]
     if refused is not None:
         raise AlephError(refused.reason, f"no manifest under {key!r} verifies: {refused.detail}")
     raise AlephError("aleph_no_manifest", f"{publisher} published no manifest under {key!r}")

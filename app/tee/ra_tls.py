@@ -139,15 +139,19 @@ def verify(
     now: datetime.datetime,
 ) -> Verdict:
     """Everything the RA-TLS evidence must show, in order: the certificate valid at ``now``; its
-    report; the AMD chain to a pinned root; the report signed by the VCEK, which is for its chip and
-    TCB; the report's product line (its CPUID, when it has one) the roots'; the key binding; the
-    report's terms. Raises ``EvidenceError`` with the first reason."""
+    report; the AMD chain to a pinned root, each of its certificates valid at ``now``; the report
+    signed by the VCEK, which is for its chip and TCB; the report's product line (its CPUID, when it
+    has one) the roots'; the key binding; the report's terms. Raises ``EvidenceError`` with the
+    first reason."""
     certificate = x509.load_der_x509_certificate(certificate_der)
     if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
         raise EvidenceError("certificate_expired", "the certificate is not valid now")
     raw = report_of(certificate)
     report = parse_report(raw)
     verify_chain(roots.ark, roots.ask, vcek, set(roots.pinned))
+    for name, part in (("ARK", roots.ark), ("ASK", roots.ask), ("VCEK", vcek)):
+        if not part.not_valid_before_utc <= now <= part.not_valid_after_utc:
+            raise EvidenceError("chain_expired", f"AMD's {name} is not valid now")
     if report.product is not None and report.product != roots.product:
         raise EvidenceError("product_mismatch", f"a {report.product} report, {roots.product} roots")
     verify_report_signature(report, vcek, roots.product)

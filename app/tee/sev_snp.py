@@ -29,6 +29,7 @@ REPORT_SIZE = 1184
 SIGNED_PART = 0x2A0  # the signature covers bytes 0x000 up to here
 SUPPORTED_VERSIONS = range(2, 6)  # report versions 2 to 5
 POLICY_DEBUG = 1 << 19  # guest policy bit 19: the hypervisor may debug the guest (its memory is not private)
+POLICY_MIGRATE_MA = 1 << 18  # bit 18: a migration agent may be bound to the guest (it can export its memory)
 VMPL_MAX = 1  # the report must come from VMPL 0 or 1 (the guest's most privileged levels)
 
 # VCEK extensions (57230): the TCB it certifies, one SPL each, and the chip's id
@@ -38,8 +39,23 @@ OID_BOOTLOADER, OID_TEE, OID_SNP, OID_MICROCODE, OID_FMC = (
 )
 OID_HWID = x509.ObjectIdentifier(_AMD + "4")
 
-# Product lines by CPUID family and model (report versions 3+ carry them)
-PRODUCTS = {(0x19, 0x01): "Milan", (0x19, 0x11): "Genoa", (0x1A, 0x02): "Turin"}
+# Product lines by CPUID family and the ranges of models that belong to them (report versions 3+
+# carry both): Milan family 19h models 00h-0Fh; Genoa 19h 10h-1Fh and A0h-AFh (Bergamo, Siena);
+# Turin 1Ah 00h-11h
+PRODUCT_MODELS: dict[str, tuple[int, tuple[range, ...]]] = {
+    "Milan": (0x19, (range(0x00, 0x10),)),
+    "Genoa": (0x19, (range(0x10, 0x20), range(0xA0, 0xB0))),
+    "Turin": (0x1A, (range(0x00, 0x12),)),
+}
+PRODUCTS = tuple(PRODUCT_MODELS)
+
+
+def product_of(family: int, model: int) -> str | None:
+    """The product line of a CPUID family and model, None for another CPU."""
+    for product, (line_family, models) in PRODUCT_MODELS.items():
+        if family == line_family and any(model in span for span in models):
+            return product
+    return None
 
 
 class EvidenceError(ValueError):
@@ -105,7 +121,7 @@ class Report:
         chain then tells) or an unknown CPU."""
         if self.cpuid is None:
             return None
-        return PRODUCTS.get((self.cpuid[0], self.cpuid[1]))
+        return product_of(self.cpuid[0], self.cpuid[1])
 
     def signature(self) -> bytes:
         """The signature as DER (R and S are 72-byte little-endian integers at 0x2A0 and 0x2E8)."""
@@ -258,11 +274,14 @@ class Terms:
 
 
 def check_terms(report: Report, terms: Terms, product: str) -> None:
-    """The report's own terms: debug off, VMPL ≤ 1, the policy, a measurement in the list, the
-    reported TCB at or above the floor. Raises ``EvidenceError`` (``debug_enabled``, ``vmpl``,
-    ``policy_mismatch``, ``measurement_unknown``, ``tcb_below_floor``)."""
+    """The report's own terms (guest policy bits: AMD SEV-SNP ABI, 56860, table 9): debug off (bit
+    19), no migration agent (bit 18), VMPL ≤ 1, the policy, a measurement in the list, the reported
+    TCB at or above the floor. Raises ``EvidenceError`` (``debug_enabled``, ``migration_agent``,
+    ``vmpl``, ``policy_mismatch``, ``measurement_unknown``, ``tcb_below_floor``)."""
     if report.debug:
         raise EvidenceError("debug_enabled", "the guest policy allows debugging (its memory is readable)")
+    if report.policy & POLICY_MIGRATE_MA:
+        raise EvidenceError("migration_agent", "the guest policy lets a migration agent export its memory")
     if report.vmpl > VMPL_MAX:
         raise EvidenceError("vmpl", f"the report comes from VMPL {report.vmpl}, above {VMPL_MAX}")
     if terms.policy is not None and report.policy != terms.policy:

@@ -18,7 +18,7 @@ from eth_account import Account
 from eth_utils import to_checksum_address
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from app.backends.enclave import EVIDENCE_HEADER, MEASUREMENT_HEADER, Admission, AttestationFailed
+from app.backends.enclave import Admission, AttestationFailed
 from app.backends.store import STORE_ERRORS
 from app.backends.upstream import (
     UpstreamAnswer,
@@ -32,7 +32,7 @@ from app.payments.batch import BatchGate
 from app.payments.errors import ApiError
 from app.payments.outcomes import PaymentRequired
 from app.payments.receipts import sha256_hex
-from app.payments.serve import PaidCall, serve
+from app.payments.serve import PaidCall, attestation_failed, serve
 from app.payments.signin import SIGN_IN_ELSEWHERE
 from app.payments.upto import UptoGate
 from app.web import services
@@ -158,7 +158,7 @@ def _paid(
 ) -> Response:
     """Charge for ``quote`` and answer with what ``call`` gets from the model host (``serve``)."""
     gate = services().gate
-    admission = _admitted(quote)
+    admission = Admission(services().attestor, quote.model) if quote.model.attested else None
     paid_call = PaidCall(
         quote,
         request.headers,
@@ -193,33 +193,7 @@ def _paid(
                 refusal.corrective,
             )
         )
-    if admission is not None and response.status_code < 400:
-        verdict = admission.evidence.verdict  # the certificate the answer came over
-        response.headers[MEASUREMENT_HEADER] = verdict.measurement
-        response.headers[EVIDENCE_HEADER] = verdict.evidence_sha256
     return response
-
-
-def _attestation_failed(name: str, failure: AttestationFailed) -> ApiError:
-    return ApiError(
-        503,
-        "attestation_failed",
-        f"the enclave of {name} is not verified now ({failure.reason}: {failure.detail}); "
-        "nothing was charged",
-        {"Retry-After": "5"},
-    )
-
-
-def _admitted(quote: Quote) -> Admission | None:
-    """For an attested model: the evidence its enclave verified with, or 503 ``attestation_failed``
-    before any 402 or payment (``app.backends.enclave``). None for a model sold on its operator's
-    word."""
-    if not quote.model.attested:
-        return None
-    try:
-        return Admission(quote.model, services().attestor.evidence(quote.model))
-    except AttestationFailed as failure:
-        raise _attestation_failed(quote.model.name, failure) from None
 
 
 def _paid_call(route: str) -> Response:
@@ -288,7 +262,7 @@ def attestation(name: str) -> Response:
     try:
         evidence = services().attestor.evidence(model)
     except AttestationFailed as failure:
-        raise _attestation_failed(name, failure) from None
+        raise attestation_failed(name, failure) from None
     return jsonify({**evidence.public(), "attested": True, "tee": True, "trust": model.trust})
 
 

@@ -5,6 +5,7 @@ then the whole bundle verified (``app.tee.ra_tls.verify``)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,11 +62,15 @@ def test_the_kds_is_asked_sparingly_and_backs_off_after_failures(kds: KdsStandin
     base, asked = kds.url, kds.asked
     client = Kds(base, tmp_path, timeout=5)
     kds.status = 503
+    started = time.monotonic()
     with pytest.raises(TeeUnavailable, match="503"):
         client.vcek(base + "/vcek/v1/Milan/aa")
     with pytest.raises(TeeUnavailable, match="asked again"):
-        client.vcek(base + "/vcek/v1/Milan/bb")  # within the backoff: not asked
+        client.vcek(base + "/vcek/v1/Milan/aa")  # within its backoff: not asked
     assert len(asked) == 1
+    kds.status = 200
+    assert client.vcek(base + "/vcek/v1/Milan/bb") == kds.vcek_der  # another chip: asked in its turn
+    assert len(asked) == 2 and time.monotonic() - started >= 1.0  # at most once a second
     with pytest.raises(TeeUnavailable, match="outside"):
         client.vcek("http://elsewhere/vcek/v1/Milan/aa")
 

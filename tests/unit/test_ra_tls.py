@@ -106,6 +106,8 @@ def test_a_report_copied_into_another_certificate_is_refused() -> None:
 def test_an_expired_certificate_or_other_terms_are_refused() -> None:
     der, _ = enclave_certificate()
     assert reason(der, now=NOW + datetime.timedelta(days=3)) == "certificate_expired"
+    lasting, _ = enclave_certificate(days=10)  # outlives the test chain (valid one day from now)
+    assert reason(lasting, now=NOW + datetime.timedelta(days=3)) == "chain_expired"
     assert reason(der, terms=Terms(frozenset({b"\x00" * 48}))) == "measurement_unknown"
     assert reason(der, terms=Terms(frozenset({MEASUREMENT}), tcb_floor=Tcb(9, 0, 0, 0))) == "tcb_below_floor"
     genoa_roots = Roots("Genoa", CHAIN.ark, CHAIN.ask, frozenset(CHAIN.pinned))

@@ -27,6 +27,7 @@ from app.tee.sev_snp import (
     OID_SNP,
     OID_TEE,
     POLICY_DEBUG,
+    POLICY_MIGRATE_MA,
     REPORT_SIZE,
     SIGNED_PART,
     EvidenceError,
@@ -226,6 +227,7 @@ def test_a_report_of_our_chain_verifies_with_its_terms() -> None:
     [
         (make_report(policy=0x30000 | POLICY_DEBUG), None, "debug_enabled"),
         (make_report(vmpl=2), None, "vmpl"),
+        (make_report(policy=0x30000 | POLICY_MIGRATE_MA), None, "migration_agent"),
         (make_report(policy=0x30000), Terms(frozenset({MEASUREMENT}), policy=0x31000), "policy_mismatch"),
         (make_report(measurement=b"\x01" * 48), None, "measurement_unknown"),
         (make_report(), Terms(frozenset({MEASUREMENT}), tcb_floor=Tcb(3, 0, 9, 0)), "tcb_below_floor"),
@@ -237,7 +239,7 @@ def test_a_report_of_our_chain_verifies_with_its_terms() -> None:
         (make_report(chip_id=b"\x11" * 64), None, "vcek_mismatch"),  # another chip
         (make_report(signer=ec.generate_private_key(ec.SECP384R1())), None, "signature_invalid"),
     ],
-    ids=["debug", "vmpl", "policy", "measurement", "tcb floor", "tcb", "chip", "signer"],
+    ids=["debug", "vmpl", "migration agent", "policy", "measurement", "tcb floor", "tcb", "chip", "signer"],
 )
 def test_every_way_evidence_fails_names_its_reason(report: bytes, terms: Terms | None, reason: str) -> None:
     assert reason_of(report, terms) == reason

@@ -64,8 +64,8 @@ class Script:
 
 
 def forward(script: Script) -> tuple[Any, Admission]:
-    upstream = Upstream(SETTINGS, script)  # type: ignore[arg-type]
-    admission = Admission(MODEL, Pin("old"))  # type: ignore[arg-type]
+    upstream = Upstream(SETTINGS)
+    admission = Admission(script, MODEL, Pin("old"))  # type: ignore[arg-type]
     return upstream.forward("chat", {}, MODEL, admission), admission
 
 
