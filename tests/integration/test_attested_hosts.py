@@ -216,6 +216,8 @@ def test_an_enclave_that_does_not_verify_is_refused_before_any_payment(
             assert refused.status_code == 503 and error_code(refused) == "attestation_failed"
             assert reason in refused.json()["error"]["message"]
         assert moved_since(proxy, before) == 0 and enclave.host.received == []
+        if reason == "chain_invalid":  # a VCEK that is not AMD's does not stay cached
+            assert kds.asked and not list((tmp_path / "vcek").glob("*.der"))
         # the operator's other model keeps being sold
         other = attested.post(body={**CHAT_BODY, "model": STATED})
         assert other.status_code == 402 and "TEE (operator's statement)" in described(other)
