@@ -7,6 +7,7 @@ that do the network I/O (run by the entry points: gunicorn's app, the CLI, the d
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from app.backends.chain import Chain, check_batch_contracts, check_startup, check_upto_contracts
@@ -20,6 +21,8 @@ from app.payments.settlement import FacilitatorSettler, LocalSettler, Settler, c
 from app.settings import Settings, SettingsError
 from app.tee.amd import amd_trust, roots_from_pem
 from app.tee.ra_tls import Roots
+
+log = logging.getLogger("x402.services")
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,15 @@ def _trust(settings: Settings) -> dict[str, Roots]:
     if settings.attestation_roots is None:
         return amd_trust()
     try:
-        return roots_from_pem(settings.attestation_roots.read_bytes())
+        trust = roots_from_pem(settings.attestation_roots.read_bytes())
     except (OSError, ValueError) as exc:
         raise SettingsError("X402_ATTESTATION_ROOTS", f"{settings.attestation_roots}: {exc}") from None
+    log.warning(
+        "X402_ALLOW_TEST_ROOTS: enclaves are verified against %s, not AMD's roots (%s): for tests only",
+        settings.attestation_roots,
+        ", ".join(sorted(trust)),
+    )
+    return trust
 
 
 def check(services: Services) -> None:

@@ -39,10 +39,13 @@ from app.backends.aleph import Measurements
 from app.backends.tee import Kds, TeeUnavailable, served_certificate
 from app.catalog import Model
 from app.settings import Settings
+from app.tee.amd import ARK_SPKI_SHA256
 from app.tee.ra_tls import Roots, Verdict, report_of, vcek_url, verify
 from app.tee.sev_snp import EvidenceError, load_vcek, parse_report
 
 log = logging.getLogger("x402.enclave")
+AMD_PINS = {product: frozenset({pin}) for product, pin in ARK_SPKI_SHA256.items()}
+TEST_ROOTS = "test (X402_ATTESTATION_ROOTS: not AMD's)"
 RETRY_FAILED = 5.0  # seconds: a failed verification is tried again this soon at most (in the background)
 HANDSHAKE_TIMEOUT = 5.0  # seconds for the TLS handshake that reads the served certificate
 MEASUREMENT_HEADER = "X-TEE-Measurement"
@@ -119,6 +122,9 @@ class Evidence:
                     "fmc": verdict.reported_tcb.fmc,
                 },
                 "product": verdict.product,
+                "roots": "AMD"
+                if verdict.product in AMD_PINS and self.roots.pinned == AMD_PINS[verdict.product]
+                else "test (X402_ATTESTATION_ROOTS: not AMD's)",
                 "verified_at": self.verified_at,
                 "verifier": VERIFIER,
             },
@@ -196,6 +202,17 @@ class Attestor:
         else:
             self._refresh_if_due(model, entry)
         return _valid(entry.result)
+
+    def state(self, model: Model) -> str:
+        """What this process last found, without checking: "verified", "failing: <reason>", or
+        "not checked yet"."""
+        with self._lock:
+            entry = self._entries.get(model.name)
+        if entry is None:
+            return "not checked yet"
+        if isinstance(entry.result, AttestationFailed):
+            return f"failing: {entry.result.reason}"
+        return "verified" if time.time() <= entry.result.not_after else "failing: certificate_expired"
 
     def renewed(self, model: Model, seen: Evidence) -> Evidence:
         """The enclave's certificate is not (or no longer) ``seen``'s: verify the one served now,

@@ -20,7 +20,7 @@ from app.catalog.reading import IMAGE, MODALITIES, TEXT, Limits, PolicyError, Wo
 from app.settings import Settings, SettingsError
 from app.tee.aleph import ADDRESS as ALEPH_ADDRESS
 from app.tee.aleph import DEFAULT_API as ALEPH_API
-from app.tee.sev_snp import PRODUCTS, Tcb, Terms
+from app.tee.sev_snp import POLICY_DEBUG, POLICY_MIGRATE_MA, PRODUCTS, Tcb, Terms
 
 
 class CatalogError(ValueError):
@@ -159,7 +159,7 @@ def _modalities(entry: dict[str, Any], name: str) -> frozenset[str]:
 
 
 HEX_MEASUREMENT = re.compile(r"(0x)?[0-9a-fA-F]{96}")
-TCB_LEVELS = ("bootloader", "tee", "snp", "microcode")
+TCB_LEVELS = ("bootloader", "tee", "snp", "microcode", "fmc")  # fmc: Turin only
 RETIRED = ("attestation_url", "measurement", "attestation_max_age")  # the JSON report format, gone
 ALEPH_KEYS = ("aleph_publisher", "aleph_model", "aleph_api")
 
@@ -173,14 +173,14 @@ def _attestation(entry: dict[str, Any], name: str) -> dict[str, Any]:
     retired = [key for key in RETIRED if key in entry]
     if retired:
         raise CatalogError(
-            f"model {name!r}: {', '.join(retired)} no longer exist(s): an attested host is checked with "
-            'attestation = "sev-snp", measurements = [...] and an https upstream_url (README, "Trust")'
+            f"model {name!r}: the keys {', '.join(retired)} are gone: an attested host is checked with "
+            'attestation = "sev-snp", measurements = [...] and an https upstream_url (README, "TEE evidence")'
         )
     attestation = entry.get("attestation", "")
     keys = [key for key in ("measurements", "policy", "tcb_floor", "product", *ALEPH_KEYS) if key in entry]
     if attestation == "":
         if keys:
-            raise CatalogError(f'model {name!r}: {", ".join(keys)} need(s) attestation = "sev-snp"')
+            raise CatalogError(f'model {name!r}: the keys {", ".join(keys)} go with attestation = "sev-snp"')
         return {}
     if attestation != "sev-snp":
         raise CatalogError(f'model {name!r}: attestation must be "sev-snp"')
@@ -200,6 +200,10 @@ def _attestation(entry: dict[str, Any], name: str) -> dict[str, Any]:
     policy = entry.get("policy")
     if policy is not None and (type(policy) is not int or not 0 <= policy < 2**64):
         raise CatalogError(f"model {name!r}: policy must be the guest policy as an integer (e.g. 0x30000)")
+    if policy is not None and policy & (POLICY_DEBUG | POLICY_MIGRATE_MA):
+        raise CatalogError(
+            f"model {name!r}: policy {policy:#x} allows debugging or a migration agent, which is always refused"
+        )
     product = entry.get("product", "")
     if product not in ("", *PRODUCTS):
         raise CatalogError(f"model {name!r}: product must be one of {', '.join(PRODUCTS)}")

@@ -210,19 +210,64 @@ def cmd_pay(args: argparse.Namespace) -> int:
         print(f"x402-proxy pay: --max-amount: {exc}", file=sys.stderr)
         return 2
     try:
+        saved = _saved_payment(Path(args.payment)) if args.payment else None
+    except (OSError, ValueError) as exc:
+        print(f"x402-proxy pay: --payment: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
         body = json.loads(args.json) if args.json else DEMO_BODY
-        result = pay(args.url, bytes.fromhex(key.removeprefix("0x")), body, max_amount, args.asset)
+        result = pay(
+            args.url, bytes.fromhex(key.removeprefix("0x")), body, max_amount, args.asset, payment=saved
+        )
     except (ValueError, PaymentRefused) as exc:
         print(f"x402-proxy pay: {exc}", file=sys.stderr)
         return 1
     sys.stdout.write(result.body.decode("utf-8", "replace") + "\n")
+    if args.save:
+        _save_call(Path(args.save), result)
     if result.settlement:
-        paid = f"{amount_text(result.amount, decimals)} {args.asset or 'USDC'}"
+        paid = (
+            f"{amount_text(result.amount, decimals)} {args.asset or 'USDC'}"
+            if result.amount
+            else "paid before"
+        )
         print(
             f"paid {paid} · tx {result.settlement.get('transaction')} · status {result.status}",
             file=sys.stderr,
         )
+    if "X-TEE-Evidence" in result.headers:
+        print(
+            f"enclave measurement {result.headers.get('X-TEE-Measurement')} · evidence "
+            f"{result.headers['X-TEE-Evidence']} (x402-proxy verify-evidence checks it)",
+            file=sys.stderr,
+        )
+    if result.status >= 400 and result.settlement and result.settlement.get("success") and result.payment[0]:
+        again = f"--payment {args.save}/payment.json" if args.save else "--payment FILE (saved with --save)"
+        print(f"the payment settled: send it again with {again} to be served", file=sys.stderr)
     return 0 if result.status < 400 else 1
+
+
+def _saved_payment(path: Path) -> tuple[str, str]:
+    """A payment header saved by ``pay --save`` (``payment.json``: ``{"name", "value"}``)."""
+    saved = json.loads(path.read_text())
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), str) for k in ("name", "value")):
+        raise ValueError(f"{path} is not a payment saved by x402-proxy pay --save")
+    return saved["name"], saved["value"]
+
+
+def _save_call(directory: Path, result: Any) -> None:
+    """``pay --save DIR``: the exact request bytes (``request.json``), the answer's body
+    (``response.body``), its headers (``headers.json``), its ``X-Receipt`` (``receipt.txt``) and the
+    payment header sent (``payment.json``, to send again with ``--payment``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "request.json").write_bytes(result.request)
+    (directory / "response.body").write_bytes(result.body)
+    (directory / "headers.json").write_text(json.dumps(result.headers, indent=1))
+    if "X-Receipt" in result.headers:
+        (directory / "receipt.txt").write_text(result.headers["X-Receipt"])
+    if result.payment[0]:
+        name, value = result.payment
+        (directory / "payment.json").write_text(json.dumps({"name": name, "value": value}))
 
 
 def cmd_catalog_import(args: argparse.Namespace) -> int:
@@ -297,6 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="pay in this token instead of the network's USDC (any other asset is refused)",
     )
     pay.add_argument("--decimals", type=int, help="decimals of the --asset token, to read --max-amount")
+    pay.add_argument(
+        "--save",
+        help="directory to keep the request bytes, answer, headers, receipt and payment header in "
+        "(for verify-receipt, and for --payment)",
+    )
+    pay.add_argument(
+        "--payment",
+        help="send this saved payment.json again instead of paying (a call failed after it settled)",
+    )
     catalog = sub.add_parser("catalog", help="manage the model catalog")
     catalog_sub = catalog.add_subparsers(dest="catalog_command", required=True)
     catalog_import = catalog_sub.add_parser(

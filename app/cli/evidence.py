@@ -31,6 +31,7 @@ import binascii
 import datetime
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,11 @@ def add_parser(sub: Any) -> None:
     verify.add_argument(
         "--enclave", help="the enclave's https:// origin: check that it serves the bundle's certificate now"
     )
+    verify.add_argument(
+        "--evidence",
+        metavar="SHA256",
+        help="an answer's X-TEE-Evidence (or a receipt's teeEvidence): the bundle must be that one",
+    )
 
 
 def cmd_verify_evidence(args: argparse.Namespace) -> int:
@@ -125,6 +131,10 @@ def cmd_verify_evidence(args: argparse.Namespace) -> int:
     try:
         if args.file and (args.proxy or args.model):
             raise Stop(EXIT_BAD_INPUT, "bad_options", "give --file, or --proxy with --model, not both")
+        if args.enclave and not args.enclave.startswith("https://"):
+            raise Stop(EXIT_BAD_INPUT, "bad_options", "--enclave takes the enclave's https:// origin")
+        if args.evidence and not re.fullmatch(r"[0-9a-f]{64}", args.evidence.lower()):
+            raise Stop(EXIT_BAD_INPUT, "bad_options", "--evidence takes a SHA-256 in hex (64 digits)")
         measurements = parse_measurements(args.measurement)
         trust, source = load_trust(args.roots, args.allow_test_roots)
         if args.file:
@@ -136,6 +146,13 @@ def cmd_verify_evidence(args: argparse.Namespace) -> int:
         bundle = parse_bundle(document)
         checked = verify_bundle(bundle, trust, measurements, datetime.datetime.now(datetime.UTC))
         compare_claims(bundle, checked.verdict)
+        if args.evidence and args.evidence.lower() != checked.verdict.evidence_sha256:
+            raise Stop(
+                EXIT_REFUSED,
+                "evidence_mismatch",
+                f"you gave evidence {args.evidence.lower()} (an answer's X-TEE-Evidence or a receipt's "
+                f"teeEvidence); this bundle is {checked.verdict.evidence_sha256}",
+            )
         if args.enclave:
             check_enclave(args.enclave, bundle.certificate)
     except Stop as stop:

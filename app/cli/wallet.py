@@ -6,6 +6,7 @@ It pays only what the server asked for this exact request, only in the asset it 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -30,11 +31,17 @@ class PaymentRefused(RuntimeError):
 
 @dataclass
 class PayResult:
+    """What came back: the last answer's ``status``, ``body`` and ``headers``; the ``amount`` paid
+    (atomic units, 0 when nothing was signed); the decoded payment response; the exact ``request``
+    bytes sent; the payment header sent as (name, value), ("", "") for none."""
+
     status: int
     body: bytes
     headers: dict[str, str]
     amount: int
     settlement: dict[str, Any] | None
+    request: bytes = b""
+    payment: tuple[str, str] = ("", "")
 
 
 def choose_requirement(accepts: list[dict[str, Any]], asset: str | None = None) -> dict[str, Any]:
@@ -72,13 +79,21 @@ def pay(
     asset: str | None = None,
     session: requests.Session | None = None,
     timeout: float = 120.0,
+    payment: tuple[str, str] | None = None,
 ) -> PayResult:
     """POST ``body`` to ``url``, paying the 402 if one comes back: at most ``max_amount`` atomic units
-    of ``asset`` (default: the USDC of the network offered; 6 decimals). ``timeout`` is in seconds."""
+    of ``asset`` (default: the USDC of the network offered; 6 decimals). ``timeout`` is in seconds.
+    With ``payment`` (a payment header's name and value, saved from an earlier call) that header is
+    sent again instead: a call that failed after its payment settled is served by it."""
     session = session or requests.Session()
-    first = session.post(url, json=body, timeout=timeout)
+    request = json.dumps(body, separators=(",", ":")).encode()  # the bytes a receipt binds
+    sent = {"Content-Type": "application/json"}
+    if payment is not None:
+        again = session.post(url, data=request, headers={**sent, payment[0]: payment[1]}, timeout=timeout)
+        return _result(again, 0, request, payment)
+    first = session.post(url, data=request, headers=sent, timeout=timeout)
     if first.status_code != 402:
-        return PayResult(first.status_code, first.content, dict(first.headers), 0, None)
+        return PayResult(first.status_code, first.content, dict(first.headers), 0, None, request)
     try:
         offered_body = first.json()
     except ValueError:
@@ -88,15 +103,20 @@ def pay(
     amount = requirement_amount(requirement, version)
     if amount > max_amount:
         raise PaymentRefused(f"the server asks {amount} atomic units, above the limit of {max_amount}")
-    payment = sign_payment(requirement, version, private_key, int(time.time()), os.urandom(32), resource)
-    second = session.post(
-        url, json=body, headers={header_name(version): encode_header(payment.to_wire())}, timeout=timeout
-    )
+    signed = sign_payment(requirement, version, private_key, int(time.time()), os.urandom(32), resource)
+    header = (header_name(version), encode_header(signed.to_wire()))
+    second = session.post(url, data=request, headers={**sent, header[0]: header[1]}, timeout=timeout)
+    return _result(second, amount, request, header)
+
+
+def _result(answer: requests.Response, amount: int, request: bytes, header: tuple[str, str]) -> PayResult:
     settlement = None
-    raw = second.headers.get(RESPONSE_HEADERS[version])
+    raw = answer.headers.get(RESPONSE_HEADERS[2]) or answer.headers.get(RESPONSE_HEADERS[1])
     if raw:
         try:
             settlement = decode_header(raw)
         except MalformedInput:
             settlement = None
-    return PayResult(second.status_code, second.content, dict(second.headers), amount, settlement)
+    return PayResult(
+        answer.status_code, answer.content, dict(answer.headers), amount, settlement, request, header
+    )

@@ -177,7 +177,7 @@ class Gate:
             extensions = {**(extensions or {}), PAYMENT_IDENTIFIER: payment_identifier_declaration()}
             if self.upto is not None:
                 extensions[EIP2612_GAS_SPONSORING] = eip2612_declaration()
-            description = f"{quote.model.name} call ({quote.model.trust})"
+            description = f"{quote.model.name} call: {quote.model.trust}"
             challenge = build_challenge(
                 self.requirements(quote, facilitator), Resource(resource_url, description), reason, extensions
             )

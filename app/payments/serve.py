@@ -484,7 +484,13 @@ def _upstream_failed(paid: Paid, failure: UpstreamFailed) -> Answer:
         failure.status,
         failure.code,
         f"{_host_failure(failure)} after your payment settled; retry the same payment header to be served",
-        {name: value, "Access-Control-Expose-Headers": EXPOSED_HEADERS, "Retry-After": "1"},
+        {
+            name: value,
+            "Access-Control-Expose-Headers": EXPOSED_HEADERS,
+            "Retry-After": "5"
+            if isinstance(failure, Unattested)
+            else "1",  # an enclave is checked again within 5 s
+        },
     )
 
 

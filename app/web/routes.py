@@ -416,9 +416,12 @@ def models() -> Response:
     """``GET /v1/models``, free: ``{"object": "list", "data"}``, one entry per listed model, its pricing
     naming our asset and network."""
     settings = current_app.config["X402_SETTINGS"]
-    entries = [m.public() for m in services().catalog.listed()]
-    for entry in entries:
+    listed = services().catalog.listed()
+    entries = [m.public() for m in listed]
+    for model, entry in zip(listed, entries, strict=True):
         entry["pricing"].update(asset=settings.asset, network=settings.network.caip2)
+        if model.attested:  # what this worker last found (a 402 is answered only while "verified")
+            entry["attestation_state"] = services().attestor.state(model)
     return jsonify({"object": "list", "data": entries})
 
 

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import datetime
 import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -148,6 +149,7 @@ def test_a_verified_enclave_is_sold_and_every_answer_names_its_evidence(
         assert verdict["vmpl"] == 0 and verdict["policy"] == 0x30000
         assert verdict["reported_tcb"] == {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115, "fmc": 0}
         assert verdict["verifier"].startswith("x402-tee-proxy") and verdict["verified_at"] <= time.time()
+        assert verdict["roots"] == "test (X402_ATTESTATION_ROOTS: not AMD's)"
 
         # a buyer verifies it again with nothing from the proxy but the bundle, pinning the root
         ark = x509.load_pem_x509_certificate(bundle["ark"].encode())
@@ -284,6 +286,8 @@ def test_the_evidence_is_verified_again_in_the_background(
             "detail": "the report is not bound to this certificate's key",
         }
         assert ready["checks"]["attestation"]["ok"] is True  # the other models are still sold
+        listed = requests.get(attested.url + "/v1/models", timeout=10).json()["data"]
+        assert [m["attestation_state"] for m in listed if m["id"] == MODEL] == ["failing: key_not_bound"]
         exposed = requests.get(attested.url + "/metrics", timeout=10).text
         assert f'x402_attestations_total{{model="{MODEL}",result="key_not_bound"}}' in exposed
         assert f'x402_attested{{model="{MODEL}"}} 0.0' in exposed
@@ -346,6 +350,8 @@ def test_models_sold_on_the_operator_s_word_say_so_and_can_be_withheld(
         listed = {m["id"]: m for m in requests.get(attested.url + "/v1/models", timeout=10).json()["data"]}
         assert listed[STATED]["trust"] == "TEE (operator's statement)" and not listed[STATED]["attested"]
         assert listed[MODEL]["attested"] and "verified by the proxy" in listed[MODEL]["trust"]
+        assert listed[MODEL]["attestation_state"] in ("verified", "not checked yet")
+        assert "attestation_state" not in listed[STATED]
         discovered = requests.get(attested.url + "/.well-known/x402", timeout=10).json()
         models = {m["id"]: m for m in discovered["listing"][0]["models"]}
         assert models[STATED]["trust"] == "TEE (operator's statement)"
@@ -414,3 +420,44 @@ def test_a_version_2_report_is_verified_for_the_product_line_the_catalog_names(
     with attested_proxy(proxy, tmp_path, enclave, kds, terms='product = "Milan"') as named:
         assert named.pay(named.payment(named.requirement())).status_code == 200
         assert evidence_of(named).json()["verdict"]["product"] == "Milan"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``x402-proxy args`` as a buyer runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_a_buyer_with_the_cli_redeems_a_payment_the_enclave_change_left_unserved_and_checks_its_receipt(
+    proxy: Proxy, standin: StandinModel, enclave: Enclave, kds: KdsStandin, tmp_path: Path
+) -> None:
+    saved = tmp_path / "call"
+    url = "/v1/chat/completions"
+    with attested_proxy(proxy, tmp_path, enclave, kds, attestation_ttl=600.0) as attested:
+        assert attested.post().status_code == 402  # verified, before the change
+        enclave.restart_with("impostor", bound_to=ec.generate_private_key(ec.SECP384R1()))
+        key = ["--key", attested.wallets.payer_key, "--json", json.dumps(CHAT_BODY)]
+        failed = cli("pay", attested.url + url, *key, "--save", str(saved))
+        assert failed.returncode == 1 and "attestation_failed" in failed.stdout
+        assert f"send it again with --payment {saved}/payment.json" in failed.stderr
+        assert enclave.host.received == []
+
+        enclave.restart_with("back")
+        deadline = time.monotonic() + 15
+        while attested.post().status_code != 402:
+            assert time.monotonic() < deadline, "never verified again"
+            time.sleep(0.3)
+        before = proxy.balances()
+        served = cli(
+            "pay", attested.url + url, *key, "--payment", str(saved / "payment.json"), "--save", str(saved)
+        )
+        assert served.returncode == 0, served.stderr
+        assert "paid before" in served.stderr and "enclave measurement " + MEASUREMENT.hex() in served.stderr
+        assert moved_since(proxy, before) == 0 and len(enclave.host.received) == 1
+
+        files = ["--request", str(saved / "request.json"), "--response", str(saved / "response.body")]
+        checked = cli(
+            "verify-receipt", *files, "--receipt", str(saved / "receipt.txt"), "--proxy", attested.url
+        )
+        assert checked.returncode == 0 and "enclave measurement " + MEASUREMENT.hex() in checked.stdout

@@ -199,6 +199,25 @@ def test_the_enclave_must_serve_the_bundle_s_certificate(
         assert code == 1 and reason(err) == "certificate_mismatch"
     code, _, err = verify_evidence("--file", bundle, *check, "--enclave", f"https://127.0.0.1:{free_port()}")
     assert code == 3 and reason(err) == "enclave_unreachable"
+    code, _, err = verify_evidence("--file", bundle, *check, "--enclave", "http://127.0.0.1:1")
+    assert code == 2 and reason(err) == "bad_options"
+
+
+def test_the_bundle_must_be_the_one_an_answer_named(
+    proxy: Proxy, standin: StandinModel, enclave: Enclave, kds: KdsStandin, tmp_path: Path
+) -> None:
+    roots = str(write_roots(tmp_path / "buyer" / "roots.pem"))
+    check = ["--roots", roots, "--allow-test-roots", "--measurement", MEASUREMENT.hex()]
+    with attested_proxy(proxy, tmp_path, enclave, kds) as attested:
+        named = attested.pay(attested.payment(attested.requirement())).headers["X-TEE-Evidence"]
+        code, out, _ = verify_evidence("--proxy", attested.url, "--model", MODEL, *check, "--evidence", named)
+        assert code == 0 and named in out
+        code, _, err = verify_evidence(
+            "--proxy", attested.url, "--model", MODEL, *check, "--evidence", "0" * 64
+        )
+        assert code == 1 and reason(err) == "evidence_mismatch"
+        code, _, err = verify_evidence("--proxy", attested.url, "--model", MODEL, *check, "--evidence", "abc")
+        assert code == 2 and reason(err) == "bad_options"
 
 
 def offline_bundle(der: bytes) -> dict[str, Any]:

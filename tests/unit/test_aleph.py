@@ -400,7 +400,7 @@ def test_an_attested_entry_may_name_its_publisher_instead_of_measurements(tmp_pa
         ((LIBERTAI, LIBERTAI.replace("C", "c", 1)), "EIP-55"),
         (('"qwen3.8-27b-tee"', "3"), "aleph_model must name"),
         (('"qwen3.8-27b-tee"', '"qwen3.8-27b-tee"\naleph_api = "ftp://x"'), "aleph_api must be"),
-        (('attestation = "sev-snp"\n', ""), "need(s) attestation"),
+        (('attestation = "sev-snp"\n', ""), "go with attestation"),
     ],
     ids=[
         "both sources",

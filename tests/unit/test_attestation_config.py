@@ -51,6 +51,11 @@ def test_an_attested_entry_reads_its_terms(tmp_path: Path) -> None:
     assert "verified by the proxy" in model.trust and model.public()["attested"] is True
 
 
+def test_a_turin_floor_may_name_its_fmc_level(tmp_path: Path) -> None:
+    turin = catalog(tmp_path, ATTESTED.replace("bootloader = 3,", "fmc = 2, bootloader = 3,"))
+    assert turin.model("enclave").terms.tcb_floor == Tcb(bootloader=3, tee=0, snp=8, microcode=115, fmc=2)
+
+
 def test_a_tee_without_attestation_says_it_is_the_operator_s_statement(tmp_path: Path) -> None:
     model = catalog(tmp_path).model("stated")
     assert not model.attested
@@ -74,10 +79,12 @@ def test_requiring_attestation_sells_only_attested_models(tmp_path: Path) -> Non
         (('"sev-snp"', '"tdx"'), "attestation must be"),
         (("policy = 0x30000", 'policy = "0x30000"'), "policy"),
         (("bootloader = 3", "bootloader = 300"), "tcb_floor"),
-        (("bootloader = 3", "fmc = 1"), "tcb_floor"),
+        (("bootloader = 3", "vcek = 1"), "tcb_floor"),
+        (("policy = 0x30000", "policy = 0xB0000"), "always refused"),
+        (("policy = 0x30000", "policy = 0x70000"), "always refused"),
         (('attestation = "sev-snp"', 'attestation = "sev-snp"\nproduct = "Naples"'), "product"),
-        (('attestation = "sev-snp"\n', ""), "need(s) attestation"),
-        (('attestation = "sev-snp"', 'attestation = "sev-snp"\nattestation_url = "https://x/"'), "no longer"),
+        (('attestation = "sev-snp"\n', ""), "go with attestation"),
+        (('attestation = "sev-snp"', 'attestation = "sev-snp"\nattestation_url = "https://x/"'), "are gone"),
         (('description = "in an SEV-SNP VM"\ntee = true', 'description = "x"\ntee = false'), "tee = true"),
     ],
     ids=[
@@ -88,6 +95,8 @@ def test_requiring_attestation_sells_only_attested_models(tmp_path: Path) -> Non
         "policy as text",
         "tcb out of range",
         "unknown tcb level",
+        "debug policy",
+        "migration agent policy",
         "unknown product",
         "terms without attestation",
         "the old report url",
@@ -166,3 +175,16 @@ def test_attestation_settings_and_their_defaults(tmp_path: Path) -> None:
     assert chosen.attestation_ttl == 2 and chosen.require_attestation is True
     with pytest.raises(SettingsError):
         Settings.from_env(base_env(X402_AMD_KDS_URL="kdsintf.amd.com"))
+
+
+def test_test_roots_are_announced_in_the_log_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from app.services import _trust
+
+    roots = tmp_path / "roots.pem"
+    roots.write_bytes(_pem(CHAIN.ark) + _pem(CHAIN.ask))
+    settings = Settings.from_env(base_env(X402_ATTESTATION_ROOTS=str(roots), X402_ALLOW_TEST_ROOTS="1"))
+    with caplog.at_level("WARNING", logger="x402.services"):
+        assert set(_trust(settings)) == {"Milan"}
+    assert any("not AMD's roots" in record.getMessage() for record in caplog.records)
