@@ -216,7 +216,8 @@ def test_an_enclave_that_does_not_verify_is_refused_before_any_payment(
         shown = evidence_of(attested)
         for refused in (unpaid, paid, shown):
             assert refused.status_code == 503 and error_code(refused) == "attestation_failed"
-            assert reason in refused.json()["error"]["message"]
+            assert reason in refused.json()["error"]["message"] and refused.headers["Retry-After"] == "5"
+        assert "nothing was charged" in paid.json()["error"]["message"]
         assert moved_since(proxy, before) == 0 and enclave.host.received == []
         if reason == "chain_invalid":  # a VCEK that is not AMD's does not stay cached
             assert kds.asked and not list((tmp_path / "vcek").glob("*.der"))
@@ -252,7 +253,8 @@ def test_a_changed_certificate_is_verified_before_any_byte_of_a_request_reaches_
         assert "key_not_bound" in refused.json()["error"]["message"]
         assert len(enclave.host.received) == 2  # handshakes only, no request
         assert enclave.host.handshakes > handshakes
-        assert refused.headers["x-should-retry"] == "false"
+        assert refused.headers["x-should-retry"] == "false" and refused.headers["Retry-After"] == "5"
+        assert "after your payment settled" in refused.json()["error"]["message"]
         assert settle_response(refused)["success"] is True  # paid just before the change was seen
         assert attested.post().status_code == 503  # no 402 while it fails
 
