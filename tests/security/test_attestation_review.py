@@ -31,7 +31,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from app import create_checked_app
 from app.backends import enclave as enclave_module
 from app.backends.aleph import Measurements
 from app.backends.enclave import Admission, AttestationFailed, Attestor, Evidence
@@ -43,8 +42,9 @@ from app.payments.receipts import Receipt
 from app.settings import Settings
 from app.tee.ra_tls import OID_REPORT, Roots
 from app.tee.sev_snp import parse_report
-from tests.support import CHAT_BODY, Proxy, moved_since, serve, settle_response
-from tests.tee_support import ATTESTED_MODEL, Enclave, KdsStandin, attested_catalog, write_roots
+from tests.integration.test_attested_hosts import attested_proxy, evidence_of
+from tests.support import CHAT_BODY, Proxy, moved_since, settle_response
+from tests.tee_support import ATTESTED_MODEL, Enclave, KdsStandin
 from tests.unit.test_aleph import PUBLISHER, aggregate, manifest, program
 from tests.unit.test_ra_tls import _octet_string, enclave_certificate
 from tests.unit.test_sev_snp import CHAIN, MEASUREMENT, make_report
@@ -355,27 +355,6 @@ def test_holds_an_enclave_s_redirect_is_not_followed(tmp_path: Path) -> None:
 MODEL = ATTESTED_MODEL
 
 
-@contextlib.contextmanager
-def attested(proxy: Proxy, tmp_path: Path, enclave: Enclave, kds: KdsStandin, ttl: float) -> Iterator[Proxy]:
-    catalog = attested_catalog(tmp_path / "attested.toml", enclave.host.url, MEASUREMENT.hex())
-    settings = proxy.settings.with_overrides(
-        catalog_path=catalog,
-        amd_kds_url=kds.url,
-        vcek_cache_dir=tmp_path / "vcek",
-        attestation_roots=write_roots(tmp_path / "roots.pem"),
-        attestation_ttl=ttl,
-    )
-    server = serve(create_checked_app(settings))
-    try:
-        yield Proxy(f"http://127.0.0.1:{server.server_port}", settings, proxy.wallets, proxy.chain, server)
-    finally:
-        server.shutdown()
-
-
-def evidence_of(proxy: Proxy) -> requests.Response:
-    return requests.get(f"{proxy.url}/v1/attestation/{MODEL}", timeout=10)
-
-
 def serve_repeated_extension(enclave: Enclave) -> None:
     key = ec.generate_private_key(ec.SECP384R1())
     path, key_path = write_pair(enclave.directory / "repeated", repeated_extension_certificate(key), key)
@@ -389,7 +368,7 @@ def test_found_a_certificate_change_that_raises_mid_call_is_a_503_and_the_paymen
     """The pinned connection fails, ``Upstream._renewed`` verifies the certificate served now, and
     the ``DuplicateExtension`` escapes ``serve``: a 500 after the payment was taken, which is never
     marked redeemable (its retry is refused as already presented until STALE_SETTLED, 15 min)."""
-    with attested(proxy, tmp_path, enclave, kds, ttl=600.0) as shop:
+    with attested_proxy(proxy, tmp_path, enclave, kds, attestation_ttl=600.0) as shop:
         assert shop.pay(shop.payment(shop.requirement())).status_code == 200
         payment = shop.payment(shop.requirement())
         before = proxy.balances()
@@ -412,7 +391,7 @@ def test_found_a_background_check_that_raises_keeps_selling_on_the_old_evidence(
     """The background refresh thread dies on the exception, the old entry stays: the model keeps
     being sold (402, evidence 200, /readyz verified) while its enclave serves a certificate that
     does not verify, and every paid call then fails after the payment (previous test)."""
-    with attested(proxy, tmp_path, enclave, kds, ttl=1.0) as shop:
+    with attested_proxy(proxy, tmp_path, enclave, kds, attestation_ttl=1.0) as shop:
         assert evidence_of(shop).status_code == 200
         serve_repeated_extension(enclave)
         deadline = time.monotonic() + 12  # TTL 1 s, failures retried within 5 s
@@ -441,7 +420,7 @@ def test_found_a_replayed_answer_names_the_evidence_its_receipt_binds(
     """A kept answer (payment-identifier) is replayed with its own X-Receipt, but routes._paid adds
     X-TEE-Measurement/X-TEE-Evidence of the evidence verified NOW: after a certificate change the
     headers name a certificate the answer never came over, and disagree with the signed receipt."""
-    with attested(proxy, tmp_path, enclave, kds, ttl=1.0) as shop:
+    with attested_proxy(proxy, tmp_path, enclave, kds, attestation_ttl=1.0) as shop:
         header = signed_header(shop, "review-replay-0001-abcdef")
         first = post(shop, header)
         assert first.status_code == 200
@@ -464,7 +443,7 @@ def test_found_a_kept_answer_is_handed_back_while_the_enclave_fails(
     """The answer was paid for and produced by a verified enclave; its replay needs no enclave, yet
     ``_admitted`` refuses it with 503 while the enclave does not verify (the buyer cannot get what
     it paid for until the enclave is back, or ever if it is retired)."""
-    with attested(proxy, tmp_path, enclave, kds, ttl=1.0) as shop:
+    with attested_proxy(proxy, tmp_path, enclave, kds, attestation_ttl=1.0) as shop:
         header = signed_header(shop, "review-kept-0001-abcdef")
         first = post(shop, header)
         assert first.status_code == 200
