@@ -13,7 +13,7 @@ from types import FrameType
 from typing import Any
 
 from app.amounts import USDC_UNIT
-from app.cli.common import DEMO_BODY, parse_usdc, usdc
+from app.cli.common import DEMO_BODY, EXIT_BAD_INPUT, parse_usdc, usdc
 
 
 def quiet_request_handler() -> type:
@@ -100,7 +100,7 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     except (DevnetError, SettingsError, OSError) as exc:
         print(f"x402-proxy devnet: {exc}", file=sys.stderr)
         _stop(services)
-        return 1
+        return EXIT_BAD_INPUT if isinstance(exc, SettingsError) else 1
     except BaseException:  # e.g. anvil stopped answering: main says so; no child process outlives us
         _stop(services)
         raise

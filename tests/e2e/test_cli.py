@@ -18,7 +18,7 @@ from app import create_checked_app
 from app.cli import main
 from app.devnet import DevChain, Service, Wallets, free_port
 from app.devnet.standin import StandinModel
-from app.settings import NETWORKS, Settings
+from app.settings import DEFAULT_CATALOG, NETWORKS, Settings
 from tests.support import USDC, Proxy, serve
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ def test_devnet_refused_by_its_settings_leaves_no_redis_server_behind() -> None:
 
     before = redis_servers()
     result = run_devnet_demo({**os.environ, "X402_UPSTREAM_API_KEY": "", "X402_SCHEMES": "bogus"})
-    assert result.returncode == 1 and "X402_SCHEMES" in result.stderr
+    assert result.returncode == 2 and "X402_SCHEMES" in result.stderr  # bad settings: exit 2
     time.sleep(0.5)
     assert redis_servers() - before == set()
 
@@ -346,3 +346,10 @@ def test_devnet_without_redis_server_nor_the_dev_extra_says_so(tmp_path: Path) -
     assert shutil.which("redis-server", path=env["PATH"]) is None
     code, err = x402_proxy("devnet", "--demo", "--port", str(free_port()), env=env)
     assert code == 1 and err.startswith("x402-proxy devnet: redis-server not found and the dev extra")
+
+
+def test_devnet_refuses_a_catalog_it_cannot_use_as_bad_settings(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(DEFAULT_CATALOG.read_text() + 'attestation_url = "https://host/report"\n')
+    code, err = x402_proxy("devnet", "--demo", "--port", str(free_port()), env={"X402_CATALOG": str(catalog)})
+    assert code == 2 and err.startswith("x402-proxy devnet: X402_CATALOG: ") and "are gone" in err
