@@ -202,7 +202,7 @@ def _attestation(entry: dict[str, Any], name: str) -> dict[str, Any]:
         raise CatalogError(f"model {name!r}: policy must be the guest policy as an integer (e.g. 0x30000)")
     if policy is not None and policy & (POLICY_DEBUG | POLICY_MIGRATE_MA):
         raise CatalogError(
-            f"model {name!r}: policy {policy:#x} allows debugging or a migration agent, which is always refused"
+            f"model {name!r}: policy {policy:#x} allows debugging or a migration agent: always refused"
         )
     product = entry.get("product", "")
     if product not in ("", *PRODUCTS):
