@@ -22,10 +22,10 @@ import base64
 import datetime
 import hashlib
 import logging
-import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -36,6 +36,7 @@ from requests.adapters import HTTPAdapter
 
 from app import metrics
 from app.backends.aleph import Measurements
+from app.backends.http import Sessions
 from app.backends.tee import Kds, TeeUnavailable, served_certificate
 from app.catalog import Model
 from app.settings import Settings
@@ -122,9 +123,7 @@ class Evidence:
                     "fmc": verdict.reported_tcb.fmc,
                 },
                 "product": verdict.product,
-                "roots": "AMD"
-                if verdict.product in AMD_PINS and self.roots.pinned == AMD_PINS[verdict.product]
-                else "test (X402_ATTESTATION_ROOTS: not AMD's)",
+                "roots": "AMD" if self.roots.pinned == AMD_PINS.get(verdict.product) else TEST_ROOTS,
                 "verified_at": self.verified_at,
                 "verifier": VERIFIER,
             },
@@ -155,6 +154,13 @@ class _Entry:
     refreshing: bool = False
 
 
+def _pin(fingerprint: str, session: requests.Session) -> None:
+    """Accept only the certificate of SHA-256 ``fingerprint``: that pin is the check, since an RA-TLS
+    certificate is self-signed by design (no CA, no host name)."""
+    session.verify = False
+    session.mount("https://", _PinnedAdapter(fingerprint))
+
+
 class _PinnedAdapter(HTTPAdapter):
     """Connections accepted only from a server presenting the certificate of one SHA-256."""
 
@@ -169,14 +175,6 @@ class _PinnedAdapter(HTTPAdapter):
         super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
 
 
-@dataclass
-class _Pins:
-    """One thread's pinned sessions, by model: (fingerprint, session), made in process ``pid``."""
-
-    pid: int = 0
-    sessions: dict[str, tuple[str, requests.Session]] = field(default_factory=dict)
-
-
 class Attestor:
     """Verifies attested models' enclaves for one process; thread-safe."""
 
@@ -188,7 +186,7 @@ class Attestor:
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._model_locks: dict[str, threading.Lock] = {}
-        self._local = threading.local()
+        self._pinned: dict[str, tuple[str, Sessions]] = {}  # model → (fingerprint, its sessions)
 
     # --- what requests ask ------------------------------------------------------------------------
 
@@ -221,21 +219,14 @@ class Attestor:
 
     def session(self, model: Model, evidence: Evidence) -> requests.Session:
         """This thread's session for ``model``, its connections pinned to ``evidence``'s certificate
-        (a session pinned to an earlier certificate is closed)."""
-        pins: _Pins | None = getattr(self._local, "pins", None)
-        if pins is None or pins.pid != os.getpid():
-            pins = self._local.pins = _Pins(os.getpid())
-        current = pins.sessions.get(model.name)
-        if current is not None and current[0] == evidence.fingerprint:
-            return current[1]
-        if current is not None:
-            current[1].close()
-        session = requests.Session()
-        session.trust_env = False
-        session.verify = False  # the pin is the check: the certificate is self-signed by design
-        session.mount("https://", _PinnedAdapter(evidence.fingerprint))
-        pins.sessions[model.name] = (evidence.fingerprint, session)
-        return session
+        (``Sessions``: one per thread and process; those pinned to an earlier certificate are
+        dropped)."""
+        fingerprint = evidence.fingerprint
+        with self._lock:
+            pinned = self._pinned.get(model.name)
+            if pinned is None or pinned[0] != fingerprint:
+                pinned = self._pinned[model.name] = (fingerprint, Sessions(partial(_pin, fingerprint)))
+        return pinned[1].get()
 
     # --- verification -------------------------------------------------------------------------
 

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 
 import requests
 
 
 class Sessions:
-    """One pooled ``requests.Session`` per thread and per process, for one client."""
+    """One pooled ``requests.Session`` per thread and per process, for one client; ``prepare`` (if
+    given) sets each new session up (mounts an adapter, say)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prepare: Callable[[requests.Session], None] | None = None) -> None:
         self._local = threading.local()
+        self._prepare = prepare
 
     def get(self) -> requests.Session:
         """This thread's session in this process, made now if there is none yet (or only one made
@@ -29,5 +32,7 @@ class Sessions:
         if session is None or self._local.pid != os.getpid():
             session = requests.Session()
             session.trust_env = False
+            if self._prepare is not None:
+                self._prepare(session)
             self._local.session, self._local.pid = session, os.getpid()
         return session
