@@ -463,3 +463,24 @@ def test_a_buyer_with_the_cli_redeems_a_payment_the_enclave_change_left_unserved
             "verify-receipt", *files, "--receipt", str(saved / "receipt.txt"), "--proxy", attested.url
         )
         assert checked.returncode == 0 and "enclave measurement " + MEASUREMENT.hex() in checked.stdout
+
+
+def test_a_batch_channel_is_refunded_at_another_model_while_the_enclave_fails(
+    proxy: Proxy, standin: StandinModel, enclave: Enclave, kds: KdsStandin, tmp_path: Path
+) -> None:
+    """The failing model answers 503 before any 402, so the official client's refund (which reads a
+    402 first) is asked at another model's paid ping: the channel is the payer's, not the model's."""
+    from tests.integration.test_batch_refunds import paid_calls
+
+    with attested_proxy(proxy, tmp_path, enclave, kds) as attested:
+        _session, scheme, charged, _channel = paid_calls(attested, 1)
+        enclave.restart_with("impostor", bound_to=ec.generate_private_key(ec.SECP384R1()))
+        deadline = time.monotonic() + 15
+        while evidence_of(attested).status_code != 503:
+            assert time.monotonic() < deadline, "the change was never noticed"
+            time.sleep(0.3)
+        payer_before = proxy.balances()[0]
+        settled = scheme.refund(f"{attested.url}/v1/models/{STATED}/ping")
+        assert settled.success and int(settled.amount) > 0 and charged > 0
+        assert proxy.balances()[0] - payer_before == int(settled.amount)
+        assert len(enclave.host.received) == 1
