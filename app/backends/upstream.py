@@ -77,17 +77,27 @@ def host_error_message(content: bytes, secrets: Iterable[str], hosts: Iterable[s
 
 class UpstreamFailed(RuntimeError):
     """The model host could not be reached or answered with a server error: the buyer hears
-    ``status`` and ``code``."""
+    ``status``, ``code`` and ``told()``, and may retry after ``retry_after`` seconds."""
 
     status = 502
     code = "upstream_unavailable"
+    retry_after = 1
+
+    def told(self) -> str:
+        """What the buyer is told of the failure, in words (never the host's address)."""
+        return "the model host failed"
 
 
 class Unattested(UpstreamFailed):
-    """An attested model's enclave served a certificate that does not verify: nothing was sent."""
+    """An attested model's enclave served a certificate that does not verify: nothing was sent. It
+    is verified again within ``app.backends.enclave.RETRY_FAILED`` (5) seconds."""
 
     status = 503
     code = "attestation_failed"
+    retry_after = 5
+
+    def told(self) -> str:
+        return f"the model host's enclave failed attestation ({self})"
 
 
 @dataclass

@@ -24,7 +24,7 @@ from cryptography.exceptions import InvalidTag
 
 from app.backends.enclave import EVIDENCE_HEADER, MEASUREMENT_HEADER, Admission, AttestationFailed
 from app.backends.store import STORE_ERRORS
-from app.backends.upstream import BUYER_ERRORS, Unattested, UpstreamAnswer, UpstreamFailed, host_error_message
+from app.backends.upstream import BUYER_ERRORS, UpstreamAnswer, UpstreamFailed, host_error_message
 from app.catalog import Model, Quote
 from app.catalog.usage import StreamUsage, Usage, charge, usage_of_answer
 from app.logs import note
@@ -483,22 +483,13 @@ def _upstream_failed(paid: Paid, failure: UpstreamFailed) -> Answer:
     return error_answer(
         failure.status,
         failure.code,
-        f"{_host_failure(failure)} after your payment settled; retry the same payment header to be served",
+        f"{failure.told()} after your payment settled; retry the same payment header to be served",
         {
             name: value,
             "Access-Control-Expose-Headers": EXPOSED_HEADERS,
-            "Retry-After": "5"
-            if isinstance(failure, Unattested)
-            else "1",  # an enclave is checked again within 5 s
+            "Retry-After": str(failure.retry_after),
         },
     )
-
-
-def _host_failure(failure: UpstreamFailed) -> str:
-    """What the buyer is told of a failed host: its enclave's failed attestation says why."""
-    if isinstance(failure, Unattested):
-        return f"the model host's enclave failed attestation ({failure})"
-    return "the model host failed"
 
 
 # --- upto: the answer first, then the charge by the host's reported usage --------------------------
@@ -599,7 +590,7 @@ def _metered_call(
         content = answer.read()
     except UpstreamFailed as failure:
         release()
-        return failed(failure.status, failure.code, _host_failure(failure))
+        return failed(failure.status, failure.code, failure.told())
     except BaseException:
         release()
         raise
